@@ -1,0 +1,1 @@
+"""Kubernetes operator (kopf) that scales predictor replicas on p99 latency."""

@@ -1,0 +1,106 @@
+"""Runtime settings, read once from the environment (prefix ``RECSYS_``).
+
+One setting, ``RECSYS_PROFILE``, picks the whole storage layout:
+
+* ``embedded``   – everything under ``RECSYS_HOME``: Feast file registry, Parquet offline store,
+  SQLite online store, SQLite event log. Needs no server.
+* ``production`` – PostgreSQL (Feast SQL registry, offline store, event log) and Redis (online store).
+  Hosts and credentials come from environment variables only.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import quote_plus
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FEATURE_REPO = REPO_ROOT / "feature_repo"
+
+
+class Profile(str, Enum):
+    embedded = "embedded"
+    production = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
+
+    profile: Profile = Profile.embedded
+    home: Path = Field(default=Path(".recsys"), description="Local state directory (embedded stores, models).")
+    feast_project: str = Field(default="recsys", pattern=r"^[a-z][a-z0-9_]*$")
+    feature_repo: Path = FEATURE_REPO
+
+    # production profile: PostgreSQL and Redis
+    pg_host: str = "127.0.0.1"
+    pg_port: int = 5432
+    pg_database: str = "recsys"
+    pg_user: str = "postgres"
+    pg_password: str = ""
+    pg_sslmode: str = "disable"
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_db: int = 0
+
+    # length of the last-N item sequence kept per user, offline and online
+    recent_items: int = Field(default=50, ge=1, le=1000)
+
+    @cached_property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def offline_dir(self) -> Path:
+        """Parquet offline store of the embedded profile."""
+        return self.home_dir / "offline"
+
+    @property
+    def postgres_url(self) -> str:
+        password = f":{quote_plus(self.pg_password)}" if self.pg_password else ""
+        return (
+            f"postgresql+psycopg://{quote_plus(self.pg_user)}{password}@{self.pg_host}:{self.pg_port}"
+            f"/{self.pg_database}?sslmode={self.pg_sslmode}"
+        )
+
+    @property
+    def database_url(self) -> str:
+        """SQLAlchemy URL of the event log and item catalog (and later the model registry)."""
+        if self.profile is Profile.production:
+            return self.postgres_url
+        return f"sqlite:///{self.home_dir / 'recsys.db'}"
+
+    @property
+    def feature_store_yaml(self) -> Path:
+        if self.profile is Profile.production:
+            return self.feature_repo / "production" / "feature_store.yaml"
+        return self.feature_repo / "feature_store.yaml"
+
+    def feast_environment(self) -> dict[str, str]:
+        """Variables the feature_store.yaml files and feature definitions expand.
+
+        Feast expands ``${VAR}`` in feature_store.yaml with ``os.path.expandvars`` (no defaults), so
+        every variable a profile uses is exported before Feast reads it.
+        """
+        return {
+            "RECSYS_PROFILE": self.profile.value,
+            "RECSYS_HOME": str(self.home_dir),
+            "RECSYS_FEAST_PROJECT": self.feast_project,
+            "RECSYS_PG_HOST": self.pg_host,
+            "RECSYS_PG_PORT": str(self.pg_port),
+            "RECSYS_PG_DATABASE": self.pg_database,
+            "RECSYS_PG_USER": self.pg_user,
+            "RECSYS_PG_PASSWORD": self.pg_password,
+            "RECSYS_PG_SSLMODE": self.pg_sslmode,
+            "RECSYS_PG_URL": self.postgres_url,
+            "RECSYS_REDIS_CONNECTION": f"{self.redis_host}:{self.redis_port},db={self.redis_db}",
+            "FEAST_FS_YAML_FILE_PATH": str(self.feature_store_yaml),
+        }
+
+    def export_feast_environment(self) -> None:
+        os.environ.update(self.feast_environment())
+        self.home_dir.mkdir(parents=True, exist_ok=True)

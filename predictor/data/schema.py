@@ -1,0 +1,252 @@
+"""The canonical interaction schema every loader produces, and its validation.
+
+Events (one row per interaction)::
+
+    user_id     int64                 >= 0
+    item_id     int64                 >= 0
+    timestamp   datetime64[ns, UTC]
+    event_type  str                   e.g. "view", "click", "purchase", "rating"
+    weight      float32               >= 0, the implicit-feedback strength
+    rating      float32               explicit rating, NaN when the event carries none
+
+Items (item metadata, one row per item)::
+
+    item_id     int64
+    title       str
+    categories  list[str]             may be empty
+
+Bad input raises :class:`DataValidationError` naming the source, the row (as the user would count it in
+the file) and the column. Exact duplicate rows are dropped on purpose and counted in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+EVENT_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp", "event_type", "weight", "rating")
+REQUIRED_EVENT_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp")
+ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "categories")
+
+# implicit-feedback weight per event type when a source gives a type but no weight
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "rating": 3.0, "cart": 4.0, "purchase": 5.0}
+
+
+class DataValidationError(ValueError):
+    """Input that does not fit the canonical schema. Names the source, row and column."""
+
+    def __init__(self, source: str, row: int | None, column: str | None, problem: str):
+        self.source, self.row, self.column, self.problem = source, row, column, problem
+        where = [source]
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column '{column}'")
+        super().__init__(f"{', '.join(where)}: {problem}")
+
+
+@dataclass
+class Interactions:
+    """Events plus item metadata, already validated. ``name`` says where they came from."""
+
+    events: pd.DataFrame
+    items: pd.DataFrame
+    name: str = "interactions"
+    duplicates_dropped: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return int(self.events["user_id"].nunique())
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def category_vocabulary(self) -> list[str]:
+        """Sorted category names; a category's id is its position here."""
+        return sorted({c for cats in self.items["categories"] for c in cats})
+
+    def summary(self) -> str:
+        ev = self.events
+        span = f"{ev['timestamp'].min():%Y-%m-%d} .. {ev['timestamp'].max():%Y-%m-%d}" if len(ev) else "empty"
+        return (
+            f"{self.name}: {len(ev):,} events, {self.n_users:,} users, {self.n_items:,} items, "
+            f"{len(self.category_vocabulary())} categories, {span}"
+        )
+
+
+def _row_number(index_position: int, first_row_number: int) -> int:
+    return int(index_position) + first_row_number
+
+
+def _first_bad(mask: np.ndarray) -> int | None:
+    bad = np.flatnonzero(mask)
+    return int(bad[0]) if len(bad) else None
+
+
+def _to_int64(col: pd.Series, name: str, source: str, first_row_number: int) -> pd.Series:
+    numeric = pd.to_numeric(col, errors="coerce")
+    bad = numeric.isna().to_numpy() | (np.asarray(numeric.fillna(0)) % 1 != 0)
+    pos = _first_bad(bad)
+    if pos is not None:
+        raise DataValidationError(
+            source, _row_number(pos, first_row_number), name, f"expected an integer id, got {col.iloc[pos]!r}"
+        )
+    values = numeric.astype("int64")
+    pos = _first_bad((values < 0).to_numpy())
+    if pos is not None:
+        raise DataValidationError(
+            source, _row_number(pos, first_row_number), name, f"ids must be >= 0, got {col.iloc[pos]!r}"
+        )
+    return values
+
+
+def _to_timestamp(col: pd.Series, source: str, first_row_number: int, unit: str | None) -> pd.Series:
+    if pd.api.types.is_datetime64_any_dtype(col):
+        ts = col
+    elif unit is not None or pd.api.types.is_numeric_dtype(col):
+        numeric = pd.to_numeric(col, errors="coerce")
+        pos = _first_bad(numeric.isna().to_numpy())
+        if pos is not None:
+            raise DataValidationError(
+                source, _row_number(pos, first_row_number), "timestamp", f"unparsable timestamp {col.iloc[pos]!r}"
+            )
+        ts = pd.to_datetime(numeric, unit=unit or "s", utc=True)
+    else:
+        ts = pd.to_datetime(col, errors="coerce", utc=True, format="mixed")
+        pos = _first_bad(ts.isna().to_numpy())
+        if pos is not None:
+            raise DataValidationError(
+                source, _row_number(pos, first_row_number), "timestamp", f"unparsable timestamp {col.iloc[pos]!r}"
+            )
+    if ts.dt.tz is None:
+        ts = ts.dt.tz_localize("UTC")
+    return ts.dt.tz_convert("UTC").astype("datetime64[ns, UTC]")
+
+
+def _to_float(col: pd.Series, name: str, source: str, first_row_number: int, allow_missing: bool) -> pd.Series:
+    numeric = pd.to_numeric(col, errors="coerce")
+    unparsable = numeric.isna().to_numpy() & ~col.isna().to_numpy()
+    if not allow_missing:
+        unparsable |= col.isna().to_numpy()
+    pos = _first_bad(unparsable)
+    if pos is not None:
+        raise DataValidationError(
+            source, _row_number(pos, first_row_number), name, f"expected a number, got {col.iloc[pos]!r}"
+        )
+    return numeric.astype("float32")
+
+
+def validate_events(
+    df: pd.DataFrame,
+    source: str,
+    first_row_number: int = 1,
+    timestamp_unit: str | None = None,
+    drop_duplicates: bool = True,
+) -> tuple[pd.DataFrame, int]:
+    """Check and convert raw events to the canonical schema.
+
+    ``first_row_number`` is the row number the user sees for ``df``'s first row (2 for a CSV with a
+    header line), so errors point at the right line. Returns ``(events, duplicates_dropped)``, sorted
+    by timestamp (stable, so equal timestamps keep file order).
+    """
+    missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataValidationError(
+            source, None, missing[0], f"missing required column (have: {', '.join(map(str, df.columns))})"
+        )
+    df = df.reset_index(drop=True)
+    out = pd.DataFrame(
+        {
+            "user_id": _to_int64(df["user_id"], "user_id", source, first_row_number),
+            "item_id": _to_int64(df["item_id"], "item_id", source, first_row_number),
+            "timestamp": _to_timestamp(df["timestamp"], source, first_row_number, timestamp_unit),
+        }
+    )
+    if "event_type" in df.columns:
+        event_type = df["event_type"].astype("string")
+        pos = _first_bad(event_type.isna().to_numpy())
+        if pos is not None:
+            raise DataValidationError(source, _row_number(pos, first_row_number), "event_type", "empty event type")
+        out["event_type"] = event_type.astype(str)
+    else:
+        out["event_type"] = "rating" if "rating" in df.columns else "view"
+
+    if "rating" in df.columns:
+        out["rating"] = _to_float(df["rating"], "rating", source, first_row_number, allow_missing=True)
+    else:
+        out["rating"] = np.float32(np.nan)
+
+    if "weight" in df.columns:
+        weight = _to_float(df["weight"], "weight", source, first_row_number, allow_missing=False)
+    else:
+        weight = out["event_type"].map(DEFAULT_EVENT_WEIGHTS).fillna(1.0).astype("float32")
+    pos = _first_bad((weight < 0).to_numpy() | ~np.isfinite(weight.to_numpy()))
+    if pos is not None:
+        raise DataValidationError(
+            source, _row_number(pos, first_row_number), "weight", f"weight must be >= 0, got {df['weight'].iloc[pos]!r}"
+        )
+    out["weight"] = weight.astype("float32")
+    out = out[list(EVENT_COLUMNS)]
+
+    dropped = 0
+    if drop_duplicates:
+        dup = out.duplicated(keep="first")
+        dropped = int(dup.sum())
+        if dropped:
+            log.warning("%s: dropped %d exact duplicate event rows", source, dropped)
+            out = out[~dup.to_numpy()]
+    out = out.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    return out, dropped
+
+
+def validate_items(df: pd.DataFrame, source: str, first_row_number: int = 1) -> pd.DataFrame:
+    """Check and convert item metadata. ``categories`` may be a list or a ``|``-separated string."""
+    if "item_id" not in df.columns:
+        raise DataValidationError(
+            source, None, "item_id", f"missing required column (have: {', '.join(map(str, df.columns))})"
+        )
+    df = df.reset_index(drop=True)
+    out = pd.DataFrame({"item_id": _to_int64(df["item_id"], "item_id", source, first_row_number)})
+    out["title"] = df["title"].fillna("").astype(str) if "title" in df.columns else ""
+    if "categories" in df.columns:
+        out["categories"] = [_split_categories(c) for c in df["categories"]]
+    else:
+        out["categories"] = [[] for _ in range(len(df))]
+    dup = out["item_id"].duplicated()
+    pos = _first_bad(dup.to_numpy())
+    if pos is not None:
+        raise DataValidationError(
+            source, _row_number(pos, first_row_number), "item_id", f"duplicate item id {out['item_id'].iloc[pos]}"
+        )
+    return out.sort_values("item_id").reset_index(drop=True)
+
+
+def _split_categories(value) -> list[str]:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    if isinstance(value, str):
+        return [c for c in value.split("|") if c and c != "(no genres listed)"]
+    return [str(c) for c in value]
+
+
+def items_from_events(events: pd.DataFrame) -> pd.DataFrame:
+    """Item table with no metadata, for sources that only have events."""
+    ids = np.sort(events["item_id"].unique())
+    return pd.DataFrame({"item_id": ids.astype("int64"), "title": "", "categories": [[] for _ in ids]})
+
+
+def complete_items(events: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """Add metadata-less rows for items that have events but no metadata row."""
+    unknown = np.setdiff1d(events["item_id"].unique(), items["item_id"].to_numpy())
+    if len(unknown) == 0:
+        return items
+    log.info("%d items have events but no metadata; adding them with empty title and categories", len(unknown))
+    extra = pd.DataFrame({"item_id": unknown.astype("int64"), "title": "", "categories": [[] for _ in unknown]})
+    return pd.concat([items, extra], ignore_index=True).sort_values("item_id").reset_index(drop=True)
