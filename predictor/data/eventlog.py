@@ -10,6 +10,7 @@ import io
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -56,7 +57,7 @@ class UnknownItemError(ValueError):
 
 def _utc_naive(ts: pd.Series) -> list:
     """Timestamps as naive UTC datetimes: SQLite has no time zones, so both backends store UTC."""
-    return list(np.array(ts.dt.tz_convert("UTC").dt.tz_localize(None).dt.to_pydatetime()))
+    return ts.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy().astype("datetime64[us]").tolist()
 
 
 class EventLog:
@@ -64,6 +65,8 @@ class EventLog:
 
     def __init__(self, url: str | sa.Engine):
         self.engine = sa.create_engine(url) if isinstance(url, str) else url
+        if self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
 
     def create_tables(self) -> None:
         metadata.create_all(self.engine)

@@ -1,0 +1,91 @@
+"""Shared fixtures. Integration tests use the real PostgreSQL and Redis on 127.0.0.1.
+
+Each test session gets its own PostgreSQL database and each test its own Feast project name, so runs
+never see each other's rows; Redis keys are prefixed by the Feast project and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import psycopg
+import pytest
+import redis
+
+from predictor.config import Profile, Settings
+from predictor.data.schema import Interactions
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+REDIS_DB = 3
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch):
+    """Settings and Feast read RECSYS_* and FEAST_* variables: keep each test's own."""
+    for key in list(os.environ):
+        if key.startswith(("RECSYS_", "FEAST_FS_YAML")):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    name = f"recsys_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def production_settings(tmp_path, pg_database) -> Settings:
+    project = f"t{uuid.uuid4().hex[:12]}"
+    settings = Settings(
+        profile=Profile.production, home=tmp_path / "home", pg_database=pg_database, feast_project=project,
+        redis_db=REDIS_DB, recent_items=10,
+    )  # fmt: skip
+    yield settings
+    client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=REDIS_DB)
+    keys = [k for k in client.scan_iter(count=10_000) if project.encode() in k]
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def embedded_settings(tmp_path) -> Settings:
+    """Embedded profile with PostgreSQL and Redis settings pointing at a port nothing listens on."""
+    return Settings(
+        profile=Profile.embedded, home=tmp_path / "home", pg_port=1, redis_port=1, recent_items=10,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def small_data() -> Interactions:
+    from predictor.data.synthetic import generate
+
+    return generate(n_events=3_000, n_users=120, n_items=150, n_categories=6, seed=7)
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"MovieLens {name} is not at {path} (the team's machines and CI have it there)")
+    return path
+
+
+def events_frame(rows: list[tuple]) -> pd.DataFrame:
+    """Events from (user, item, 'YYYY-MM-DD HH:MM', event_type, rating) tuples."""
+    return pd.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "timestamp": pd.to_datetime([r[2] for r in rows], utc=True),
+            "event_type": [r[3] if len(r) > 3 else "view" for r in rows],
+            "rating": [r[4] if len(r) > 4 else None for r in rows],
+        }
+    )
