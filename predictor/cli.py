@@ -15,7 +15,6 @@ from typing import Annotated, Optional
 import pandas as pd
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from predictor.config import Profile, Settings
 
@@ -141,16 +140,16 @@ def events_push(
     from predictor.features.realtime import push_events_with_settings
 
     if file is not None:
-        events, _ = read_table_file(file)
+        events, first_row = read_table_file(file)
         source = str(file)
     elif user_id is not None and item_id is not None:
         events = pd.DataFrame(
             {"user_id": [user_id], "item_id": [item_id], "timestamp": [pd.Timestamp.now(tz="UTC")], "event_type": [event_type]}
         )
-        source = "command line"
+        source, first_row = "command line", 1
     else:
         raise typer.BadParameter("give --file, or both --user-id and --item-id")
-    result = push_events_with_settings(events, state.settings, source)
+    result = push_events_with_settings(events, state.settings, source, first_row)
     console.print(f"[green]pushed[/] {result.events} events for {result.users} users")
 
 
@@ -167,7 +166,15 @@ def demo(
 
 
 def main() -> None:
-    app()
+    from predictor.data.eventlog import UnknownItemError
+    from predictor.data.schema import DataValidationError
+
+    try:
+        app()
+    except (DataValidationError, UnknownItemError, FileNotFoundError) as exc:
+        # bad input is the user's to fix: say what and where, without a traceback
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

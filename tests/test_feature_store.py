@@ -135,3 +135,27 @@ def test_plain_feast_cli_apply_and_materialize(profile_fixture, request, small_d
 
     online = online_user_features(open_store(settings), [int(small_data.events["user_id"].iloc[0])])
     assert online["events_total"].iloc[0] > 0
+
+
+@pytest.mark.integration
+def test_raw_redis_reader_returns_what_feast_returns(production_settings, small_data):
+    from predictor.features.redis_reader import RawRedisReader
+    from predictor.features.store import ITEM_FEATURES, USER_FEATURES
+
+    store, event_log = build_and_materialize(production_settings, small_data)
+    users = [int(u) for u in small_data.events["user_id"].unique()[:10]] + [10_000_000]  # last one: unknown
+    items = [int(i) for i in small_data.items["item_id"][:30]]
+    reader = RawRedisReader(store, production_settings)
+    raw_users, raw_items = reader.read([("user_id", users, USER_FEATURES), ("item_id", items, ITEM_FEATURES)])
+    for frame, raw, key in ((online_user_features(store, users), raw_users, "user_id"),
+                            (online_item_features(store, items), raw_items, "item_id")):  # fmt: skip
+        for row, got in zip(frame.to_dict("records"), raw):
+            for name, value in got.items():
+                want = row[name]
+                if isinstance(want, (list, np.ndarray)):
+                    np.testing.assert_array_equal(np.asarray(value), np.asarray(want), err_msg=f"{key} {name}")
+                else:
+                    assert value == want or (value is None and pd.isna(want)), (key, name, value, want)
+    assert all(v is None for v in raw_users[-1].values())
+    reader.close()
+    event_log.engine.dispose()

@@ -36,9 +36,13 @@ def push_events(
     event_log: EventLog,
     recent_n: int,
     source: str = "push",
+    first_row_number: int = 1,
 ) -> PushResult:
-    """Validate, append and push a batch of events (canonical columns; see ``predictor.data.schema``)."""
-    batch, _ = validate_events(events, source, drop_duplicates=False)
+    """Validate, append and push a batch of events (canonical columns; see ``predictor.data.schema``).
+
+    ``source`` and ``first_row_number`` only make error messages point at the right file and row.
+    """
+    batch, _ = validate_events(events, source, first_row_number=first_row_number, drop_duplicates=False)
     if batch.empty:
         raise ValueError(f"{source}: the batch holds no events")
     user_ids = [int(u) for u in batch["user_id"].unique()]
@@ -62,12 +66,14 @@ def push_events(
     return PushResult(events=len(batch), users=len(user_ids), sequences=pushed)
 
 
-def push_events_with_settings(events: pd.DataFrame, settings: Settings, source: str = "push") -> PushResult:
+def push_events_with_settings(
+    events: pd.DataFrame, settings: Settings, source: str = "push", first_row_number: int = 1
+) -> PushResult:
     from predictor.features.store import open_store
 
     store = open_store(settings)
     event_log = EventLog(settings.database_url)
     try:
-        return push_events(events, store, event_log, settings.recent_items, source)
+        return push_events(events, store, event_log, settings.recent_items, source, first_row_number)
     finally:
         event_log.engine.dispose()
