@@ -20,14 +20,13 @@ from predictor.data.schema import Interactions
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 REDIS_DB = 3
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch):
     """Settings and Feast read RECSYS_* and FEAST_* variables: keep each test's own."""
     for key in list(os.environ):
-        if key.startswith(("RECSYS_", "FEAST_FS_YAML")):
+        if key.startswith(("RECSYS_", "FEAST_FS_YAML")) and key != "RECSYS_DATA_DIR":
             monkeypatch.delenv(key)
 
 
@@ -72,7 +71,9 @@ def small_data() -> Interactions:
 
 
 def shared_dataset(name: str) -> Path:
-    path = SHARED_DATA / name
+    from predictor.data.loaders import default_data_dir
+
+    path = default_data_dir() / name
     if not path.is_dir():
         pytest.skip(f"MovieLens {name} is not at {path} (the team's machines and CI have it there)")
     return path

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,9 @@ DATASETS = ("synthetic", "ml-100k", "ml-latest-small", "ml-latest")
 
 
 def default_data_dir() -> Path:
-    """``../shared/data`` next to the checkout, where MovieLens lies on the team's machines."""
+    """``$RECSYS_DATA_DIR``, else ``../shared/data`` next to the checkout (where MovieLens lies on the team's machines)."""
+    if os.environ.get("RECSYS_DATA_DIR"):
+        return Path(os.environ["RECSYS_DATA_DIR"])
     return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 

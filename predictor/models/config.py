@@ -1,0 +1,66 @@
+"""Model sizes: one code path from ``tiny`` (tests, seconds) to ``large`` (≥ 100 M parameters).
+
+Most parameters sit in the id embedding tables. ``item_capacity`` reserves rows beyond the current
+catalog so that new items get embeddings at retraining without reallocating (or losing) old rows; the
+``large`` size reserves 400k item rows of width 256 (102 M parameters in that table alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    size: str = "small"
+    dim: int = 64  # embedding and tower output width
+    max_history: int = 50  # items of the user's history the encoders read
+    encoder_layers: int = 2
+    encoder_heads: int = 2
+    dropout: float = 0.2
+    item_capacity: int = 0  # embedding rows reserved for items (0: exactly the catalog)
+    embedding_fp16: bool = False  # store id embedding tables in float16 (half the memory)
+    temperature: float = 0.07
+    uniform_negatives: int = 0  # extra uniformly sampled negatives per batch ("mixed negatives")
+    ranker_hidden: tuple[int, ...] = (256, 128)
+    ranker_negatives: int = 30  # retrieval candidates per training example for the ranker
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        values = dict(values)
+        if "ranker_hidden" in values:
+            values["ranker_hidden"] = tuple(values["ranker_hidden"])
+        return cls(**values)
+
+
+SIZES: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(size="tiny", dim=16, max_history=10, encoder_layers=1, encoder_heads=1, dropout=0.1,
+                        ranker_hidden=(32,), ranker_negatives=8),
+    "small": ModelConfig(size="small"),
+    "base": ModelConfig(size="base", dim=128, max_history=100, encoder_layers=2, encoder_heads=4,
+                        ranker_hidden=(512, 256)),
+    "large": ModelConfig(size="large", dim=256, max_history=200, encoder_layers=4, encoder_heads=8,
+                         item_capacity=400_000, embedding_fp16=True, ranker_hidden=(1024, 512, 256)),
+}  # fmt: skip
+
+
+def model_config(size: str = "small", **overrides) -> ModelConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}: expected one of {', '.join(SIZES)}")
+    return replace(SIZES[size], **overrides)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    patience: int = 5  # epochs without validation NDCG@10 improvement before stopping
+    ranker_epochs: int = 10
+    seed: int = 0
+    max_examples_per_epoch: int = 0  # 0: all training positions
+    extra: dict = field(default_factory=dict)

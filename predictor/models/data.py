@@ -1,0 +1,240 @@
+"""From interactions to model inputs: id indexes, per-user sequences, the temporal split, feature tensors.
+
+Shapes and dtypes used throughout ``predictor.models``:
+
+* item and user *indexes* are int64, ``0`` is padding / unknown, real ones start at 1;
+* a *history* is ``[B, L]`` int64 of item indexes, newest first (like the online ``recent_items`` feature),
+  right-padded with 0;
+* ``user_dense`` is ``[B, F_u]`` float32, ``item_dense`` is ``[n_items + 1, F_i]`` float32, and
+  ``item_categories`` is ``[n_items + 1, C]`` float32 multi-hot.
+
+The split is temporal leave-last-out per user: the last event is the test target, the one before it the
+validation target, the rest is training data. Users with fewer than 3 events only train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from predictor.data.schema import Interactions
+from predictor.features.batch import compute_features, daily_snapshots
+
+USER_DENSE_COLUMNS = ["events_1d", "events_7d", "events_30d", "events_total", "seconds_since_last_event",
+                      "mean_rating", "rating_count"]  # fmt: skip
+ITEM_DENSE_COLUMNS = ["popularity_1d", "popularity_7d", "popularity_30d", "popularity_total", "mean_rating",
+                      "rating_count", "age_seconds"]  # fmt: skip
+
+
+def user_dense_matrix(frame: pd.DataFrame, n_categories: int) -> np.ndarray:
+    """``[N, 7 + C]`` float32 from user_profile rows (offline or online): log-scaled counts, affinity."""
+    x = np.zeros((len(frame), len(USER_DENSE_COLUMNS) + n_categories), dtype=np.float32)
+    if len(frame) == 0:
+        return x
+    cols = frame[USER_DENSE_COLUMNS].fillna(0).to_numpy(np.float64)
+    cols[:, 4] = cols[:, 4] / 3600.0  # recency in hours
+    cols[:, 5] = cols[:, 5] / 5.0  # ratings are on a 0-5 scale
+    scaled = np.log1p(np.clip(cols, 0, None))
+    scaled[:, 5] = cols[:, 5]
+    x[:, : len(USER_DENSE_COLUMNS)] = scaled
+    if n_categories:
+        aff = frame["category_affinity"].to_numpy()
+        filled = np.array([isinstance(a, (list, np.ndarray)) and len(a) == n_categories for a in aff], dtype=bool)
+        if filled.any():
+            x[filled, len(USER_DENSE_COLUMNS) :] = np.stack([np.asarray(a, np.float32) for a in aff[filled]])
+    return x
+
+
+def item_dense_matrix(frame: pd.DataFrame) -> np.ndarray:
+    """``[N, 7]`` float32 from item_profile rows."""
+    cols = frame[ITEM_DENSE_COLUMNS].fillna(0).to_numpy(np.float64)
+    cols[:, 6] = cols[:, 6] / 86400.0  # age in days
+    cols[:, 4] = cols[:, 4] / 5.0
+    scaled = np.log1p(np.clip(cols, 0, None))
+    scaled[:, 4] = cols[:, 4]
+    return scaled.astype(np.float32)
+
+
+@dataclass
+class IdIndex:
+    """Raw ids ↔ contiguous indexes (1-based; 0 is padding and unknown)."""
+
+    ids: np.ndarray  # int64 [n], sorted; ids[k] has index k + 1
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index(self, raw: np.ndarray | list[int]) -> np.ndarray:
+        raw = np.asarray(raw, dtype=np.int64)
+        pos = np.searchsorted(self.ids, raw).clip(0, max(len(self.ids) - 1, 0))
+        found = (len(self.ids) > 0) & (self.ids[pos] == raw) if len(self.ids) else np.zeros(raw.shape, bool)
+        return np.where(found, pos + 1, 0).astype(np.int64)
+
+    def raw(self, index: np.ndarray) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        return np.where(index > 0, self.ids[np.clip(index - 1, 0, None)], -1)
+
+    def extended(self, raw: np.ndarray) -> IdIndex:
+        """A new index that keeps every existing index and appends unseen ids at the end.
+
+        Warm-started models keep their embedding rows: ids are not re-sorted, new ones go last.
+        """
+        new = np.setdiff1d(np.asarray(raw, np.int64), self.ids)
+        return _AppendOnlyIndex(np.concatenate([self.ids, np.sort(new)]))
+
+
+class _AppendOnlyIndex(IdIndex):
+    """An index whose ids are not sorted (after extension); lookups go through a sorter."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._order = np.argsort(self.ids, kind="stable")
+        self._sorted = self.ids[self._order]
+
+    def index(self, raw):
+        raw = np.asarray(raw, dtype=np.int64)
+        if not len(self.ids):
+            return np.zeros(raw.shape, np.int64)
+        pos = np.searchsorted(self._sorted, raw).clip(0, len(self.ids) - 1)
+        found = self._sorted[pos] == raw
+        return np.where(found, self._order[pos] + 1, 0).astype(np.int64)
+
+
+def make_index(ids) -> IdIndex:
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) and np.all(ids[1:] > ids[:-1]):
+        return IdIndex(ids)
+    return _AppendOnlyIndex(ids)
+
+
+@dataclass
+class SplitData:
+    """Everything training and evaluation need, as arrays.
+
+    ``sequences``: per user index (row), all of the user's item indexes in time order, padded.
+    ``train_len[u]``: how many of them are training events. Validation target is at ``train_len``,
+    test target at ``train_len + 1`` (when ``has_holdout``).
+    """
+
+    users: IdIndex
+    items: IdIndex
+    sequences: np.ndarray  # int64 [n_users + 1, max_len], oldest first, 0-padded
+    timestamps: np.ndarray  # int64 ns [n_users + 1, max_len]
+    lengths: np.ndarray  # int64 [n_users + 1]
+    train_len: np.ndarray  # int64 [n_users + 1]
+    has_holdout: np.ndarray  # bool [n_users + 1]
+    item_dense: np.ndarray  # float32 [n_items + 1, F_i]
+    item_categories: np.ndarray  # float32 [n_items + 1, C]
+    item_popularity: np.ndarray  # float64 [n_items + 1], training-event counts
+    n_categories: int
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def history(self, user_idx: np.ndarray, end: np.ndarray, max_len: int) -> np.ndarray:
+        """``[B, max_len]`` the ``max_len`` items before position ``end`` (exclusive), newest first, 0-padded."""
+        offsets = end[:, None] - 1 - np.arange(max_len)[None, :]
+        valid = offsets >= 0
+        hist = self.sequences[user_idx[:, None], np.clip(offsets, 0, None)]
+        return np.where(valid, hist, 0)
+
+    def seen_items(self, user_idx: np.ndarray, end: np.ndarray) -> list[np.ndarray]:
+        """Item indexes each user interacted with before position ``end``."""
+        return [self.sequences[u, :e] for u, e in zip(user_idx, end)]
+
+
+def build_split(
+    data: Interactions,
+    users: IdIndex | None = None,
+    items: IdIndex | None = None,
+) -> SplitData:
+    """Index the log, order each user's events in time, mark the leave-last-out targets.
+
+    Item features come from a snapshot over *training* events only, so no held-out event leaks into them.
+    Pass ``users``/``items`` to keep an existing model's indexes (they are extended with unseen ids).
+    """
+    ev = data.events
+    users = users.extended(ev["user_id"].unique()) if users is not None else make_index(np.sort(ev["user_id"].unique()))
+    all_items = data.items["item_id"].to_numpy()
+    items = items.extended(all_items) if items is not None else make_index(np.sort(all_items))
+    u = users.index(ev["user_id"].to_numpy())
+    i = items.index(ev["item_id"].to_numpy())
+    ts = ev["timestamp"].astype("int64").to_numpy()
+
+    order = np.lexsort((np.arange(len(ev)), ts, u))  # by user, then time, then log order
+    u, i, ts = u[order], i[order], ts[order]
+    n_rows = len(users) + 1
+    lengths = np.bincount(u, minlength=n_rows).astype(np.int64)
+    max_len = int(lengths.max()) if len(lengths) else 0
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pos = np.arange(len(u)) - starts[u]
+    sequences = np.zeros((n_rows, max_len), dtype=np.int64)
+    timestamps = np.zeros((n_rows, max_len), dtype=np.int64)
+    sequences[u, pos] = i
+    timestamps[u, pos] = ts
+    has_holdout = lengths >= 3
+    train_len = np.where(has_holdout, lengths - 2, lengths)
+
+    train_mask = pos < train_len[u]
+    popularity = np.bincount(i[train_mask], minlength=len(items) + 1).astype(np.float64)
+
+    # item features from training events only
+    train_events = ev.iloc[order[train_mask]].sort_values("timestamp", kind="stable")
+    vocabulary = data.category_vocabulary()
+    snapshot = compute_features(Interactions(train_events, data.items), recent_n=1).item_profile if len(train_events) else None
+    item_dense = np.zeros((len(items) + 1, len(ITEM_DENSE_COLUMNS)), dtype=np.float32)
+    item_cats = np.zeros((len(items) + 1, len(vocabulary)), dtype=np.float32)
+    if snapshot is not None:
+        rows = items.index(snapshot["item_id"].to_numpy())
+        item_dense[rows] = item_dense_matrix(snapshot)
+        for r, cats in zip(rows, snapshot["categories"]):
+            item_cats[r, cats] = 1.0
+    item_dense[0] = 0
+    item_cats[0] = 0
+    return SplitData(users, items, sequences, timestamps, lengths, train_len, has_holdout, item_dense, item_cats,
+                     popularity, len(vocabulary))  # fmt: skip
+
+
+def user_feature_snapshots(data: Interactions, every: str = "1D") -> pd.DataFrame:
+    """user_profile rows at daily snapshots: the history the point-in-time join reads."""
+    return compute_features(data, daily_snapshots(data, every), recent_n=1).user_profile
+
+
+def user_features_at(
+    user_profile: pd.DataFrame, user_ids: np.ndarray, label_times: np.ndarray, n_categories: int
+) -> np.ndarray:
+    """Point-in-time join: for each (user, label time) the newest user_profile row *strictly before* it.
+
+    Same rule as Feast's ``get_historical_features`` except that a row stamped exactly at the label
+    time is not used (its snapshot may already contain the label event). Users with no earlier row get
+    zeros. Returns ``[N, F_u]`` float32 in the input order.
+    """
+    if len(user_ids) == 0:
+        return np.zeros((0, len(USER_DENSE_COLUMNS) + n_categories), np.float32)
+    left = pd.DataFrame({"user_id": np.asarray(user_ids, np.int64),
+                         "label_time": pd.to_datetime(np.asarray(label_times, np.int64), utc=True),
+                         "row": np.arange(len(user_ids))})  # fmt: skip
+    right = user_profile.rename(columns={"event_timestamp": "feature_time"}).copy()
+    right["feature_time"] = pd.to_datetime(right["feature_time"], utc=True)
+    joined = pd.merge_asof(
+        left.sort_values("label_time"), right.sort_values("feature_time"),
+        left_on="label_time", right_on="feature_time", by="user_id", allow_exact_matches=False,
+    ).sort_values("row")  # fmt: skip
+    x = user_dense_matrix(joined.fillna({c: 0 for c in USER_DENSE_COLUMNS}), n_categories)
+    x[joined["feature_time"].isna().to_numpy()] = 0.0
+    return x
+
+
+def to_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
