@@ -21,6 +21,7 @@ class ModelConfig:
     item_capacity: int = 0  # embedding rows reserved for items (0: exactly the catalog)
     embedding_fp16: bool = False  # store id embedding tables in float16 (half the memory)
     temperature: float = 0.07
+    in_batch_negatives: int = 1024  # other labels of the batch used as negatives (logQ-corrected)
     uniform_negatives: int = 0  # extra uniformly sampled negatives per batch ("mixed negatives")
     ranker_hidden: tuple[int, ...] = (256, 128)
     ranker_negatives: int = 30  # retrieval candidates per training example for the ranker
@@ -56,10 +57,10 @@ def model_config(size: str = "small", **overrides) -> ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 40
-    batch_size: int = 256
-    lr: float = 1e-3
+    batch_size: int = 128  # windows of up to max_history labels each
+    lr: float = 2e-3
     weight_decay: float = 1e-5
-    patience: int = 5  # epochs without validation NDCG@10 improvement before stopping
+    patience: int = 8  # epochs without validation NDCG@10 improvement before stopping
     ranker_epochs: int = 10
     seed: int = 0
     max_examples_per_epoch: int = 0  # 0: all training positions

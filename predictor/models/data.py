@@ -149,6 +149,16 @@ class SplitData:
         hist = self.sequences[user_idx[:, None], np.clip(offsets, 0, None)]
         return np.where(valid, hist, 0)
 
+    def window(self, user_idx: np.ndarray, end: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """The last ``max_len`` items before position ``end``: ``[B, max_len]`` oldest first, left-aligned,
+        0-padded after the last item, and the lengths ``[B]``."""
+        lengths = np.minimum(end, max_len)
+        start = end - lengths
+        offsets = start[:, None] + np.arange(max_len)[None, :]
+        valid = np.arange(max_len)[None, :] < lengths[:, None]
+        items = self.sequences[user_idx[:, None], np.clip(offsets, 0, self.sequences.shape[1] - 1)]
+        return np.where(valid, items, 0), lengths
+
     def seen_items(self, user_idx: np.ndarray, end: np.ndarray) -> list[np.ndarray]:
         """Item indexes each user interacted with before position ``end``."""
         return [self.sequences[u, :e] for u, e in zip(user_idx, end)]

@@ -50,7 +50,11 @@ class ItemEncoder(nn.Module):
 
 
 class UserEncoder(nn.Module):
-    """Self-attention over the newest-first history plus user features → ``[B, D]`` (not normalised)."""
+    """Causal self-attention over the oldest-first history plus per-position user features.
+
+    Trained SASRec-style: one pass over a window of L items yields a user state after every item, each
+    predicting the next one, so a window teaches L labels instead of one.
+    """
 
     def __init__(self, config: ModelConfig, user_dense_dim: int):
         super().__init__()
@@ -64,18 +68,18 @@ class UserEncoder(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(2 * config.dim), nn.Linear(2 * config.dim, config.dim))
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, history_emb: torch.Tensor, history: torch.Tensor, user_dense: torch.Tensor) -> torch.Tensor:
-        """history_emb ``[B, L, D]`` (item encodings of ``history``), history ``[B, L]``, user_dense ``[B, F_u]``."""
-        L = history.shape[1]
-        pad = history == 0
-        # a user with no history attends to one (zero) slot instead of none, avoiding NaNs
-        pad = pad & ~(pad.all(dim=1, keepdim=True) & (torch.arange(L, device=history.device) == 0))
+    def forward(self, history_emb: torch.Tensor, user_dense: torch.Tensor) -> torch.Tensor:
+        """history_emb ``[B, L, D]`` left-aligned oldest first (padding after the last item),
+        user_dense ``[B, L, F_u]`` (features at each position) → states ``[B, L, D]``.
+
+        Only a causal mask: a real position never sees the padding that follows it, so no key-padding
+        mask is needed (and no all-masked rows that would turn into NaNs).
+        """
+        L = history_emb.shape[1]
+        causal = torch.triu(torch.full((L, L), float("-inf"), device=history_emb.device), diagonal=1)
         x = self.dropout(history_emb + self.position.weight[:L])
-        h = self.encoder(x, src_key_padding_mask=pad)
-        # newest item first: its position summarises the sequence; mean of valid slots adds stability
-        valid = (~pad).unsqueeze(-1).float()
-        pooled = h[:, 0] + (h * valid).sum(1) / valid.sum(1).clamp(min=1)
-        return self.out(torch.cat([pooled, self.dense(user_dense)], dim=-1))
+        h = self.encoder(x, mask=causal)
+        return self.out(torch.cat([h, self.dense(user_dense)], dim=-1))
 
 
 class TwoTower(nn.Module):
@@ -92,35 +96,50 @@ class TwoTower(nn.Module):
     def item_embedding(self, index, categories, dense) -> torch.Tensor:
         return F.normalize(self.items(index, categories, dense), dim=-1)
 
-    def user_embedding(self, history, user_dense, item_categories, item_dense) -> torch.Tensor:
-        """history ``[B, L]``; item_categories ``[N, C]`` and item_dense ``[N, F_i]`` are the catalog tables."""
-        hist_emb = self.history_proj(self.items(history, item_categories[history], item_dense[history]))
-        return F.normalize(self.user(hist_emb, history, user_dense), dim=-1)
+    def user_states(self, window, user_dense, item_categories, item_dense) -> torch.Tensor:
+        """window ``[B, L]`` left-aligned oldest-first item indexes, user_dense ``[B, L, F_u]`` → ``[B, L, D]``
+        normalised user embeddings after each position. item_categories ``[N, C]`` and item_dense
+        ``[N, F_i]`` are the catalog tables."""
+        hist_emb = self.history_proj(self.items(window, item_categories[window], item_dense[window]))
+        return F.normalize(self.user(hist_emb, user_dense), dim=-1)
+
+    def user_embedding(self, window, lengths, user_dense, item_categories, item_dense) -> torch.Tensor:
+        """The user embedding after the last real item: window ``[B, L]``, lengths ``[B]`` (>= 1 or 0 for
+        no history), user_dense ``[B, F_u]`` → ``[B, D]``."""
+        dense = user_dense[:, None, :].expand(-1, window.shape[1], -1)
+        states = self.user_states(window, dense, item_categories, item_dense)
+        last = (lengths - 1).clamp(min=0)
+        return states[torch.arange(len(window), device=window.device), last]
+
+    def forward(self, window, user_dense, targets, negatives, item_categories, item_dense):
+        """Training step → (states ``[B, L, D]``, target embeddings ``[B, L, D]``, negatives ``[M, D]``).
+
+        One module call, so DistributedDataParallel sees every parameter used in the step.
+        """
+        states = self.user_states(window, user_dense, item_categories, item_dense)
+        positive = self.item_embedding(targets, item_categories[targets], item_dense[targets])
+        neg = self.item_embedding(negatives, item_categories[negatives], item_dense[negatives])
+        return states, positive, neg
 
 
 def sampled_softmax_loss(
     user: torch.Tensor,
     positive: torch.Tensor,
     positive_index: torch.Tensor,
-    log_q: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_index: torch.Tensor,
+    negative_log_q: torch.Tensor,
     temperature: float,
-    extra: torch.Tensor | None = None,
-    extra_index: torch.Tensor | None = None,
-    extra_log_q: float = 0.0,
 ) -> torch.Tensor:
-    """In-batch sampled softmax with logQ correction (Yi et al., RecSys 2019).
+    """Sampled softmax with logQ correction (Yi et al., RecSys 2019).
 
-    user ``[B, D]``, positive ``[B, D]`` (normalised), positive_index ``[B]``, log_q ``[B]`` = log of
-    each positive's chance to appear in a batch. ``extra`` ``[M, D]`` are uniformly sampled negatives
-    ("mixed negatives") with their own constant log q. In-batch copies of a row's own positive are
-    masked, so a popular item is never its own negative.
+    user ``[P, D]`` and positive ``[P, D]`` (normalised) for P labelled positions, positive_index ``[P]``;
+    negatives ``[M, D]`` with their item indexes ``[M]`` and ``log q`` ``[M]`` = log of the chance each was
+    sampled (in-batch positives: proportional to popularity; uniform extras: M / N). A negative equal
+    to the row's own positive is masked, so a popular item is never its own negative.
     """
-    logits = user @ positive.T / temperature - log_q[None, :]
-    same = positive_index[None, :] == positive_index[:, None]
-    logits = logits.masked_fill(same & ~torch.eye(len(user), dtype=torch.bool, device=user.device), float("-inf"))
-    if extra is not None:
-        extra_logits = user @ extra.T / temperature - extra_log_q
-        extra_logits = extra_logits.masked_fill(extra_index[None, :] == positive_index[:, None], float("-inf"))
-        logits = torch.cat([logits, extra_logits], dim=1)
-    target = torch.arange(len(user), device=user.device)
-    return F.cross_entropy(logits, target)
+    pos = (user * positive).sum(-1, keepdim=True) / temperature
+    neg = user @ negatives.T / temperature - negative_log_q[None, :]
+    neg = neg.masked_fill(negative_index[None, :] == positive_index[:, None], float("-inf"))
+    logits = torch.cat([pos, neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(user), dtype=torch.long, device=user.device))

@@ -1,0 +1,51 @@
+"""Quality comparison on MovieLens: the two-stage model vs popularity and tuned implicit ALS / BPR.
+
+    python bench/quality.py --dataset ml-100k            # or ml-latest-small; --data-dir for another place
+
+Same temporal leave-last-out split and full-ranking harness for every model (``predictor.models.compare``).
+Writes ``bench/results/quality-DATASET.json``: {"dataset", "split", "results": {MODEL: {metrics}}, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from predictor.data.loaders import load_dataset
+from predictor.models.compare import compare, print_report
+from predictor.models.config import TrainConfig, model_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", required=True, choices=["ml-100k", "ml-latest-small"])
+    parser.add_argument("--data-dir", default=None, help="folder holding ml-100k/ and ml-latest-small/")
+    parser.add_argument("--size", default="small", help="model size: tiny, small, base, large")
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-features", action="store_true", help="train without the user_profile features")
+    args = parser.parse_args()
+
+    console = Console()
+    data = load_dataset(args.dataset, args.data_dir)
+    console.print(data.summary())
+    train = TrainConfig(epochs=args.epochs, seed=args.seed)
+    report, _, _ = compare(data, model_config(args.size), train, use_features=not args.no_features)
+    report = {"dataset": args.dataset, "seed": args.seed,
+              "command": f"python bench/quality.py --dataset {args.dataset} --size {args.size} --epochs {args.epochs} "
+                         f"--seed {args.seed}" + (" --no-features" if args.no_features else ""),
+              **report}  # fmt: skip
+    print_report(report, console, title=f"{args.dataset}: test metrics")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"quality-{args.dataset}.json"
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,505 @@
+"""The two-stage recommender: ``fit`` trains retrieval then ranking; ``rank`` answers the evaluation
+question; ``recommend`` answers a raw user id or a raw history.
+
+Retrieval trains on windows: each user's training events are cut into chunks of up to ``max_history``
+labels; the encoder reads the items before each label (causally) and predicts it. The user features
+at each label are the newest ``user_profile`` snapshot strictly before the label's timestamp
+(point-in-time). Batches are built by NumPy fancy indexing over the padded sequence matrix: no per-row
+Python in the loop.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) each process takes every ``world``-th example,
+gradients are averaged by ``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA), rank 0 evaluates
+and decides early stopping for all.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from predictor.models.config import ModelConfig, TrainConfig
+from predictor.models.data import SplitData, USER_DENSE_COLUMNS, to_tensor, user_features_at
+from predictor.models.evaluate import RankFn, evaluate, holdout, top_k_excluding_seen
+from predictor.models.ranker import Ranker
+from predictor.models.two_tower import TwoTower, sampled_softmax_loss
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    if preferred:
+        return torch.device(preferred)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size()) if size > 1 else cls()
+
+    def broadcast(self, value: float) -> float:
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
+
+@dataclass
+class TrainingHistory:
+    retrieval: list[dict] = field(default_factory=list)  # per epoch: loss, validation ndcg@10, seconds
+    ranker: list[dict] = field(default_factory=list)
+    examples_per_second: float = 0.0
+
+
+class TwoStageRecommender:
+    """Retrieval (two-tower) + ranking (DIN) over one catalog index."""
+
+    def __init__(self, config: ModelConfig, train: TrainConfig | None = None, device: str | None = None):
+        self.config = config
+        self.train_config = train or TrainConfig()
+        self.device = pick_device(device)
+        self.retrieval: TwoTower | None = None
+        self.ranker: Ranker | None = None
+        self.use_ranker = False
+        self.candidates = 200
+        self.history = TrainingHistory()
+
+    # --- shapes of the catalog the model was built for ---------------------------------------------
+    def _build(self, split: SplitData) -> None:
+        rows = max(split.n_items + 1, self.config.item_capacity)
+        user_dim = len(USER_DENSE_COLUMNS) + split.n_categories
+        item_dim = split.item_dense.shape[1]
+        self.retrieval = TwoTower(self.config, rows, split.n_categories, user_dim, item_dim).to(self.device)
+        self.ranker = Ranker(self.config, rows, split.n_categories, user_dim, item_dim).to(self.device)
+
+    def _item_tables(self, split: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.retrieval.items.id_embedding.rows
+        cats = np.zeros((rows, split.item_categories.shape[1]), np.float32)
+        dense = np.zeros((rows, split.item_dense.shape[1]), np.float32)
+        cats[: split.n_items + 1] = split.item_categories
+        dense[: split.n_items + 1] = split.item_dense
+        return to_tensor(cats, self.device), to_tensor(dense, self.device)
+
+    # --- fit -------------------------------------------------------------------------------------------
+    def fit(
+        self,
+        split: SplitData,
+        user_profile: pd.DataFrame | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> TwoStageRecommender:
+        """Train retrieval with early stopping on validation NDCG@10, then the ranker on its candidates.
+
+        ``user_profile``: offline user_profile rows (several snapshots) for the point-in-time join; None
+        trains without user features. Warm start: call ``fit`` on a model that already has weights.
+        """
+        cfg = self.train_config
+        seed_everything(cfg.seed)
+        world = World.from_env(self.device)
+        self.split = split
+        self.user_profile = user_profile
+        if self.retrieval is None:
+            self._build(split)
+        else:
+            self._grow(split)
+        self.item_cats, self.item_dense = self._item_tables(split)
+
+        users, positions = training_examples(split)
+        self.offsets = np.concatenate([[0], np.cumsum(split.lengths)[:-1]])
+        self.dense_flat = np.zeros((int(split.lengths.sum()) + 1, len(USER_DENSE_COLUMNS) + split.n_categories),
+                                   np.float32)  # fmt: skip
+        self.dense_flat[self.offsets[users] + positions] = self._user_dense(split, users, positions)
+        ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+        self._fit_retrieval(split, world, ckpt, resume, progress)
+        self._fit_ranker(split, users, positions, world, progress)
+        return self
+
+    def _grow(self, split: SplitData) -> None:
+        """Warm start on a bigger catalog: keep every learned row, add rows for new items."""
+        needed = split.n_items + 1
+        for table in (self.retrieval.items.id_embedding, self.ranker.item_id):
+            if table.rows < needed:
+                extra = torch.randn(needed - table.rows, table.weight.shape[1], device=table.weight.device)
+                extra = (extra * table.weight.shape[1] ** -0.5).to(table.weight.dtype)
+                table.weight = torch.nn.Parameter(torch.cat([table.weight.data, extra]))
+        if self.retrieval.items.n_categories != split.n_categories:
+            raise ValueError(
+                f"category vocabulary changed ({self.retrieval.items.n_categories} → {split.n_categories}): "
+                "train a new model instead of warm-starting"
+            )
+
+    def _user_dense(self, split: SplitData, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        width = len(USER_DENSE_COLUMNS) + split.n_categories
+        if self.user_profile is None or len(users) == 0:
+            return np.zeros((len(users), width), np.float32)
+        return user_features_at(self.user_profile, split.users.raw(users), split.timestamps[users, positions],
+                                split.n_categories)  # fmt: skip
+
+    def _window_batch(self, split: SplitData, users: np.ndarray, ends: np.ndarray):
+        """Training windows: inputs ``[B, L]``, targets ``[B, L]`` (0 = no label), user features ``[B, L, F_u]``."""
+        L = self.config.max_history
+        inputs, n = split.window(users, ends - 1, L)
+        target_pos = (ends - n)[:, None] + np.arange(L)[None, :]
+        valid = np.arange(L)[None, :] < n[:, None]
+        target_pos = np.where(valid, target_pos, 0)
+        targets = np.where(valid, split.sequences[users[:, None], target_pos], 0)
+        flat = np.where(valid, self.offsets[users][:, None] + target_pos, len(self.dense_flat) - 1)
+        dense = self.dense_flat[flat]
+        return to_tensor(inputs, self.device), to_tensor(targets, self.device), to_tensor(dense, self.device)
+
+    def _example_batch(self, split: SplitData, users: np.ndarray, positions: np.ndarray):
+        """Single-label examples (ranker): window before ``positions``, lengths, target, user features."""
+        window, lengths = split.window(users, positions, self.config.max_history)
+        dense = self.dense_flat[self.offsets[users] + positions]
+        return (to_tensor(window, self.device), to_tensor(lengths, self.device),
+                to_tensor(split.sequences[users, positions], self.device), to_tensor(dense, self.device))  # fmt: skip
+
+    def _fit_retrieval(self, split, world, ckpt, resume, progress):
+        cfg = self.train_config
+        model = self.retrieval
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if world.size > 1 else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        popularity = torch.as_tensor(split.item_popularity, dtype=torch.float32, device=self.device)
+        p_item = (popularity + 1.0) / (popularity + 1.0).sum()
+        rng = np.random.default_rng(cfg.seed)
+        start_epoch, best, best_state, stale = 0, -1.0, None, 0
+        if resume and ckpt and (ckpt / "retrieval.pt").exists():
+            state = torch.load(ckpt / "retrieval.pt", map_location=self.device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, best, stale = state["epoch"] + 1, state["best"], state["stale"]
+            best_state = state["best_model"]
+            rng.bit_generator.state = state["rng"]
+            self.history.retrieval = list(state["history"])
+            log.info("resumed retrieval training at epoch %d (best validation ndcg@10 %.4f)", start_epoch, best)
+
+        local_batch = max(cfg.batch_size // world.size, 2)
+        rows_user, rows_end = training_windows(split, self.config.max_history)
+        n_examples = len(rows_user)
+        for epoch in range(start_epoch, cfg.epochs):
+            started = time.perf_counter()
+            model.train()
+            order = rng.permutation(n_examples)
+            if cfg.max_examples_per_epoch:
+                order = order[: cfg.max_examples_per_epoch]
+            order = order[world.rank :: world.size]
+            steps = len(order) // local_batch
+            losses, labels = [], 0
+            bar = tqdm(range(steps), desc=f"retrieval epoch {epoch + 1}", disable=not (progress and world.is_main),
+                       leave=False)  # fmt: skip
+            forward = ddp or model
+            for step in bar:
+                rows = order[step * local_batch : (step + 1) * local_batch]
+                window, targets, udense = self._window_batch(split, rows_user[rows], rows_end[rows])
+                loss = self._retrieval_loss(forward, window, targets, udense, p_item)
+                labels += int((targets > 0).sum())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            seconds = time.perf_counter() - started
+            score = evaluate(self._rank_retrieval(split), split, "validation")["ndcg@10"] if world.is_main else 0.0
+            score = world.broadcast(score)
+            self.history.retrieval.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
+                                           "validation_ndcg@10": score, "seconds": seconds,
+                                           "examples": labels * world.size})  # fmt: skip
+            self.history.examples_per_second = labels * world.size / max(seconds, 1e-9)
+            if world.is_main and progress:
+                tqdm.write(f"retrieval epoch {epoch + 1}: loss {self.history.retrieval[-1]['loss']:.4f}, "
+                           f"validation ndcg@10 {score:.4f} ({seconds:.1f} s)")  # fmt: skip
+            if score > best:
+                best, stale = score, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            if ckpt and world.is_main:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "best": best, "stale": stale, "best_model": best_state, "rng": rng.bit_generator.state,
+                            "history": self.history.retrieval}, ckpt / "retrieval.pt.tmp")  # fmt: skip
+                os.replace(ckpt / "retrieval.pt.tmp", ckpt / "retrieval.pt")
+            if stale >= cfg.patience:
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        self.validation_retrieval_ndcg = best
+
+    def _retrieval_loss(self, forward, window, targets, udense, p_item):
+        cfg = self.config
+        valid = targets > 0
+        labelled = targets[valid]
+        # negatives: other labels of the batch (sampled ∝ popularity) plus optional uniform extras
+        pick = torch.randperm(len(labelled), device=self.device)[: cfg.in_batch_negatives]
+        negatives = labelled[pick]
+        log_q = torch.log(p_item[negatives] * len(negatives))
+        if cfg.uniform_negatives:
+            extra = torch.randint(1, self.split.n_items + 1, (cfg.uniform_negatives,), device=self.device)
+            negatives = torch.cat([negatives, extra])
+            log_q = torch.cat([log_q, torch.full((len(extra),), math.log(cfg.uniform_negatives / self.split.n_items),
+                                                 device=self.device)])  # fmt: skip
+        # one call through the (DDP-wrapped) module so gradients synchronise
+        states, positive, neg = forward(window, udense, targets, negatives, self.item_cats, self.item_dense)
+        return sampled_softmax_loss(states[valid], positive[valid], labelled, neg, negatives, log_q, cfg.temperature)
+
+    # --- ranker ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _embed_items(self) -> torch.Tensor:
+        self.retrieval.eval()
+        rows = torch.arange(self.split.n_items + 1, device=self.device)
+        table = self.retrieval.item_embedding(rows, self.item_cats[rows], self.item_dense[rows])
+        table[0] = 0
+        return table
+
+    @torch.no_grad()
+    def _embed_users(self, window: torch.Tensor, lengths: torch.Tensor, udense: torch.Tensor) -> torch.Tensor:
+        self.retrieval.eval()
+        return self.retrieval.user_embedding(window, lengths, udense, self.item_cats, self.item_dense)
+
+    def _ranker_inputs(self, items: torch.Tensor, hist, udense, user_vec, cand):
+        """Frozen retrieval vectors and features for candidates ``cand`` ``[B, K]``."""
+        n_cat = self.split.n_categories
+        affinity = udense[:, len(USER_DENSE_COLUMNS) :]
+        cand_cats = self.item_cats[cand]
+        match = (cand_cats * affinity[:, None, :]).sum(-1) if n_cat else torch.zeros(cand.shape, device=self.device)
+        return (user_vec, items[hist], hist > 0, items[cand], cand, self.item_dense[cand], match, udense)
+
+    def _fit_ranker(self, split, users, positions, world, progress):
+        cfg = self.train_config
+        if cfg.ranker_epochs <= 0:
+            self.use_ranker = False
+            return
+        K = self.config.ranker_negatives
+        items = self._embed_items()
+        rng = np.random.default_rng(cfg.seed + 1)
+        # hard negatives: the retrieval model's own top candidates for each training example
+        sample = rng.permutation(len(users))[: min(len(users), 200_000)]
+        negatives = np.zeros((len(sample), K), np.int64)
+        for s in range(0, len(sample), 1024):
+            rows = sample[s : s + 1024]
+            window, lengths, target, udense = self._example_batch(split, users[rows], positions[rows])
+            scores = self._embed_users(window, lengths, udense) @ items.T
+            scores[torch.arange(len(rows)), target] = float("-inf")
+            top = top_k_excluding_seen(scores.cpu(), split, users[rows], positions[rows], K)
+            negatives[s : s + len(rows)] = top
+        model = self.ranker
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        baseline = self.validation_retrieval_ndcg
+        best, best_state, stale = baseline, None, 0
+        for epoch in range(cfg.ranker_epochs):
+            started = time.perf_counter()
+            model.train()
+            order = rng.permutation(len(sample))[world.rank :: world.size]
+            losses = []
+            local_batch = max(cfg.batch_size // world.size, 2)
+            for step in tqdm(range(len(order) // local_batch), desc=f"ranker epoch {epoch + 1}",
+                             disable=not (progress and world.is_main), leave=False):  # fmt: skip
+                idx = order[step * local_batch : (step + 1) * local_batch]
+                rows = sample[idx]
+                window, lengths, target, udense = self._example_batch(split, users[rows], positions[rows])
+                cand = torch.cat([target[:, None], to_tensor(negatives[idx], self.device)], dim=1)
+                user_vec = self._embed_users(window, lengths, udense)
+                logits = model(*self._ranker_inputs(items, window, udense, user_vec, cand))
+                loss = F.cross_entropy(logits, torch.zeros(len(rows), dtype=torch.long, device=self.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if world.size > 1:
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= world.size
+                optimizer.step()
+                losses.append(loss.item())
+            self.use_ranker = True
+            score = evaluate(self._rank_two_stage(split), split, "validation")["ndcg@10"] if world.is_main else 0.0
+            score = world.broadcast(score)
+            self.history.ranker.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
+                                        "validation_ndcg@10": score, "seconds": time.perf_counter() - started})  # fmt: skip
+            if world.is_main and progress:
+                tqdm.write(f"ranker epoch {epoch + 1}: loss {self.history.ranker[-1]['loss']:.4f}, "
+                           f"two-stage validation ndcg@10 {score:.4f} (retrieval alone {baseline:.4f})")  # fmt: skip
+            if score > best:
+                best, stale, best_state = score, 0, copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if stale >= max(2, cfg.patience // 2):
+                    break
+        # the ranker serves only if it beat retrieval alone on validation
+        self.use_ranker = best_state is not None
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        self.validation_ndcg = best
+
+    # --- ranking ---------------------------------------------------------------------------------------
+    def _inputs_at(self, split: SplitData, users: np.ndarray, end: np.ndarray):
+        window, lengths = split.window(users, end, self.config.max_history)
+        if self.user_profile is not None and len(users):
+            times = split.timestamps[users, np.minimum(end, split.sequences.shape[1] - 1)]
+            udense = user_features_at(self.user_profile, split.users.raw(users), times, split.n_categories)
+        else:
+            udense = np.zeros((len(users), len(USER_DENSE_COLUMNS) + split.n_categories), np.float32)
+        return to_tensor(window, self.device), to_tensor(lengths, self.device), to_tensor(udense, self.device)
+
+    def _rank_retrieval(self, split: SplitData) -> RankFn:
+        items = self._embed_items()
+
+        def rank_fn(users, end, k):
+            window, lengths, udense = self._inputs_at(split, users, end)
+            scores = (self._embed_users(window, lengths, udense) @ items.T).cpu()
+            return top_k_excluding_seen(scores, split, users, end, k)
+
+        return rank_fn
+
+    def _rank_two_stage(self, split: SplitData) -> RankFn:
+        items = self._embed_items()
+
+        @torch.no_grad()
+        def rank_fn(users, end, k):
+            window, lengths, udense = self._inputs_at(split, users, end)
+            user_vec = self._embed_users(window, lengths, udense)
+            cand = top_k_excluding_seen((user_vec @ items.T).cpu(), split, users, end, max(self.candidates, k))
+            if not self.use_ranker:
+                return cand[:, :k]
+            cand_t = to_tensor(cand, self.device)
+            self.ranker.eval()
+            out = []
+            for s in range(0, len(users), 64):
+                sl = slice(s, s + 64)
+                scores = self.ranker(*self._ranker_inputs(items, window[sl], udense[sl], user_vec[sl], cand_t[sl]))
+                order = torch.argsort(scores, dim=1, descending=True)[:, :k]
+                out.append(torch.gather(cand_t[sl], 1, order).cpu().numpy())
+            return np.concatenate(out)
+
+        return rank_fn
+
+    def rank(self, split: SplitData | None = None, stage: str = "two_stage") -> RankFn:
+        split = split or self.split
+        return self._rank_two_stage(split) if stage == "two_stage" else self._rank_retrieval(split)
+
+
+def training_examples(split: SplitData) -> tuple[np.ndarray, np.ndarray]:
+    """(user index, position) of every training label that has at least one earlier item."""
+    counts = np.clip(split.train_len - 1, 0, None)
+    users = np.repeat(np.arange(len(counts)), counts)
+    starts = np.cumsum(counts) - counts
+    positions = np.arange(counts.sum()) - np.repeat(starts, counts) + 1
+    return users.astype(np.int64), positions.astype(np.int64)
+
+
+def training_windows(split: SplitData, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user index, end) of each training window: chunks of up to ``max_len`` labels cut from the end of
+    every user's training events; labels are positions ``[max(end - max_len, 1), end)``."""
+    chunks = np.ceil(np.clip(split.train_len - 1, 0, None) / max_len).astype(np.int64)
+    users = np.repeat(np.arange(len(chunks)), chunks)
+    first = np.cumsum(chunks) - chunks
+    k = np.arange(chunks.sum()) - np.repeat(first, chunks)
+    ends = split.train_len[users] - k * max_len
+    return users.astype(np.int64), ends.astype(np.int64)
+
+
+def evaluate_model(model: TwoStageRecommender, split: SplitData, stage: str = "test") -> dict[str, dict[str, float]]:
+    return {"two_stage": evaluate(model.rank(split, "two_stage"), split, stage),
+            "retrieval": evaluate(model.rank(split, "retrieval"), split, stage)}  # fmt: skip
+
+
+# --- persistence -----------------------------------------------------------------------------------------
+def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
+    """Everything needed to rebuild ``model``: weights (tensors only) and the catalog index, no pickles."""
+
+    def tensors(module: torch.nn.Module) -> bytes:
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
+        return buf.getvalue()
+
+    split = model.split
+    catalog = io.BytesIO()
+    np.savez(catalog, user_ids=split.users.ids, item_ids=split.items.ids, item_dense=split.item_dense,
+             item_categories=split.item_categories, item_popularity=split.item_popularity)  # fmt: skip
+    meta = {
+        "model_config": model.config.to_dict(),
+        "train_config": {k: v for k, v in model.train_config.__dict__.items() if k != "extra"},
+        "use_ranker": model.use_ranker,
+        "candidates": model.candidates,
+        "n_categories": split.n_categories,
+        "item_rows": model.retrieval.items.id_embedding.rows,
+        "history": {"retrieval": model.history.retrieval, "ranker": model.history.ranker},
+    }
+    files = {"retrieval.pt": tensors(model.retrieval), "ranker.pt": tensors(model.ranker),
+             "catalog.npz": catalog.getvalue(), "model.json": json.dumps(meta).encode()}  # fmt: skip
+    return files, meta
+
+
+def model_from_files(files: dict[str, bytes], device: str | None = None) -> TwoStageRecommender:
+    """Inverse of :func:`model_files`. Loads with ``weights_only=True`` and ``allow_pickle=False``:
+    an artifact cannot run code when it is opened."""
+    from predictor.models.data import make_index
+
+    meta = json.loads(files["model.json"])
+    model = TwoStageRecommender(ModelConfig.from_dict(meta["model_config"]),
+                                TrainConfig(**meta["train_config"]), device)  # fmt: skip
+    cat = np.load(io.BytesIO(files["catalog.npz"]), allow_pickle=False)
+    users, items = make_index(cat["user_ids"]), make_index(cat["item_ids"])
+    n_cat = int(meta["n_categories"])
+    user_dim = len(USER_DENSE_COLUMNS) + n_cat
+    item_dim = cat["item_dense"].shape[1]
+    model.retrieval = TwoTower(model.config, meta["item_rows"], n_cat, user_dim, item_dim).to(model.device)
+    model.ranker = Ranker(model.config, meta["item_rows"], n_cat, user_dim, item_dim).to(model.device)
+    for module, name in ((model.retrieval, "retrieval.pt"), (model.ranker, "ranker.pt")):
+        state = torch.load(io.BytesIO(files[name]), map_location=model.device, weights_only=True)
+        module.load_state_dict(state)
+        module.eval()
+    model.use_ranker = bool(meta["use_ranker"])
+    model.candidates = int(meta["candidates"])
+    model.catalog = SplitCatalog(users, items, cat["item_dense"], cat["item_categories"], cat["item_popularity"], n_cat)
+    model.item_cats, model.item_dense = model._item_tables(model.catalog)
+    return model
+
+
+@dataclass
+class SplitCatalog:
+    """The part of a split a trained model keeps: id indexes and item tables."""
+
+    users: object
+    items: object
+    item_dense: np.ndarray
+    item_categories: np.ndarray
+    item_popularity: np.ndarray
+    n_categories: int
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
