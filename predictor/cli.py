@@ -153,6 +153,111 @@ def events_push(
     console.print(f"[green]pushed[/] {result.events} events for {result.users} users")
 
 
+# --- models -----------------------------------------------------------------------------------------
+def _offline_user_profile(settings: Settings):
+    from predictor.features.batch import USER_PROFILE
+    from predictor.features.offline import read_offline
+
+    try:
+        profile = read_offline(USER_PROFILE, settings)
+    except Exception as exc:  # missing file or table: say what to run
+        raise typer.BadParameter(
+            f"no offline user_profile table ({exc.__class__.__name__}); run `recsys features build --snapshot-every 1D`"
+        ) from exc
+    if profile["event_timestamp"].nunique() < 2:
+        console.print("[yellow]warning:[/] user_profile has one snapshot; `recsys features build --snapshot-every 1D` "
+                      "gives training point-in-time history")  # fmt: skip
+    return profile
+
+
+@app.command()
+def train(
+    size: Annotated[str, typer.Option(help="Model size: tiny, small, base, large.")] = "small",
+    epochs: Annotated[int, typer.Option(help="Maximum retrieval epochs (early stopping on validation NDCG@10).")] = 60,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    features: Annotated[bool, typer.Option(help="Join the offline user features point-in-time.")] = True,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Write a checkpoint every epoch here.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --checkpoint-dir.")] = False,
+    promote: Annotated[bool, typer.Option(help="Promote the new version to production.")] = True,
+) -> None:
+    """Train the two-stage model on the event log, register it and (by default) promote it."""
+    from predictor.data.eventlog import EventLog
+    from predictor.models.config import TrainConfig, model_config
+    from predictor.models.lifecycle import train_and_register
+    from predictor.models.registry import ModelRegistry
+
+    settings = state.settings
+    if resume and checkpoint_dir is None:
+        raise typer.BadParameter("--resume needs --checkpoint-dir")
+    data = EventLog(settings.database_url).read()
+    profile = _offline_user_profile(settings) if features else None
+    version, metrics = train_and_register(
+        data, ModelRegistry(settings.database_url), settings.artifacts_uri, model_config(size),
+        TrainConfig(epochs=epochs, seed=seed), profile, checkpoint_dir, resume, promote,
+    )  # fmt: skip
+    console.print(f"[green]version {version.version}[/] ({version.status}) at {version.artifact_uri}")
+    console.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users"))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Optional[str], typer.Option(help="Artifact URI; default the production version.")] = None,
+    baselines: Annotated[bool, typer.Option(help="Also run popularity and tuned implicit ALS/BPR.")] = False,
+    output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
+) -> None:
+    """Full-ranking evaluation on the event log's leave-last-out test split."""
+    import json
+
+    from predictor.data.eventlog import EventLog
+    from predictor.models.compare import print_report
+    from predictor.models.data import build_split
+    from predictor.models.evaluate import Popularity, evaluate as run_evaluation, tune_implicit
+    from predictor.models.lifecycle import MODEL_NAME, load_model
+    from predictor.models.registry import ModelRegistry
+
+    settings = state.settings
+    if model is None:
+        production = ModelRegistry(settings.database_url).production(MODEL_NAME)
+        if production is None:
+            raise typer.BadParameter("no production model: run `recsys train` or pass --model")
+        model = production.artifact_uri
+    recommender = load_model(model)
+    data = EventLog(settings.database_url).read()
+    split = build_split(data, users=recommender.catalog.users, items=recommender.catalog.items)
+    recommender.prepare(split, _offline_user_profile(settings) if recommender.uses_user_features else None)
+    report = {"model": model, "results": {"two_stage": run_evaluation(recommender.rank(split), split, "test")},
+              "seconds": {}}  # fmt: skip
+    if baselines:
+        report["results"]["popularity"] = run_evaluation(Popularity().fit(split, "test").rank(split), split, "test")
+        for kind in ("als", "bpr"):
+            fitted, _, _ = tune_implicit(kind, split)
+            report["results"][f"implicit_{kind}"] = run_evaluation(fitted.rank(split), split, "test")
+    print_report(report, console)
+    if output:
+        output.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@app.command()
+def retrain(
+    tolerance: Annotated[float, typer.Option(help="Promote unless NDCG@10 is worse than production by more.")] = 0.005,
+    replay: Annotated[float, typer.Option(help="Share of unchanged users replayed with the new events.")] = 0.2,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 10,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Warm-start from production on new events, compare on a fresh holdout, promote only if not worse."""
+    from predictor.data.eventlog import EventLog
+    from predictor.models.lifecycle import retrain as run_retrain
+    from predictor.models.registry import ModelRegistry
+
+    settings = state.settings
+    data = EventLog(settings.database_url).read()
+    profile = _offline_user_profile(settings)
+    result = run_retrain(data, ModelRegistry(settings.database_url), settings.artifacts_uri, profile, tolerance,
+                         replay, epochs, seed)  # fmt: skip
+    verdict = "[green]promoted[/]" if result.promoted else "[yellow]rejected[/]"
+    console.print(f"{verdict} version {result.candidate.version}: {result.reason}")
+
+
 # --- demo -------------------------------------------------------------------------------------------
 @app.command()
 def demo(

@@ -47,12 +47,19 @@ class Settings(BaseSettings):
     redis_port: int = 6379
     redis_db: int = 0
 
+    # model artifacts: a local path or any fsspec URI (s3://, gs://, ...); default $RECSYS_HOME/models
+    artifacts: str | None = None
+
     # length of the last-N item sequence kept per user, offline and online
     recent_items: int = Field(default=50, ge=1, le=1000)
 
     @cached_property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def artifacts_uri(self) -> str:
+        return self.artifacts or str(self.home_dir / "models")
 
     @property
     def offline_dir(self) -> Path:

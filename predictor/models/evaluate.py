@@ -60,7 +60,8 @@ def evaluate(rank_fn: RankFn, split: SplitData, stage: str = "test", batch_size:
 
 
 def top_k_excluding_seen(scores: torch.Tensor, split: SplitData, users: np.ndarray, end: np.ndarray, k: int) -> np.ndarray:
-    """scores ``[B, n_items + 1]`` (column 0 = padding) → ``[B, k]`` best unseen item indexes."""
+    """scores ``[B, n_items + 1]`` (column 0 = padding) → ``[B, min(k, n_items)]`` best unseen item indexes."""
+    k = min(k, scores.shape[1] - 1)
     scores = scores.clone()
     scores[:, 0] = float("-inf")
     width = int(end.max()) if len(end) else 0

@@ -30,7 +30,7 @@ import pandas as pd
 
 from predictor.data.schema import Interactions
 from predictor.models.config import ModelConfig, TrainConfig
-from predictor.models.data import build_split, user_feature_snapshots
+from predictor.models.data import build_split
 from predictor.models.evaluate import evaluate
 from predictor.models.recommender import TwoStageRecommender, model_files, model_from_files
 from predictor.models.registry import ModelRegistry, ModelVersion, PromotionConflict, open_artifact, write_artifact
@@ -60,16 +60,18 @@ def train_and_register(
     artifacts: str | Path,
     model_config: ModelConfig,
     train_config: TrainConfig,
-    use_features: bool = True,
+    user_profile: pd.DataFrame | None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     promote: bool = True,
     progress: bool = True,
 ) -> tuple[ModelVersion, dict]:
-    """Train from scratch on the whole log, evaluate on its leave-last-out test, register (and promote
-    when there is no production yet, or when asked)."""
+    """Train from scratch on the whole log, evaluate on its leave-last-out test, register, and promote
+    (if ``promote``) through the registry's compare-and-swap.
+
+    ``user_profile``: the offline user_profile rows (history snapshots) for the point-in-time join.
+    """
     split = build_split(data)
-    user_profile = user_feature_snapshots(data) if use_features else None
     model = TwoStageRecommender(model_config, train_config)
     model.fit(split, user_profile, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     metrics = evaluate(model.rank(split), split, "test")
@@ -96,13 +98,14 @@ def retrain(
     data: Interactions,
     registry: ModelRegistry,
     artifacts: str | Path,
+    user_profile: pd.DataFrame | None = None,
     tolerance: float = 0.005,
     replay_users: float = 0.2,
     epochs: int = 10,
     seed: int = 0,
-    use_features: bool = True,
     progress: bool = True,
 ) -> RetrainResult:
+    """``user_profile``: offline user_profile history snapshots (used if production was trained with them)."""
     production = registry.production(MODEL_NAME)
     if production is None:
         raise LookupError(f"no production version of {MODEL_NAME}: run `recsys train` first")
@@ -115,7 +118,7 @@ def retrain(
         raise LookupError(f"no events after the production cutoff {cutoff}: nothing to retrain on")
 
     split = build_split(window, users=base.catalog.users, items=base.catalog.items)
-    user_profile = user_feature_snapshots(window) if use_features else None
+    user_profile = user_profile if base.uses_user_features else None
     # fresh holdout: the changed users' last events (all after the cutoff); every user's second-to-last
     # event still serves as validation for early stopping
     fresh = np.zeros(split.n_users + 1, dtype=bool)
@@ -128,9 +131,7 @@ def retrain(
 
     holdout_split = copy.copy(split)
     holdout_split.has_holdout = split.has_holdout & fresh
-    base.split, base.user_profile = split, user_profile
-    base._grow(split)
-    base.item_cats, base.item_dense = base._item_tables(split)
+    base.prepare(split, user_profile if base.uses_user_features else None)
     cand_metrics = evaluate(candidate.rank(holdout_split), holdout_split, "test")
     prod_metrics = evaluate(base.rank(holdout_split), holdout_split, "test")
     new_cutoff = data.events["timestamp"].max().to_pydatetime()

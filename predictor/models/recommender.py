@@ -112,6 +112,17 @@ class TwoStageRecommender:
         dense[: split.n_items + 1] = split.item_dense
         return to_tensor(cats, self.device), to_tensor(dense, self.device)
 
+    @property
+    def uses_user_features(self) -> bool:
+        return bool(getattr(self, "_trained_with_features", False))
+
+    def prepare(self, split: SplitData, user_profile: pd.DataFrame | None) -> TwoStageRecommender:
+        """Point a trained model at ``split`` (built with this model's indexes) for ranking, without training."""
+        self.split, self.user_profile = split, user_profile
+        self._grow(split)
+        self.item_cats, self.item_dense = self._item_tables(split)
+        return self
+
     # --- fit -------------------------------------------------------------------------------------------
     def fit(
         self,
@@ -131,6 +142,7 @@ class TwoStageRecommender:
         world = World.from_env(self.device)
         self.split = split
         self.user_profile = user_profile
+        self._trained_with_features = user_profile is not None
         if self.retrieval is None:
             self._build(split)
         else:
@@ -455,6 +467,7 @@ def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
         "use_ranker": model.use_ranker,
         "candidates": model.candidates,
         "n_categories": split.n_categories,
+        "uses_user_features": model.uses_user_features,
         "item_rows": model.retrieval.items.id_embedding.rows,
         "history": {"retrieval": model.history.retrieval, "ranker": model.history.ranker},
     }
@@ -483,6 +496,7 @@ def model_from_files(files: dict[str, bytes], device: str | None = None) -> TwoS
         module.load_state_dict(state)
         module.eval()
     model.use_ranker = bool(meta["use_ranker"])
+    model._trained_with_features = bool(meta.get("uses_user_features", False))
     model.candidates = int(meta["candidates"])
     model.catalog = SplitCatalog(users, items, cat["item_dense"], cat["item_categories"], cat["item_popularity"], n_cat)
     model.item_cats, model.item_dense = model._item_tables(model.catalog)

@@ -78,7 +78,7 @@ class UserEncoder(nn.Module):
         L = history_emb.shape[1]
         causal = torch.triu(torch.full((L, L), float("-inf"), device=history_emb.device), diagonal=1)
         x = self.dropout(history_emb + self.position.weight[:L])
-        h = self.encoder(x, mask=causal)
+        h = self.encoder(x, mask=causal, is_causal=True)
         return self.out(torch.cat([h, self.dense(user_dense)], dim=-1))
 
 
@@ -108,8 +108,8 @@ class TwoTower(nn.Module):
         no history), user_dense ``[B, F_u]`` → ``[B, D]``."""
         dense = user_dense[:, None, :].expand(-1, window.shape[1], -1)
         states = self.user_states(window, dense, item_categories, item_dense)
-        last = (lengths - 1).clamp(min=0)
-        return states[torch.arange(len(window), device=window.device), last]
+        last = (lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, states.shape[-1])
+        return states.gather(1, last).squeeze(1)
 
     def forward(self, window, user_dense, targets, negatives, item_categories, item_dense):
         """Training step → (states ``[B, L, D]``, target embeddings ``[B, L, D]``, negatives ``[M, D]``).

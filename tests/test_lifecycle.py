@@ -1,0 +1,168 @@
+"""Train → register → retrain → promote or reject; crash safety; concurrent retrains; export round trip."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from predictor.data.schema import Interactions
+from predictor.data.synthetic import generate
+from predictor.models.config import TrainConfig, model_config
+from predictor.models.data import build_split, user_feature_snapshots
+from predictor.models.evaluate import evaluate
+from predictor.models.lifecycle import MODEL_NAME, load_model, retrain, save_model, train_and_register
+from predictor.models.registry import ModelRegistry
+
+TINY = model_config("tiny")
+FAST = TrainConfig(epochs=3, ranker_epochs=1, batch_size=32, patience=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def history() -> tuple[Interactions, Interactions]:
+    """(old log up to a cutoff, full log with later events including new users and new items)."""
+    data = generate(n_events=6_000, n_users=200, n_items=120, n_categories=5, seed=11)
+    cutoff = data.events["timestamp"].quantile(0.8)
+    old_events = data.events[data.events["timestamp"] <= cutoff]
+    old_items = data.items[data.items["item_id"] < 110]  # the last 10 items appear only later
+    old_events = old_events[old_events["item_id"].isin(old_items["item_id"])]
+    old = Interactions(old_events.reset_index(drop=True), old_items.reset_index(drop=True), "old")
+    new_user_events = data.events[data.events["timestamp"] > cutoff].head(50).assign(user_id=lambda f: f["user_id"] + 10_000)
+    full = Interactions(pd.concat([data.events, new_user_events]).sort_values("timestamp", kind="stable")
+                        .reset_index(drop=True), data.items, "full")  # fmt: skip
+    return old, full
+
+
+@pytest.fixture(scope="module")
+def profiles(history):
+    old, full = history
+    return user_feature_snapshots(old, "3D"), user_feature_snapshots(full, "3D")
+
+
+@pytest.fixture(scope="module")
+def trained(history, profiles, tmp_path_factory):
+    """One production-quality tiny model trained on the old log, registered in a scratch registry."""
+    old, _ = history
+    root = tmp_path_factory.mktemp("trained")
+    scratch = ModelRegistry(f"sqlite:///{root / 'scratch.db'}")
+    version, metrics = train_and_register(old, scratch, root / "models", TINY, FAST, profiles[0], progress=False)
+    scratch.engine.dispose()
+    return version, metrics
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = ModelRegistry(f"sqlite:///{tmp_path / 'registry.db'}")
+    yield reg
+    reg.engine.dispose()
+
+
+def first_production(trained, registry):
+    """Register the trained artifact in this test's registry and make it production."""
+    version, metrics = trained
+    fresh = registry.register(MODEL_NAME, version.artifact_uri, version.data_cutoff, metrics)
+    return registry.promote(fresh.id, None), metrics
+
+
+def test_train_register_and_reload_the_same_model(history, profiles, trained, registry):
+    old, _ = history
+    version, metrics = first_production(trained, registry)
+    assert version.status == "production" and version.version == 1
+    assert set(metrics) >= {"recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10"}
+    model = load_model(version.artifact_uri)
+    split = build_split(old, users=model.catalog.users, items=model.catalog.items)
+    model.prepare(split, profiles[0])
+    again = evaluate(model.rank(split), split, "test")
+    assert again["ndcg@10"] == pytest.approx(metrics["ndcg@10"], abs=1e-9)
+
+
+def test_retrain_promotes_when_not_worse_and_grows_catalog(history, profiles, trained, registry, tmp_path):
+    _, full = history
+    prod, _ = first_production(trained, registry)
+    result = retrain(full, registry, tmp_path / "models", profiles[1], tolerance=1.0, epochs=2,
+                     progress=False)  # fmt: skip
+    assert result.promoted and result.candidate.status == "production"
+    assert registry.get(prod.id).status == "retired"
+    assert result.candidate.parent_version == prod.version
+    old_model, new_model = load_model(prod.artifact_uri), load_model(result.candidate.artifact_uri)
+    assert new_model.catalog.n_items == 120 > old_model.catalog.n_items == 110
+    # old items keep their index, and new users got one
+    assert list(new_model.catalog.items.index(old_model.catalog.items.ids)) == list(range(1, 111))
+    assert new_model.catalog.users.index([10_000 + int(full.events["user_id"].iloc[-1]) - 10_000])[0] >= 0
+
+
+def test_retrain_rejects_a_worse_candidate_with_reason(history, profiles, trained, registry, tmp_path):
+    _, full = history
+    prod, _ = first_production(trained, registry)
+    result = retrain(full, registry, tmp_path / "models", profiles[1], tolerance=-1.0, epochs=1,
+                     progress=False)  # fmt: skip
+    assert not result.promoted and result.candidate.status == "rejected"
+    assert "worse than production" in result.candidate.reason
+    assert registry.production(MODEL_NAME).id == prod.id
+
+
+def test_crash_mid_retrain_leaves_production_and_rerun_works(history, profiles, trained, registry, tmp_path,
+                                                            monkeypatch):  # fmt: skip
+    _, full = history
+    prod, _ = first_production(trained, registry)
+    profile = profiles[1]
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("node preempted")
+
+    monkeypatch.setattr(registry, "promote", crash)
+    with pytest.raises(KeyboardInterrupt, match="node preempted"):
+        retrain(full, registry, tmp_path / "models", profile, tolerance=1.0, epochs=1, progress=False)
+    assert registry.production(MODEL_NAME).id == prod.id
+    assert [v.status for v in registry.versions(MODEL_NAME)] == ["production", "candidate"]
+    monkeypatch.undo()
+    result = retrain(full, registry, tmp_path / "models", profile, tolerance=1.0, epochs=1, progress=False)
+    assert result.promoted and registry.production(MODEL_NAME).id == result.candidate.id
+
+
+def test_concurrent_retrains_cannot_both_promote(history, profiles, trained, registry, tmp_path):
+    _, full = history
+    first_production(trained, registry)
+    profile = profiles[1]
+    results, errors = [], []
+
+    def run(seed):
+        try:
+            results.append(retrain(full, registry, tmp_path / "models", profile, tolerance=1.0, epochs=1,
+                                   seed=seed, progress=False))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(r.promoted for r in results) == [False, True]
+    loser = next(r for r in results if not r.promoted)
+    assert "production changed while retraining" in loser.candidate.reason
+    assert sum(v.status == "production" for v in registry.versions(MODEL_NAME)) == 1
+
+
+def test_export_round_trip(history, trained, registry, tmp_path):
+    from predictor.models.export import export_for_serving
+
+    prod, _ = first_production(trained, registry)
+    old, _ = history
+    model = load_model(prod.artifact_uri)
+    model.prepare(build_split(old, users=model.catalog.users, items=model.catalog.items), None)
+    report = export_for_serving(model, tmp_path / "serving", hnsw_threshold=50)
+    assert report["export_max_abs_error"]["user_tower"] <= 1e-4
+    assert report["export_max_abs_error"]["ranker"] <= 1e-4
+    assert report["index"] == "IndexHNSWFlat" and report["index_recall@100_vs_flat"] >= 0.95
+    emb16 = np.load(tmp_path / "serving" / "item_embeddings.f16.npy")
+    emb32 = np.load(tmp_path / "serving" / "item_embeddings.f32.npy")
+    assert emb16.dtype == np.float16 and np.abs(emb16.astype(np.float32) - emb32).max() < 1e-3
+    tower = torch.export.load(tmp_path / "serving" / "user_tower.pt2").module()
+    out = tower(torch.ones(3, TINY.max_history, dtype=torch.long), torch.tensor([1, 2, 3]),
+                torch.zeros(3, 7 + 5))  # fmt: skip
+    assert out.shape == (3, TINY.dim)
