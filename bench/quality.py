@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from predictor.data.loaders import load_dataset
-from predictor.models.compare import compare, print_report
+from predictor.models.compare import compare, compare_split_files, print_report
 from predictor.models.config import TrainConfig, model_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -23,7 +23,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", required=True, choices=["ml-100k", "ml-latest-small"])
+    parser.add_argument("--dataset", choices=["ml-100k", "ml-latest-small"])
+    parser.add_argument("--train", help="a published split's train file (any supported format, .txt = one line per user)")
+    parser.add_argument("--test", help="the matching test file; with --train, --dataset only names the output")
     parser.add_argument("--data-dir", default=None, help="folder holding ml-100k/ and ml-latest-small/")
     parser.add_argument("--size", default="small", help="model size: tiny, small, base, large")
     parser.add_argument("--epochs", type=int, default=60)
@@ -32,9 +34,22 @@ def main() -> None:
     args = parser.parse_args()
 
     console = Console()
+    train = TrainConfig(epochs=args.epochs, seed=args.seed)
+    if args.train or args.test:
+        if not (args.train and args.test):
+            parser.error("--train and --test go together")
+        name = args.dataset or Path(args.train).parent.name
+        report, _, _ = compare_split_files(args.train, args.test, model_config(args.size), train)
+        report = {"dataset": name, "seed": args.seed, **report}
+        print_report(report, console, title=f"{name}: given split")
+        out = RESULTS / f"quality-{name}-given-split.json"
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        console.print(f"wrote {out}")
+        return
+    if not args.dataset:
+        parser.error("give --dataset, or --train and --test")
     data = load_dataset(args.dataset, args.data_dir)
     console.print(data.summary())
-    train = TrainConfig(epochs=args.epochs, seed=args.seed)
     report, _, _ = compare(data, model_config(args.size), train, use_features=not args.no_features)
     report = {"dataset": args.dataset, "seed": args.seed,
               "command": f"python bench/quality.py --dataset {args.dataset} --size {args.size} --epochs {args.epochs} "

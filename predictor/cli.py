@@ -195,6 +195,8 @@ def train(
         data, ModelRegistry(settings.database_url), settings.artifacts_uri, model_config(size),
         TrainConfig(epochs=epochs, seed=seed), profile, checkpoint_dir, resume, promote,
     )  # fmt: skip
+    if version is None:
+        return  # a non-zero torchrun rank: rank 0 reports
     console.print(f"[green]version {version.version}[/] ({version.status}) at {version.artifact_uri}")
     console.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users"))
 

@@ -49,3 +49,29 @@ def test_bad_input_exits_2_with_message(tmp_path):
     assert done.returncode == 2
     assert f"error: {bad}, row 3, column 'item_id': expected an integer id, got 'x'" in " ".join(done.stderr.split())
     assert "Traceback" not in done.stderr
+
+
+def test_model_commands_train_evaluate_retrain(tmp_path):
+    home = ["--home", str(tmp_path / "state")]
+
+    def run(*args):
+        result = runner.invoke(app, [*home, *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run("data", "load", "synthetic", "--events", "5000", "--seed", "4")
+    run("features", "build", "--snapshot-every", "7D")
+    trained = run("train", "--size", "tiny", "--epochs", "2")
+    assert "version 1" in trained and "(production)" in trained
+    assert "two_stage" in run("evaluate")
+    # new events after the cutoff, then a retrain that must not be worse by more than 1.0 NDCG: promoted
+    import pandas as pd
+
+    events = tmp_path / "new.csv"
+    now = pd.Timestamp.now(tz="UTC")
+    pd.DataFrame({"user_id": [1, 1, 2, 2], "item_id": [3, 4, 5, 6],
+                  "timestamp": [now + pd.Timedelta(seconds=s) for s in range(4)]}).to_csv(events, index=False)  # fmt: skip
+    run("features", "apply")
+    run("events", "push", "--file", str(events))
+    run("features", "build", "--snapshot-every", "7D")
+    assert "promoted version 2" in run("retrain", "--epochs", "1", "--tolerance", "1.0")

@@ -128,3 +128,30 @@ def test_training_loss_decreases_with_fixed_seed(small_data):
     model.fit(split, progress=False)
     losses = [h["loss"] for h in model.history.retrieval]
     assert losses[-1] < losses[0]
+
+
+def test_user_lines_format_and_multi_target_metrics(tmp_path):
+    from predictor.data.loaders import load_user_lines
+    from predictor.data.schema import DataValidationError
+    from predictor.models.evaluate import Popularity, evaluate_targets, ranking_metrics_multi
+
+    train = tmp_path / "train.txt"
+    train.write_text("0 5 6 7\n1 5 8\n2 6 5 9 8\n")
+    data = load_user_lines(train)
+    assert data.events.groupby("user_id")["item_id"].agg(list).to_dict() == {0: [5, 6, 7], 1: [5, 8], 2: [6, 5, 9, 8]}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("0 1 2\n1 x\n")
+    with pytest.raises(DataValidationError, match=r"bad\.txt, row 2, column 'item_id': expected an integer id, got 'x'"):
+        load_user_lines(bad)
+
+    m = ranking_metrics_multi(np.array([[1, 2, 3], [4, 5, 6]]), [np.array([2, 9]), np.array([7])], ks=(3,))
+    assert m["recall@3"] == pytest.approx((1 / 2 + 0) / 2)
+    assert m["ndcg@3"] == pytest.approx(((1 / np.log2(3)) / (1 + 1 / np.log2(3)) + 0) / 2)
+
+    split = build_split(data, holdout=1)
+    pop = Popularity().fit(split, "test")
+    u = int(split.users.index([1])[0])
+    targets = {u: split.items.index([6])}
+    got = evaluate_targets(pop.rank(split), split, targets)
+    # user 1 saw 5 and 8; the most popular unseen item is 6 → a hit at rank 0
+    assert got["recall@10"] == 1.0 and got["ndcg@10"] == 1.0 and got["users"] == 1

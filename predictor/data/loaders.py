@@ -111,6 +111,34 @@ def load_table(
     return Interactions(events, items, path.stem, dropped)
 
 
+def load_user_lines(path: str | Path) -> Interactions:
+    """One line per user, ``user_id item_id item_id ...`` (the format of public benchmark splits such as
+    LightGCN's ``train.txt``/``test.txt``). Items keep their line order; timestamps are synthetic (one
+    second apart) and only encode that order."""
+    path = _require_file(Path(path))
+    users, items = [], []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        for column, token in enumerate(parts):
+            if not token.isdigit():
+                raise DataValidationError(str(path), line_no, "user_id" if column == 0 else "item_id",
+                                          f"expected an integer id, got {token!r}")  # fmt: skip
+        users.extend([int(parts[0])] * (len(parts) - 1))
+        items.extend(int(t) for t in parts[1:])
+    order = np.arange(len(items), dtype=np.int64)
+    raw = pd.DataFrame({"user_id": users, "item_id": items, "timestamp": order})
+    events, dropped = validate_events(raw, str(path), timestamp_unit="s", drop_duplicates=False)
+    return Interactions(events, items_from_events(events), path.stem, dropped)
+
+
+def load_any(path: str | Path) -> Interactions:
+    """A file in any supported format: ``.txt`` one line per user, else CSV/TSV/Parquet."""
+    path = Path(path)
+    return load_user_lines(path) if path.suffix.lower() == ".txt" else load_table(path)
+
+
 def read_table_file(path: Path) -> tuple[pd.DataFrame, int]:
     """(frame, row number of its first data row as the user counts it)."""
     suffix = "".join(path.suffixes[-2:]).lower()

@@ -61,6 +61,46 @@ def compare(
     return report, model, split
 
 
+def compare_split_files(
+    train_path: str,
+    test_path: str,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    progress: bool = True,
+) -> tuple[dict, TwoStageRecommender, SplitData]:
+    """Evaluate on a published split given as two files (any supported format, including one line per
+    user): models train on the train file (its last item per user is the validation target for tuning
+    and early stopping) and are scored on every item of the test file, with multi-target metrics."""
+    import numpy as np
+
+    from predictor.data.loaders import load_any
+    from predictor.data.schema import complete_items
+    from predictor.models.evaluate import evaluate_targets
+
+    train, test = load_any(train_path), load_any(test_path)
+    items = complete_items(test.events, train.items)
+    split = build_split(Interactions(train.events, items, train.name), holdout=1)
+    users = split.users.index(test.events["user_id"].to_numpy())
+    item_idx = split.items.index(test.events["item_id"].to_numpy())
+    frame = pd.DataFrame({"u": users, "i": item_idx})
+    frame = frame[(frame["u"] > 0) & (frame["i"] > 0)]
+    targets = {int(u): np.unique(g["i"].to_numpy()) for u, g in frame.groupby("u")}
+    report: dict = {"split": f"given: train {train_path}, test {test_path}; all test items per user are targets",
+                    "users": len(targets), "items": split.n_items, "results": {}, "seconds": {}, "tuning": {}}  # fmt: skip
+    report["results"]["popularity"] = evaluate_targets(Popularity().fit(split, "test").rank(split), split, targets)
+    for kind in ("als", "bpr"):
+        started = time.perf_counter()
+        model, best, _ = tune_implicit(kind, split, seed=train_config.seed)
+        report["results"][f"implicit_{kind}"] = evaluate_targets(model.rank(split), split, targets)
+        report["seconds"][f"implicit_{kind}"] = time.perf_counter() - started
+        report["tuning"][f"implicit_{kind}"] = {"best": best}
+    started = time.perf_counter()
+    model = TwoStageRecommender(model_config, train_config).fit(split, None, progress=progress)
+    report["seconds"]["two_stage"] = time.perf_counter() - started
+    report["results"]["two_stage"] = evaluate_targets(model.rank(split), split, targets)
+    return report, model, split
+
+
 def print_report(report: dict, console: Console | None = None, title: str = "") -> None:
     console = console or Console()
     table = Table(*(["model"] + list(METRICS) + ["seconds"]), title=title)

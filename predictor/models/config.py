@@ -25,6 +25,7 @@ class ModelConfig:
     uniform_negatives: int = 0  # extra uniformly sampled negatives per batch ("mixed negatives")
     ranker_hidden: tuple[int, ...] = (256, 128)
     ranker_negatives: int = 30  # retrieval candidates per training example for the ranker
+    ranker_history: int = 20  # newest history items the ranker's target attention reads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +62,8 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-5
     patience: int = 8  # epochs without validation NDCG@10 improvement before stopping
-    ranker_epochs: int = 10
+    ranker_epochs: int = 4
+    ranker_examples_per_epoch: int = 20_000
     seed: int = 0
     max_examples_per_epoch: int = 0  # 0: all training positions
     extra: dict = field(default_factory=dict)

@@ -168,12 +168,17 @@ def build_split(
     data: Interactions,
     users: IdIndex | None = None,
     items: IdIndex | None = None,
+    holdout: int = 2,
 ) -> SplitData:
     """Index the log, order each user's events in time, mark the leave-last-out targets.
 
     Item features come from a snapshot over *training* events only, so no held-out event leaks into them.
     Pass ``users``/``items`` to keep an existing model's indexes (they are extended with unseen ids).
+    ``holdout=1`` keeps only the validation event out of training (the test targets then come from
+    elsewhere, e.g. a published split's test file).
     """
+    if holdout not in (1, 2):
+        raise ValueError(f"holdout must be 1 or 2, got {holdout}")
     ev = data.events
     users = users.extended(ev["user_id"].unique()) if users is not None else make_index(np.sort(ev["user_id"].unique()))
     all_items = data.items["item_id"].to_numpy()
@@ -193,8 +198,8 @@ def build_split(
     timestamps = np.zeros((n_rows, max_len), dtype=np.int64)
     sequences[u, pos] = i
     timestamps[u, pos] = ts
-    has_holdout = lengths >= 3
-    train_len = np.where(has_holdout, lengths - 2, lengths)
+    has_holdout = lengths >= holdout + 1
+    train_len = np.where(has_holdout, lengths - holdout, lengths)
 
     train_mask = pos < train_len[u]
     popularity = np.bincount(i[train_mask], minlength=len(items) + 1).astype(np.float64)

@@ -46,7 +46,8 @@ class UserTowerServing(nn.Module):
 
 
 class RankerServing(nn.Module):
-    """user ``[B, D]``, window ``[B, L]``, candidates ``[B, K]``, user_dense ``[B, F_u]`` → scores ``[B, K]``."""
+    """user ``[B, D]``, history ``[B, H]`` (newest ``ranker_history`` items, 0-padded), candidates ``[B, K]``,
+    user_dense ``[B, F_u]`` → scores ``[B, K]``."""
 
     def __init__(self, model: TwoStageRecommender, item_embeddings: torch.Tensor, ranker: nn.Module | None = None):
         super().__init__()
@@ -56,10 +57,10 @@ class RankerServing(nn.Module):
         self.register_buffer("item_dense", model.item_dense.detach().clone())
         self.n_user_dense = len(USER_DENSE_COLUMNS)
 
-    def forward(self, user, window, candidates, user_dense):
+    def forward(self, user, history, candidates, user_dense):
         affinity = user_dense[:, self.n_user_dense :]
         match = (self.item_categories[candidates] * affinity[:, None, :]).sum(-1)
-        return self.ranker(user, self.items[window], window > 0, self.items[candidates], candidates,
+        return self.ranker(user, self.items[history], history > 0, self.items[candidates], candidates,
                            self.item_dense[candidates], match, user_dense)  # fmt: skip
 
 
@@ -130,10 +131,11 @@ def export_for_serving(
         scores[:, 0] = float("-inf")
         K = min(model.candidates, split.n_items)
         candidates = torch.topk(scores, K, dim=1).indices
+    history = model._ranker_history(window_t, lengths_t)
     ranker = RankerServing(model, items).eval()
     cand_dim = torch.export.Dim("candidates", min=2, max=4096)
-    ranker_program = torch.export.export(ranker, (user_vec[:2], window_t[:2], candidates[:2], user_dense[:2]),
-                                         dynamic_shapes={"user": {0: batch}, "window": {0: batch},
+    ranker_program = torch.export.export(ranker, (user_vec[:2], history[:2], candidates[:2], user_dense[:2]),
+                                         dynamic_shapes={"user": {0: batch}, "history": {0: batch},
                                                          "candidates": {0: batch, 1: cand_dim},
                                                          "user_dense": {0: batch}})  # fmt: skip
     torch.export.save(ranker_program, out / "ranker.pt2")
@@ -143,8 +145,8 @@ def export_for_serving(
         loaded_tower = torch.export.load(out / "user_tower.pt2").module()
         loaded_ranker = torch.export.load(out / "ranker.pt2").module()
         tower_err = float((loaded_tower(window_t, lengths_t, user_dense) - user_vec).abs().max())
-        eager_scores = ranker(user_vec, window_t, candidates, user_dense)
-        ranker_err = float((loaded_ranker(user_vec, window_t, candidates, user_dense) - eager_scores).abs().max())
+        eager_scores = ranker(user_vec, history, candidates, user_dense)
+        ranker_err = float((loaded_ranker(user_vec, history, candidates, user_dense) - eager_scores).abs().max())
     if max(tower_err, ranker_err) > EXPORT_TOLERANCE:
         raise RuntimeError(f"exported outputs differ from eager: tower {tower_err:.2e}, ranker {ranker_err:.2e}")
 
@@ -162,7 +164,7 @@ def export_for_serving(
     torch.save(quantized.state_dict(), buf)
     (out / "ranker_int8.pt").write_bytes(buf.getvalue())
     with torch.no_grad():
-        q_scores = RankerServing(model, items, quantized)(user_vec, window_t, candidates, user_dense)
+        q_scores = RankerServing(model, items, quantized)(user_vec, history, candidates, user_dense)
     int8_err = float((q_scores - eager_scores).abs().max())
 
     report = {

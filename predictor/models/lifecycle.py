@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch.distributed as dist
 
 from predictor.data.schema import Interactions
 from predictor.models.config import ModelConfig, TrainConfig
@@ -65,7 +66,7 @@ def train_and_register(
     resume: bool = False,
     promote: bool = True,
     progress: bool = True,
-) -> tuple[ModelVersion, dict]:
+) -> tuple[ModelVersion | None, dict]:
     """Train from scratch on the whole log, evaluate on its leave-last-out test, register, and promote
     (if ``promote``) through the registry's compare-and-swap.
 
@@ -74,6 +75,8 @@ def train_and_register(
     split = build_split(data)
     model = TwoStageRecommender(model_config, train_config)
     model.fit(split, user_profile, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None, {}  # under torchrun only rank 0 evaluates and registers
     metrics = evaluate(model.rank(split), split, "test")
     cutoff = data.events["timestamp"].max().to_pydatetime()
     uri = save_model(model, artifact_uri(artifacts, MODEL_NAME), {"metrics": metrics})

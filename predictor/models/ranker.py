@@ -24,7 +24,7 @@ class TargetAttention(nn.Module):
     ``A h + B c + P (h*c)`` without materialising the ``[B, K, L, 4D]`` concatenation.
     """
 
-    def __init__(self, dim: int, hidden: int = 64):
+    def __init__(self, dim: int, hidden: int = 32):
         super().__init__()
         self.history = nn.Linear(dim, hidden)
         self.candidate = nn.Linear(dim, hidden, bias=False)

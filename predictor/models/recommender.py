@@ -302,8 +302,14 @@ class TwoStageRecommender:
         self.retrieval.eval()
         return self.retrieval.user_embedding(window, lengths, udense, self.item_cats, self.item_dense)
 
+    def _ranker_history(self, window: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The newest ``ranker_history`` items of each left-aligned window ``[B, L]`` → ``[B, H]``."""
+        H = min(self.config.ranker_history, window.shape[1])
+        pos = (lengths[:, None] - H + torch.arange(H, device=window.device)[None, :])
+        return torch.where(pos >= 0, window.gather(1, pos.clamp(min=0)), torch.zeros_like(pos))
+
     def _ranker_inputs(self, items: torch.Tensor, hist, udense, user_vec, cand):
-        """Frozen retrieval vectors and features for candidates ``cand`` ``[B, K]``."""
+        """Frozen retrieval vectors and features for candidates ``cand`` ``[B, K]``; ``hist`` ``[B, H]``."""
         n_cat = self.split.n_categories
         affinity = udense[:, len(USER_DENSE_COLUMNS) :]
         cand_cats = self.item_cats[cand]
@@ -320,6 +326,7 @@ class TwoStageRecommender:
         rng = np.random.default_rng(cfg.seed + 1)
         # hard negatives: the retrieval model's own top candidates for each training example
         sample = rng.permutation(len(users))[: min(len(users), 200_000)]
+        per_epoch = cfg.ranker_examples_per_epoch or len(sample)
         negatives = np.zeros((len(sample), K), np.int64)
         for s in range(0, len(sample), 1024):
             rows = sample[s : s + 1024]
@@ -335,7 +342,7 @@ class TwoStageRecommender:
         for epoch in range(cfg.ranker_epochs):
             started = time.perf_counter()
             model.train()
-            order = rng.permutation(len(sample))[world.rank :: world.size]
+            order = rng.permutation(len(sample))[:per_epoch][world.rank :: world.size]
             losses = []
             local_batch = max(cfg.batch_size // world.size, 2)
             for step in tqdm(range(len(order) // local_batch), desc=f"ranker epoch {epoch + 1}",
@@ -345,7 +352,8 @@ class TwoStageRecommender:
                 window, lengths, target, udense = self._example_batch(split, users[rows], positions[rows])
                 cand = torch.cat([target[:, None], to_tensor(negatives[idx], self.device)], dim=1)
                 user_vec = self._embed_users(window, lengths, udense)
-                logits = model(*self._ranker_inputs(items, window, udense, user_vec, cand))
+                hist = self._ranker_history(window, lengths)
+                logits = model(*self._ranker_inputs(items, hist, udense, user_vec, cand))
                 loss = F.cross_entropy(logits, torch.zeros(len(rows), dtype=torch.long, device=self.device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -411,7 +419,8 @@ class TwoStageRecommender:
             out = []
             for s in range(0, len(users), 64):
                 sl = slice(s, s + 64)
-                scores = self.ranker(*self._ranker_inputs(items, window[sl], udense[sl], user_vec[sl], cand_t[sl]))
+                hist = self._ranker_history(window[sl], lengths[sl])
+                scores = self.ranker(*self._ranker_inputs(items, hist, udense[sl], user_vec[sl], cand_t[sl]))
                 order = torch.argsort(scores, dim=1, descending=True)[:, :k]
                 out.append(torch.gather(cand_t[sl], 1, order).cpu().numpy())
             return np.concatenate(out)
