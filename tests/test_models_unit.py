@@ -155,3 +155,14 @@ def test_user_lines_format_and_multi_target_metrics(tmp_path):
     got = evaluate_targets(pop.rank(split), split, targets)
     # user 1 saw 5 and 8; the most popular unseen item is 6 → a hit at rank 0
     assert got["recall@10"] == 1.0 and got["ndcg@10"] == 1.0 and got["users"] == 1
+
+
+def test_checkpoint_resume_continues_where_it_stopped(small_data, tmp_path):
+    split = build_split(small_data)
+    cfg = TrainConfig(epochs=2, ranker_epochs=0, seed=2, patience=99, batch_size=16)
+    first = TwoStageRecommender(model_config("tiny"), cfg, device="cpu").fit(split, checkpoint_dir=tmp_path, progress=False)
+    assert (tmp_path / "retrieval.pt").is_file()
+    resumed = TwoStageRecommender(model_config("tiny"), TrainConfig(**{**cfg.__dict__, "epochs": 3}), device="cpu")
+    resumed.fit(split, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history.retrieval] == [1, 2, 3]
+    assert resumed.history.retrieval[:2] == first.history.retrieval

@@ -324,7 +324,9 @@ class TwoStageRecommender:
         K = self.config.ranker_negatives
         items = self._embed_items()
         rng = np.random.default_rng(cfg.seed + 1)
-        # hard negatives: the retrieval model's own top candidates for each training example
+        # negatives drawn from the retrieval model's own top candidates, the list the ranker reorders at
+        # serving time; only the very top ones ("hardest") would teach it to distrust retrieval's best
+        pool = max(self.candidates, K + 1)
         sample = rng.permutation(len(users))[: min(len(users), 200_000)]
         per_epoch = cfg.ranker_examples_per_epoch or len(sample)
         negatives = np.zeros((len(sample), K), np.int64)
@@ -333,8 +335,9 @@ class TwoStageRecommender:
             window, lengths, target, udense = self._example_batch(split, users[rows], positions[rows])
             scores = self._embed_users(window, lengths, udense) @ items.T
             scores[torch.arange(len(rows)), target] = float("-inf")
-            top = top_k_excluding_seen(scores.cpu(), split, users[rows], positions[rows], K)
-            negatives[s : s + len(rows)] = top
+            top = top_k_excluding_seen(scores.cpu(), split, users[rows], positions[rows], pool)
+            pick = np.argsort(rng.random(top.shape), axis=1)[:, :K]
+            negatives[s : s + len(rows)] = np.take_along_axis(top, pick, axis=1)
         model = self.ranker
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         baseline = self.validation_retrieval_ndcg
