@@ -23,7 +23,7 @@ def test_two_processes_match_one(tmp_path):
     def ndcg(command):
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-        found = re.findall(r"ndcg@10 ([0-9.]+)", done.stdout)
+        found = re.findall(r"test: recall@10 [0-9.]+, ndcg@10 ([0-9.]+)", " ".join(done.stdout.split()))
         assert len(found) == 1, done.stdout  # one report: only rank 0 registers and prints
         return float(found[0])
 

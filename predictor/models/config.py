@@ -62,6 +62,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-5
     patience: int = 8  # epochs without validation NDCG@10 improvement before stopping
+    min_epochs: int = 20  # no early stopping before this: the loss often plateaus for a while first
     ranker_epochs: int = 4
     ranker_examples_per_epoch: int = 20_000
     seed: int = 0

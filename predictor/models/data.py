@@ -221,8 +221,16 @@ def build_split(
                      popularity, len(vocabulary))  # fmt: skip
 
 
-def user_feature_snapshots(data: Interactions, every: str = "1D") -> pd.DataFrame:
-    """user_profile rows at daily snapshots: the history the point-in-time join reads."""
+def user_feature_snapshots(data: Interactions, every: str | None = None, max_snapshots: int = 200) -> pd.DataFrame:
+    """user_profile rows at regular snapshots: the history the point-in-time join reads.
+
+    ``every`` defaults to daily, coarsened so that there are at most ``max_snapshots`` (a log spanning
+    22 years, like MovieLens latest, gets one snapshot every 41 days).
+    """
+    if every is None:
+        span = data.events["timestamp"].max() - data.events["timestamp"].min()
+        days = max(1, int(np.ceil(span / pd.Timedelta(days=1) / max_snapshots)))
+        every = f"{days}D"
     return compute_features(data, daily_snapshots(data, every), recent_n=1).user_profile
 
 

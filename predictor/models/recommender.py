@@ -265,7 +265,7 @@ class TwoStageRecommender:
                             "best": best, "stale": stale, "best_model": best_state, "rng": rng.bit_generator.state,
                             "history": self.history.retrieval}, ckpt / "retrieval.pt.tmp")  # fmt: skip
                 os.replace(ckpt / "retrieval.pt.tmp", ckpt / "retrieval.pt")
-            if stale >= cfg.patience:
+            if stale >= cfg.patience and epoch + 1 >= cfg.min_epochs:
                 break
         if best_state is not None:
             model.load_state_dict(best_state)
