@@ -83,8 +83,8 @@ def run_demo(settings: Settings, console: Console, n_events: int = 200_000, seed
     console.rule("[bold green]Done")
     console.print(f"whole demo: {time.perf_counter() - total:.1f} s")
     console.print(
-        "Next: the two-stage models (`recsys train`) and the KServe predictor (`recsys serve`) read these "
-        "features; see README for what is built so far."
+        "Next: `recsys features build --snapshot-every 1D && recsys train` trains the two-stage model on this "
+        "log; the KServe predictor (`recsys serve`) that answers requests from it is the next part to be built."
     )
 
 

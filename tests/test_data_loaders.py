@@ -65,12 +65,15 @@ def test_column_mapping(tmp_path):
     assert data.events.iloc[0]["timestamp"] == pd.Timestamp(1_700_000_000, unit="s", tz="UTC")
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_event_log_round_trip(tmp_path, small_data, backend, pg_database):
-    url = f"sqlite:///{tmp_path / 'log.db'}" if backend == "sqlite" else (
-        f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_database}"
-    )
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def event_log_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'log.db'}"
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{request.getfixturevalue('pg_database')}"
+
+
+def test_event_log_round_trip(small_data, event_log_url):
+    url = event_log_url
     log = EventLog(url)
     log.replace(small_data)
     assert log.count() == len(small_data.events)
@@ -83,13 +86,8 @@ def test_event_log_round_trip(tmp_path, small_data, backend, pg_database):
     log.engine.dispose()
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_unknown_item_rejects_whole_batch(tmp_path, small_data, backend, pg_database):
-    url = f"sqlite:///{tmp_path / 'log.db'}" if backend == "sqlite" else (
-        f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_database}"
-    )
-    log = EventLog(url)
+def test_unknown_item_rejects_whole_batch(small_data, event_log_url):
+    log = EventLog(event_log_url)
     log.replace(small_data)
     before = log.count()
     batch = events_frame([(1, 0, "2026-06-01 00:00"), (2, 999_999, "2026-06-01 00:01")])
