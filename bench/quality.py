@@ -21,6 +21,17 @@ from predictor.models.config import TrainConfig, model_config
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def parse_options(pairs: list[str]) -> dict:
+    """``["dropout=0.5", "uniform_negatives=1024"]`` → ``{"dropout": 0.5, "uniform_negatives": 1024}``."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
+        out[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-[{" or value in ("true", "false") else value
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=["ml-100k", "ml-latest-small"])
@@ -31,15 +42,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-features", action="store_true", help="train without the user_profile features")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a ModelConfig field, e.g. dropout=0.5 (repeatable)")
+    parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TrainConfig field, e.g. min_epochs=40 (repeatable)")
     args = parser.parse_args()
+    model_options, train_options = parse_options(args.model_option), parse_options(args.train_option)
 
     console = Console()
-    train = TrainConfig(epochs=args.epochs, seed=args.seed)
+    train = TrainConfig(**{"epochs": args.epochs, "seed": args.seed, **train_options})
     if args.train or args.test:
         if not (args.train and args.test):
             parser.error("--train and --test go together")
         name = args.dataset or Path(args.train).parent.name
-        report, _, _ = compare_split_files(args.train, args.test, model_config(args.size), train)
+        report, _, _ = compare_split_files(args.train, args.test, model_config(args.size, **model_options), train)
         report = {"dataset": name, "seed": args.seed, **report}
         print_report(report, console, title=f"{name}: given split")
         out = RESULTS / f"quality-{name}-given-split.json"
@@ -50,10 +66,12 @@ def main() -> None:
         parser.error("give --dataset, or --train and --test")
     data = load_dataset(args.dataset, args.data_dir)
     console.print(data.summary())
-    report, _, _ = compare(data, model_config(args.size), train, use_features=not args.no_features)
+    report, _, _ = compare(data, model_config(args.size, **model_options), train, use_features=not args.no_features)
     report = {"dataset": args.dataset, "seed": args.seed,
               "command": f"python bench/quality.py --dataset {args.dataset} --size {args.size} --epochs {args.epochs} "
-                         f"--seed {args.seed}" + (" --no-features" if args.no_features else ""),
+                         f"--seed {args.seed}" + (" --no-features" if args.no_features else "")
+                         + "".join(f" --model-option {o}" for o in args.model_option)
+                         + "".join(f" --train-option {o}" for o in args.train_option),
               **report}  # fmt: skip
     print_report(report, console, title=f"{args.dataset}: test metrics")
     RESULTS.mkdir(parents=True, exist_ok=True)
