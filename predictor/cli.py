@@ -239,6 +239,35 @@ def evaluate(
         output.write_text(json.dumps(report, indent=2) + "\n")
 
 
+@app.command("export")
+def export_model(
+    out: Annotated[Path, typer.Option(help="Folder for the serving artifacts.")],
+    model: Annotated[Optional[str], typer.Option(help="Artifact URI; default the production version.")] = None,
+    hnsw_threshold: Annotated[int, typer.Option(help="Catalogs larger than this get an HNSW index.")] = 100_000,
+) -> None:
+    """Write serving artifacts: torch.export towers, item embeddings, FAISS index, int8 ranker."""
+    import json
+
+    from predictor.data.eventlog import EventLog
+    from predictor.models.data import build_split
+    from predictor.models.export import export_for_serving
+    from predictor.models.lifecycle import MODEL_NAME, load_model
+    from predictor.models.registry import ModelRegistry
+
+    settings = state.settings
+    if model is None:
+        production = ModelRegistry(settings.database_url).production(MODEL_NAME)
+        if production is None:
+            raise typer.BadParameter("no production model: run `recsys train` or pass --model")
+        model = production.artifact_uri
+    recommender = load_model(model)
+    split = build_split(EventLog(settings.database_url).read(), users=recommender.catalog.users,
+                        items=recommender.catalog.items)  # fmt: skip
+    recommender.prepare(split, _offline_user_profile(settings) if recommender.uses_user_features else None)
+    report = export_for_serving(recommender, out, hnsw_threshold)
+    console.print_json(json.dumps(report))
+
+
 @app.command()
 def retrain(
     tolerance: Annotated[float, typer.Option(help="Promote unless NDCG@10 is worse than production by more.")] = 0.005,

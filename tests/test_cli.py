@@ -10,7 +10,8 @@ from predictor.cli import app
 
 runner = CliRunner()
 SUBCOMMANDS = [[], ["data"], ["data", "load"], ["features"], ["features", "build"], ["features", "apply"],
-               ["features", "materialize"], ["features", "online"], ["events"], ["events", "push"], ["demo"]]  # fmt: skip
+               ["features", "materialize"], ["features", "online"], ["events"], ["events", "push"], ["demo"],
+               ["train"], ["evaluate"], ["export"], ["retrain"]]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: " ".join(c) or "recsys")
@@ -64,6 +65,8 @@ def test_model_commands_train_evaluate_retrain(tmp_path):
     trained = run("train", "--size", "tiny", "--epochs", "2")
     assert "version 1" in trained and "(production)" in trained
     assert "two_stage" in run("evaluate")
+    assert "index_recall@100_vs_flat" in run("export", "--out", str(tmp_path / "serving"))
+    assert (tmp_path / "serving" / "user_tower.pt2").is_file()
     # new events after the cutoff, then a retrain that must not be worse by more than 1.0 NDCG: promoted
     import pandas as pd
 

@@ -1,6 +1,5 @@
 """Loaders: MovieLens files, CSV/Parquet round trip, SQL event-log tables (SQLite and PostgreSQL)."""
 
-import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa

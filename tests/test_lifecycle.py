@@ -14,7 +14,7 @@ from predictor.data.synthetic import generate
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.data import build_split, user_feature_snapshots
 from predictor.models.evaluate import evaluate
-from predictor.models.lifecycle import MODEL_NAME, load_model, retrain, save_model, train_and_register
+from predictor.models.lifecycle import MODEL_NAME, load_model, retrain, train_and_register
 from predictor.models.registry import ModelRegistry
 
 TINY = model_config("tiny")
@@ -159,6 +159,8 @@ def test_export_round_trip(history, trained, registry, tmp_path):
     assert report["export_max_abs_error"]["user_tower"] <= 1e-4
     assert report["export_max_abs_error"]["ranker"] <= 1e-4
     assert report["index"] == "IndexHNSWFlat" and report["index_recall@100_vs_flat"] >= 0.95
+    int8 = report["int8_ranker_test_ndcg@10"]
+    assert int8["change"] == pytest.approx(int8["int8"] - int8["fp32"]) and abs(int8["change"]) < 0.05
     emb16 = np.load(tmp_path / "serving" / "item_embeddings.f16.npy")
     emb32 = np.load(tmp_path / "serving" / "item_embeddings.f32.npy")
     assert emb16.dtype == np.float16 and np.abs(emb16.astype(np.float32) - emb32).max() < 1e-3

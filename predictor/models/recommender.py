@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from predictor.models.config import ModelConfig, TrainConfig
 from predictor.models.data import SplitData, USER_DENSE_COLUMNS, to_tensor, user_features_at
-from predictor.models.evaluate import RankFn, evaluate, holdout, top_k_excluding_seen
+from predictor.models.evaluate import RankFn, evaluate, top_k_excluding_seen
 from predictor.models.ranker import Ranker
 from predictor.models.two_tower import TwoTower, sampled_softmax_loss
 
