@@ -201,6 +201,25 @@ def train(
     console.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users"))
 
 
+def _model_on_event_log(settings: Settings, model: str | None):
+    """(artifact URI, model, split): ``model`` or the production version, pointed at the event log's split."""
+    from predictor.data.eventlog import EventLog
+    from predictor.models.data import build_split
+    from predictor.models.lifecycle import MODEL_NAME, load_model
+    from predictor.models.registry import ModelRegistry
+
+    if model is None:
+        production = ModelRegistry(settings.database_url).production(MODEL_NAME)
+        if production is None:
+            raise typer.BadParameter("no production model: run `recsys train` or pass --model")
+        model = production.artifact_uri
+    recommender = load_model(model)
+    split = build_split(EventLog(settings.database_url).read(), users=recommender.catalog.users,
+                        items=recommender.catalog.items)  # fmt: skip
+    recommender.prepare(split, _offline_user_profile(settings) if recommender.uses_user_features else None)
+    return model, recommender, split
+
+
 @app.command()
 def evaluate(
     model: Annotated[Optional[str], typer.Option(help="Artifact URI; default the production version.")] = None,
@@ -210,23 +229,10 @@ def evaluate(
     """Full-ranking evaluation on the event log's leave-last-out test split."""
     import json
 
-    from predictor.data.eventlog import EventLog
     from predictor.models.compare import print_report
-    from predictor.models.data import build_split
     from predictor.models.evaluate import Popularity, evaluate as run_evaluation, tune_implicit
-    from predictor.models.lifecycle import MODEL_NAME, load_model
-    from predictor.models.registry import ModelRegistry
 
-    settings = state.settings
-    if model is None:
-        production = ModelRegistry(settings.database_url).production(MODEL_NAME)
-        if production is None:
-            raise typer.BadParameter("no production model: run `recsys train` or pass --model")
-        model = production.artifact_uri
-    recommender = load_model(model)
-    data = EventLog(settings.database_url).read()
-    split = build_split(data, users=recommender.catalog.users, items=recommender.catalog.items)
-    recommender.prepare(split, _offline_user_profile(settings) if recommender.uses_user_features else None)
+    model, recommender, split = _model_on_event_log(state.settings, model)
     report = {"model": model, "results": {"two_stage": run_evaluation(recommender.rank(split), split, "test")},
               "seconds": {}}  # fmt: skip
     if baselines:
@@ -248,22 +254,9 @@ def export_model(
     """Write serving artifacts: torch.export towers, item embeddings, FAISS index, int8 ranker."""
     import json
 
-    from predictor.data.eventlog import EventLog
-    from predictor.models.data import build_split
     from predictor.models.export import export_for_serving
-    from predictor.models.lifecycle import MODEL_NAME, load_model
-    from predictor.models.registry import ModelRegistry
 
-    settings = state.settings
-    if model is None:
-        production = ModelRegistry(settings.database_url).production(MODEL_NAME)
-        if production is None:
-            raise typer.BadParameter("no production model: run `recsys train` or pass --model")
-        model = production.artifact_uri
-    recommender = load_model(model)
-    split = build_split(EventLog(settings.database_url).read(), users=recommender.catalog.users,
-                        items=recommender.catalog.items)  # fmt: skip
-    recommender.prepare(split, _offline_user_profile(settings) if recommender.uses_user_features else None)
+    _, recommender, _ = _model_on_event_log(state.settings, model)
     report = export_for_serving(recommender, out, hnsw_threshold)
     console.print_json(json.dumps(report))
 
