@@ -111,6 +111,3 @@ def print_report(report: dict, console: Console | None = None, title: str = "") 
     if report.get("two_stage_vs_als_ndcg@10"):
         console.print(f"two-stage / tuned ALS NDCG@10 = {report['two_stage_vs_als_ndcg@10']:.3f}")
 
-
-def results_frame(report: dict) -> pd.DataFrame:
-    return pd.DataFrame(report["results"]).T[list(METRICS)]

@@ -7,7 +7,7 @@ catalog so that new items get embeddings at retraining without reallocating (or 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -67,4 +67,3 @@ class TrainConfig:
     ranker_examples_per_epoch: int = 20_000
     seed: int = 0
     max_examples_per_epoch: int = 0  # 0: all training positions
-    extra: dict = field(default_factory=dict)

@@ -142,13 +142,6 @@ class SplitData:
     def n_items(self) -> int:
         return len(self.items)
 
-    def history(self, user_idx: np.ndarray, end: np.ndarray, max_len: int) -> np.ndarray:
-        """``[B, max_len]`` the ``max_len`` items before position ``end`` (exclusive), newest first, 0-padded."""
-        offsets = end[:, None] - 1 - np.arange(max_len)[None, :]
-        valid = offsets >= 0
-        hist = self.sequences[user_idx[:, None], np.clip(offsets, 0, None)]
-        return np.where(valid, hist, 0)
-
     def window(self, user_idx: np.ndarray, end: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
         """The last ``max_len`` items before position ``end``: ``[B, max_len]`` oldest first, left-aligned,
         0-padded after the last item, and the lengths ``[B]``."""
@@ -158,10 +151,6 @@ class SplitData:
         valid = np.arange(max_len)[None, :] < lengths[:, None]
         items = self.sequences[user_idx[:, None], np.clip(offsets, 0, self.sequences.shape[1] - 1)]
         return np.where(valid, items, 0), lengths
-
-    def seen_items(self, user_idx: np.ndarray, end: np.ndarray) -> list[np.ndarray]:
-        """Item indexes each user interacted with before position ``end``."""
-        return [self.sequences[u, :e] for u, e in zip(user_idx, end)]
 
 
 def build_split(

@@ -474,7 +474,7 @@ def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
              item_categories=split.item_categories, item_popularity=split.item_popularity)  # fmt: skip
     meta = {
         "model_config": model.config.to_dict(),
-        "train_config": {k: v for k, v in model.train_config.__dict__.items() if k != "extra"},
+        "train_config": dict(model.train_config.__dict__),
         "use_ranker": model.use_ranker,
         "candidates": model.candidates,
         "n_categories": split.n_categories,
