@@ -52,8 +52,28 @@ def test_bad_input_exits_2_with_message(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_model_commands_train_evaluate_retrain(tmp_path):
-    home = ["--home", str(tmp_path / "state")]
+@pytest.mark.parametrize("profile", ["embedded", pytest.param("production", marks=pytest.mark.integration)])
+def test_model_commands_train_evaluate_retrain(tmp_path, profile, request, monkeypatch):
+    home = ["--home", str(tmp_path / "state"), "--profile", profile]
+    if profile == "production":
+        import uuid
+
+        from tests.conftest import REDIS_DB
+
+        import redis
+
+        project = f"cli{uuid.uuid4().hex[:10]}"
+        monkeypatch.setenv("RECSYS_PG_DATABASE", request.getfixturevalue("pg_database"))
+        monkeypatch.setenv("RECSYS_FEAST_PROJECT", project)
+        monkeypatch.setenv("RECSYS_REDIS_DB", str(REDIS_DB))
+
+        def forget_online_rows():
+            client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+            keys = [k for k in client.scan_iter(count=10_000) if project.encode() in k]
+            if keys:
+                client.delete(*keys)
+
+        request.addfinalizer(forget_online_rows)
 
     def run(*args):
         result = runner.invoke(app, [*home, *args])
