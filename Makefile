@@ -31,6 +31,7 @@ bench: $(STAMP) ## Run the benchmarks (needs PostgreSQL, Redis and ../shared/dat
 	$(BIN)/python bench/quality.py --dataset ml-100k
 	$(BIN)/python bench/quality.py --dataset ml-latest-small
 	$(BIN)/python bench/train.py --dataset ml-100k
+	$(BIN)/python bench/model_sizes.py
 
 clean: ## Remove local state (embedded stores, caches), keep .venv
 	rm -rf .recsys .pytest_cache
