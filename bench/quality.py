@@ -46,6 +46,7 @@ def main() -> None:
                         help="override a ModelConfig field, e.g. dropout=0.5 (repeatable)")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig field, e.g. min_epochs=40 (repeatable)")
+    parser.add_argument("--out", default=None, help="result file (default: bench/results/quality-DATASET.json)")
     args = parser.parse_args()
     model_options, train_options = parse_options(args.model_option), parse_options(args.train_option)
 
@@ -74,8 +75,8 @@ def main() -> None:
                          + "".join(f" --train-option {o}" for o in args.train_option),
               **report}  # fmt: skip
     print_report(report, console, title=f"{args.dataset}: test metrics")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"quality-{args.dataset}.json"
+    out = Path(args.out) if args.out else RESULTS / f"quality-{args.dataset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     console.print(f"wrote {out}")
 

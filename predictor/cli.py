@@ -10,7 +10,7 @@ import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import pandas as pd
 import typer
@@ -18,9 +18,15 @@ from rich.console import Console
 
 from predictor.config import Profile, Settings
 
-app = typer.Typer(help="Real-time two-stage recommender: data, features, models, serving.", no_args_is_help=True, pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    help="Real-time two-stage recommender: data, features, models, serving.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 data_app = typer.Typer(help="Load interaction data into the event log.", no_args_is_help=True)
-features_app = typer.Typer(help="Batch features, Feast apply / materialize, online reads.", no_args_is_help=True)
+features_app = typer.Typer(
+    help="Batch features, Feast apply / materialize, online reads.", no_args_is_help=True
+)
 events_app = typer.Typer(help="Real-time events.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
@@ -31,6 +37,7 @@ console = Console()
 
 class State:
     settings: Settings
+    log_level: str | None = None
 
 
 state = State()
@@ -39,12 +46,19 @@ state = State()
 @app.callback()
 def main_options(
     profile: Annotated[
-        Optional[Profile], typer.Option(help="Storage profile; default from RECSYS_PROFILE, else embedded.")
+        Profile | None, typer.Option(help="Storage profile; default from RECSYS_PROFILE, else embedded.")
     ] = None,
-    home: Annotated[Optional[Path], typer.Option(help="State directory; default from RECSYS_HOME, else .recsys.")] = None,
-    log_level: Annotated[str, typer.Option(help="Python log level.")] = "WARNING",
+    home: Annotated[
+        Path | None, typer.Option(help="State directory; default from RECSYS_HOME, else .recsys.")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="Python log level; default WARNING, INFO for long-running servers.")
+    ] = None,
 ) -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state.log_level = log_level
+    logging.basicConfig(
+        level=(log_level or "WARNING").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     overrides = {k: v for k, v in {"profile": profile, "home": home}.items() if v is not None}
     state.settings = Settings(**overrides)
 
@@ -52,8 +66,12 @@ def main_options(
 # --- data -------------------------------------------------------------------------------------------
 @data_app.command("load")
 def data_load(
-    dataset: Annotated[str, typer.Argument(help="synthetic, ml-100k, ml-latest-small, or a CSV/Parquet path")] = "synthetic",
-    data_dir: Annotated[Optional[Path], typer.Option(help="Where MovieLens lies (default ../shared/data).")] = None,
+    dataset: Annotated[
+        str, typer.Argument(help="synthetic, ml-100k, ml-latest-small, or a CSV/Parquet path")
+    ] = "synthetic",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Where MovieLens lies (default ../shared/data).")
+    ] = None,
     events: Annotated[int, typer.Option(help="Synthetic: number of events.")] = 100_000,
     seed: Annotated[int, typer.Option(help="Synthetic: random seed.")] = 0,
 ) -> None:
@@ -75,7 +93,8 @@ def data_load(
 @features_app.command("build")
 def features_build(
     snapshot_every: Annotated[
-        Optional[str], typer.Option(help="Also write history snapshots at this frequency (e.g. 1D) for training.")
+        str | None,
+        typer.Option(help="Also write history snapshots at this frequency (e.g. 1D) for training."),
     ] = None,
 ) -> None:
     """Compute user and item features from the event log and write them to the offline store."""
@@ -96,15 +115,19 @@ def features_apply() -> None:
 
 @features_app.command("materialize")
 def features_materialize(
-    end: Annotated[Optional[datetime], typer.Option(help="End of the interval (UTC); default now.")] = None,
+    end: Annotated[datetime | None, typer.Option(help="End of the interval (UTC); default now.")] = None,
 ) -> None:
     """Load new offline rows into the online store (feast materialize-incremental)."""
     from predictor.features.store import materialize_incremental
 
-    end = (end.replace(tzinfo=timezone.utc) if end and end.tzinfo is None else end) or datetime.now(timezone.utc)
+    end = (end.replace(tzinfo=timezone.utc) if end and end.tzinfo is None else end) or datetime.now(
+        timezone.utc
+    )
     started = time.perf_counter()
     materialize_incremental(state.settings, end)
-    console.print(f"[green]materialized[/] up to {end:%Y-%m-%d %H:%M:%S} in {time.perf_counter() - started:.1f} s")
+    console.print(
+        f"[green]materialized[/] up to {end:%Y-%m-%d %H:%M:%S} in {time.perf_counter() - started:.1f} s"
+    )
 
 
 @features_app.command("online")
@@ -128,11 +151,12 @@ def features_online(
 # --- events -----------------------------------------------------------------------------------------
 @events_app.command("push")
 def events_push(
-    user_id: Annotated[Optional[int], typer.Option(help="User of a single event.")] = None,
-    item_id: Annotated[Optional[int], typer.Option(help="Item of a single event.")] = None,
+    user_id: Annotated[int | None, typer.Option(help="User of a single event.")] = None,
+    item_id: Annotated[int | None, typer.Option(help="Item of a single event.")] = None,
     event_type: Annotated[str, typer.Option(help="Event type of a single event.")] = "click",
     file: Annotated[
-        Optional[Path], typer.Option(help="CSV or Parquet file of events (canonical columns) to push as one batch.")
+        Path | None,
+        typer.Option(help="CSV or Parquet file of events (canonical columns) to push as one batch."),
     ] = None,
 ) -> None:
     """Append events to the event log and push the users' new recent items to the online store."""
@@ -144,7 +168,12 @@ def events_push(
         source = str(file)
     elif user_id is not None and item_id is not None:
         events = pd.DataFrame(
-            {"user_id": [user_id], "item_id": [item_id], "timestamp": [pd.Timestamp.now(tz="UTC")], "event_type": [event_type]}
+            {
+                "user_id": [user_id],
+                "item_id": [item_id],
+                "timestamp": [pd.Timestamp.now(tz="UTC")],
+                "event_type": [event_type],
+            }
         )
         source, first_row = "command line", 1
     else:
@@ -173,10 +202,12 @@ def _offline_user_profile(settings: Settings):
 @app.command()
 def train(
     size: Annotated[str, typer.Option(help="Model size: tiny, small, base, large.")] = "small",
-    epochs: Annotated[int, typer.Option(help="Maximum retrieval epochs (early stopping on validation NDCG@10).")] = 60,
+    epochs: Annotated[
+        int, typer.Option(help="Maximum retrieval epochs (early stopping on validation NDCG@10).")
+    ] = 60,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     features: Annotated[bool, typer.Option(help="Join the offline user features point-in-time.")] = True,
-    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Write a checkpoint every epoch here.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Write a checkpoint every epoch here.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --checkpoint-dir.")] = False,
     promote: Annotated[bool, typer.Option(help="Promote the new version to production.")] = True,
 ) -> None:
@@ -222,21 +253,24 @@ def _model_on_event_log(settings: Settings, model: str | None):
 
 @app.command()
 def evaluate(
-    model: Annotated[Optional[str], typer.Option(help="Artifact URI; default the production version.")] = None,
+    model: Annotated[str | None, typer.Option(help="Artifact URI; default the production version.")] = None,
     baselines: Annotated[bool, typer.Option(help="Also run popularity and tuned implicit ALS/BPR.")] = False,
-    output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the metrics as JSON here.")] = None,
 ) -> None:
     """Full-ranking evaluation on the event log's leave-last-out test split."""
     import json
 
     from predictor.models.compare import print_report
-    from predictor.models.evaluate import Popularity, evaluate as run_evaluation, tune_implicit
+    from predictor.models.evaluate import Popularity, tune_implicit
+    from predictor.models.evaluate import evaluate as run_evaluation
 
     model, recommender, split = _model_on_event_log(state.settings, model)
     report = {"model": model, "results": {"two_stage": run_evaluation(recommender.rank(split), split, "test")},
               "seconds": {}}  # fmt: skip
     if baselines:
-        report["results"]["popularity"] = run_evaluation(Popularity().fit(split, "test").rank(split), split, "test")
+        report["results"]["popularity"] = run_evaluation(
+            Popularity().fit(split, "test").rank(split), split, "test"
+        )
         for kind in ("als", "bpr"):
             fitted, _, _ = tune_implicit(kind, split)
             report["results"][f"implicit_{kind}"] = run_evaluation(fitted.rank(split), split, "test")
@@ -248,8 +282,10 @@ def evaluate(
 @app.command("export")
 def export_model(
     out: Annotated[Path, typer.Option(help="Folder for the serving artifacts.")],
-    model: Annotated[Optional[str], typer.Option(help="Artifact URI; default the production version.")] = None,
-    hnsw_threshold: Annotated[int, typer.Option(help="Catalogs larger than this get an HNSW index.")] = 100_000,
+    model: Annotated[str | None, typer.Option(help="Artifact URI; default the production version.")] = None,
+    hnsw_threshold: Annotated[
+        int, typer.Option(help="Catalogs larger than this get an HNSW index.")
+    ] = 100_000,
 ) -> None:
     """Write serving artifacts: torch.export towers, item embeddings, FAISS index, int8 ranker."""
     import json
@@ -263,8 +299,12 @@ def export_model(
 
 @app.command()
 def retrain(
-    tolerance: Annotated[float, typer.Option(help="Promote unless NDCG@10 is worse than production by more.")] = 0.005,
-    replay: Annotated[float, typer.Option(help="Share of unchanged users replayed with the new events.")] = 0.2,
+    tolerance: Annotated[
+        float, typer.Option(help="Promote unless NDCG@10 is worse than production by more.")
+    ] = 0.005,
+    replay: Annotated[
+        float, typer.Option(help="Share of unchanged users replayed with the new events.")
+    ] = 0.2,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 10,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
@@ -292,6 +332,53 @@ def demo(
     from predictor.demo import run_demo
 
     run_demo(state.settings, console, n_events=events, seed=seed)
+
+
+@app.command()
+def serve(
+    port: Annotated[
+        int, typer.Option(help="HTTP port (RECSYS_SERVE_HTTP_PORT).", envvar="RECSYS_SERVE_HTTP_PORT")
+    ] = 8080,
+    model_name: Annotated[
+        str,
+        typer.Option(
+            help="Name in the KServe URLs (/v1/models/NAME:predict).", envvar="RECSYS_SERVE_MODEL_NAME"
+        ),
+    ] = "recsys",
+    model_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve this artifact; default: the registry's production "
+            "model, hot-swapped when a new one is promoted.",
+            envvar="RECSYS_SERVE_MODEL_URI",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="cpu or cuda[:N]; default CUDA when present.", envvar="RECSYS_SERVE_DEVICE"),
+    ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, or int8 (CPU ranker).",
+            envvar="RECSYS_SERVE_PRECISION",
+        ),
+    ] = "auto",
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            help="Users per model call; 1 turns micro-batching off.", envvar="RECSYS_SERVE_MAX_BATCH"
+        ),
+    ] = 32,
+) -> None:
+    """Run the KServe predictor (V1 and V2 REST) until stopped. Other settings: RECSYS_SERVE_* variables
+    (see predictor/serving/model.py: ServeSettings)."""
+    from predictor.serving.model import ServeSettings
+    from predictor.serving.server import serve as run_server
+
+    options = ServeSettings(http_port=port, model_name=model_name, model_uri=model_uri, device=device,
+                            precision=precision, max_batch=max_batch)  # fmt: skip
+    run_server(state.settings, options, log_level=state.log_level or "INFO")
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import redis
+import redis.asyncio
 from feast import FeatureStore
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3
@@ -23,15 +24,17 @@ from feast.type_map import feast_value_type_to_python_type
 from predictor.config import Settings
 
 
-class RawRedisReader:
-    """Pipelined HMGETs of named features for entities of one join key."""
+class _FeastRedisLayout:
+    """Keys, fields and decoding of Feast's Redis layout; the clients below only differ in transport."""
 
-    def __init__(self, store: FeatureStore, settings: Settings):
+    def __init__(self, store: FeatureStore):
         if store.config.online_store.type != "redis":
-            raise ValueError(f"RawRedisReader needs the Redis online store, not {store.config.online_store.type!r}")
+            raise ValueError(
+                f"RawRedisReader needs the Redis online store, not {store.config.online_store.type!r}"
+            )
         self.project = store.project.encode()
         self.version = store.config.entity_key_serialization_version
-        self.client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=settings.redis_db)
+        self._fields: dict[tuple[str, ...], list[bytes]] = {}
 
     def entity_key(self, join_key: str, value: int) -> bytes:
         proto = EntityKey(join_keys=[join_key], entity_values=[Value(int64_val=int(value))])
@@ -42,19 +45,20 @@ class RawRedisReader:
         """Hash fields of ``view:feature`` references."""
         return [_mmh3(ref) for ref in features]
 
-    def read(self, requests: Sequence[tuple[str, Sequence[int], Sequence[str]]]) -> list[list[dict]]:
-        """One round trip for several ``(join_key, ids, features)`` groups.
-
-        Returns, per group and per id, ``{feature_name: python value}`` (``None`` where missing).
-        """
-        pipe = self.client.pipeline(transaction=False)
+    def _queue(self, pipe, requests) -> list[tuple[int, list[str]]]:
         shapes = []
         for join_key, ids, features in requests:
-            fields = self.fields(features)
+            key = tuple(features)
+            if key not in self._fields:
+                self._fields[key] = self.fields(features)
+            fields = self._fields[key]
             for value in ids:
                 pipe.hmget(self.entity_key(join_key, value), fields)
             shapes.append((len(ids), [f.split(":", 1)[1] for f in features]))
-        replies = pipe.execute()
+        return shapes
+
+    @staticmethod
+    def _unpack(shapes, replies) -> list[list[dict]]:
         out, at = [], 0
         for count, names in shapes:
             group = []
@@ -64,8 +68,50 @@ class RawRedisReader:
             at += count
         return out
 
+
+class RawRedisReader(_FeastRedisLayout):
+    """Pipelined HMGETs of named features for entities of one join key (blocking client)."""
+
+    def __init__(self, store: FeatureStore, settings: Settings):
+        super().__init__(store)
+        self.client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=settings.redis_db)
+
+    def read(self, requests: Sequence[tuple[str, Sequence[int], Sequence[str]]]) -> list[list[dict]]:
+        """One round trip for several ``(join_key, ids, features)`` groups.
+
+        Returns, per group and per id, ``{feature_name: python value}`` (``None`` where missing).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        shapes = self._queue(pipe, requests)
+        return self._unpack(shapes, pipe.execute())
+
     def close(self) -> None:
         self.client.close()
+
+
+class AsyncRawRedisReader(_FeastRedisLayout):
+    """The same reads on ``redis.asyncio``: what the predictor awaits on its event loop.
+
+    ``timeout`` bounds connecting and each reply, so an unreachable or stalled Redis fails fast and the
+    predictor can fall back within its latency budget.
+    """
+
+    def __init__(
+        self, store: FeatureStore, settings: Settings, timeout: float = 0.05, max_connections: int = 64
+    ):
+        super().__init__(store)
+        self.client = redis.asyncio.Redis(
+            host=settings.redis_host, port=settings.redis_port, db=settings.redis_db,
+            socket_connect_timeout=timeout, socket_timeout=timeout, max_connections=max_connections,
+        )  # fmt: skip
+
+    async def read(self, requests: Sequence[tuple[str, Sequence[int], Sequence[str]]]) -> list[list[dict]]:
+        pipe = self.client.pipeline(transaction=False)
+        shapes = self._queue(pipe, requests)
+        return self._unpack(shapes, await pipe.execute())
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 def _decode(raw: bytes | None):

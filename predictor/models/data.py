@@ -34,18 +34,41 @@ def user_dense_matrix(frame: pd.DataFrame, n_categories: int) -> np.ndarray:
     x = np.zeros((len(frame), len(USER_DENSE_COLUMNS) + n_categories), dtype=np.float32)
     if len(frame) == 0:
         return x
-    cols = frame[USER_DENSE_COLUMNS].fillna(0).to_numpy(np.float64)
+    x[:, : len(USER_DENSE_COLUMNS)] = _scale_user_columns(
+        frame[USER_DENSE_COLUMNS].fillna(0).to_numpy(np.float64)
+    )
+    if n_categories:
+        _fill_affinity(x, frame["category_affinity"].to_numpy(), n_categories)
+    return x
+
+
+def user_dense_rows(rows: list[dict], n_categories: int) -> np.ndarray:
+    """:func:`user_dense_matrix` for online feature dicts (``{feature: value or None}``), without pandas:
+    the predictor's per-request path."""
+    x = np.zeros((len(rows), len(USER_DENSE_COLUMNS) + n_categories), dtype=np.float32)
+    if not rows:
+        return x
+    cols = np.array([[row.get(c) or 0 for c in USER_DENSE_COLUMNS] for row in rows], dtype=np.float64)
+    x[:, : len(USER_DENSE_COLUMNS)] = _scale_user_columns(cols)
+    if n_categories:
+        _fill_affinity(x, [row.get("category_affinity") for row in rows], n_categories)
+    return x
+
+
+def _scale_user_columns(cols: np.ndarray) -> np.ndarray:
+    cols = cols.copy()
     cols[:, 4] = cols[:, 4] / 3600.0  # recency in hours
     cols[:, 5] = cols[:, 5] / 5.0  # ratings are on a 0-5 scale
     scaled = np.log1p(np.clip(cols, 0, None))
     scaled[:, 5] = cols[:, 5]
-    x[:, : len(USER_DENSE_COLUMNS)] = scaled
-    if n_categories:
-        aff = frame["category_affinity"].to_numpy()
-        filled = np.array([isinstance(a, (list, np.ndarray)) and len(a) == n_categories for a in aff], dtype=bool)
-        if filled.any():
-            x[filled, len(USER_DENSE_COLUMNS) :] = np.stack([np.asarray(a, np.float32) for a in aff[filled]])
-    return x
+    return scaled
+
+
+def _fill_affinity(x: np.ndarray, affinity, n_categories: int) -> None:
+    """Category affinity into the last ``n_categories`` columns, where a row has a vector of that width."""
+    for row, a in enumerate(affinity):
+        if isinstance(a, (list, np.ndarray)) and len(a) == n_categories:
+            x[row, len(USER_DENSE_COLUMNS) :] = np.asarray(a, np.float32)
 
 
 def item_dense_matrix(frame: pd.DataFrame) -> np.ndarray:
@@ -169,7 +192,11 @@ def build_split(
     if holdout not in (1, 2):
         raise ValueError(f"holdout must be 1 or 2, got {holdout}")
     ev = data.events
-    users = users.extended(ev["user_id"].unique()) if users is not None else make_index(np.sort(ev["user_id"].unique()))
+    users = (
+        users.extended(ev["user_id"].unique())
+        if users is not None
+        else make_index(np.sort(ev["user_id"].unique()))
+    )
     all_items = data.items["item_id"].to_numpy()
     items = items.extended(all_items) if items is not None else make_index(np.sort(all_items))
     u = users.index(ev["user_id"].to_numpy())
@@ -196,7 +223,11 @@ def build_split(
     # item features from training events only
     train_events = ev.iloc[order[train_mask]].sort_values("timestamp", kind="stable")
     vocabulary = data.category_vocabulary()
-    snapshot = compute_features(Interactions(train_events, data.items), recent_n=1).item_profile if len(train_events) else None
+    snapshot = (
+        compute_features(Interactions(train_events, data.items), recent_n=1).item_profile
+        if len(train_events)
+        else None
+    )
     item_dense = np.zeros((len(items) + 1, len(ITEM_DENSE_COLUMNS)), dtype=np.float32)
     item_cats = np.zeros((len(items) + 1, len(vocabulary)), dtype=np.float32)
     if snapshot is not None:
@@ -210,7 +241,9 @@ def build_split(
                      popularity, len(vocabulary))  # fmt: skip
 
 
-def user_feature_snapshots(data: Interactions, every: str | None = None, max_snapshots: int = 200) -> pd.DataFrame:
+def user_feature_snapshots(
+    data: Interactions, every: str | None = None, max_snapshots: int = 200
+) -> pd.DataFrame:
     """user_profile rows at regular snapshots: the history the point-in-time join reads.
 
     ``every`` defaults to daily, coarsened so that there are at most ``max_snapshots`` (a log spanning

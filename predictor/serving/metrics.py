@@ -1,0 +1,41 @@
+"""Prometheus metrics of the predictor, served on KServe's ``/metrics`` (the default registry).
+
+Stage buckets are fine below 10 ms so a p99 in that range can be read off the histogram (the operator's
+latency policy does exactly that).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008, 0.010, 0.0125, 0.015, 0.02,
+    0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+
+STAGE_SECONDS = Histogram(
+    "recsys_stage_seconds",
+    "Time per request stage: features (online store read), retrieval (user tower + nearest items), "
+    "ranking (ranker + top-k), total (the whole predict).",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram("recsys_batch_users", "Users per model invocation (micro-batching merges requests)",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
+FALLBACKS = Counter("recsys_fallbacks_total", "Users answered by a fallback instead of the model", ["reason"])
+ERRORS = Counter(
+    "recsys_errors_total", "Errors by kind (bad_request, online_store, model, model_load)", ["kind"]
+)
+MODEL_VERSION = Gauge("recsys_model_version", "Registry version number of the model serving now (0: a path)")
+MODEL_SWAPS = Counter("recsys_model_swaps_total", "Hot swaps to a newly promoted model")
+ITEM_FEATURE_REFRESHES = Counter("recsys_item_feature_refreshes_total",
+                                 "Item-feature cache refreshes after materialization advanced")  # fmt: skip
+
+STAGES = ("features", "retrieval", "ranking", "total")
+FALLBACK_REASONS = ("cold_start", "online_store_unavailable", "online_store_timeout", "model_error")
+for _stage in STAGES:
+    STAGE_SECONDS.labels(stage=_stage)
+for _reason in FALLBACK_REASONS:
+    FALLBACKS.labels(reason=_reason)
+for _kind in ("bad_request", "online_store", "model", "model_load"):
+    ERRORS.labels(kind=_kind)

@@ -1,0 +1,409 @@
+"""The KServe predictor: ``load / preprocess / predict / postprocess``, all awaitable.
+
+Per request (``predict``):
+
+1. online features of every user in one round trip (``online.py``), bounded by a deadline;
+2. users the model knows something about go through the :class:`~predictor.serving.engine.ServingEngine`
+   on a dedicated worker thread — concurrent requests are merged into one batch by :class:`MicroBatcher`;
+3. users it knows nothing about (cold start), or everyone when the online store is down or slow, get the
+   popularity fallback, flagged in the response and counted in ``recsys_fallbacks_total``.
+
+Nothing blocking runs on the event loop: parsing is pure and microseconds long, reads are ``await``ed,
+model work and registry/artifact I/O run in threads.
+
+Background tasks (started with the server, see ``server.py``):
+
+* model watcher: polls the registry; a newly promoted version is loaded and self-checked aside, then
+  swapped in with one reference assignment, so requests in flight finish on the old engine and no
+  request fails. A version that fails to load or validate is logged, counted, and the old one keeps serving.
+* item-feature refresher: when ``item_profile``'s materialization advances, re-reads the catalog's item
+  features from the online store and rebuilds the item table aside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import torch
+from kserve import Model
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferRequest
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from predictor.config import Settings
+from predictor.features.store import open_store
+from predictor.models.data import user_dense_rows
+from predictor.models.lifecycle import MODEL_NAME, load_model
+from predictor.models.registry import ModelRegistry
+from predictor.serving import metrics
+from predictor.serving.engine import PRECISIONS, ServingEngine
+from predictor.serving.online import OnlineFeatures, UserOnline, online_features
+from predictor.serving.requests import (
+    Limits,
+    ParsedRequest,
+    RecResult,
+    parse_v1,
+    parse_v2,
+    v1_response,
+    v2_response,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ServeSettings(BaseSettings):
+    """Predictor settings; every field is also an environment variable ``RECSYS_SERVE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_SERVE_", extra="ignore")
+
+    model_name: str = Field(default="recsys", pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+    http_port: int = Field(default=8080, ge=1, le=65535)
+    model_uri: str | None = Field(
+        default=None, description="serve this artifact instead of registry production"
+    )
+    device: str | None = Field(default=None, description="cpu, cuda, cuda:1 ...; default: CUDA when present")
+    precision: str = Field(default="auto", description=f"one of {', '.join(PRECISIONS)}")
+    candidates: int | None = Field(
+        default=None, ge=1, le=4096, description="ranker candidates (default: model's)"
+    )
+    max_k: int = Field(default=100, ge=1, le=1000)
+    default_k: int = Field(default=10, ge=1)
+    max_instances: int = Field(default=64, ge=1, le=4096)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    feature_timeout_ms: float = Field(default=50.0, gt=0, description="online store deadline before fallback")
+    max_batch: int = Field(default=32, ge=1, description="users per model call (1: no micro-batching)")
+    batch_wait_ms: float = Field(default=0.0, ge=0, description="extra wait for more requests when idle")
+    model_poll_seconds: float = Field(default=10.0, ge=0, description="registry poll period (0: no hot swap)")
+    item_refresh_seconds: float = Field(
+        default=30.0, ge=0, description="materialization check period (0: off)"
+    )
+    torch_threads: int = Field(default=0, ge=0, description="intra-op threads (0: torch's default)")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_k=self.max_k, default_k=min(self.default_k, self.max_k), max_instances=self.max_instances
+        )
+
+
+@dataclass
+class LoadedModel:
+    engine: ServingEngine
+    version_id: int | None  # registry row id (None: served from a path)
+    version: str  # what responses carry
+
+
+class MicroBatcher:
+    """Merges concurrent calls into one ``run(items)`` on a single worker thread.
+
+    When the worker is idle a call starts at once (after ``max_wait`` if set, to collect company); while
+    it is busy, calls queue and the next batch takes up to ``max_batch`` of them. So a lone request pays no
+    added latency and a burst is served in a few large, efficient batches.
+    """
+
+    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait: float):
+        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-model")
+        self._pending: list[tuple[list, asyncio.Future]] = []
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def submit(self, items: list) -> list:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((items, future))
+        if not self._busy:
+            if self.max_wait > 0 and sum(len(i) for i, _ in self._pending) < self.max_batch:
+                if self._timer is None:
+                    self._timer = loop.call_later(self.max_wait, self._start)
+            else:
+                self._start()
+        return await future
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._busy or not self._pending:
+            return
+        batch, size = [], 0
+        while self._pending and (not batch or size + len(self._pending[0][0]) <= self.max_batch):
+            items, future = self._pending.pop(0)
+            batch.append((items, future))
+            size += len(items)
+        self._busy = True
+        asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[list, asyncio.Future]]) -> None:
+        flat = [item for items, _ in batch for item in items]
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, flat)
+            at = 0
+            for items, future in batch:
+                if not future.done():
+                    future.set_result(results[at : at + len(items)])
+                at += len(items)
+        except Exception as exc:  # noqa: BLE001 - every waiter learns of the failure
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        finally:
+            self._busy = False
+            if self._pending:
+                self._start()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class RecommenderModel(Model):
+    """``recsys`` as a KServe model: V1 and V2 REST, top-K recommendations per user."""
+
+    def __init__(self, settings: Settings, serve: ServeSettings):
+        super().__init__(serve.model_name)
+        self.settings, self.serve = settings, serve
+        self.limits = serve.limits
+        self.current: LoadedModel | None = None
+        self.online: OnlineFeatures | None = None
+        self.store = None
+        self.registry: ModelRegistry | None = None
+        self._failed_versions: set[int] = set()
+        self._tasks: list[asyncio.Task] = []
+        self.batcher = MicroBatcher(self._run_engine, serve.max_batch, serve.batch_wait_ms / 1000)
+
+    # --- load ------------------------------------------------------------------------------------------
+    def load(self) -> bool:
+        """Load the model (registry production, or ``model_uri``), build the index, open the online store,
+        read the current item features; ready only after all of it."""
+        if self.serve.torch_threads:
+            torch.set_num_threads(self.serve.torch_threads)
+        if self.serve.model_uri is None:
+            self.registry = ModelRegistry(self.settings.database_url)
+        self.current = self._load_model()
+        if self.current is None:
+            raise RuntimeError(
+                f"no production model in the registry at {self.settings.database_url}: run `recsys train` first "
+                "or pass --model-uri"
+            )
+        self.store = open_store(self.settings)
+        self.online = online_features(self.store, self.settings, timeout=self.serve.feature_timeout_ms / 1000)
+        self._refresh_item_features(self.current.engine)
+        self.ready = True
+        log.info("model %s ready (%d items, device %s, precision %s)", self.current.version,
+                 self.current.engine.n_items, self.current.engine.device, self.current.engine.precision)  # fmt: skip
+        return self.ready
+
+    def _load_model(self, skip: set[int] = frozenset()) -> LoadedModel | None:
+        """Blocking: read, verify and self-check the model to serve. None when the registry has none."""
+        if self.serve.model_uri is not None:
+            uri, version_id, version = (
+                self.serve.model_uri,
+                None,
+                self.serve.model_uri.rstrip("/").rsplit("/", 1)[-1],
+            )
+            number = 0
+        else:
+            production = self.registry.production(MODEL_NAME)
+            if production is None or production.id in skip:
+                return None
+            uri, version_id, version, number = production.artifact_uri, production.id, str(production.version), \
+                production.version  # fmt: skip
+        engine = ServingEngine(load_model(uri, self.serve.device), version, self.serve.device,
+                               self.serve.precision, self.serve.candidates)  # fmt: skip
+        engine.self_check()
+        metrics.MODEL_VERSION.set(number)
+        return LoadedModel(engine, version_id, version)
+
+    # --- background tasks ------------------------------------------------------------------------------
+    async def start_background(self) -> None:
+        if self.registry is not None and self.serve.model_poll_seconds > 0:
+            self._tasks.append(
+                asyncio.create_task(self._every(self.serve.model_poll_seconds, self.check_for_new_model))
+            )
+        if self.serve.item_refresh_seconds > 0:
+            self._tasks.append(
+                asyncio.create_task(self._every(self.serve.item_refresh_seconds, self.refresh_items))
+            )
+
+    async def stop_background(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.online is not None:
+            await self.online.close()
+        self.batcher.close()
+
+    @staticmethod
+    async def _every(period: float, job) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a background failure must never stop the server
+                log.exception("background job %s failed", job.__name__)
+
+    async def check_for_new_model(self) -> bool:
+        """Swap in a newly promoted model. Returns True when a swap happened."""
+        production = await asyncio.to_thread(self.registry.production, MODEL_NAME)
+        if (
+            production is None
+            or production.id == self.current.version_id
+            or production.id in self._failed_versions
+        ):
+            return False
+        log.info("registry production is now version %s; loading it", production.version)
+        try:
+            loaded = await asyncio.to_thread(self._load_model)
+            if loaded is None:
+                return False
+            await asyncio.to_thread(self._refresh_item_features, loaded.engine)
+        except Exception as exc:
+            self._failed_versions.add(production.id)
+            metrics.ERRORS.labels(kind="model_load").inc()
+            log.error("model version %s failed to load or validate; version %s keeps serving: %s",
+                      production.version, self.current.version, exc)  # fmt: skip
+            return False
+        previous, self.current = self.current, loaded  # in-flight requests keep their own reference
+        metrics.MODEL_SWAPS.inc()
+        gc.collect()
+        gc.freeze()  # the new model's objects join the permanent generation: no gen-2 scans of them
+        log.info("hot-swapped model %s → %s", previous.version, loaded.version)
+        return True
+
+    def _item_profile_end(self) -> datetime | None:
+        self.store.refresh_registry()
+        return self.store.get_feature_view("item_profile").most_recent_end_time
+
+    def _refresh_item_features(self, engine: ServingEngine) -> bool:
+        """Blocking: if ``item_profile`` was materialized since the last read, load the catalog's online item
+        features into ``engine``."""
+        try:
+            end = self._item_profile_end()
+        except Exception as exc:  # noqa: BLE001 - no registry yet / view not applied: keep training's features
+            log.warning(
+                "item features: cannot read materialization state (%s); keeping the model's snapshot", exc
+            )
+            return False
+        if end is None or engine.item_features_as_of == end:
+            return False
+        rows = self.online.items_sync(engine.item_ids)
+        present = rows.notna().any(axis=1).to_numpy() if len(rows) else np.zeros(0, bool)
+        updated = engine.set_item_features(engine.item_ids[present], rows[present].reset_index(drop=True))
+        engine.item_features_as_of = end
+        metrics.ITEM_FEATURE_REFRESHES.inc()
+        log.info("item features refreshed for %d items (materialized until %s)", updated, end)
+        return True
+
+    async def refresh_items(self) -> bool:
+        return await asyncio.to_thread(self._refresh_item_features, self.current.engine)
+
+    # --- request path ----------------------------------------------------------------------------------
+    def validate(self, payload):
+        return payload  # preprocess already validated; KServe's generic check does not know ParsedRequest
+
+    async def preprocess(self, payload, headers: dict[str, str] | None = None) -> ParsedRequest:
+        try:
+            if isinstance(payload, InferRequest):
+                return parse_v2(payload, self.limits)
+            return parse_v1(payload, self.limits)
+        except InvalidInput:
+            metrics.ERRORS.labels(kind="bad_request").inc()
+            raise
+
+    def _run_engine(self, jobs: list[tuple[ServingEngine, UserOnline, np.ndarray, int, bool]]) -> list:
+        """Worker thread: one engine call per distinct engine in the batch (two only during a swap)."""
+        out: list = [None] * len(jobs)
+        by_engine: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_engine.setdefault(id(job[0]), []).append(i)
+        metrics.BATCH_SIZE.observe(len(jobs))
+        for rows in by_engine.values():
+            engine = jobs[rows[0]][0]
+            timings: dict = {}
+            recs = engine.recommend([jobs[r][1].history for r in rows], np.stack([jobs[r][2] for r in rows]),
+                                    [jobs[r][3] for r in rows], [jobs[r][4] for r in rows], timings)  # fmt: skip
+            for r, rec in zip(rows, recs):
+                out[r] = (rec, timings)
+        return out
+
+    async def _features(self, user_ids: list[int]) -> tuple[list[UserOnline] | None, str | None]:
+        try:
+            users = await asyncio.wait_for(self.online.users(user_ids), self.serve.feature_timeout_ms / 1000)
+            return users, None
+        except TimeoutError:
+            reason = "online_store_timeout"
+        except Exception as exc:  # noqa: BLE001 - refused, reset, protocol error: all mean "no features now"
+            log.warning("online store read failed: %s", exc)
+            reason = "online_store_unavailable"
+        metrics.ERRORS.labels(kind="online_store").inc()
+        return None, reason
+
+    async def predict(self, parsed: ParsedRequest, headers: dict[str, str] | None = None):
+        started = time.perf_counter()
+        loaded = self.current  # one model for the whole request, even if a swap lands meanwhile
+        engine = loaded.engine
+        requests = parsed.requests
+        user_ids = list(dict.fromkeys(r.user_id for r in requests))
+        t0 = time.perf_counter()
+        users, store_problem = await self._features(user_ids)
+        metrics.STAGE_SECONDS.labels(stage="features").observe(time.perf_counter() - t0)
+        by_id = {u.user_id: u for u in users} if users else {}
+
+        results: list[RecResult | None] = [None] * len(requests)
+        jobs, job_rows = [], []
+        for row, req in enumerate(requests):
+            user = by_id.get(req.user_id)
+            if user is None or not engine.knows_history(user.history):
+                reason = store_problem or "cold_start"
+                exclude = user.history if (user is not None and req.exclude_seen) else None
+                rec = engine.popular(req.k, exclude)
+                results[row] = RecResult(req.user_id, rec.item_ids, rec.scores, loaded.version, reason)
+                metrics.FALLBACKS.labels(reason=reason).inc()
+                continue
+            dense = user_dense_rows([user.values], engine.catalog.n_categories)[0]
+            jobs.append((engine, user, dense, req.k, req.exclude_seen))
+            job_rows.append(row)
+
+        if jobs:
+            try:
+                answers = await self.batcher.submit(jobs)
+            except Exception:
+                log.exception("model failed on %d users; answering with the popularity fallback", len(jobs))
+                metrics.ERRORS.labels(kind="model").inc()
+                answers = None
+            for j, row in enumerate(job_rows):
+                req = requests[row]
+                if answers is None:
+                    rec = engine.popular(req.k, jobs[j][1].history if req.exclude_seen else None)
+                    results[row] = RecResult(
+                        req.user_id, rec.item_ids, rec.scores, loaded.version, "model_error"
+                    )
+                    metrics.FALLBACKS.labels(reason="model_error").inc()
+                    continue
+                rec, _ = answers[j]
+                results[row] = RecResult(req.user_id, rec.item_ids, rec.scores, loaded.version)
+            if answers is not None:
+                seen_timings = {id(t): t for _, t in answers}
+                for t in seen_timings.values():
+                    metrics.STAGE_SECONDS.labels(stage="retrieval").observe(t.get("retrieval", 0.0))
+                    metrics.STAGE_SECONDS.labels(stage="ranking").observe(t.get("ranking", 0.0))
+        metrics.STAGE_SECONDS.labels(stage="total").observe(time.perf_counter() - started)
+        return parsed, results
+
+    async def postprocess(self, result, headers: dict[str, str] | None = None, response_headers=None):
+        parsed, results = result
+        if parsed.protocol == "v2":
+            return v2_response(results, parsed, self.name)
+        return v1_response(results)
