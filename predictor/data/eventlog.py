@@ -128,12 +128,11 @@ class EventLog:
             }
         ).to_csv(buf, index=False, header=False, na_rep="\\N")
         dbapi = conn.connection.driver_connection
-        with dbapi.cursor() as cur:
-            with cur.copy(
-                "COPY events (user_id, item_id, timestamp, event_type, weight, rating) "
-                "FROM STDIN WITH (FORMAT csv, NULL '\\N')"
-            ) as copy:
-                copy.write(buf.getvalue())
+        with dbapi.cursor() as cur, cur.copy(
+            "COPY events (user_id, item_id, timestamp, event_type, weight, rating) "
+            "FROM STDIN WITH (FORMAT csv, NULL '\\N')"
+        ) as copy:
+            copy.write(buf.getvalue())
 
     # --- real-time append -----------------------------------------------------------------------
     def append(self, conn: sa.Connection, events: pd.DataFrame) -> None:

@@ -65,7 +65,7 @@ def evaluate_targets(rank_fn: RankFn, split: SplitData, targets: dict[int, np.nd
     top = np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
     metrics = ranking_metrics_multi(top, [targets[u] for u in users])
     metrics["coverage@10"] = float(len(np.unique(top[:, :10])) / max(split.n_items, 1))
-    metrics["users"] = int(len(users))
+    metrics["users"] = len(users)
     return metrics
 
 
@@ -84,7 +84,7 @@ def evaluate(rank_fn: RankFn, split: SplitData, stage: str = "test", batch_size:
     tops = [rank_fn(users[s : s + batch_size], end[s : s + batch_size], k) for s in range(0, len(users), batch_size)]
     top = np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
     metrics = ranking_metrics(top, target, split.n_items)
-    metrics["users"] = int(len(users))
+    metrics["users"] = len(users)
     return metrics
 
 

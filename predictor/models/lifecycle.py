@@ -34,7 +34,13 @@ from predictor.models.config import ModelConfig, TrainConfig
 from predictor.models.data import build_split
 from predictor.models.evaluate import evaluate
 from predictor.models.recommender import TwoStageRecommender, model_files, model_from_files
-from predictor.models.registry import ModelRegistry, ModelVersion, PromotionConflict, open_artifact, write_artifact
+from predictor.models.registry import (
+    ModelRegistry,
+    ModelVersion,
+    PromotionConflict,
+    open_artifact,
+    write_artifact,
+)
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "two_stage"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from predictor.models.config import ModelConfig, TrainConfig
-from predictor.models.data import SplitData, USER_DENSE_COLUMNS, to_tensor, user_features_at
+from predictor.models.data import USER_DENSE_COLUMNS, SplitData, to_tensor, user_features_at
 from predictor.models.evaluate import RankFn, evaluate, top_k_excluding_seen
 from predictor.models.ranker import Ranker
 from predictor.models.two_tower import TwoTower, sampled_softmax_loss

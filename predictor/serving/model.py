@@ -251,7 +251,7 @@ class RecommenderModel(Model):
                 await job()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a background failure must never stop the server
+            except Exception:
                 log.exception("background job %s failed", job.__name__)
 
     async def check_for_new_model(self) -> bool:
@@ -269,7 +269,7 @@ class RecommenderModel(Model):
             if loaded is None:
                 return False
             await asyncio.to_thread(self._refresh_item_features, loaded.engine)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to load means: keep serving the old model
             self._failed_versions.add(production.id)
             metrics.ERRORS.labels(kind="model_load").inc()
             log.error("model version %s failed to load or validate; version %s keeps serving: %s",
