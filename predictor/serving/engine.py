@@ -84,6 +84,8 @@ class ServingEngine:
         self.n_user_dense = len(USER_DENSE_COLUMNS) + catalog.n_categories
         self.candidates = int(candidates or model.candidates)
         self.use_ranker = bool(model.use_ranker)
+        # a model trained without user features saw zeros there: serving real values would shift its inputs
+        self.uses_user_features = bool(model.uses_user_features)
         # popularity order for fallbacks (index space, most popular first)
         popularity = np.asarray(catalog.item_popularity, np.float64)[1 : self.n_items + 1]
         self._popular_index = (np.argsort(-popularity, kind="stable") + 1).astype(np.int64)
@@ -191,6 +193,8 @@ class ServingEngine:
         window, lengths, seen = self._window(histories)
         window_t = torch.from_numpy(window).to(self.device)
         lengths_t = torch.from_numpy(lengths).to(self.device)
+        if not self.uses_user_features:
+            user_dense = np.zeros((B, self.n_user_dense), np.float32)
         dense_t = torch.from_numpy(np.ascontiguousarray(user_dense, np.float32)).to(self.device)
         user = self.retrieval.user_embedding(window_t, lengths_t, dense_t, item_cats, item_dense).to(
             self.table_dtype

@@ -298,7 +298,12 @@ class RecommenderModel(Model):
             return False
         if end is None or engine.item_features_as_of == end:
             return False
-        rows = self.online.items_sync(engine.item_ids)
+        try:
+            rows = self.online.items_sync(engine.item_ids)
+        except Exception as exc:  # noqa: BLE001 - online store down: serve training's features, retry later
+            log.warning("item features: online store read failed (%s); keeping the current ones", exc)
+            metrics.ERRORS.labels(kind="online_store").inc()
+            return False
         present = rows.notna().any(axis=1).to_numpy() if len(rows) else np.zeros(0, bool)
         updated = engine.set_item_features(engine.item_ids[present], rows[present].reset_index(drop=True))
         engine.item_features_as_of = end

@@ -1,0 +1,382 @@
+"""The predictor as users meet it: a real KServe ModelServer (``recsys serve``) over HTTP, on the production
+profile (PostgreSQL registry and offline store, Redis online store), with a trained tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+
+from predictor.config import Profile, Settings
+from predictor.data.eventlog import EventLog
+from predictor.data.synthetic import generate
+from predictor.features.batch import USER_PROFILE
+from predictor.features.offline import read_offline
+from predictor.features.pipeline import build_features
+from predictor.features.realtime import push_events_with_settings
+from predictor.features.store import apply, materialize_incremental
+from predictor.models.config import TrainConfig, model_config
+from predictor.models.lifecycle import MODEL_NAME, train_and_register
+from predictor.models.registry import ModelRegistry
+from tests.conftest import REDIS_DB
+
+pytestmark = pytest.mark.integration
+
+RECSYS = str(Path(sys.executable).parent / "recsys")
+TINY = model_config("tiny")
+FAST = TrainConfig(epochs=3, ranker_epochs=1, batch_size=32, patience=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, pg_database):
+    """Event log, features (offline + materialized online), a trained and promoted tiny model."""
+    home = tmp_path_factory.mktemp("serving")
+    settings = Settings(profile=Profile.production, home=home / "home", pg_database=pg_database,
+                        feast_project=f"s{uuid.uuid4().hex[:12]}", redis_db=REDIS_DB, recent_items=10)  # fmt: skip
+    data = generate(n_events=6_000, n_users=200, n_items=300, n_categories=6, seed=3)
+    log = EventLog(settings.database_url)
+    log.replace(data)
+    log.engine.dispose()
+    build_features(settings, snapshot_every="7D")
+    store = apply(settings)
+    materialize_incremental(settings, store=store)
+    registry = ModelRegistry(settings.database_url)
+    version, _ = train_and_register(data, registry, settings.artifacts_uri, TINY, FAST,
+                                    read_offline(USER_PROFILE, settings), progress=False)  # fmt: skip
+    yield settings, data, registry, version
+    registry.engine.dispose()
+    client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=REDIS_DB)
+    keys = [k for k in client.scan_iter(count=10_000) if settings.feast_project.encode() in k]
+    if keys:
+        client.delete(*keys)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``recsys serve`` in a subprocess, stopped with SIGTERM."""
+
+    def __init__(self, settings: Settings, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environ = {**os.environ, **settings.feast_environment(), "RECSYS_REDIS_HOST": settings.redis_host,
+                   "RECSYS_REDIS_PORT": str(settings.redis_port), "RECSYS_REDIS_DB": str(settings.redis_db),
+                   "RECSYS_RECENT_ITEMS": str(settings.recent_items), "RECSYS_SERVE_ITEM_REFRESH_SECONDS": "0",
+                   **{k: str(v) for k, v in env.items()}}  # fmt: skip
+        self.log = open(settings.home_dir.parent / f"serve-{self.port}.log", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen([RECSYS, "serve", "--port", str(self.port)], env=environ,
+                                     stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"recsys serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if self.client.get("/v2/models/recsys/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"recsys serve not ready after 120 s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def v1(self, instances, **kw) -> httpx.Response:
+        return self.client.post("/v1/models/recsys:predict", json={"instances": instances}, **kw)
+
+    def v2(self, body, **kw) -> httpx.Response:
+        return self.client.post("/v2/models/recsys/infer", json=body, **kw)
+
+    def metric(self, name: str, **labels) -> float:
+        text = self.client.get("/metrics").text
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            if line.startswith(name + ("{" + want + "}" if want else " ")):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(f"{name}{{{want}}} not in /metrics")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(stack):
+    srv = Server(stack[0])
+    yield srv
+    srv.stop()
+
+
+def active_user(data, rank: int = 0) -> int:
+    counts = data.events["user_id"].value_counts()
+    return int(counts.index[rank])
+
+
+def recent(settings: Settings, user_id: int) -> list[int]:
+    log = EventLog(settings.database_url)
+    try:
+        with log.engine.connect() as conn:
+            rows = log.recent_items(conn, [user_id], settings.recent_items)
+    finally:
+        log.engine.dispose()
+    return list(rows["recent_items"].iloc[0])
+
+
+def test_v1_round_trip(server, stack):
+    settings, data, _, version = stack
+    users = [active_user(data, 0), active_user(data, 1)]
+    response = server.v1([{"user_id": users[0], "k": 7}, {"user_id": users[1], "k": 3, "exclude_seen": False}])
+    assert response.status_code == 200, response.text
+    first, second = response.json()["predictions"]
+    assert first["user_id"] == users[0] and len(first["item_ids"]) == 7 and len(second["item_ids"]) == 3
+    assert first["model_version"] == str(version.version) and first["fallback"] is None
+    assert len(set(first["item_ids"])) == 7
+    assert first["scores"] == sorted(first["scores"], reverse=True)
+    assert not set(first["item_ids"]) & set(recent(settings, users[0])), "seen items must be excluded"
+    catalog = set(data.items["item_id"].tolist())
+    assert set(first["item_ids"]) <= catalog
+
+
+def test_v2_round_trip_without_id(server, stack):
+    _, data, _, version = stack
+    users = [active_user(data, 2), active_user(data, 3)]
+    body = {"inputs": [{"name": "user_id", "shape": [2], "datatype": "INT64", "data": users},
+                       {"name": "k", "shape": [1], "datatype": "INT32", "data": [5]}]}  # fmt: skip
+    response = server.v2(body)
+    assert response.status_code == 200, response.text
+    out = {o["name"]: o for o in response.json()["outputs"]}
+    assert response.json()["model_version"] == str(version.version)
+    assert out["item_ids"]["shape"] == [2, 5] and out["scores"]["shape"] == [2, 5]
+    assert out["fallback"]["data"] == ["", ""]
+    # the same users over V1 get the same answer
+    v1 = server.v1([{"user_id": u, "k": 5} for u in users]).json()["predictions"]
+    assert out["item_ids"]["data"] == v1[0]["item_ids"] + v1[1]["item_ids"]
+
+
+V1_BAD = [
+    ({"instances": [{"k": 5}]}, "instances[0].user_id is missing"),
+    ({"instances": [{"user_id": "42"}]}, "instances[0].user_id must be an integer"),
+    ({"instances": [{"user_id": 4.5}]}, "instances[0].user_id must be an integer"),
+    ({"instances": [{"user_id": True}]}, "instances[0].user_id must be an integer"),
+    ({"instances": [{"user_id": 1, "k": 0}]}, "instances[0].k must be between 1 and 100"),
+    ({"instances": [{"user_id": 1, "k": 101}]}, "instances[0].k must be between 1 and 100"),
+    ({"instances": [{"user_id": 1, "exclude_seen": "yes"}]}, "instances[0].exclude_seen"),
+    ({"instances": [{"user_id": i} for i in range(65)]}, "at most 64 users per request"),
+    ({"instances": []}, "instances is empty"),
+    ({"instances": {"user_id": 1}}, "'instances' must be a list"),
+    ({"users": [1]}, "'instances' is missing"),
+    ({"instances": [{"user_id": 1, "kk": 3}]}, "unknown field(s) ['kk']"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), V1_BAD)
+def test_v1_bad_input_is_400_naming_the_field(server, body, message):
+    response = server.client.post("/v1/models/recsys:predict", json=body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+def user_input(data, datatype="INT64", shape=None):
+    return {"name": "user_id", "shape": shape or [len(data)], "datatype": datatype, "data": data}
+
+
+V2_BAD = [
+    ({"inputs": [user_input([1.5], "FP32")]}, "input 'user_id' has datatype FP32"),
+    ({"inputs": [user_input([1, 2], shape=[3])]}, "input 'user_id'"),
+    ({"inputs": [{"name": "k", "shape": [1], "datatype": "INT32", "data": [3]}]}, "input 'user_id' is missing"),
+    ({"inputs": [user_input([1]), {"name": "k", "shape": [1], "datatype": "INT32", "data": [0]}]}, "input 'k'"),
+    ({"inputs": [user_input([1]), {"name": "k", "shape": [1], "datatype": "FP32", "data": [3.0]}]},
+     "input 'k' has datatype FP32"),
+    ({"inputs": [user_input([1]), {"name": "exclude_seen", "shape": [1], "datatype": "INT32", "data": [1]}]},
+     "input 'exclude_seen' has datatype INT32"),
+    ({"inputs": [{"name": "user_id", "shape": [1]}]}, "datatype"),
+    ({"inputs": 5}, "inputs"),
+    ({"inputs": [user_input(list(range(65)))]}, "at most 64 users"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "message"), V2_BAD)
+def test_v2_bad_input_is_400_naming_the_field(server, body, message):
+    response = server.v2(body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+def test_malformed_json_and_oversized_body(server):
+    for path in ("/v1/models/recsys:predict", "/v2/models/recsys/infer"):
+        response = server.client.post(path, content=b'{"instances": [', headers={"content-type": "application/json"})
+        assert response.status_code == 400, (path, response.text)
+    # no content-type: V1 still parses the JSON
+    ok = server.client.post("/v1/models/recsys:predict", content=b'{"instances": [{"user_id": 1}]}')
+    assert ok.status_code == 200, ok.text
+    huge = b'{"instances": [' + b'{"user_id": 1},' * 30_000 + b'{"user_id": 1}]}'
+    assert server.client.post("/v1/models/recsys:predict", content=huge).status_code == 413
+
+
+def test_unknown_user_gets_flagged_popularity_fallback(server, stack):
+    _, data, _, _ = stack
+    before = server.metric("recsys_fallbacks_total", reason="cold_start")
+    response = server.v1([{"user_id": 987_654_321, "k": 5}])
+    assert response.status_code == 200
+    (pred,) = response.json()["predictions"]
+    assert pred["fallback"] == "cold_start"
+    popular = data.events["item_id"].value_counts().index[:5].tolist()
+    assert pred["item_ids"] == popular
+    assert server.metric("recsys_fallbacks_total", reason="cold_start") == before + 1
+
+
+def test_pushed_event_changes_next_recommendations(server, stack):
+    settings, data, _, _ = stack
+    user = active_user(data, 5)
+    before = server.v1([{"user_id": user, "k": 10}]).json()["predictions"][0]
+    # the user suddenly watches a run of items they never saw, all from one category
+    items = data.items
+    seen = set(data.events.loc[data.events["user_id"] == user, "item_id"])
+    category = items["categories"].map(lambda c: c[0] if len(c) else -1)
+    usual = category[items["item_id"].isin(seen)].mode().iloc[0]
+    fresh = items.loc[(category != usual) & ~items["item_id"].isin(seen), "item_id"].head(8).tolist()
+    now = pd.Timestamp.now(tz="UTC")
+    events = pd.DataFrame({"user_id": [user] * len(fresh), "item_id": fresh,
+                           "timestamp": [now + pd.Timedelta(milliseconds=i) for i in range(len(fresh))]})  # fmt: skip
+    push_events_with_settings(events, settings)
+    after = server.v1([{"user_id": user, "k": 10}]).json()["predictions"][0]
+    assert after["fallback"] is None
+    assert after["item_ids"] != before["item_ids"]
+    assert not set(after["item_ids"]) & set(fresh), "just-pushed items are seen items now"
+
+
+def test_online_store_down_falls_back_without_5xx(stack):
+    settings, data, _, _ = stack
+    srv = Server(settings, RECSYS_REDIS_PORT=1, RECSYS_SERVE_FEATURE_TIMEOUT_MS=200)
+    try:
+        started = time.perf_counter()
+        response = srv.v1([{"user_id": active_user(data, 0), "k": 5}])
+        elapsed = time.perf_counter() - started
+        assert response.status_code == 200, response.text
+        (pred,) = response.json()["predictions"]
+        assert pred["fallback"] in ("online_store_unavailable", "online_store_timeout")
+        assert len(pred["item_ids"]) == 5
+        assert elapsed < 1.0
+        assert srv.metric("recsys_fallbacks_total", reason=pred["fallback"]) >= 1
+        assert srv.metric("recsys_errors_total", kind="online_store") >= 1
+    finally:
+        srv.stop()
+
+
+def test_hot_swap_under_load_with_zero_failures(stack, tmp_path):
+    settings, data, registry, version = stack
+    srv = Server(settings, RECSYS_SERVE_MODEL_POLL_SECONDS="0.3")
+    failures, versions, stop = [], set(), threading.Event()
+    users = [active_user(data, r) for r in range(8)]
+
+    def hammer():
+        with httpx.Client(base_url=srv.url, timeout=10) as client:
+            while not stop.is_set():
+                r = client.post("/v1/models/recsys:predict", json={"instances": [{"user_id": u} for u in users[:3]]})
+                if r.status_code != 200:
+                    failures.append((r.status_code, r.text))
+                else:
+                    versions.update(p["model_version"] for p in r.json()["predictions"])
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        # a new production version (the same weights re-registered is still a new version to load)
+        new = registry.register(MODEL_NAME, version.artifact_uri, version.data_cutoff, version.metrics, version.id)
+        registry.promote(new.id, registry.production(MODEL_NAME).id)
+        deadline = time.monotonic() + 60
+        while str(new.version) not in versions and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert str(new.version) in versions, srv.output()[-3000:]
+        # a broken version: checksum mismatch; the server must keep serving the previous one
+        broken = tmp_path / "broken"
+        shutil.copytree(version.artifact_uri, broken)
+        with open(broken / "retrieval.pt", "ab") as f:
+            f.write(b"corrupt")
+        bad = registry.register(MODEL_NAME, str(broken), version.data_cutoff, version.metrics, new.id)
+        registry.promote(bad.id, new.id)
+        deadline = time.monotonic() + 30
+        while srv.metric("recsys_errors_total", kind="model_load") < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert srv.metric("recsys_errors_total", kind="model_load") >= 1
+        time.sleep(0.5)
+        versions.clear()
+        time.sleep(0.5)
+        assert versions == {str(new.version)}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        srv.stop()
+        # leave a loadable production model for whatever runs next
+        again = registry.register(MODEL_NAME, version.artifact_uri, version.data_cutoff, version.metrics, version.id)
+        registry.promote(again.id, registry.production(MODEL_NAME).id)
+    assert failures == []
+
+
+def test_async_redis_reads_equal_get_online_features(stack):
+    from predictor.features.store import open_store
+    from predictor.serving.online import FeastOnlineFeatures, RedisOnlineFeatures
+
+    settings, data, _, _ = stack
+    store = open_store(settings)
+    users = [active_user(data, r) for r in range(5)] + [987_654_321]
+
+    async def both():
+        fast = RedisOnlineFeatures(store, settings, timeout=1.0)
+        try:
+            return await fast.users(users), await FeastOnlineFeatures(store).users(users)
+        finally:
+            await fast.close()
+
+    fast, feast_rows = asyncio.run(both())
+    for a, b in zip(fast, feast_rows):
+        assert a.user_id == b.user_id and a.found == b.found
+        np.testing.assert_array_equal(a.history, b.history)
+        assert a.values.keys() == b.values.keys()
+        for name in a.values:
+            x, y = a.values[name], b.values[name]
+            if isinstance(x, list):
+                np.testing.assert_allclose(x, y)
+            else:
+                assert x == pytest.approx(y), name
+    assert fast[-1].found is False and len(fast[-1].history) == 0
+    items = data.items["item_id"].to_numpy()[:20]
+    fast_items = RedisOnlineFeatures(store, settings, timeout=1.0).items_sync(items)
+    feast_items = FeastOnlineFeatures(store).items_sync(items)
+    pd.testing.assert_frame_equal(fast_items.drop(columns="categories"), feast_items.drop(columns="categories"),
+                                  check_dtype=False)  # fmt: skip
+
+
+def test_serve_help_is_ours_not_kserves():
+    done = subprocess.run([RECSYS, "serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--model-uri" in done.stdout and "--http_port" not in done.stdout
