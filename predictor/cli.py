@@ -325,13 +325,16 @@ def retrain(
 # --- demo -------------------------------------------------------------------------------------------
 @app.command()
 def demo(
-    events: Annotated[int, typer.Option(help="Synthetic events to generate.")] = 200_000,
+    events: Annotated[int, typer.Option(help="Synthetic events to generate.")] = 100_000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    size: Annotated[str, typer.Option(help="Model size: tiny, small, base, large.")] = "small",
+    epochs: Annotated[int, typer.Option(help="Maximum retrieval epochs.")] = 6,
 ) -> None:
-    """End to end on the active profile: data → features → Feast → online reads → real-time push."""
+    """End to end on the active profile: data → features → Feast → train → KServe predictor → recommendations
+    → real-time events → changed recommendations."""
     from predictor.demo import run_demo
 
-    run_demo(state.settings, console, n_events=events, seed=seed)
+    run_demo(state.settings, console, n_events=events, seed=seed, size=size, epochs=epochs)
 
 
 @app.command()

@@ -1,13 +1,23 @@
-"""``recsys demo``: the whole online-feature path on the active profile, narrated.
+"""``recsys demo``: the whole product on the active profile, narrated.
 
-synthetic data → event log → batch features → ``feast apply`` → ``materialize-incremental`` →
-online reads → a real-time event pushed → the next online read sees it.
+synthetic data → event log → batch features → ``feast apply`` → ``materialize-incremental`` → online reads →
+train the two-stage model → start the KServe predictor → recommendations over REST and their latency →
+real-time events pushed → the user's next recommendations change → the predictor stops.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
 
 import numpy as np
 import pandas as pd
@@ -17,9 +27,14 @@ from rich.table import Table
 from predictor.config import Settings
 from predictor.data.eventlog import EventLog
 from predictor.data.synthetic import generate
+from predictor.features.batch import USER_PROFILE
+from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
 from predictor.features.store import apply, materialize_incremental, online_user_features
+from predictor.models.config import TrainConfig, model_config
+from predictor.models.lifecycle import train_and_register
+from predictor.models.registry import ModelRegistry
 
 
 class _Step:
@@ -36,7 +51,8 @@ class _Step:
             self.console.print(f"[dim]done in {time.perf_counter() - self.started:.1f} s[/]")
 
 
-def run_demo(settings: Settings, console: Console, n_events: int = 200_000, seed: int = 0) -> None:
+def run_demo(settings: Settings, console: Console, n_events: int = 100_000, seed: int = 0, size: str = "small",
+             epochs: int = 6) -> None:  # fmt: skip
     total = time.perf_counter()
     console.print(f"profile [bold]{settings.profile.value}[/], state in {settings.home_dir}")
     settings.home_dir.mkdir(parents=True, exist_ok=True)
@@ -47,52 +63,168 @@ def run_demo(settings: Settings, console: Console, n_events: int = 200_000, seed
         event_log.replace(data)
         console.print(data.summary())
 
-    with _Step(console, "2. Batch features → offline store"):
-        written = build_features(settings, progress=True)
+    with _Step(console, "2. Batch features → offline store (weekly snapshots for point-in-time training)"):
+        written = build_features(settings, snapshot_every="7D", progress=True)
         console.print(", ".join(f"{name}: {rows:,} rows" for name, rows in written.items()))
 
     with _Step(console, "3. feast apply + materialize-incremental → online store"):
         store = apply(settings)
         materialize_incremental(settings, datetime.now(timezone.utc), store=store)
         console.print(f"project {store.project}: {len(store.list_feature_views())} feature views, "
-                      f"{len(store.list_feature_services())} feature services")
+                      f"{len(store.list_feature_services())} feature services")  # fmt: skip
 
-    active = data.events["user_id"].value_counts().index[:3].tolist()
+    active = [int(u) for u in data.events["user_id"].value_counts().index[:3]]
     with _Step(console, "4. Online reads"):
         before = _timed_read(store, active, console)
         _show(console, before, data)
 
-    user = int(active[0])
-    seen = set(before.loc[before["user_id"] == user, "recent_items"].iloc[0])
-    new_item = int(np.setdiff1d(data.items["item_id"].to_numpy(), list(seen))[-1])
-    with _Step(console, f"5. Real-time event: user {user} clicks item {new_item}"):
-        started = time.perf_counter()
-        push_events(
-            pd.DataFrame({"user_id": [user], "item_id": [new_item], "timestamp": [pd.Timestamp.now(tz="UTC")],
-                          "event_type": ["click"]}),
-            store, event_log, settings.recent_items, source="demo",
+    with _Step(
+        console, f"5. Train the two-stage model ({size}, up to {epochs} epochs) → registry → production"
+    ):
+        registry = ModelRegistry(settings.database_url)
+        version, metrics = train_and_register(
+            data, registry, settings.artifacts_uri, model_config(size), TrainConfig(epochs=epochs, min_epochs=1, ranker_epochs=2, ranker_examples_per_epoch=10_000, seed=seed),
+            read_offline(USER_PROFILE, settings),
         )  # fmt: skip
-        pushed_ms = (time.perf_counter() - started) * 1000
-        after = online_user_features(store, [user])
-        head = after["recent_items"].iloc[0][:5]
-        console.print(f"pushed in {pushed_ms:.1f} ms; next online read: recent_items starts {head}")
-        if head[0] != new_item:
-            raise RuntimeError(f"the pushed event is not visible online: expected {new_item} first, got {head}")
+        registry.engine.dispose()
+        console.print(
+            f"version {version.version} ({version.status}); test "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("recall", "ndcg")))
+        )
+
+    titles = dict(zip(data.items["item_id"].tolist(), data.items["title"].tolist()))
+    console.rule("[bold]6. Start the KServe predictor (recsys serve)")
+    predictor = Predictor(settings)
+    with predictor:
+        console.print(f"ready at {predictor.url} in {predictor.startup_seconds:.1f} s")
+        with _Step(console, "7. Recommendations over REST (V1)"):
+            recs = predictor.recommend(active, k=5)
+            _show_recs(console, recs, titles)
+            p50, p99 = predictor.latency(active[0], requests=200)
+            console.print(f"latency over 200 sequential requests: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+
+        user = active[0]
+        fresh = _items_outside_taste(data, user, 6)
+        with _Step(console, f"8. Real-time events: user {user} views {len(fresh)} items of another category"):
+            started = time.perf_counter()
+            now = pd.Timestamp.now(tz="UTC")
+            push_events(
+                pd.DataFrame({"user_id": [user] * len(fresh), "item_id": fresh, "event_type": ["view"] * len(fresh),
+                              "timestamp": [now + pd.Timedelta(milliseconds=i) for i in range(len(fresh))]}),
+                store, event_log, settings.recent_items, source="demo",
+            )  # fmt: skip
+            console.print(f"pushed to the online store in {(time.perf_counter() - started) * 1000:.1f} ms: "
+                          + "; ".join(titles.get(i, str(i)) for i in fresh[:3]) + " ...")  # fmt: skip
+            after = predictor.recommend([user], k=5)
+            _show_recs(console, recs[:1] + after, titles, labels=["before", "after"])
+            if after[0]["item_ids"] == recs[0]["item_ids"]:
+                raise RuntimeError("the pushed events did not change the user's recommendations")
+        console.rule("[bold]9. Stop the predictor (SIGTERM)")
+    console.print(f"[dim]stopped in {predictor.stop_seconds:.1f} s[/]")
     event_log.engine.dispose()
 
     console.rule("[bold green]Done")
     console.print(f"whole demo: {time.perf_counter() - total:.1f} s")
     console.print(
-        "Next: `recsys features build --snapshot-every 1D && recsys train` trains the two-stage model on this "
-        "log; the KServe predictor (`recsys serve`) that answers requests from it is the next part to be built."
+        "Next: `recsys serve` keeps the predictor running (V1: POST /v1/models/recsys:predict, V2: POST "
+        "/v2/models/recsys/infer); `recsys events push FILE` feeds it events; `recsys retrain` makes a new "
+        "version that the running predictor hot-swaps. `--profile production` does the same on PostgreSQL + Redis."
     )
+
+
+class Predictor:
+    """``recsys serve`` as a child process for the demo: started, called over HTTP, stopped with SIGTERM."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Predictor:
+        started = time.perf_counter()
+        env = {
+            **os.environ,
+            **self.settings.feast_environment(),
+            "RECSYS_RECENT_ITEMS": str(self.settings.recent_items),
+        }
+        self.log = open(self.settings.home_dir / "predictor.log", "w")  # noqa: SIM115 - closed in __exit__
+        recsys = shutil.which("recsys") or str(Path(sys.executable).parent / "recsys")
+        self.proc = subprocess.Popen([recsys, "serve", "--port", str(self.port)], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)  # fmt: skip
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the predictor exited ({self.proc.returncode}); see {self.log.name}")
+            try:
+                if self.client.get("/v2/models/recsys/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() - started > 180:
+                raise RuntimeError(f"the predictor is not ready after 180 s; see {self.log.name}")
+            time.sleep(0.2)
+        self.startup_seconds = time.perf_counter() - started
+        return self
+
+    def __exit__(self, *exc) -> None:
+        started = time.perf_counter()
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        self.stop_seconds = time.perf_counter() - started
+
+    def recommend(self, users: list[int], k: int) -> list[dict]:
+        response = self.client.post("/v1/models/recsys:predict",
+                                    json={"instances": [{"user_id": u, "k": k} for u in users]})  # fmt: skip
+        response.raise_for_status()
+        return response.json()["predictions"]
+
+    def latency(self, user: int, requests: int) -> tuple[float, float]:
+        times = []
+        body = {"instances": [{"user_id": user, "k": 10}]}
+        for _ in range(requests):
+            started = time.perf_counter()
+            self.client.post("/v1/models/recsys:predict", json=body).raise_for_status()
+            times.append((time.perf_counter() - started) * 1000)
+        return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def _items_outside_taste(data, user: int, n: int) -> list[int]:
+    """Unseen items from the category the user has interacted with least."""
+    items = data.items
+    category = items["categories"].map(lambda c: c[0] if len(c) else -1)
+    seen = set(data.events.loc[data.events["user_id"] == user, "item_id"].tolist())
+    counts = category[items["item_id"].isin(seen)].value_counts()
+    rare = min(category.unique(), key=lambda c: counts.get(c, 0))
+    pool = items.loc[(category == rare) & ~items["item_id"].isin(seen), "item_id"]
+    return [int(i) for i in pool.head(n)]
+
+
+def _show_recs(
+    console: Console, predictions: list[dict], titles: dict, labels: list[str] | None = None
+) -> None:
+    table = Table("", "user", "model", "top 5 (title, score)")
+    for row, pred in enumerate(predictions):
+        label = labels[row] if labels else ""
+        model = f"v{pred['model_version']}" + (f" fallback: {pred['fallback']}" if pred["fallback"] else "")
+        top = "; ".join(f"{titles.get(i, i)} ({s:.2f})" for i, s in zip(pred["item_ids"], pred["scores"]))
+        table.add_row(label, str(pred["user_id"]), model, top)
+    console.print(table)
 
 
 def _timed_read(store, users, console: Console) -> pd.DataFrame:
     online_user_features(store, users)  # the first read opens connections; time the second
     started = time.perf_counter()
     frame = online_user_features(store, users)
-    console.print(f"get_online_features for {len(users)} users: {(time.perf_counter() - started) * 1000:.1f} ms")
+    console.print(
+        f"get_online_features for {len(users)} users: {(time.perf_counter() - started) * 1000:.1f} ms"
+    )
     return frame
 
 

@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import time
+import warnings
 
 from predictor.config import Settings
 from predictor.serving.model import RecommenderModel, ServeSettings
@@ -91,6 +92,10 @@ def serve(settings: Settings, serve: ServeSettings, log_level: str = "INFO") -> 
     from kserve.logging import configure_logging
 
     configure_logging(logging_config(log_level))
+    # KServe 0.21 still answers through FastAPI's ORJSONResponse, which warns on every first use
+    from fastapi.exceptions import FastAPIDeprecationWarning
+
+    warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
     model = RecommenderModel(settings, serve)
     model.load()
     # Everything loaded so far lives as long as the process: move it out of the garbage collector's

@@ -1,0 +1,174 @@
+"""The predictor's pure parts, driven directly: engine, micro-batcher, request parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferInput, InferRequest
+
+from predictor.data.synthetic import generate
+from predictor.models.config import TrainConfig, model_config
+from predictor.models.data import ITEM_DENSE_COLUMNS, build_split, user_dense_matrix, user_dense_rows
+from predictor.models.recommender import TwoStageRecommender, model_files, model_from_files
+from predictor.serving.engine import ModelValidationError, ServingEngine
+from predictor.serving.model import MicroBatcher
+from predictor.serving.requests import Limits, parse_v1, parse_v2
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = generate(n_events=4_000, n_users=150, n_items=200, n_categories=5, seed=11)
+    model = TwoStageRecommender(model_config("tiny"), TrainConfig(epochs=2, ranker_epochs=1, batch_size=32, seed=0))
+    model.fit(build_split(data), None, progress=False)
+    model.use_ranker = True  # exercise the ranking stage whatever validation decided
+    files, _ = model_files(model)
+    return data, files
+
+
+def engine_for(files, **kw) -> ServingEngine:
+    return ServingEngine(model_from_files(files, "cpu"), "1", device="cpu", **kw)
+
+
+def test_engine_excludes_seen_and_returns_catalog_ids(trained):
+    data, files = trained
+    engine = engine_for(files)
+    history = data.events.loc[data.events["user_id"] == 1, "item_id"].to_numpy()
+    dense = np.zeros((2, engine.n_user_dense), np.float32)
+    with_seen, without_seen = engine.recommend([history, history], dense, [20, 20], [False, True])
+    assert len(without_seen.item_ids) == 20 and len(set(without_seen.item_ids)) == 20
+    assert not np.isin(without_seen.item_ids, history).any()
+    assert np.isin(with_seen.item_ids, data.items["item_id"]).all()
+    assert (np.diff(without_seen.scores) <= 1e-6).all(), "scores come sorted, best first"
+    timings: dict = {}
+    engine.recommend([history], dense[:1], [5], [True], timings)
+    assert set(timings) == {"retrieval", "ranking"} and timings["ranking"] > 0
+
+
+def test_engine_batch_equals_single_requests(trained):
+    data, files = trained
+    engine = engine_for(files)
+    histories = [data.events.loc[data.events["user_id"] == u, "item_id"].to_numpy()[-12:] for u in (3, 4, 5)]
+    dense = np.zeros((3, engine.n_user_dense), np.float32)
+    batch = engine.recommend(histories, dense, [10, 4, 7], [True, True, False])
+    for b, history in enumerate(histories):
+        (single,) = engine.recommend([history], dense[:1], [[10, 4, 7][b]], [[True, True, False][b]])
+        np.testing.assert_array_equal(batch[b].item_ids, single.item_ids)
+        np.testing.assert_allclose(batch[b].scores, single.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_ranker_agrees_with_fp32_on_most_of_the_top(trained):
+    data, files = trained
+    fp32, int8 = engine_for(files), engine_for(files, precision="int8")
+    overlaps = []
+    for user in range(1, 30):
+        history = data.events.loc[data.events["user_id"] == user, "item_id"].to_numpy()
+        dense = np.zeros((1, fp32.n_user_dense), np.float32)
+        (a,), (b,) = fp32.recommend([history], dense, [10], [True]), int8.recommend([history], dense, [10], [True])
+        overlaps.append(len(np.intersect1d(a.item_ids, b.item_ids)) / 10)
+    assert np.mean(overlaps) >= 0.8
+
+
+def test_engine_popular_fallback_and_unknown_items(trained):
+    data, files = trained
+    engine = engine_for(files)
+    # training-split popularity: the most frequent items of the whole log, up to holdout-sized shifts
+    top = engine.popular(6).item_ids
+    assert set(top) <= set(data.events["item_id"].value_counts().index[:10])
+    np.testing.assert_array_equal(engine.popular(4, exclude=top[:2]).item_ids, top[2:6])
+    assert not engine.knows_history(np.array([10**12, -5]))
+    assert engine.knows_history(np.array([10**12, top[0]]))
+
+
+def test_item_feature_refresh_changes_the_item_table(trained):
+    data, files = trained
+    engine = engine_for(files)
+    before = engine._items[2].clone()
+    ids = engine.item_ids[:50]
+    rows = pd.DataFrame({c: np.full(len(ids), 1000.0) for c in ITEM_DENSE_COLUMNS})
+    assert engine.set_item_features(np.append(ids, 10**12), pd.concat([rows, rows.iloc[:1]], ignore_index=True)) == 50
+    after = engine._items[2]
+    assert not np.allclose(before[1:51].numpy(), after[1:51].numpy())
+    np.testing.assert_allclose(before[51:].numpy(), after[51:].numpy(), atol=1e-6)
+
+
+def test_self_check_rejects_a_broken_model(trained):
+    _, files = trained
+    model = model_from_files(files, "cpu")
+    with np.errstate(all="ignore"):
+        for p in model.retrieval.parameters():
+            p.data.fill_(float("nan"))
+    with pytest.raises(ModelValidationError, match="non-finite"):
+        ServingEngine(model, "bad", device="cpu").self_check()
+
+
+def test_user_dense_rows_equal_the_dataframe_path():
+    rows = [
+        {"events_1d": 3, "events_7d": 10, "events_30d": 12, "events_total": 40, "seconds_since_last_event": 7200.0,
+         "mean_rating": 4.0, "rating_count": 5, "category_affinity": [0.5, 0.25, 0.25]},
+        {"events_1d": None, "events_7d": None, "events_30d": None, "events_total": None,
+         "seconds_since_last_event": None, "mean_rating": None, "rating_count": None, "category_affinity": None},
+    ]  # fmt: skip
+    np.testing.assert_allclose(user_dense_rows(rows, 3), user_dense_matrix(pd.DataFrame(rows), 3))
+
+
+def test_micro_batcher_merges_concurrent_calls_and_keeps_order():
+    calls, gate = [], threading.Event()
+
+    def run(items):
+        gate.wait(5)
+        calls.append(list(items))
+        return [x * 10 for x in items]
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch=8, max_wait=0)
+        first = asyncio.create_task(batcher.submit([1]))  # starts at once: the worker is idle
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(batcher.submit([i, i + 100])) for i in range(2, 6)]  # queue while busy
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.gather(first, *rest)
+        batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results == [[10], [20, 1020], [30, 1030], [40, 1040], [50, 1050]]
+    assert calls[0] == [1] and calls[1] == [2, 102, 3, 103, 4, 104, 5, 105]
+
+
+def test_micro_batcher_propagates_failures_to_every_waiter():
+    def run(items):
+        raise RuntimeError("boom")
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch=4, max_wait=0.01)
+        outcome = await asyncio.gather(batcher.submit([1]), batcher.submit([2]), return_exceptions=True)
+        batcher.close()
+        return outcome
+
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(scenario()))
+
+
+def test_v1_parsing_defaults_and_limits():
+    limits = Limits(max_k=50, default_k=10, max_instances=3)
+    parsed = parse_v1({"instances": [{"user_id": 7}, {"user_id": 8.0, "k": 50, "exclude_seen": False}]}, limits)
+    assert [(r.user_id, r.k, r.exclude_seen) for r in parsed.requests] == [(7, 10, True), (8, 50, False)]
+    assert parse_v1(b'{"instances": [{"user_id": 1}]}', limits).requests[0].user_id == 1
+    with pytest.raises(InvalidInput, match="at most 3 users"):
+        parse_v1({"instances": [{"user_id": i} for i in range(4)]}, limits)
+    with pytest.raises(InvalidInput, match="not valid JSON"):
+        parse_v1(b"{", limits)
+
+
+def test_v2_parsing():
+    user = InferInput("user_id", [3], "INT64", [1, 2, 3])
+    k = InferInput("k", [1], "INT32", [4])
+    excl = InferInput("exclude_seen", [1], "BOOL", [False])
+    parsed = parse_v2(InferRequest("recsys", [user, k, excl]), Limits())
+    assert [(r.user_id, r.k, r.exclude_seen) for r in parsed.requests] == [(1, 4, False), (2, 4, False), (3, 4, False)]
+    with pytest.raises(InvalidInput, match="one value"):
+        parse_v2(InferRequest("recsys", [user, InferInput("k", [2], "INT32", [1, 2])]), Limits())
