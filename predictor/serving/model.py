@@ -86,7 +86,11 @@ class ServeSettings(BaseSettings):
     item_refresh_seconds: float = Field(
         default=30.0, ge=0, description="materialization check period (0: off)"
     )
-    torch_threads: int = Field(default=0, ge=0, description="intra-op threads (0: torch's default)")
+    # torch's default is one thread per core of the *node*, not of the pod's CPU limit: oversubscribed in a
+    # container, and the event loop needs a core too. One thread per replica; scale with replicas.
+    torch_threads: int = Field(default=1, ge=0, description="intra-op threads (0: torch's default)")
+    ranker: str = Field(default="auto", pattern="^(auto|on|off)$",
+                        description="auto: as validation decided at training; on/off: force")
 
     @property
     def limits(self) -> Limits:
@@ -219,6 +223,8 @@ class RecommenderModel(Model):
                 production.version  # fmt: skip
         engine = ServingEngine(load_model(uri, self.serve.device), version, self.serve.device,
                                self.serve.precision, self.serve.candidates)  # fmt: skip
+        if self.serve.ranker != "auto":
+            engine.use_ranker = self.serve.ranker == "on"
         engine.self_check()
         metrics.MODEL_VERSION.set(number)
         return LoadedModel(engine, version_id, version)

@@ -7,6 +7,7 @@ tasks' lifetime, quiet per-request logging, and a frozen heap.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -103,6 +104,13 @@ def serve(settings: Settings, serve: ServeSettings, log_level: str = "INFO") -> 
     gc.collect()
     gc.freeze()
     prepare_app(model, serve)
+    try:  # KServe runs uvicorn inside asyncio.run(), so uvicorn's own loop choice never applies
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        asyncio.set_event_loop(asyncio.new_event_loop())  # KServe asks for "the current loop" before asyncio.run
+    except ImportError:
+        log.info("uvloop not installed: running on the standard asyncio loop")
     server = ModelServer(http_port=serve.http_port, enable_grpc=False, enable_docs_url=False,
                          enable_latency_logging=False, workers=1)  # fmt: skip
     server.start([model])

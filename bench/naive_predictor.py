@@ -1,0 +1,102 @@
+"""The naive baseline ``bench/serve.py`` compares the predictor against: the same model and KServe server,
+written the obvious way.
+
+Per request: a synchronous ``preprocess`` (runs on the event loop) calls Feast's ``get_online_features``
+for the user; ``predict`` scores every item by brute force (one matrix product, no index), then calls
+``get_online_features`` again for the 100 best candidates' item features and ranks them. No micro-batching,
+no item-feature cache, no raw Redis reads, no frozen heap.
+
+    python bench/naive_predictor.py --port 8081   (with the RECSYS_* environment of the benchmark)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+_argv, sys.argv = sys.argv, sys.argv[:1]  # KServe parses sys.argv at import
+import kserve  # noqa: E402
+
+sys.argv = _argv
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from predictor.config import Settings  # noqa: E402
+from predictor.features.store import ITEM_FEATURES, USER_FEATURES, open_store  # noqa: E402
+from predictor.models.data import item_dense_matrix, user_dense_matrix  # noqa: E402
+from predictor.models.lifecycle import MODEL_NAME, load_model  # noqa: E402
+from predictor.models.registry import ModelRegistry  # noqa: E402
+from predictor.serving.server import logging_config  # noqa: E402
+
+CANDIDATES = 100
+
+
+class NaiveModel(kserve.Model):
+    def __init__(self, name: str, settings: Settings):
+        super().__init__(name)
+        self.settings = settings
+
+    def load(self) -> bool:
+        production = ModelRegistry(self.settings.database_url).production(MODEL_NAME)
+        self.model = load_model(production.artifact_uri, "cpu")
+        self.model.split = self.model.catalog  # the helpers below read the catalog under this name
+        self.store = open_store(self.settings)
+        with torch.no_grad():
+            self.items = self.model._embed_items()
+        self.item_ids = self.model.catalog.items.ids
+        self.n_cat = self.model.catalog.n_categories
+        self.ready = True
+        return True
+
+    def preprocess(self, payload, headers=None):
+        instance = payload["instances"][0]
+        user = int(instance["user_id"])
+        frame = self.store.get_online_features(features=USER_FEATURES, entity_rows=[{"user_id": user}]).to_df()
+        return user, int(instance.get("k", 10)), frame
+
+    def predict(self, payload, headers=None):
+        user, k, frame = payload
+        recent = frame["recent_items"].iloc[0] or []
+        history = self.model.catalog.items.index(np.asarray(recent[::-1], np.int64))
+        history = history[history > 0][-self.model.config.max_history :]
+        window = torch.zeros((1, self.model.config.max_history), dtype=torch.long)
+        window[0, : len(history)] = torch.from_numpy(history)
+        lengths = torch.tensor([len(history)])
+        udense = torch.from_numpy(user_dense_matrix(frame, self.n_cat))
+        with torch.no_grad():
+            user_vec = self.model._embed_users(window, lengths, udense)
+            scores = user_vec @ self.items.T
+            scores[:, 0] = float("-inf")
+            cand = torch.topk(scores, CANDIDATES, dim=1).indices
+            raw = self.item_ids[cand[0].numpy() - 1]
+            item_frame = self.store.get_online_features(
+                features=ITEM_FEATURES, entity_rows=[{"item_id": int(i)} for i in raw]
+            ).to_df()
+            item_dense = self.model.item_dense.clone()
+            item_dense[cand[0]] = torch.from_numpy(item_dense_matrix(item_frame))
+            self.model.item_dense, saved = item_dense, self.model.item_dense
+            try:
+                hist = self.model._ranker_history(window, lengths)
+                ranked = self.model.ranker(*self.model._ranker_inputs(self.items, hist, udense, user_vec, cand))
+            finally:
+                self.model.item_dense = saved
+            order = torch.argsort(ranked, dim=1, descending=True)[0, :k]
+        return {"predictions": [{"user_id": user, "item_ids": raw[order.numpy()].tolist(),
+                                 "scores": ranked[0, order].tolist()}]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=8081)
+    args = parser.parse_args()
+    from kserve.logging import configure_logging
+
+    configure_logging(logging_config("WARNING"))
+    model = NaiveModel("recsys", Settings())
+    model.load()
+    kserve.ModelServer(http_port=args.port, enable_grpc=False, enable_latency_logging=False).start([model])
+
+
+if __name__ == "__main__":
+    main()
