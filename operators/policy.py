@@ -1,0 +1,196 @@
+"""The operator's decisions as pure functions: no Kubernetes, no clocks, no I/O. The kopf handlers
+(``operators/handlers.py``) gather inputs, call these, and apply the result; tests drive them directly.
+
+* :func:`window_delta` / :func:`merge` / :func:`quantile`: a windowed p99 from cumulative Prometheus
+  histogram buckets, merged across pods by adding bucket counts (never averaging per-pod p99s), with
+  counter resets (a restarted pod) handled as Prometheus' ``increase()`` does.
+* :func:`desired_replicas`: HPA's rule ``ceil(current × observed / target)`` with a tolerance band,
+  max step up/down, min/max clamps; no data or stale data holds the current size and never scales down.
+* :class:`Stabilizer`: HPA-style stabilisation windows over recommendations (scale down to the highest
+  recommendation of the window, up to the lowest), so the size changes direction at most once a window.
+* :func:`outliers`: replicas whose p99 exceeds ``ratio ×`` the median of their peers are ejected from
+  rotation, never below the minimum share in rotation; re-admitted after a cool-off once they are back
+  under a lower ratio (hysteresis).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+Buckets = dict[float, float]  # upper bound ("le") → cumulative count; +inf included
+
+
+# --- histograms ------------------------------------------------------------------------------------------
+def window_delta(now: Buckets, before: Buckets | None) -> Buckets:
+    """Observations between two scrapes of one pod's cumulative histogram.
+
+    A counter reset (the total went down: the process restarted) means everything counted now happened
+    since the reset, as in Prometheus' ``increase()``. No earlier scrape: no window yet (empty).
+    """
+    if before is None:
+        return {}
+    if now.get(math.inf, 0.0) < before.get(math.inf, 0.0):
+        return dict(now)
+    return {le: max(count - before.get(le, 0.0), 0.0) for le, count in now.items()}
+
+
+def merge(histograms: list[Buckets]) -> Buckets:
+    """Pool several pods' windows: bucket counts add up (same bucket layout on every pod)."""
+    out: Buckets = {}
+    for h in histograms:
+        for le, count in h.items():
+            out[le] = out.get(le, 0.0) + count
+    return out
+
+
+def quantile(buckets: Buckets, q: float) -> float | None:
+    """Prometheus ``histogram_quantile``: linear interpolation inside the bucket holding rank ``q × total``.
+    None when the window has no observations."""
+    if not 0 <= q <= 1:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    total = buckets.get(math.inf, 0.0)
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for le in sorted(buckets):
+        count = buckets[le]
+        if count >= rank:
+            if math.isinf(le):
+                return lower  # beyond the last finite bucket: its bound is the best estimate
+            if count == below:
+                return le
+            return lower + (le - lower) * (rank - below) / (count - below)
+        lower, below = le, count
+    return lower
+
+
+# --- scaling --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScalingPolicy:
+    target_p99_ms: float
+    min_replicas: int = 1
+    max_replicas: int = 10
+    tolerance: float = 0.1  # no change while observed/target is within 1 ± tolerance
+    max_step_up: int = 4  # replicas added per decision at most
+    max_step_down: int = 1
+    scale_up_stabilization_s: float = 0.0
+    scale_down_stabilization_s: float = 300.0
+    min_requests: int = 20  # fewer observations in the window: too little data to act on
+
+    def __post_init__(self):
+        if self.min_replicas < 1 or self.max_replicas < self.min_replicas:
+            raise ValueError(f"need 1 <= minReplicas <= maxReplicas, got {self.min_replicas}..{self.max_replicas}")
+        if self.target_p99_ms <= 0:
+            raise ValueError("p99TargetMs must be positive")
+
+
+def desired_replicas(current: int, observed_p99_ms: float | None, requests: float, policy: ScalingPolicy) -> int:
+    """The size this window asks for, before stabilisation.
+
+    ``observed_p99_ms`` None or too few ``requests``: hold (clamped into [min, max]) — missing metrics must
+    never scale a service down.
+    """
+    current = max(current, 0)
+    clamp = lambda n: max(policy.min_replicas, min(policy.max_replicas, n))  # noqa: E731
+    if observed_p99_ms is None or requests < policy.min_requests or current == 0:
+        return clamp(current) if current else policy.min_replicas
+    ratio = observed_p99_ms / policy.target_p99_ms
+    if abs(ratio - 1.0) <= policy.tolerance:
+        return clamp(current)
+    wanted = math.ceil(current * ratio)
+    wanted = min(wanted, current + policy.max_step_up)
+    wanted = max(wanted, current - policy.max_step_down)
+    return clamp(wanted)
+
+
+@dataclass
+class Stabilizer:
+    """Recommendations of the last window, as HPA keeps them. ``recommend`` returns the size to apply."""
+
+    history: list[tuple[float, int]] = field(default_factory=list)  # (time, recommendation)
+
+    def recommend(self, now: float, current: int, wanted: int, policy: ScalingPolicy) -> int:
+        self.history.append((now, wanted))
+        horizon = max(policy.scale_up_stabilization_s, policy.scale_down_stabilization_s)
+        self.history = [(t, r) for t, r in self.history if now - t <= horizon]
+        if wanted < current:  # down: to the highest recommendation of the down window (never below it)
+            window = [r for t, r in self.history if now - t <= policy.scale_down_stabilization_s]
+            return min(current, max(window))
+        if wanted > current:  # up: to the lowest recommendation of the up window
+            window = [r for t, r in self.history if now - t <= policy.scale_up_stabilization_s]
+            return max(current, min(window))
+        return current
+
+    def to_list(self) -> list[list[float]]:
+        return [[t, r] for t, r in self.history]
+
+    @classmethod
+    def from_list(cls, items) -> Stabilizer:
+        return cls([(float(t), int(r)) for t, r in (items or [])])
+
+
+# --- outlier ejection ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EjectionPolicy:
+    enabled: bool = True
+    ratio: float = 2.0  # eject a pod whose p99 > ratio × the median p99 of the others
+    readmit_ratio: float = 1.3  # re-admit once it is back under readmit_ratio × that median ...
+    cooloff_s: float = 30.0  # ... and at least this long after its ejection
+    min_in_rotation: float = 0.5  # share of ready pods that always stays in rotation
+    min_requests: int = 10  # a pod needs this many requests in the window to be judged
+
+
+def outliers(
+    pod_p99_ms: Mapping[str, float | None],
+    pod_requests: Mapping[str, float],
+    ejected_since: Mapping[str, float],
+    now: float,
+    policy: EjectionPolicy,
+) -> dict[str, float]:
+    """The pods out of rotation after this window: ``{pod: ejected since}``.
+
+    ``pod_p99_ms``: every ready pod's p99 over the window (None: no data). ``ejected_since``: the current
+    state. Ejected pods keep receiving health checks but no traffic, so their p99 is judged on whatever
+    they served before; a pod with no data is re-admitted after the cool-off (it cannot prove itself
+    otherwise). Pods gone from ``pod_p99_ms`` are forgotten.
+    """
+    if not policy.enabled:
+        return {}
+    pods = list(pod_p99_ms)
+    state = {p: t for p, t in ejected_since.items() if p in pod_p99_ms}
+
+    def peer_median(pod: str) -> float | None:
+        peers = [v for p, v in pod_p99_ms.items() if p != pod and p not in state and v is not None
+                 and pod_requests.get(p, 0) >= policy.min_requests]  # fmt: skip
+        if not peers:
+            return None
+        peers.sort()
+        mid = len(peers) // 2
+        return peers[mid] if len(peers) % 2 else (peers[mid - 1] + peers[mid]) / 2
+
+    # re-admission first (hysteresis: a lower ratio than ejection, after a cool-off)
+    for pod in sorted(state):
+        if now - state[pod] < policy.cooloff_s:
+            continue
+        value, median = pod_p99_ms.get(pod), peer_median(pod)
+        if value is None or pod_requests.get(pod, 0) < policy.min_requests or median is None \
+                or value <= policy.readmit_ratio * median:  # fmt: skip
+            del state[pod]
+
+    max_out = len(pods) - math.ceil(policy.min_in_rotation * len(pods))
+    candidates = []
+    for pod in pods:
+        value = pod_p99_ms[pod]
+        if pod in state or value is None or pod_requests.get(pod, 0) < policy.min_requests:
+            continue
+        median = peer_median(pod)
+        if median is not None and value > policy.ratio * median:
+            candidates.append((value / median, pod))
+    for _, pod in sorted(candidates, reverse=True):  # the slowest first
+        if len(state) >= max_out:
+            break
+        state[pod] = now
+    return state

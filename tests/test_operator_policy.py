@@ -1,0 +1,149 @@
+"""The operator's policy core: unit and property tests (no Kubernetes)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from operators.policy import (
+    EjectionPolicy,
+    ScalingPolicy,
+    Stabilizer,
+    desired_replicas,
+    merge,
+    outliers,
+    quantile,
+    window_delta,
+)
+
+BOUNDS = [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, math.inf]
+
+
+def cumulative(values_s: list[float]) -> dict[float, float]:
+    return {le: float(sum(v <= le for v in values_s)) for le in BOUNDS}
+
+
+def test_quantile_interpolates_like_prometheus():
+    # 100 observations: 90 in (0.002, 0.004], 10 in (0.008, 0.016]
+    h = {0.001: 0, 0.002: 0, 0.004: 90, 0.008: 90, 0.016: 100, 0.032: 100, 0.064: 100, math.inf: 100}
+    assert quantile(h, 0.5) == pytest.approx(0.002 + 0.002 * 50 / 90)
+    assert quantile(h, 0.99) == pytest.approx(0.008 + 0.008 * 9 / 10)
+    assert quantile({math.inf: 0}, 0.99) is None
+    assert quantile({0.004: 0, math.inf: 5}, 0.99) == 0.004  # all beyond the last bound
+
+
+def test_window_delta_and_counter_reset():
+    before = cumulative([0.003] * 50)
+    now = cumulative([0.003] * 50 + [0.010] * 20)
+    delta = window_delta(now, before)
+    assert delta[math.inf] == 20 and delta[0.004] == 0 and delta[0.016] == 20
+    restarted = cumulative([0.020] * 5)  # fewer in total than before: the pod restarted
+    assert window_delta(restarted, before) == restarted
+    assert window_delta(now, None) == {}
+
+
+@given(st.lists(st.lists(st.floats(0.0001, 0.1), min_size=1, max_size=60), min_size=1, max_size=5))
+@settings(max_examples=60, deadline=None)
+def test_merged_p99_is_the_pooled_p99_not_an_average(pods):
+    """Merging bucket counts equals bucketing the pooled observations; the estimate lands in the bucket
+    that holds the true pooled p99."""
+    merged = merge([cumulative(p) for p in pods])
+    pooled = [v for p in pods for v in p]
+    assert merged == cumulative(pooled)
+    estimate = quantile(merged, 0.99)
+    true = float(np.quantile(pooled, 0.99, method="inverted_cdf"))
+    upper = next(le for le in BOUNDS if true <= le)
+    lower = max([0.0] + [le for le in BOUNDS if le < upper])
+    assert lower <= estimate <= (upper if math.isfinite(upper) else lower)
+
+
+POLICY = ScalingPolicy(target_p99_ms=10, min_replicas=2, max_replicas=20, tolerance=0.1, max_step_up=4,
+                       max_step_down=1)  # fmt: skip
+
+
+def test_desired_replicas_hpa_rule_band_steps_and_clamps():
+    assert desired_replicas(4, 20.0, 1000, POLICY) == 8  # ceil(4 × 2)
+    assert desired_replicas(4, 10.5, 1000, POLICY) == 4  # inside the tolerance band
+    assert desired_replicas(4, 100.0, 1000, POLICY) == 8  # at most +4
+    assert desired_replicas(4, 1.0, 1000, POLICY) == 3  # at most -1
+    assert desired_replicas(2, 1.0, 1000, POLICY) == 2  # never below min
+    assert desired_replicas(19, 100.0, 1000, POLICY) == 20  # never above max
+
+
+@given(current=st.integers(1, 30), p99=st.none() | st.floats(0.01, 1000), requests=st.integers(0, 5))
+def test_missing_or_thin_metrics_never_scale_down(current, p99, requests):
+    wanted = desired_replicas(current, p99, requests, POLICY)  # under min_requests: too little data
+    assert wanted >= min(max(current, POLICY.min_replicas), POLICY.max_replicas)
+    assert POLICY.min_replicas <= wanted <= POLICY.max_replicas
+
+
+@given(current=st.integers(1, 40), p99=st.floats(0.01, 10_000))
+def test_desired_replicas_always_within_bounds_and_direction(current, p99):
+    wanted = desired_replicas(current, p99, 10_000, POLICY)
+    assert POLICY.min_replicas <= wanted <= POLICY.max_replicas
+    if POLICY.min_replicas <= current <= POLICY.max_replicas:
+        if p99 > POLICY.target_p99_ms * (1 + POLICY.tolerance):
+            assert wanted >= current
+        if p99 < POLICY.target_p99_ms * (1 - POLICY.tolerance):
+            assert wanted <= current
+
+
+@given(st.lists(st.floats(1, 40), min_size=5, max_size=80))
+@settings(max_examples=80, deadline=None)
+def test_stabilizer_changes_direction_at_most_once_per_window(p99s):
+    """Under any sequence of observations, between two scale-downs there is no scale-up-then-down inside
+    one stabilisation window, i.e. no flapping."""
+    policy = ScalingPolicy(target_p99_ms=10, min_replicas=1, max_replicas=20, scale_down_stabilization_s=60)
+    stab, size, changes = Stabilizer(), 5, []
+    for step, p99 in enumerate(p99s):
+        now = step * 15.0
+        new = stab.recommend(now, size, desired_replicas(size, p99, 1000, policy), policy)
+        if new != size:
+            changes.append((now, 1 if new > size else -1))
+        size = new
+    for (t1, d1), (t2, d2) in zip(changes, changes[1:]):
+        if d1 == 1 and d2 == -1:
+            assert t2 - t1 >= policy.scale_down_stabilization_s - 1e-9
+
+
+def test_stabilizer_scales_down_only_after_the_window():
+    policy = ScalingPolicy(target_p99_ms=10, min_replicas=1, max_replicas=20, scale_down_stabilization_s=60)
+    stab = Stabilizer()
+    assert stab.recommend(0, 6, 6, policy) == 6
+    assert stab.recommend(15, 6, 5, policy) == 6  # 6 still in the window
+    assert stab.recommend(45, 6, 5, policy) == 6
+    assert stab.recommend(61, 6, 5, policy) == 5  # the 6 from t=0 left the window
+    assert Stabilizer.from_list(stab.to_list()).history == stab.history
+
+
+EJECT = EjectionPolicy(ratio=2.0, readmit_ratio=1.3, cooloff_s=30, min_in_rotation=0.5, min_requests=10)
+
+
+def test_slow_pod_is_ejected_and_readmitted_with_hysteresis():
+    p99 = {"a": 5.0, "b": 5.5, "c": 6.0, "d": 18.0}
+    req = dict.fromkeys(p99, 100)
+    state = outliers(p99, req, {}, now=0, policy=EJECT)
+    assert state == {"d": 0}
+    # better but not good enough (8 > 1.3 × 5.5) and within cool-off: stays out
+    assert outliers({**p99, "d": 8.0}, req, state, now=40, policy=EJECT) == {"d": 0}
+    # back under the re-admission ratio but still cooling off: stays out
+    assert outliers({**p99, "d": 6.0}, req, state, now=20, policy=EJECT) == {"d": 0}
+    assert outliers({**p99, "d": 6.0}, req, state, now=40, policy=EJECT) == {}
+
+
+def test_ejection_never_goes_below_minimum_share_and_ignores_thin_data():
+    p99 = {"a": 5.0, "b": 50.0, "c": 60.0, "d": 70.0}
+    state = outliers(p99, dict.fromkeys(p99, 100), {}, now=0, policy=EJECT)
+    assert len(state) <= 2 and "a" not in state
+    assert outliers({"a": 5.0, "b": 5.0, "c": 40.0}, {"a": 100, "b": 100, "c": 3}, {}, 0, EJECT) == {}
+    assert outliers({"a": 5.0, "b": 40.0}, {"a": 100, "b": 100}, {"gone": 0}, 0, EjectionPolicy(enabled=False)) == {}
+
+
+@given(st.dictionaries(st.text("abcdefgh", min_size=1, max_size=3), st.floats(0.1, 1000), min_size=1, max_size=12))
+def test_minimum_share_in_rotation_always_holds(p99):
+    state = outliers(p99, dict.fromkeys(p99, 100), {}, now=0, policy=EJECT)
+    assert len(p99) - len(state) >= math.ceil(EJECT.min_in_rotation * len(p99))
