@@ -52,7 +52,9 @@ class NaiveModel(kserve.Model):
     def preprocess(self, payload, headers=None):
         instance = payload["instances"][0]
         user = int(instance["user_id"])
-        frame = self.store.get_online_features(features=USER_FEATURES, entity_rows=[{"user_id": user}]).to_df()
+        frame = self.store.get_online_features(
+            features=USER_FEATURES, entity_rows=[{"user_id": user}]
+        ).to_df()
         return user, int(instance.get("k", 10)), frame
 
     def predict(self, payload, headers=None):
@@ -78,7 +80,9 @@ class NaiveModel(kserve.Model):
             self.model.item_dense, saved = item_dense, self.model.item_dense
             try:
                 hist = self.model._ranker_history(window, lengths)
-                ranked = self.model.ranker(*self.model._ranker_inputs(self.items, hist, udense, user_vec, cand))
+                ranked = self.model.ranker(
+                    *self.model._ranker_inputs(self.items, hist, udense, user_vec, cand)
+                )
             finally:
                 self.model.item_dense = saved
             order = torch.argsort(ranked, dim=1, descending=True)[0, :k]

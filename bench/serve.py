@@ -98,7 +98,9 @@ def start(command: list[str], settings: Settings, name: str, env: dict | None = 
                "RECSYS_SERVE_ITEM_REFRESH_SECONDS": "0", "RECSYS_SERVE_MODEL_POLL_SECONDS": "0",
                "RECSYS_SERVE_RANKER": "on", **(env or {})}  # fmt: skip
     log = open(settings.home_dir / f"{name}.log", "w")  # noqa: SIM115 - closed by stop()
-    proc = subprocess.Popen([*command, "--port", str(port)], env=environ, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*command, "--port", str(port)], env=environ, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     import httpx
@@ -150,7 +152,9 @@ async def load(url: str, users: np.ndarray, concurrency: int, requests: int, see
     async with aiohttp.ClientSession(connector=connector) as session:
         # warm-up: connections, lazy imports, first-call allocations
         for u in users[:20]:
-            async with session.post(f"{url}/v1/models/recsys:predict", json={"instances": [{"user_id": int(u)}]}) as r:
+            async with session.post(
+                f"{url}/v1/models/recsys:predict", json={"instances": [{"user_id": int(u)}]}
+            ) as r:
                 await r.read()
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
@@ -244,7 +248,9 @@ def main() -> None:
     events = max(items * 2, users * 20)
 
     settings = bench_settings(Path(args.home))
-    with console.status(f"setup: {events:,} events, {items:,} items, {users:,} users → features → Redis → model"):
+    with console.status(
+        f"setup: {events:,} events, {items:,} items, {users:,} users → features → Redis → model"
+    ):
         active, setup_timings = setup(settings, items, users, events)
     console.print(f"setup: {setup_timings}")
 
@@ -284,7 +290,9 @@ def main() -> None:
                     "c16_rps>=400": results["ours"]["c16"]["rps"] >= 400,
                     "c16_p99_ms<=50": results["ours"]["c16"]["p99_ms"] <= 50},
     }  # fmt: skip
-    report["targets"]["naive_p99/ours>=2"] = min(r["naive_p99_over_ours"] for r in report["ratios"].values()) >= 2
+    report["targets"]["naive_p99/ours>=2"] = (
+        min(r["naive_p99_over_ours"] for r in report["ratios"].values()) >= 2
+    )
 
     table = Table("server", "concurrency", "p50 ms", "p99 ms", "req/s")
     for name in ("ours", "naive"):
@@ -295,7 +303,9 @@ def main() -> None:
     stage_table = Table("stage", "c1 mean ms", "c1 p99 ms", "c16 mean ms", "c16 p99 ms")
     for stage in ("features", "retrieval", "ranking", "total"):
         a, b = stages["c1"].get(stage, {}), stages["c16"].get(stage, {})
-        stage_table.add_row(stage, *(f"{x.get(k, float('nan')):.2f}" for x in (a, b) for k in ("mean_ms", "p99_ms")))
+        stage_table.add_row(
+            stage, *(f"{x.get(k, float('nan')):.2f}" for x in (a, b) for k in ("mean_ms", "p99_ms"))
+        )
     console.print(stage_table)
     console.print(f"targets: {report['targets']}")
     out = Path(args.out)

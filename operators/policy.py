@@ -82,12 +82,16 @@ class ScalingPolicy:
 
     def __post_init__(self):
         if self.min_replicas < 1 or self.max_replicas < self.min_replicas:
-            raise ValueError(f"need 1 <= minReplicas <= maxReplicas, got {self.min_replicas}..{self.max_replicas}")
+            raise ValueError(
+                f"need 1 <= minReplicas <= maxReplicas, got {self.min_replicas}..{self.max_replicas}"
+            )
         if self.target_p99_ms <= 0:
             raise ValueError("p99TargetMs must be positive")
 
 
-def desired_replicas(current: int, observed_p99_ms: float | None, requests: float, policy: ScalingPolicy) -> int:
+def desired_replicas(
+    current: int, observed_p99_ms: float | None, requests: float, policy: ScalingPolicy
+) -> int:
     """The size this window asks for, before stabilisation.
 
     ``observed_p99_ms`` None or too few ``requests``: hold (clamped into [min, max]) — missing metrics must

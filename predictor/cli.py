@@ -384,6 +384,21 @@ def serve(
     run_server(state.settings, options, log_level=state.log_level or "INFO")
 
 
+@app.command()
+def operator(
+    namespace: Annotated[Optional[list[str]], typer.Option(help="Watch only these namespaces (repeatable); "
+                                                                "default: the whole cluster.")] = None,
+) -> None:
+    """Run the LatencyAutoscaler operator (kopf) until stopped: scales the predictor on p99 latency and takes
+    slow replicas out of rotation. Needs the CRD (operators/crd.yaml) and in-cluster or kubeconfig access."""
+    import kopf
+
+    import operators.handlers  # noqa: F401 - registers the handlers
+
+    kopf.configure(verbose=(state.log_level or "INFO").upper() == "DEBUG")
+    kopf.run(standalone=True, namespaces=namespace or [], clusterwide=not namespace)
+
+
 def main() -> None:
     from predictor.data.eventlog import UnknownItemError
     from predictor.data.schema import DataValidationError

@@ -140,10 +140,17 @@ def test_ejection_never_goes_below_minimum_share_and_ignores_thin_data():
     state = outliers(p99, dict.fromkeys(p99, 100), {}, now=0, policy=EJECT)
     assert len(state) <= 2 and "a" not in state
     assert outliers({"a": 5.0, "b": 5.0, "c": 40.0}, {"a": 100, "b": 100, "c": 3}, {}, 0, EJECT) == {}
-    assert outliers({"a": 5.0, "b": 40.0}, {"a": 100, "b": 100}, {"gone": 0}, 0, EjectionPolicy(enabled=False)) == {}
+    assert (
+        outliers({"a": 5.0, "b": 40.0}, {"a": 100, "b": 100}, {"gone": 0}, 0, EjectionPolicy(enabled=False))
+        == {}
+    )
 
 
-@given(st.dictionaries(st.text("abcdefgh", min_size=1, max_size=3), st.floats(0.1, 1000), min_size=1, max_size=12))
+@given(
+    st.dictionaries(
+        st.text("abcdefgh", min_size=1, max_size=3), st.floats(0.1, 1000), min_size=1, max_size=12
+    )
+)
 def test_minimum_share_in_rotation_always_holds(p99):
     state = outliers(p99, dict.fromkeys(p99, 100), {}, now=0, policy=EJECT)
     assert len(p99) - len(state) >= math.ceil(EJECT.min_in_rotation * len(p99))

@@ -151,7 +151,9 @@ def recent(settings: Settings, user_id: int) -> list[int]:
 def test_v1_round_trip(server, stack):
     settings, data, _, version = stack
     users = [active_user(data, 0), active_user(data, 1)]
-    response = server.v1([{"user_id": users[0], "k": 7}, {"user_id": users[1], "k": 3, "exclude_seen": False}])
+    response = server.v1(
+        [{"user_id": users[0], "k": 7}, {"user_id": users[1], "k": 3, "exclude_seen": False}]
+    )
     assert response.status_code == 200, response.text
     first, second = response.json()["predictions"]
     assert first["user_id"] == users[0] and len(first["item_ids"]) == 7 and len(second["item_ids"]) == 3
@@ -230,7 +232,9 @@ def test_v2_bad_input_is_400_naming_the_field(server, body, message):
 
 def test_malformed_json_and_oversized_body(server):
     for path in ("/v1/models/recsys:predict", "/v2/models/recsys/infer"):
-        response = server.client.post(path, content=b'{"instances": [', headers={"content-type": "application/json"})
+        response = server.client.post(
+            path, content=b'{"instances": [', headers={"content-type": "application/json"}
+        )
         assert response.status_code == 400, (path, response.text)
     # no content-type: V1 still parses the JSON
     ok = server.client.post("/v1/models/recsys:predict", content=b'{"instances": [{"user_id": 1}]}')
@@ -247,7 +251,9 @@ def test_unknown_user_gets_flagged_popularity_fallback(server, stack):
     (pred,) = response.json()["predictions"]
     assert pred["fallback"] == "cold_start"
     assert len(pred["item_ids"]) == 5 and pred["scores"] == sorted(pred["scores"], reverse=True)
-    assert set(pred["item_ids"]) <= set(data.events["item_id"].value_counts().index[:10])  # training popularity
+    assert set(pred["item_ids"]) <= set(
+        data.events["item_id"].value_counts().index[:10]
+    )  # training popularity
     assert server.metric("recsys_fallbacks_total", reason="cold_start") == before + 1
 
 
@@ -298,7 +304,9 @@ def test_hot_swap_under_load_with_zero_failures(stack, tmp_path):
     def hammer():
         with httpx.Client(base_url=srv.url, timeout=10) as client:
             while not stop.is_set():
-                r = client.post("/v1/models/recsys:predict", json={"instances": [{"user_id": u} for u in users[:3]]})
+                r = client.post(
+                    "/v1/models/recsys:predict", json={"instances": [{"user_id": u} for u in users[:3]]}
+                )
                 if r.status_code != 200:
                     failures.append((r.status_code, r.text))
                 else:
@@ -310,7 +318,9 @@ def test_hot_swap_under_load_with_zero_failures(stack, tmp_path):
     try:
         time.sleep(1.0)
         # a new production version (the same weights re-registered is still a new version to load)
-        new = registry.register(MODEL_NAME, version.artifact_uri, version.data_cutoff, version.metrics, version.id)
+        new = registry.register(
+            MODEL_NAME, version.artifact_uri, version.data_cutoff, version.metrics, version.id
+        )
         registry.promote(new.id, registry.production(MODEL_NAME).id)
         deadline = time.monotonic() + 60
         while str(new.version) not in versions and time.monotonic() < deadline:
@@ -337,7 +347,9 @@ def test_hot_swap_under_load_with_zero_failures(stack, tmp_path):
             t.join()
         srv.stop()
         # leave a loadable production model for whatever runs next
-        again = registry.register(MODEL_NAME, version.artifact_uri, version.data_cutoff, version.metrics, version.id)
+        again = registry.register(
+            MODEL_NAME, version.artifact_uri, version.data_cutoff, version.metrics, version.id
+        )
         registry.promote(again.id, registry.production(MODEL_NAME).id)
     assert failures == []
 

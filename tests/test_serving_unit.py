@@ -23,7 +23,9 @@ from predictor.serving.requests import Limits, parse_v1, parse_v2
 @pytest.fixture(scope="module")
 def trained():
     data = generate(n_events=4_000, n_users=150, n_items=200, n_categories=5, seed=11)
-    model = TwoStageRecommender(model_config("tiny"), TrainConfig(epochs=2, ranker_epochs=1, batch_size=32, seed=0))
+    model = TwoStageRecommender(
+        model_config("tiny"), TrainConfig(epochs=2, ranker_epochs=1, batch_size=32, seed=0)
+    )
     model.fit(build_split(data), None, progress=False)
     model.use_ranker = True  # exercise the ranking stage whatever validation decided
     files, _ = model_files(model)
@@ -68,7 +70,10 @@ def test_int8_ranker_agrees_with_fp32_on_most_of_the_top(trained):
     for user in range(1, 30):
         history = data.events.loc[data.events["user_id"] == user, "item_id"].to_numpy()
         dense = np.zeros((1, fp32.n_user_dense), np.float32)
-        (a,), (b,) = fp32.recommend([history], dense, [10], [True]), int8.recommend([history], dense, [10], [True])
+        (a,), (b,) = (
+            fp32.recommend([history], dense, [10], [True]),
+            int8.recommend([history], dense, [10], [True]),
+        )
         overlaps.append(len(np.intersect1d(a.item_ids, b.item_ids)) / 10)
     assert np.mean(overlaps) >= 0.8
 
@@ -90,7 +95,10 @@ def test_item_feature_refresh_changes_the_item_table(trained):
     before = engine._items[2].clone()
     ids = engine.item_ids[:50]
     rows = pd.DataFrame({c: np.full(len(ids), 1000.0) for c in ITEM_DENSE_COLUMNS})
-    assert engine.set_item_features(np.append(ids, 10**12), pd.concat([rows, rows.iloc[:1]], ignore_index=True)) == 50
+    assert (
+        engine.set_item_features(np.append(ids, 10**12), pd.concat([rows, rows.iloc[:1]], ignore_index=True))
+        == 50
+    )
     after = engine._items[2]
     assert not np.allclose(before[1:51].numpy(), after[1:51].numpy())
     np.testing.assert_allclose(before[51:].numpy(), after[51:].numpy(), atol=1e-6)
@@ -155,7 +163,9 @@ def test_micro_batcher_propagates_failures_to_every_waiter():
 
 def test_v1_parsing_defaults_and_limits():
     limits = Limits(max_k=50, default_k=10, max_instances=3)
-    parsed = parse_v1({"instances": [{"user_id": 7}, {"user_id": 8.0, "k": 50, "exclude_seen": False}]}, limits)
+    parsed = parse_v1(
+        {"instances": [{"user_id": 7}, {"user_id": 8.0, "k": 50, "exclude_seen": False}]}, limits
+    )
     assert [(r.user_id, r.k, r.exclude_seen) for r in parsed.requests] == [(7, 10, True), (8, 50, False)]
     assert parse_v1(b'{"instances": [{"user_id": 1}]}', limits).requests[0].user_id == 1
     with pytest.raises(InvalidInput, match="at most 3 users"):
@@ -169,6 +179,10 @@ def test_v2_parsing():
     k = InferInput("k", [1], "INT32", [4])
     excl = InferInput("exclude_seen", [1], "BOOL", [False])
     parsed = parse_v2(InferRequest("recsys", [user, k, excl]), Limits())
-    assert [(r.user_id, r.k, r.exclude_seen) for r in parsed.requests] == [(1, 4, False), (2, 4, False), (3, 4, False)]
+    assert [(r.user_id, r.k, r.exclude_seen) for r in parsed.requests] == [
+        (1, 4, False),
+        (2, 4, False),
+        (3, 4, False),
+    ]
     with pytest.raises(InvalidInput, match="one value"):
         parse_v2(InferRequest("recsys", [user, InferInput("k", [2], "INT32", [1, 2])]), Limits())

@@ -1,0 +1,179 @@
+"""One control period for one LatencyAutoscaler: observe → decide (``policy.py``) → act → report.
+
+``control_step`` is what the kopf timer calls; it takes the cluster as an argument (``cluster.py`` in
+production, the same class pointed at an in-process API stand-in in tests) and the memory of the previous
+period (last cumulative histogram per pod, stabilisation window, ejections), and returns the new memory,
+the ``status`` to write and the Events to post.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from operators import scrape
+from operators.cluster import KubernetesCluster
+from operators.policy import (
+    EjectionPolicy,
+    ScalingPolicy,
+    Stabilizer,
+    desired_replicas,
+    merge,
+    outliers,
+    quantile,
+    window_delta,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Memory:
+    """What one LatencyAutoscaler remembers between periods (kopf ``memo``; lost on restart, which only
+    costs one period without a window: the policy then holds)."""
+
+    last_scrape: dict[str, dict[float, float]] = field(default_factory=dict)
+    stabilizer: Stabilizer = field(default_factory=Stabilizer)
+    ejected: dict[str, float] = field(default_factory=dict)
+    last_run: float = -math.inf
+    last_scale_time: str | None = None
+
+
+@dataclass
+class StepResult:
+    status: dict
+    events: list[tuple[str, str, str]]  # (type, reason, message)
+
+
+def policies(spec: dict) -> tuple[ScalingPolicy, EjectionPolicy]:
+    behavior, metrics, ej = spec.get("behavior", {}), spec.get("metrics", {}), spec.get("outlierEjection", {})
+    scaling = ScalingPolicy(
+        target_p99_ms=float(spec["p99TargetMs"]),
+        min_replicas=int(spec.get("minReplicas", 1)),
+        max_replicas=int(spec.get("maxReplicas", 10)),
+        tolerance=float(behavior.get("tolerance", 0.1)),
+        max_step_up=int(behavior.get("scaleUp", {}).get("maxStep", 4)),
+        max_step_down=int(behavior.get("scaleDown", {}).get("maxStep", 1)),
+        scale_up_stabilization_s=float(behavior.get("scaleUp", {}).get("stabilizationWindowSeconds", 0)),
+        scale_down_stabilization_s=float(
+            behavior.get("scaleDown", {}).get("stabilizationWindowSeconds", 300)
+        ),
+        min_requests=int(metrics.get("minRequests", 20)),
+    )
+    ejection = EjectionPolicy(
+        enabled=bool(ej.get("enabled", True)),
+        ratio=float(ej.get("ratio", 2.0)),
+        readmit_ratio=float(ej.get("readmitRatio", 1.3)),
+        cooloff_s=float(ej.get("cooloffSeconds", 30)),
+        min_in_rotation=float(ej.get("minShareInRotation", 0.5)),
+        min_requests=int(ej.get("minRequests", 10)),
+    )
+    return scaling, ejection
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, now: float) -> StepResult:
+    spec, meta = body["spec"], body["metadata"]
+    namespace = meta["namespace"]
+    target = spec["targetRef"]
+    metrics = spec.get("metrics", {})
+    scaling, ejection = policies(spec)
+    condition_type = spec.get("outlierEjection", {}).get("conditionType", "autoscaling.recsys.io/latency-ok")
+    events: list[tuple[str, str, str]] = []
+
+    current, selector = await cluster.get_replicas(namespace, target["kind"], target["name"])
+    pods = [p for p in await cluster.list_pods(namespace, selector) if p.ready_containers and p.ip]
+
+    # --- observe: per-pod windows -------------------------------------------------------------------
+    labels = metrics.get("labels", {"stage": "total"})
+    name = metrics.get("histogram", "recsys_stage_seconds")
+    timeout = float(metrics.get("scrapeTimeoutSeconds", 2))
+    if metrics.get("source", "pods") == "prometheus":
+        windows = await scrape.prometheus_window(metrics["prometheusUrl"], name, labels, [p.name for p in pods],
+                                                 float(metrics.get("windowSeconds", 60)), timeout)  # fmt: skip
+    else:
+        port, path = int(metrics.get("port", 8080)), metrics.get("path", "/metrics")
+        scraped = await scrape.scrape_pods(
+            {p.name: f"http://{p.ip}:{port}{path}" for p in pods}, name, labels, timeout
+        )
+        windows = {}
+        for pod, buckets in scraped.items():
+            windows[pod] = window_delta(buckets, memory.last_scrape.get(pod)) if buckets else None
+            if buckets:
+                memory.last_scrape[pod] = buckets
+        memory.last_scrape = {p: b for p, b in memory.last_scrape.items() if p in scraped}
+
+    pod_p99 = {p: (quantile(w, 0.99) * 1000 if w and quantile(w, 0.99) is not None else None)
+               for p, w in windows.items()}  # fmt: skip
+    pod_requests = {p: (w or {}).get(math.inf, 0.0) for p, w in windows.items()}
+
+    # --- decide: outliers first, then size from the pods in rotation --------------------------------
+    before = dict(memory.ejected)
+    memory.ejected = outliers(pod_p99, pod_requests, memory.ejected, now, ejection)
+    in_rotation = [p for p in windows if p not in memory.ejected]
+    pooled = merge([w for p, w in windows.items() if p in in_rotation and w])
+    requests = pooled.get(math.inf, 0.0)
+    observed = quantile(pooled, 0.99) if pooled else None
+    observed_ms = observed * 1000 if observed is not None else None
+    wanted = desired_replicas(current, observed_ms, requests, scaling)
+    new_size = memory.stabilizer.recommend(now, current, wanted, scaling)
+
+    # --- act ----------------------------------------------------------------------------------------
+    for pod in pods:
+        out = pod.name in memory.ejected
+        status_now = pod.conditions.get(condition_type)
+        if out and status_now != "False":
+            await cluster.set_pod_condition(namespace, pod.name, condition_type, False, "SlowerThanPeers",
+                                            f"p99 {pod_p99.get(pod.name) or 0:.1f} ms, much slower than its peers")  # fmt: skip
+            events.append(("Warning", "Ejected", f"pod {pod.name} out of rotation: p99 "
+                                                 f"{pod_p99.get(pod.name) or 0:.1f} ms"))  # fmt: skip
+        elif not out and status_now != "True":
+            await cluster.set_pod_condition(namespace, pod.name, condition_type, True, "LatencyOk",
+                                            "in rotation")  # fmt: skip
+            if pod.name in before:
+                events.append(("Normal", "Readmitted", f"pod {pod.name} back in rotation"))
+    if new_size != current:
+        await cluster.set_replicas(namespace, target["kind"], target["name"], new_size)
+        memory.last_scale_time = _iso(now)
+        p99_text = f"{observed_ms:.1f} ms" if observed_ms is not None else "no data"
+        events.append(("Normal", "Scaled", f"{target['kind']} {target['name']}: {current} → {new_size} replicas "
+                                           f"(p99 {p99_text}, target {scaling.target_p99_ms:g} ms)"))  # fmt: skip
+    memory.last_run = now
+
+    conditions = [
+        {"type": "MetricsAvailable", "status": "True" if observed_ms is not None else "False",
+         "reason": "Scraped" if observed_ms is not None else "NoData",
+         "message": f"{len(pods)} ready pods, {int(requests)} requests in the window"},
+        {"type": "OnTarget", "status": ("Unknown" if observed_ms is None else
+                                        "True" if observed_ms <= scaling.target_p99_ms else "False"),
+         "reason": "Observed", "message": f"p99 {observed_ms:.1f} ms" if observed_ms is not None else "no data"},
+    ]  # fmt: skip
+    for c in conditions:
+        c["lastTransitionTime"] = _iso(now)
+    status = {
+        "observedGeneration": meta.get("generation"),
+        "observedP99Ms": round(observed_ms, 3) if observed_ms is not None else None,
+        "windowRequests": requests,
+        "currentReplicas": current,
+        "desiredReplicas": new_size,
+        "lastScaleTime": memory.last_scale_time,
+        "ejectedCount": len(memory.ejected),
+        "ejectedPods": [{"name": p, "since": _iso(t)} for p, t in sorted(memory.ejected.items())],
+        "pods": [
+            {
+                "name": p,
+                "p99Ms": round(v, 3) if v is not None else None,
+                "requests": pod_requests[p],
+                "inRotation": p not in memory.ejected,
+            }
+            for p, v in sorted(pod_p99.items())
+        ],  # fmt: skip
+        "recommendations": memory.stabilizer.to_list(),
+        "conditions": conditions,
+    }
+    return StepResult(status, events)
