@@ -386,7 +386,7 @@ def serve(
 
 @app.command()
 def operator(
-    namespace: Annotated[Optional[list[str]], typer.Option(help="Watch only these namespaces (repeatable); "
+    namespace: Annotated[list[str] | None, typer.Option(help="Watch only these namespaces (repeatable); "
                                                                 "default: the whole cluster.")] = None,
 ) -> None:
     """Run the LatencyAutoscaler operator (kopf) until stopped: scales the predictor on p99 latency and takes
