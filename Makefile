@@ -32,8 +32,10 @@ bench: $(STAMP) ## Run the benchmarks (needs PostgreSQL, Redis and ../shared/dat
 	$(BIN)/python bench/quality.py --dataset ml-latest-small
 	$(BIN)/python bench/train.py --dataset ml-100k
 	$(BIN)/python bench/model_sizes.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/autoscale.py
 
 clean: ## Remove local state (embedded stores, caches), keep .venv
-	rm -rf .recsys .pytest_cache
+	rm -rf .recsys .recsys-bench .pytest_cache
 
 .PHONY: help install demo test bench clean

@@ -53,11 +53,12 @@ DATABASE, PROJECT, REDIS_DB = "recsys_bench", "bench_serve", 6
 console = Console()
 
 
-def bench_settings(home: Path) -> Settings:
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    redis.Redis(db=REDIS_DB).flushdb()
+def bench_settings(home: Path, fresh: bool = True) -> Settings:
+    if fresh:
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        redis.Redis(db=REDIS_DB).flushdb()
     return Settings(profile=Profile.production, home=home, pg_database=DATABASE, feast_project=PROJECT,
                     redis_db=REDIS_DB)  # fmt: skip
 
@@ -84,6 +85,21 @@ def setup(settings: Settings, items: int, users: int, events: int) -> tuple[np.n
     timings["train_s"] = time.perf_counter() - started
     counts = data.events["user_id"].value_counts()
     return counts.index[counts >= 5].to_numpy(np.int64), timings
+
+
+def reusable(settings: Settings, items: int) -> np.ndarray | None:
+    """Active users of a previous run's setup with the same catalog size, if it is all still there."""
+    try:
+        production = ModelRegistry(settings.database_url).production("two_stage")
+        log = EventLog(settings.database_url)
+        data = log.read()
+        log.engine.dispose()
+    except Exception:  # noqa: BLE001 - no database, no tables: set up afresh
+        return None
+    if production is None or data.items["item_id"].nunique() != items or redis.Redis(db=REDIS_DB).dbsize() == 0:
+        return None
+    counts = data.events["user_id"].value_counts()
+    return counts.index[counts >= 5].to_numpy(np.int64)
 
 
 def free_port() -> int:
@@ -238,6 +254,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--c1-requests", type=int, default=None)
     parser.add_argument("--c16-requests", type=int, default=None)
+    parser.add_argument("--reuse", action="store_true", help="keep the previous run's data, features and model")
     parser.add_argument("--home", default=str(ROOT / ".recsys-bench" / "serve"))
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = parser.parse_args()
@@ -277,7 +294,7 @@ def main() -> None:
 
     plot(results, PLOT)
     report = {
-        "command": "python bench/serve.py" + (" --quick" if args.quick else ""),
+        "command": "python bench/serve.py" + (" --quick" if args.quick else "") + (" --reuse" if args.reuse else ""),
         "machine": f"{os.cpu_count()} cores; load generator on the same machine",
         "catalog_items": items, "users": users, "events": events, "setup_seconds": setup_timings,
         **{name: {level: {k: v for k, v in r.items() if k != "latencies_ms"} for level, r in per.items()}
@@ -311,8 +328,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out} and {PLOT}")
-    redis.Redis(db=REDIS_DB).flushdb()
+    console.print(f"wrote {out} and {PLOT} (the setup stays for --reuse; `make clean` removes it)")
 
 
 if __name__ == "__main__":

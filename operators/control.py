@@ -20,6 +20,7 @@ from operators.policy import (
     ScalingPolicy,
     Stabilizer,
     desired_replicas,
+    limit_step,
     merge,
     outliers,
     quantile,
@@ -37,6 +38,7 @@ class Memory:
     last_scrape: dict[str, dict[float, float]] = field(default_factory=dict)
     stabilizer: Stabilizer = field(default_factory=Stabilizer)
     ejected: dict[str, float] = field(default_factory=dict)
+    strikes: dict[str, int] = field(default_factory=dict)  # ejections per pod (repeat offenders cool off longer)
     last_run: float = -math.inf
     last_scale_time: str | None = None
 
@@ -54,6 +56,7 @@ def policies(spec: dict) -> tuple[ScalingPolicy, EjectionPolicy]:
         min_replicas=int(spec.get("minReplicas", 1)),
         max_replicas=int(spec.get("maxReplicas", 10)),
         tolerance=float(behavior.get("tolerance", 0.1)),
+        headroom=float(behavior.get("headroom", 0.2)),
         max_step_up=int(behavior.get("scaleUp", {}).get("maxStep", 4)),
         max_step_down=int(behavior.get("scaleDown", {}).get("maxStep", 1)),
         scale_up_stabilization_s=float(behavior.get("scaleUp", {}).get("stabilizationWindowSeconds", 0)),
@@ -114,14 +117,15 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
 
     # --- decide: outliers first, then size from the pods in rotation --------------------------------
     before = dict(memory.ejected)
-    memory.ejected = outliers(pod_p99, pod_requests, memory.ejected, now, ejection)
+    memory.ejected = outliers(pod_p99, pod_requests, memory.ejected, now, ejection, memory.strikes,
+                              peer_ceiling_ms=scaling.target_p99_ms)
     in_rotation = [p for p in windows if p not in memory.ejected]
     pooled = merge([w for p, w in windows.items() if p in in_rotation and w])
     requests = pooled.get(math.inf, 0.0)
     observed = quantile(pooled, 0.99) if pooled else None
     observed_ms = observed * 1000 if observed is not None else None
     wanted = desired_replicas(current, observed_ms, requests, scaling)
-    new_size = memory.stabilizer.recommend(now, current, wanted, scaling)
+    new_size = limit_step(current, memory.stabilizer.recommend(now, current, wanted, scaling), scaling)
 
     # --- act ----------------------------------------------------------------------------------------
     for pod in pods:

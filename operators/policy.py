@@ -73,7 +73,8 @@ class ScalingPolicy:
     target_p99_ms: float
     min_replicas: int = 1
     max_replicas: int = 10
-    tolerance: float = 0.1  # no change while observed/target is within 1 ± tolerance
+    tolerance: float = 0.1  # no change while observed/setpoint is within 1 ± tolerance
+    headroom: float = 0.2  # aim at target × (1 - headroom): a pool held *at* the target misses it half the time
     max_step_up: int = 4  # replicas added per decision at most
     max_step_down: int = 1
     scale_up_stabilization_s: float = 0.0
@@ -89,10 +90,9 @@ class ScalingPolicy:
             raise ValueError("p99TargetMs must be positive")
 
 
-def desired_replicas(
-    current: int, observed_p99_ms: float | None, requests: float, policy: ScalingPolicy
-) -> int:
-    """The size this window asks for, before stabilisation.
+def desired_replicas(current: int, observed_p99_ms: float | None, requests: float, policy: ScalingPolicy) -> int:
+    """The size this window asks for, before stabilisation and step limits (as HPA keeps its raw
+    recommendations and applies its rate limits afterwards).
 
     ``observed_p99_ms`` None or too few ``requests``: hold (clamped into [min, max]) — missing metrics must
     never scale a service down.
@@ -101,13 +101,17 @@ def desired_replicas(
     clamp = lambda n: max(policy.min_replicas, min(policy.max_replicas, n))  # noqa: E731
     if observed_p99_ms is None or requests < policy.min_requests or current == 0:
         return clamp(current) if current else policy.min_replicas
-    ratio = observed_p99_ms / policy.target_p99_ms
+    ratio = observed_p99_ms / (policy.target_p99_ms * (1.0 - policy.headroom))
     if abs(ratio - 1.0) <= policy.tolerance:
         return clamp(current)
-    wanted = math.ceil(current * ratio)
-    wanted = min(wanted, current + policy.max_step_up)
-    wanted = max(wanted, current - policy.max_step_down)
-    return clamp(wanted)
+    return clamp(math.ceil(current * ratio))
+
+
+def limit_step(current: int, new: int, policy: ScalingPolicy) -> int:
+    """At most ``max_step_up`` replicas added or ``max_step_down`` removed per decision, within [min, max]."""
+    new = min(new, current + policy.max_step_up)
+    new = max(new, current - policy.max_step_down)
+    return max(policy.min_replicas, min(policy.max_replicas, new))
 
 
 @dataclass
@@ -142,7 +146,8 @@ class EjectionPolicy:
     enabled: bool = True
     ratio: float = 2.0  # eject a pod whose p99 > ratio × the median p99 of the others
     readmit_ratio: float = 1.3  # re-admit once it is back under readmit_ratio × that median ...
-    cooloff_s: float = 30.0  # ... and at least this long after its ejection
+    cooloff_s: float = 30.0  # ... and at least this long after its ejection (doubled for each repeat ejection)
+    max_cooloff_s: float = 480.0
     min_in_rotation: float = 0.5  # share of ready pods that always stays in rotation
     min_requests: int = 10  # a pod needs this many requests in the window to be judged
 
@@ -153,16 +158,26 @@ def outliers(
     ejected_since: Mapping[str, float],
     now: float,
     policy: EjectionPolicy,
+    strikes: dict[str, int] | None = None,
+    peer_ceiling_ms: float | None = None,
 ) -> dict[str, float]:
     """The pods out of rotation after this window: ``{pod: ejected since}``.
 
     ``pod_p99_ms``: every ready pod's p99 over the window (None: no data). ``ejected_since``: the current
-    state. Ejected pods keep receiving health checks but no traffic, so their p99 is judged on whatever
-    they served before; a pod with no data is re-admitted after the cool-off (it cannot prove itself
-    otherwise). Pods gone from ``pod_p99_ms`` are forgotten.
+    state. An ejected pod gets no traffic, so it has no new data: after its cool-off it is re-admitted on
+    probation (it cannot prove itself otherwise) unless it still shows a high p99. ``strikes`` (updated in
+    place) counts each pod's ejections: every repeat doubles its cool-off, so a pod that stays slow spends
+    ever less time in rotation. Pods gone from ``pod_p99_ms`` are forgotten.
+
+    ``peer_ceiling_ms`` (the p99 target): a pod is ejected only while its peers are within it. When
+    everyone is slow the pool lacks capacity, and ejecting the slowest of an overloaded pool would make
+    that worse: scaling is the answer then, not ejection.
     """
     if not policy.enabled:
         return {}
+    strikes = {} if strikes is None else strikes
+    for pod in [p for p in strikes if p not in pod_p99_ms]:
+        del strikes[pod]
     pods = list(pod_p99_ms)
     state = {p: t for p, t in ejected_since.items() if p in pod_p99_ms}
 
@@ -177,7 +192,8 @@ def outliers(
 
     # re-admission first (hysteresis: a lower ratio than ejection, after a cool-off)
     for pod in sorted(state):
-        if now - state[pod] < policy.cooloff_s:
+        cooloff = min(policy.cooloff_s * 2 ** max(strikes.get(pod, 1) - 1, 0), policy.max_cooloff_s)
+        if now - state[pod] < cooloff:
             continue
         value, median = pod_p99_ms.get(pod), peer_median(pod)
         if value is None or pod_requests.get(pod, 0) < policy.min_requests or median is None \
@@ -191,10 +207,13 @@ def outliers(
         if pod in state or value is None or pod_requests.get(pod, 0) < policy.min_requests:
             continue
         median = peer_median(pod)
+        if median is not None and peer_ceiling_ms is not None and median > peer_ceiling_ms:
+            continue
         if median is not None and value > policy.ratio * median:
             candidates.append((value / median, pod))
     for _, pod in sorted(candidates, reverse=True):  # the slowest first
         if len(state) >= max_out:
             break
         state[pod] = now
+        strikes[pod] = strikes.get(pod, 0) + 1
     return state

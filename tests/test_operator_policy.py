@@ -14,6 +14,7 @@ from operators.policy import (
     ScalingPolicy,
     Stabilizer,
     desired_replicas,
+    limit_step,
     merge,
     outliers,
     quantile,
@@ -61,15 +62,23 @@ def test_merged_p99_is_the_pooled_p99_not_an_average(pods):
     assert lower <= estimate <= (upper if math.isfinite(upper) else lower)
 
 
-POLICY = ScalingPolicy(target_p99_ms=10, min_replicas=2, max_replicas=20, tolerance=0.1, max_step_up=4,
-                       max_step_down=1)  # fmt: skip
+POLICY = ScalingPolicy(target_p99_ms=10, min_replicas=2, max_replicas=20, tolerance=0.1, headroom=0.0,
+                       max_step_up=4, max_step_down=1)  # fmt: skip
+
+
+def test_headroom_aims_below_the_target():
+    policy = ScalingPolicy(target_p99_ms=10, min_replicas=1, max_replicas=50, headroom=0.2)
+    assert desired_replicas(10, 10.0, 1000, policy) == 13  # at the target is 25 % over the 8 ms setpoint
+    assert desired_replicas(10, 8.0, 1000, policy) == 10
 
 
 def test_desired_replicas_hpa_rule_band_steps_and_clamps():
     assert desired_replicas(4, 20.0, 1000, POLICY) == 8  # ceil(4 × 2)
     assert desired_replicas(4, 10.5, 1000, POLICY) == 4  # inside the tolerance band
-    assert desired_replicas(4, 100.0, 1000, POLICY) == 8  # at most +4
-    assert desired_replicas(4, 1.0, 1000, POLICY) == 3  # at most -1
+    assert desired_replicas(4, 100.0, 1000, POLICY) == 20  # raw: ceil(40), clamped to max
+    assert limit_step(4, 20, POLICY) == 8  # at most +4 per decision
+    assert desired_replicas(4, 1.0, 1000, POLICY) == 2  # raw: ceil(0.4) = 1, clamped to min
+    assert limit_step(4, 2, POLICY) == 3  # at most -1 per decision
     assert desired_replicas(2, 1.0, 1000, POLICY) == 2  # never below min
     assert desired_replicas(19, 100.0, 1000, POLICY) == 20  # never above max
 
@@ -101,7 +110,7 @@ def test_stabilizer_changes_direction_at_most_once_per_window(p99s):
     stab, size, changes = Stabilizer(), 5, []
     for step, p99 in enumerate(p99s):
         now = step * 15.0
-        new = stab.recommend(now, size, desired_replicas(size, p99, 1000, policy), policy)
+        new = limit_step(size, stab.recommend(now, size, desired_replicas(size, p99, 1000, policy), policy), policy)
         if new != size:
             changes.append((now, 1 if new > size else -1))
         size = new

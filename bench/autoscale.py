@@ -1,0 +1,157 @@
+"""Autoscaling policies compared in simulation (``operators/sim.py``), same traces, same seeds, same run.
+
+Service times come from the predictor's own benchmark (``bench/results/serve.json``: p50 and p99 of a lone
+request), so the replica pool behaves like the predictor measured on this machine. Writes
+``bench/results/autoscale.json`` (``{TRACE: {POLICY: {"slo_attainment", "replica_seconds",
+"ejection_periods"}}}`` plus the target checks) and ``docs/img/autoscale.png``.
+
+    python bench/autoscale.py            # 30-minute traces
+    python bench/autoscale.py --quick    # 10-minute traces
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from operators.sim import POLICIES, ServiceTime, SimConfig, simulate, traces
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PLOT = ROOT / "docs" / "img" / "autoscale.png"
+console = Console()
+
+
+def service_time() -> tuple[ServiceTime, str]:
+    path = RESULTS / "serve.json"
+    if path.is_file():
+        c1 = json.loads(path.read_text())["ours"]["c1"]
+        return ServiceTime(c1["p50_ms"] / 1000, c1["p99_ms"] / 1000), f"{path.name} (ours, concurrency 1)"
+    return ServiceTime(0.010, 0.015), "default 10 / 15 ms (no bench/results/serve.json yet)"
+
+
+def direction_changes_per_window(windows: list[dict], stabilization_s: float) -> int:
+    """The most changes of scale direction inside any one stabilisation window."""
+    changes, last = [], 0
+    for prev, cur in zip(windows, windows[1:]):
+        step = np.sign(cur["replicas"] - prev["replicas"])
+        if step and step != last:
+            if last:
+                changes.append(cur["t"])
+            last = step
+    return max((sum(1 for u in changes if t <= u < t + stabilization_s) for t in changes), default=0)
+
+
+def checks(results: dict, config: SimConfig) -> dict:
+    out = {}
+    ours_step = results["step_x2"]["ours"]["_run"].windows
+    first_up = next((i for i, w in enumerate(ours_step) if w["replicas"] > config.min_replicas), None)
+    after = ours_step[first_up + 1 :] if first_up is not None else []
+    # the windows after the new replicas became ready (the first scale-up's start-up is unavoidable)
+    ready_at = next((i for i, w in enumerate(after) if w["ready"] == w["replicas"]), 0)
+    settled = after[ready_at:]
+    share = float(np.mean([w["p99_ms"] <= config.target_p99_ms for w in settled])) if settled else 0.0
+    out["step_x2: share of windows on target after the first scale-up >= 0.95"] = {"value": share, "ok": share >= 0.95}
+
+    slow = results["slow_replica"]["ours"]["_run"].windows
+    slow_at = results["slow_replica"]["_slow_at"]
+    slow_from = next(i for i, w in enumerate(slow) if w["t"] - config.control_period_s >= slow_at)  # first slow period
+    ejected_at = next((i for i in range(slow_from, len(slow)) if slow[i]["ejected"]), None)
+    periods_to_eject = (ejected_at - slow_from + 1) if ejected_at is not None else math.inf
+    back = next((i for i in range(slow_from, len(slow)) if i > slow_from and slow[i]["p99_ms"] <= config.target_p99_ms),
+                None)  # fmt: skip
+    periods_to_target = (back - slow_from + 1) if back is not None else math.inf
+    out["slow_replica: ejected within 2 control periods"] = {"value": periods_to_eject, "ok": periods_to_eject <= 2}
+    out["slow_replica: p99 back on target within 3 control periods"] = {"value": periods_to_target,
+                                                                        "ok": periods_to_target <= 3}  # fmt: skip
+    flips = max(direction_changes_per_window(results[t]["ours"]["_run"].windows, config.scale_down_stabilization_s)
+                for t in ("step_x2", "slow_replica"))  # fmt: skip
+    out["steady load: at most one change of direction per stabilisation window"] = {"value": flips, "ok": flips <= 1}
+    fewer = all(results[t]["ours"]["replica_seconds"] < results[t]["static_max"]["replica_seconds"]
+                and results[t]["ours"]["slo_attainment"] >= results[t]["static_max"]["slo_attainment"] - 1e-9
+                for t in results)  # fmt: skip
+    out["fewer replica-seconds than static-at-max at equal or better SLO attainment (every trace)"] = {
+        "value": {t: [results[t]["ours"]["slo_attainment"], results[t]["static_max"]["slo_attainment"]] for t in results},
+        "ok": fewer}  # fmt: skip
+    return out
+
+
+def plot(results: dict, config: SimConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 6.5), sharex="col")
+    for col, trace in enumerate(names):
+        for policy in ("ours", "cpu_hpa", "keda_p99", "static_max"):
+            w = results[trace][policy]["_run"].windows
+            t = [x["t"] / 60 for x in w]
+            axes[0, col].plot(t, [x["p99_ms"] for x in w], label=policy, lw=1)
+            axes[1, col].step(t, [x["replicas"] for x in w], label=policy, lw=1, where="post")
+        axes[0, col].axhline(config.target_p99_ms, color="k", ls="--", lw=0.8)
+        axes[0, col].set_yscale("log")
+        axes[0, col].set_title(trace)
+        axes[1, col].set_xlabel("minutes")
+    axes[0, 0].set_ylabel("p99 per window (ms)")
+    axes[1, 0].set_ylabel("replicas")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Simulated replica pool: p99 (target dashed) and replicas per policy")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10-minute traces")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS / "autoscale.json"))
+    args = parser.parse_args()
+    duration = 600 if args.quick else 1800
+    service, source = service_time()
+    config = SimConfig(target_p99_ms=max(50.0, 4 * service.p99_s * 1000))
+    capacity = 1.0 / service.mean_s  # requests per second one replica serves at 100 % busy
+    base = 3.0 * capacity  # about six replicas at half load before the trace changes it
+    console.print(f"service time from {source}: p50 {service.p50_s * 1000:.1f} ms, p99 {service.p99_s * 1000:.1f} ms "
+                  f"→ {capacity:.0f} req/s per replica; base load {base:.0f} req/s; target p99 "
+                  f"{config.target_p99_ms:g} ms")  # fmt: skip
+    results: dict = {}
+    for trace in traces(base, duration):
+        results[trace.name] = {}
+        if trace.slow_replica:
+            results[trace.name]["_slow_at"] = trace.slow_replica[0]
+        for policy in POLICIES:
+            run = simulate(trace, policy, service, config, seed=args.seed)
+            results[trace.name][policy] = {"slo_attainment": run.slo_attainment,
+                                           "replica_seconds": run.replica_seconds,
+                                           "ejection_periods": run.ejection_periods, "_run": run}  # fmt: skip
+    slow_at = results["slow_replica"].pop("_slow_at")
+    table = Table("trace", *(f"{p}\nSLO / replica-s" for p in POLICIES))
+    for trace, per in results.items():
+        table.add_row(trace, *(f"{per[p]['slo_attainment']:.0%} / {per[p]['replica_seconds']:,.0f}" for p in POLICIES))
+    console.print(table)
+    results["slow_replica"]["_slow_at"] = slow_at
+    verdicts = checks(results, config)
+    results["slow_replica"].pop("_slow_at")
+    for name, v in verdicts.items():
+        console.print(f"{'[green]ok[/]' if v['ok'] else '[red]NOT MET[/]'}  {name}: {v['value']}")
+    plot(results, config, PLOT)
+    report = {trace: {p: {k: v for k, v in r.items() if k != "_run"} for p, r in per.items()}
+              for trace, per in results.items()}  # fmt: skip
+    report["_meta"] = {"command": "python bench/autoscale.py" + (" --quick" if args.quick else ""), "seed": args.seed,
+                       "service_time": {"source": source, "p50_ms": service.p50_s * 1000, "p99_ms": service.p99_s * 1000},
+                       "config": config.__dict__, "base_rps": base, "duration_s": duration, "checks": verdicts}  # fmt: skip
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    console.print(f"wrote {args.out} and {PLOT}")
+
+
+if __name__ == "__main__":
+    main()
