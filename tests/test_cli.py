@@ -11,7 +11,18 @@ from predictor.cli import app
 runner = CliRunner()
 SUBCOMMANDS = [[], ["data"], ["data", "load"], ["features"], ["features", "build"], ["features", "apply"],
                ["features", "materialize"], ["features", "online"], ["events"], ["events", "push"], ["demo"],
-               ["train"], ["evaluate"], ["export"], ["retrain"]]  # fmt: skip
+               ["train"], ["evaluate"], ["export"], ["retrain"], ["serve"], ["operator"]]  # fmt: skip
+
+
+def test_help_list_covers_every_command():
+    import typer.main
+
+    def walk(command, prefix):
+        yield prefix
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, [*prefix, name])
+
+    assert sorted(map(tuple, walk(typer.main.get_command(app), []))) == sorted(map(tuple, SUBCOMMANDS))
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: " ".join(c) or "recsys")
