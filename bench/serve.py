@@ -12,7 +12,8 @@ each driven by an aiohttp load generator on the same 2 cores at concurrency 1 an
 users. Per-stage times come from the predictor's own Prometheus histograms (deltas over the run).
 
     python bench/serve.py            # full: 100k items; writes bench/results/serve.json + docs/img/serve-latency.png
-    python bench/serve.py --quick    # 20k items, short runs (< 2 minutes)
+    python bench/serve.py --quick    # 10k items, short runs (< 2 minutes)
+    python bench/serve.py --reuse    # keep the previous run's data, features and model (same --items)
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="20k items, short runs: under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="10k items, short runs: under 2 minutes")
     parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--c1-requests", type=int, default=None)
     parser.add_argument("--c16-requests", type=int, default=None)
@@ -258,10 +259,10 @@ def main() -> None:
     parser.add_argument("--home", default=str(ROOT / ".recsys-bench" / "serve"))
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = parser.parse_args()
-    items = args.items or (20_000 if args.quick else 100_000)
-    c1_n = args.c1_requests or (300 if args.quick else 3_000)
-    c16_n = args.c16_requests or (1_500 if args.quick else 12_000)
-    users = 2_000 if args.quick else 5_000
+    items = args.items or (10_000 if args.quick else 100_000)
+    c1_n = args.c1_requests or (200 if args.quick else 3_000)
+    c16_n = args.c16_requests or (800 if args.quick else 12_000)
+    users = 1_000 if args.quick else 5_000
     events = max(items * 2, users * 20)
 
     settings = bench_settings(Path(args.home))
