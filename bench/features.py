@@ -34,7 +34,13 @@ from predictor.features.batch import compute_features
 from predictor.features.offline import write_offline
 from predictor.features.realtime import push_events
 from predictor.features.redis_reader import RawRedisReader
-from predictor.features.store import ITEM_FEATURES, USER_FEATURES, apply, online_item_features, online_user_features
+from predictor.features.store import (
+    ITEM_FEATURES,
+    USER_FEATURES,
+    apply,
+    online_item_features,
+    online_user_features,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "features.json"
 console = Console()
@@ -81,7 +87,9 @@ def main() -> None:
     console.rule("materialize")
     store = apply(settings)
     started = time.perf_counter()
-    store.materialize(start_date=datetime(1970, 1, 1, tzinfo=timezone.utc), end_date=datetime.now(timezone.utc))
+    store.materialize(
+        start_date=datetime(1970, 1, 1, tzinfo=timezone.utc), end_date=datetime.now(timezone.utc)
+    )
     materialize_s = time.perf_counter() - started
     console.print(f"{rows:,} rows in {materialize_s:.1f} s = {rows / materialize_s:,.0f} rows/s")
 
@@ -130,7 +138,9 @@ def main() -> None:
         "materialize_seconds": round(materialize_s, 2),
         "materialize_rows_per_s": round(rows / materialize_s, 1),
         "online_read": {
-            source: {variant: percentiles(samples[source, variant]) for variant in ("user", "user_plus_100_items")}
+            source: {
+                variant: percentiles(samples[source, variant]) for variant in ("user", "user_plus_100_items")
+            }
             for source in ("feast", "raw_redis")
         },
         "push_to_visible": percentiles(push_ms),

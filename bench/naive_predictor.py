@@ -15,19 +15,19 @@ import argparse
 import sys
 
 _argv, sys.argv = sys.argv, sys.argv[:1]  # KServe parses sys.argv at import
-import kserve  # noqa: E402
+import kserve
 
 sys.argv = _argv
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from predictor.config import Settings  # noqa: E402
-from predictor.features.store import ITEM_FEATURES, USER_FEATURES, open_store  # noqa: E402
-from predictor.models.data import item_dense_matrix, user_dense_matrix  # noqa: E402
-from predictor.models.lifecycle import MODEL_NAME, load_model  # noqa: E402
-from predictor.models.registry import ModelRegistry  # noqa: E402
-from predictor.serving.server import logging_config  # noqa: E402
+from predictor.config import Settings
+from predictor.features.store import ITEM_FEATURES, USER_FEATURES, open_store
+from predictor.models.data import item_dense_matrix, user_dense_matrix
+from predictor.models.lifecycle import MODEL_NAME, load_model
+from predictor.models.registry import ModelRegistry
+from predictor.serving.server import logging_config
 
 CANDIDATES = 100
 

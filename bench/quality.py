@@ -28,25 +28,45 @@ def parse_options(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
-        out[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-[{" or value in ("true", "false") else value
+        out[key] = (
+            json.loads(value)
+            if value[:1].isdigit() or value[:1] in "-[{" or value in ("true", "false")
+            else value
+        )
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=["ml-100k", "ml-latest-small"])
-    parser.add_argument("--train", help="a published split's train file (any supported format, .txt = one line per user)")
-    parser.add_argument("--test", help="the matching test file; with --train, --dataset only names the output")
+    parser.add_argument(
+        "--train", help="a published split's train file (any supported format, .txt = one line per user)"
+    )
+    parser.add_argument(
+        "--test", help="the matching test file; with --train, --dataset only names the output"
+    )
     parser.add_argument("--data-dir", default=None, help="folder holding ml-100k/ and ml-latest-small/")
     parser.add_argument("--size", default="small", help="model size: tiny, small, base, large")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-features", action="store_true", help="train without the user_profile features")
-    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a ModelConfig field, e.g. dropout=0.5 (repeatable)")
-    parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a TrainConfig field, e.g. min_epochs=40 (repeatable)")
-    parser.add_argument("--out", default=None, help="result file (default: bench/results/quality-DATASET.json)")
+    parser.add_argument(
+        "--model-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a ModelConfig field, e.g. dropout=0.5 (repeatable)",
+    )
+    parser.add_argument(
+        "--train-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a TrainConfig field, e.g. min_epochs=40 (repeatable)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="result file (default: bench/results/quality-DATASET.json)"
+    )
     args = parser.parse_args()
     model_options, train_options = parse_options(args.model_option), parse_options(args.train_option)
 
@@ -56,7 +76,9 @@ def main() -> None:
         if not (args.train and args.test):
             parser.error("--train and --test go together")
         name = args.dataset or Path(args.train).parent.name
-        report, _, _ = compare_split_files(args.train, args.test, model_config(args.size, **model_options), train)
+        report, _, _ = compare_split_files(
+            args.train, args.test, model_config(args.size, **model_options), train
+        )
         report = {"dataset": name, "seed": args.seed, **report}
         print_report(report, console, title=f"{name}: given split")
         out = RESULTS / f"quality-{name}-given-split.json"
@@ -67,7 +89,9 @@ def main() -> None:
         parser.error("give --dataset, or --train and --test")
     data = load_dataset(args.dataset, args.data_dir)
     console.print(data.summary())
-    report, _, _ = compare(data, model_config(args.size, **model_options), train, use_features=not args.no_features)
+    report, _, _ = compare(
+        data, model_config(args.size, **model_options), train, use_features=not args.no_features
+    )
     report = {"dataset": args.dataset, "seed": args.seed,
               "command": f"python bench/quality.py --dataset {args.dataset} --size {args.size} --epochs {args.epochs} "
                          f"--seed {args.seed}" + (" --no-features" if args.no_features else "")

@@ -56,7 +56,9 @@ console = Console()
 
 def bench_settings(home: Path, fresh: bool = True) -> Settings:
     if fresh:
-        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
+        with psycopg.connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True
+        ) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{DATABASE}"')
         redis.Redis(db=REDIS_DB).flushdb()
@@ -97,7 +99,11 @@ def reusable(settings: Settings, items: int) -> np.ndarray | None:
         log.engine.dispose()
     except Exception:  # noqa: BLE001 - no database, no tables: set up afresh
         return None
-    if production is None or data.items["item_id"].nunique() != items or redis.Redis(db=REDIS_DB).dbsize() == 0:
+    if (
+        production is None
+        or data.items["item_id"].nunique() != items
+        or redis.Redis(db=REDIS_DB).dbsize() == 0
+    ):
         return None
     counts = data.events["user_id"].value_counts()
     return counts.index[counts >= 5].to_numpy(np.int64)
@@ -255,7 +261,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--c1-requests", type=int, default=None)
     parser.add_argument("--c16-requests", type=int, default=None)
-    parser.add_argument("--reuse", action="store_true", help="keep the previous run's data, features and model")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the previous run's data, features and model"
+    )
     parser.add_argument("--home", default=str(ROOT / ".recsys-bench" / "serve"))
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = parser.parse_args()

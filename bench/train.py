@@ -46,7 +46,9 @@ def main() -> None:
     ImplicitModel("als", als_params, args.seed).fit(split, "validation")
     als_fit_s = time.perf_counter() - started
     bar = 1.1 * als_validation
-    console.print(f"tuned ALS {als_params}: validation NDCG@10 {als_validation:.4f}, fit {als_fit_s:.2f} s; bar {bar:.4f}")
+    console.print(
+        f"tuned ALS {als_params}: validation NDCG@10 {als_validation:.4f}, fit {als_fit_s:.2f} s; bar {bar:.4f}"
+    )
 
     started = time.perf_counter()
     profile = user_feature_snapshots(data)
@@ -76,7 +78,11 @@ def main() -> None:
         "feature_snapshots_seconds": features_s,
         "time_to_quality_bar_s": time_to_bar,
         "quality_bar_validation_ndcg@10": bar,
-        "implicit_als": {"params": als_params, "fit_seconds": als_fit_s, "validation_ndcg@10": als_validation},
+        "implicit_als": {
+            "params": als_params,
+            "fit_seconds": als_fit_s,
+            "validation_ndcg@10": als_validation,
+        },
         "two_stage_test": evaluate(model.rank(split), split, "test"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "curve": [{"seconds": s, "validation_ndcg@10": n, "loss": loss} for s, n, loss in curve],
@@ -85,7 +91,13 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", ms=3, label="two-tower retrieval (validation)")
+    ax.plot(
+        [c[0] for c in curve],
+        [c[1] for c in curve],
+        marker="o",
+        ms=3,
+        label="two-tower retrieval (validation)",
+    )
     ax.axhline(als_validation, color="grey", ls="--", label=f"tuned implicit ALS ({als_fit_s:.1f} s fit)")
     ax.axhline(bar, color="red", ls=":", label="quality bar (1.1 × ALS)")
     ax.set_xlabel("training seconds (2 CPU cores)")

@@ -38,7 +38,9 @@ class Memory:
     last_scrape: dict[str, dict[float, float]] = field(default_factory=dict)
     stabilizer: Stabilizer = field(default_factory=Stabilizer)
     ejected: dict[str, float] = field(default_factory=dict)
-    strikes: dict[str, int] = field(default_factory=dict)  # ejections per pod (repeat offenders cool off longer)
+    strikes: dict[str, int] = field(
+        default_factory=dict
+    )  # ejections per pod (repeat offenders cool off longer)
     last_run: float = -math.inf
     last_scale_time: str | None = None
 
@@ -117,8 +119,15 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
 
     # --- decide: outliers first, then size from the pods in rotation --------------------------------
     before = dict(memory.ejected)
-    memory.ejected = outliers(pod_p99, pod_requests, memory.ejected, now, ejection, memory.strikes,
-                              peer_ceiling_ms=scaling.target_p99_ms)
+    memory.ejected = outliers(
+        pod_p99,
+        pod_requests,
+        memory.ejected,
+        now,
+        ejection,
+        memory.strikes,
+        peer_ceiling_ms=scaling.target_p99_ms,
+    )
     in_rotation = [p for p in windows if p not in memory.ejected]
     pooled = merge([w for p, w in windows.items() if p in in_rotation and w])
     requests = pooled.get(math.inf, 0.0)

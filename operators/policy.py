@@ -74,7 +74,9 @@ class ScalingPolicy:
     min_replicas: int = 1
     max_replicas: int = 10
     tolerance: float = 0.1  # no change while observed/setpoint is within 1 ± tolerance
-    headroom: float = 0.2  # aim at target × (1 - headroom): a pool held *at* the target misses it half the time
+    headroom: float = (
+        0.2  # aim at target × (1 - headroom): a pool held *at* the target misses it half the time
+    )
     max_step_up: int = 4  # replicas added per decision at most
     max_step_down: int = 1
     scale_up_stabilization_s: float = 0.0
@@ -90,7 +92,9 @@ class ScalingPolicy:
             raise ValueError("p99TargetMs must be positive")
 
 
-def desired_replicas(current: int, observed_p99_ms: float | None, requests: float, policy: ScalingPolicy) -> int:
+def desired_replicas(
+    current: int, observed_p99_ms: float | None, requests: float, policy: ScalingPolicy
+) -> int:
     """The size this window asks for, before stabilisation and step limits (as HPA keeps its raw
     recommendations and applies its rate limits afterwards).
 
@@ -98,7 +102,7 @@ def desired_replicas(current: int, observed_p99_ms: float | None, requests: floa
     never scale a service down.
     """
     current = max(current, 0)
-    clamp = lambda n: max(policy.min_replicas, min(policy.max_replicas, n))  # noqa: E731
+    clamp = lambda n: max(policy.min_replicas, min(policy.max_replicas, n))
     if observed_p99_ms is None or requests < policy.min_requests or current == 0:
         return clamp(current) if current else policy.min_replicas
     ratio = observed_p99_ms / (policy.target_p99_ms * (1.0 - policy.headroom))
@@ -146,7 +150,9 @@ class EjectionPolicy:
     enabled: bool = True
     ratio: float = 2.0  # eject a pod whose p99 > ratio × the median p99 of the others
     readmit_ratio: float = 1.3  # re-admit once it is back under readmit_ratio × that median ...
-    cooloff_s: float = 30.0  # ... and at least this long after its ejection (doubled for each repeat ejection)
+    cooloff_s: float = (
+        30.0  # ... and at least this long after its ejection (doubled for each repeat ejection)
+    )
     max_cooloff_s: float = 480.0
     min_in_rotation: float = 0.5  # share of ready pods that always stays in rotation
     min_requests: int = 10  # a pod needs this many requests in the window to be judged

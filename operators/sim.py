@@ -13,7 +13,8 @@ Model (one run = one trace × one policy, seeded):
   the predictor's buckets, CPU busy time, or the pooled Prometheus p99 over its window) and sets the size
   (and, for ours, which pods are in rotation).
 
-Policies: ``ours`` (``operators/policy.py`` itself), ``static_min``, ``static_max``, ``cpu_hpa`` (HPA on
+Policies: ``ours`` (``operators/policy.py`` itself, default 20 % headroom below the target),
+``ours_headroom_0.5`` (the same, aiming at half the target: the price of absorbing a ×2 step), ``static_min``, ``static_max``, ``cpu_hpa`` (HPA on
 CPU utilisation), ``keda_p99`` (KEDA Prometheus trigger on the pooled p99, ``metricType: Value``, which
 becomes an HPA: same ``ceil(current × value / target)`` rule, HPA default behaviour, no ejection).
 """
@@ -39,7 +40,7 @@ from operators.policy import (
 from predictor.serving.metrics import LATENCY_BUCKETS
 
 BOUNDS = np.array([*LATENCY_BUCKETS, math.inf])
-POLICIES = ("ours", "static_min", "static_max", "cpu_hpa", "keda_p99")
+POLICIES = ("ours", "ours_headroom_0.5", "static_min", "static_max", "cpu_hpa", "keda_p99")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,9 @@ class Trace:
     name: str
     duration_s: int
     rate: Callable[[float], float]  # requests per second at time t
-    slow_replica: tuple[float, float] | None = None  # (from time, factor): one replica becomes this much slower
+    slow_replica: tuple[float, float] | None = (
+        None  # (from time, factor): one replica becomes this much slower
+    )
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,19 @@ def simulate(trace: Trace, policy: str, service: ServiceTime, config: SimConfig,
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}")
     rng = np.random.default_rng(seed)
-    scaling = ScalingPolicy(config.target_p99_ms, config.min_replicas, config.max_replicas, tolerance=0.1,
+    headroom = 0.5 if policy == "ours_headroom_0.5" else 0.2
+    scaling = ScalingPolicy(config.target_p99_ms, config.min_replicas, config.max_replicas, tolerance=0.1, headroom=headroom,
                             max_step_up=4, max_step_down=1, scale_down_stabilization_s=config.scale_down_stabilization_s,
                             min_requests=20)  # fmt: skip
-    ejection = EjectionPolicy(ratio=2.0, readmit_ratio=1.3, cooloff_s=30, min_in_rotation=0.5, min_requests=10)
+    ejection = EjectionPolicy(
+        ratio=2.0, readmit_ratio=1.3, cooloff_s=30, min_in_rotation=0.5, min_requests=10
+    )
     if policy in ("static_min", "static_max"):
         start = config.max_replicas if policy == "static_max" else config.min_replicas
     else:  # the dynamic policies start near their steady state (half load); the warm-up settles them
-        start = max(config.min_replicas, min(config.max_replicas, math.ceil(trace.rate(0) * service.mean_s / 0.5)))
+        start = max(
+            config.min_replicas, min(config.max_replicas, math.ceil(trace.rate(0) * service.mean_s / 0.5))
+        )
     replicas: list[Replica] = [Replica(ready_at=-math.inf, free_at=-math.inf) for _ in range(start)]
     stabilizer, ejected, strikes = Stabilizer(), {}, {}
     keda_history: list[tuple[float, np.ndarray]] = []
@@ -168,7 +176,7 @@ def simulate(trace: Trace, policy: str, service: ServiceTime, config: SimConfig,
 
         # --- the policy's decision at the end of the period ---
         current = len(replicas)
-        if policy == "ours":
+        if policy.startswith("ours"):
             p99s = {}
             reqs = {}
             for i, rep in enumerate(replicas):
@@ -176,7 +184,9 @@ def simulate(trace: Trace, policy: str, service: ServiceTime, config: SimConfig,
                     h = histogram(np.asarray(rep.latencies))
                     p99s[i] = (quantile(h, 0.99) or 0) * 1000 if h[math.inf] else None
                     reqs[i] = h[math.inf]
-            ejected = outliers(p99s, reqs, ejected, now, ejection, strikes, peer_ceiling_ms=config.target_p99_ms)
+            ejected = outliers(
+                p99s, reqs, ejected, now, ejection, strikes, peer_ceiling_ms=config.target_p99_ms
+            )
             ejection_periods += bool(ejected) and t >= 0
             pooled_h = merge([histogram(np.asarray(replicas[i].latencies)) for i in p99s if i not in ejected])
             observed = quantile(pooled_h, 0.99) if pooled_h else None

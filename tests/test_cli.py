@@ -59,7 +59,9 @@ def test_bad_input_exits_2_with_message(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
-    assert f"error: {bad}, row 3, column 'item_id': expected an integer id, got 'x'" in " ".join(done.stderr.split())
+    assert f"error: {bad}, row 3, column 'item_id': expected an integer id, got 'x'" in " ".join(
+        done.stderr.split()
+    )
     assert "Traceback" not in done.stderr
 
 

@@ -38,7 +38,9 @@ def test_movielens_missing_file(tmp_path):
 
 def test_movielens_bad_row(tmp_path):
     (tmp_path / "u.data").write_text("1\t2\t5\t881250949\n1\t3\t4\tnot-a-time\n")
-    with pytest.raises(DataValidationError, match=r"u\.data, row 2, column 'timestamp': unparsable timestamp"):
+    with pytest.raises(
+        DataValidationError, match=r"u\.data, row 2, column 'timestamp': unparsable timestamp"
+    ):
         load_movielens_100k(tmp_path)
 
 
@@ -48,7 +50,9 @@ def test_table_round_trip(tmp_path, small_data, suffix):
     items_path = tmp_path / f"items.{suffix}"
     if suffix == "csv":
         small_data.events.to_csv(path, index=False)
-        small_data.items.assign(categories=small_data.items["categories"].str.join("|")).to_csv(items_path, index=False)
+        small_data.items.assign(categories=small_data.items["categories"].str.join("|")).to_csv(
+            items_path, index=False
+        )
     else:
         small_data.events.to_parquet(path)
         small_data.items.to_parquet(items_path)
@@ -60,7 +64,9 @@ def test_table_round_trip(tmp_path, small_data, suffix):
 def test_column_mapping(tmp_path):
     path = tmp_path / "log.csv"
     path.write_text("uid,iid,ts\n7,8,1700000000\n")
-    data = load_table(path, columns={"uid": "user_id", "iid": "item_id", "ts": "timestamp"}, timestamp_unit="s")
+    data = load_table(
+        path, columns={"uid": "user_id", "iid": "item_id", "ts": "timestamp"}, timestamp_unit="s"
+    )
     assert data.events.iloc[0]["timestamp"] == pd.Timestamp(1_700_000_000, unit="s", tz="UTC")
 
 
@@ -104,7 +110,10 @@ def test_recent_items_window_query(tmp_path):
     from predictor.data.schema import Interactions, items_from_events, validate_events
 
     events, _ = validate_events(
-        events_frame([(1, 5, "2026-01-01"), (1, 6, "2026-01-03"), (1, 7, "2026-01-02"), (2, 5, "2026-01-01")]), "x"
+        events_frame(
+            [(1, 5, "2026-01-01"), (1, 6, "2026-01-03"), (1, 7, "2026-01-02"), (2, 5, "2026-01-01")]
+        ),
+        "x",
     )
     log = EventLog(f"sqlite:///{tmp_path / 'log.db'}")
     log.replace(Interactions(events, items_from_events(events)))

@@ -41,7 +41,9 @@ def test_missing_column_is_named(tmp_path):
 def test_non_integer_id_names_row_and_column(tmp_path):
     path = write_csv(tmp_path, "1,10,2026-01-01,view,1\n2,11,2026-01-01,view,1\n3,abc,2026-01-01,view,1\n")
     # line 1 is the header, so the third data row is row 4 of the file
-    with pytest.raises(DataValidationError, match=r"events\.csv, row 4, column 'item_id': expected an integer id, got 'abc'"):
+    with pytest.raises(
+        DataValidationError, match=r"events\.csv, row 4, column 'item_id': expected an integer id, got 'abc'"
+    ):
         load_table(path)
 
 
@@ -53,7 +55,9 @@ def test_fractional_id_is_rejected(tmp_path):
 
 def test_unparsable_timestamp_names_row(tmp_path):
     path = write_csv(tmp_path, "1,10,2026-01-01,view,1\n1,10,yesterday-ish,view,1\n")
-    with pytest.raises(DataValidationError, match=r"row 3, column 'timestamp': unparsable timestamp 'yesterday-ish'"):
+    with pytest.raises(
+        DataValidationError, match=r"row 3, column 'timestamp': unparsable timestamp 'yesterday-ish'"
+    ):
         load_table(path)
 
 
@@ -64,10 +68,14 @@ def test_negative_weight_names_row(tmp_path):
 
 
 def test_parquet_rows_count_from_one(tmp_path):
-    frame = pd.DataFrame({"user_id": [1, -2], "item_id": [1, 2], "timestamp": pd.to_datetime(["2026-01-01"] * 2)})
+    frame = pd.DataFrame(
+        {"user_id": [1, -2], "item_id": [1, 2], "timestamp": pd.to_datetime(["2026-01-01"] * 2)}
+    )
     path = tmp_path / "events.parquet"
     frame.to_parquet(path)
-    with pytest.raises(DataValidationError, match=r"events\.parquet, row 2, column 'user_id': ids must be >= 0"):
+    with pytest.raises(
+        DataValidationError, match=r"events\.parquet, row 2, column 'user_id': ids must be >= 0"
+    ):
         load_table(path)
 
 

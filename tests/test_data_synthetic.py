@@ -8,7 +8,11 @@ from predictor.data.synthetic import generate
 
 
 def test_same_seed_same_data_other_seed_other_data():
-    a, b, c = generate(n_events=5_000, seed=1), generate(n_events=5_000, seed=1), generate(n_events=5_000, seed=2)
+    a, b, c = (
+        generate(n_events=5_000, seed=1),
+        generate(n_events=5_000, seed=1),
+        generate(n_events=5_000, seed=2),
+    )
     pd.testing.assert_frame_equal(a.events, b.events)
     assert not a.events["item_id"].equals(c.events["item_id"])
 

@@ -17,7 +17,12 @@ from predictor.features.batch import ITEM_PROFILE, USER_PROFILE, USER_RECENT_ITE
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
-from predictor.features.store import apply, materialize_incremental, online_item_features, online_user_features
+from predictor.features.store import (
+    apply,
+    materialize_incremental,
+    online_item_features,
+    online_user_features,
+)
 from tests.conftest import events_frame
 
 USER_COLUMNS = ["events_1d", "events_7d", "events_30d", "events_total", "seconds_since_last_event",
@@ -52,7 +57,9 @@ def assert_same_values(online: pd.DataFrame, offline: pd.DataFrame, key: str, co
                 np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{key}={entity} {col}")
             elif isinstance(want, (float, np.floating)):
                 # Float32 features: equal at the declared precision (drivers hand back float64)
-                assert np.float32(got) == np.float32(want), f"{key}={entity} {col}: online {got!r} != offline {want!r}"
+                assert np.float32(got) == np.float32(want), (
+                    f"{key}={entity} {col}: online {got!r} != offline {want!r}"
+                )
             else:
                 assert got == want, f"{key}={entity} {col}: online {got!r} != offline {want!r}"
 
@@ -87,7 +94,9 @@ def check_push_is_visible(settings: Settings, store, event_log: EventLog, data):
 
 def check_unknown_item_rejected(settings: Settings, store, event_log: EventLog, user: int, seq: list[int]):
     before = event_log.count()
-    bad = events_frame([(user, int(seq[-1]), "2026-11-01 00:00", "click"), (user, 987_654_321, "2026-11-01 00:00", "view")])
+    bad = events_frame(
+        [(user, int(seq[-1]), "2026-11-01 00:00", "click"), (user, 987_654_321, "2026-11-01 00:00", "view")]
+    )
     with pytest.raises(UnknownItemError, match=r"unknown item_id\(s\) not in the item catalog: 987654321"):
         push_events(bad, store, event_log, settings.recent_items)
     assert event_log.count() == before  # all-or-nothing in the log
@@ -127,8 +136,19 @@ def test_plain_feast_cli_apply_and_materialize(profile_fixture, request, small_d
     EventLog(settings.database_url).replace(small_data)
     build_features(settings)
     env = {**os.environ, **settings.feast_environment()}
-    feast = [sys.executable, "-m", "feast.cli.cli", "-c", str(settings.feature_repo), "-f", str(settings.feature_store_yaml)]
-    for args in (["apply"], ["materialize-incremental", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]):
+    feast = [
+        sys.executable,
+        "-m",
+        "feast.cli.cli",
+        "-c",
+        str(settings.feature_repo),
+        "-f",
+        str(settings.feature_store_yaml),
+    ]
+    for args in (
+        ["apply"],
+        ["materialize-incremental", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")],
+    ):
         done = subprocess.run(feast + args, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
     from predictor.features.store import open_store
@@ -153,7 +173,9 @@ def test_raw_redis_reader_returns_what_feast_returns(production_settings, small_
             for name, value in got.items():
                 want = row[name]
                 if isinstance(want, (list, np.ndarray)):
-                    np.testing.assert_array_equal(np.asarray(value), np.asarray(want), err_msg=f"{key} {name}")
+                    np.testing.assert_array_equal(
+                        np.asarray(value), np.asarray(want), err_msg=f"{key} {name}"
+                    )
                 else:
                     assert value == want or (value is None and pd.isna(want)), (key, name, value, want)
     assert all(v is None for v in raw_users[-1].values())

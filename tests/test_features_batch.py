@@ -54,7 +54,9 @@ def test_item_profile_by_hand(tiny):
     ip = compute_features(tiny, [T]).item_profile.set_index("item_id")
     assert ip.loc[10, "popularity_total"] == 2 and ip.loc[10, "popularity_1d"] == 1
     assert ip.loc[10, "mean_rating"] == 2.0 and ip.loc[10, "rating_count"] == 1
-    assert ip.loc[10, "age_seconds"] == pytest.approx((T - pd.Timestamp("2026-01-01", tz="UTC")).total_seconds())
+    assert ip.loc[10, "age_seconds"] == pytest.approx(
+        (T - pd.Timestamp("2026-01-01", tz="UTC")).total_seconds()
+    )
     assert ip.loc[12, "categories"] == [0, 1]
     # no events before T: still in the catalog, with zero counts
     assert ip.loc[13, "popularity_total"] == 0 and ip.loc[14, "categories"] == []
@@ -70,13 +72,18 @@ def test_snapshots_never_see_the_future(small_data):
         alone = compute_features(cut, [t])
         got = tables.user_profile[tables.user_profile["event_timestamp"] == t].reset_index(drop=True)
         pd.testing.assert_frame_equal(got.drop(columns="created"), alone.user_profile.drop(columns="created"))
-        seq = tables.user_recent_items[tables.user_recent_items["event_timestamp"] == t].reset_index(drop=True)
-        pd.testing.assert_frame_equal(seq.drop(columns="created"), alone.user_recent_items.drop(columns="created"))
+        seq = tables.user_recent_items[tables.user_recent_items["event_timestamp"] == t].reset_index(
+            drop=True
+        )
+        pd.testing.assert_frame_equal(
+            seq.drop(columns="created"), alone.user_recent_items.drop(columns="created")
+        )
         # and the head of each sequence is the user's last event at or before t, not a later one
         last_at_t = cut.events.groupby("user_id")["item_id"].last()
         assert [s[0] for s in seq["recent_items"]] == last_at_t.loc[seq["user_id"]].tolist()
         assert (tables.item_profile[tables.item_profile["event_timestamp"] == t]["popularity_total"].sum()
                 == len(cut.events))  # fmt: skip
+
 
 def test_empty_log_is_an_error(tiny):
     empty = Interactions(tiny.events.iloc[:0], tiny.items)

@@ -30,7 +30,11 @@ def history() -> tuple[Interactions, Interactions]:
     old_items = data.items[data.items["item_id"] < 110]  # the last 10 items appear only later
     old_events = old_events[old_events["item_id"].isin(old_items["item_id"])]
     old = Interactions(old_events.reset_index(drop=True), old_items.reset_index(drop=True), "old")
-    new_user_events = data.events[data.events["timestamp"] > cutoff].head(50).assign(user_id=lambda f: f["user_id"] + 10_000)
+    new_user_events = (
+        data.events[data.events["timestamp"] > cutoff]
+        .head(50)
+        .assign(user_id=lambda f: f["user_id"] + 10_000)
+    )
     full = Interactions(pd.concat([data.events, new_user_events]).sort_values("timestamp", kind="stable")
                         .reset_index(drop=True), data.items, "full")  # fmt: skip
     return old, full
@@ -48,7 +52,9 @@ def trained(history, profiles, tmp_path_factory):
     old, _ = history
     root = tmp_path_factory.mktemp("trained")
     scratch = ModelRegistry(f"sqlite:///{root / 'scratch.db'}")
-    version, metrics = train_and_register(old, scratch, root / "models", TINY, FAST, profiles[0], progress=False)
+    version, metrics = train_and_register(
+        old, scratch, root / "models", TINY, FAST, profiles[0], progress=False
+    )
     scratch.engine.dispose()
     return version, metrics
 

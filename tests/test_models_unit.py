@@ -66,7 +66,9 @@ def test_point_in_time_join_uses_only_earlier_snapshots():
     profile = pd.DataFrame({"user_id": [1, 1, 1], "event_timestamp": t, "events_1d": [1, 2, 3], "events_7d": 0,
                             "events_30d": 0, "events_total": [1, 2, 3], "seconds_since_last_event": 0.0,
                             "mean_rating": 0.0, "rating_count": 0, "category_affinity": [[1.0]] * 3})  # fmt: skip
-    labels = pd.to_datetime(["2026-01-02 00:00", "2026-01-02 12:00", "2025-12-31 00:00"], utc=True).astype("int64")
+    labels = pd.to_datetime(["2026-01-02 00:00", "2026-01-02 12:00", "2025-12-31 00:00"], utc=True).astype(
+        "int64"
+    )
     x = user_features_at(profile, np.array([1, 1, 1]), labels.to_numpy(), 1)
     # a snapshot stamped exactly at the label time is not used; none before → zeros
     assert np.expm1(x[:, 3]).round().tolist() == [1.0, 2.0, 0.0]
@@ -89,7 +91,9 @@ def test_tower_and_ranker_shapes(size):
     ranker = Ranker(cfg, N + 1, C, Fu, Fi)
     K = 6
     cand = torch.randint(1, N + 1, (B, K))
-    scores = ranker(user, items[window], window > 0, items[cand], cand, dense[cand], torch.rand(B, K), torch.rand(B, Fu))
+    scores = ranker(
+        user, items[window], window > 0, items[cand], cand, dense[cand], torch.rand(B, K), torch.rand(B, Fu)
+    )
     assert scores.shape == (B, K) and torch.isfinite(scores).all()
 
 
@@ -113,7 +117,9 @@ def test_sampled_softmax_masks_accidental_hits():
     user = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     pos = user.clone()
     neg_index = torch.tensor([1, 2, 3])
-    loss_masked = sampled_softmax_loss(user, pos, torch.tensor([1, 2, 3]), pos, neg_index, torch.zeros(3), 0.1)
+    loss_masked = sampled_softmax_loss(
+        user, pos, torch.tensor([1, 2, 3]), pos, neg_index, torch.zeros(3), 0.1
+    )
     # every row's own positive is among the negatives and masked: only the two others compete
     logits = user @ pos.T / 0.1
     expected = torch.stack([torch.logsumexp(torch.cat([logits[i, i : i + 1], logits[i][torch.arange(3) != i]]), 0)
@@ -138,10 +144,16 @@ def test_user_lines_format_and_multi_target_metrics(tmp_path):
     train = tmp_path / "train.txt"
     train.write_text("0 5 6 7\n1 5 8\n2 6 5 9 8\n")
     data = load_user_lines(train)
-    assert data.events.groupby("user_id")["item_id"].agg(list).to_dict() == {0: [5, 6, 7], 1: [5, 8], 2: [6, 5, 9, 8]}
+    assert data.events.groupby("user_id")["item_id"].agg(list).to_dict() == {
+        0: [5, 6, 7],
+        1: [5, 8],
+        2: [6, 5, 9, 8],
+    }
     bad = tmp_path / "bad.txt"
     bad.write_text("0 1 2\n1 x\n")
-    with pytest.raises(DataValidationError, match=r"bad\.txt, row 2, column 'item_id': expected an integer id, got 'x'"):
+    with pytest.raises(
+        DataValidationError, match=r"bad\.txt, row 2, column 'item_id': expected an integer id, got 'x'"
+    ):
         load_user_lines(bad)
 
     m = ranking_metrics_multi(np.array([[1, 2, 3], [4, 5, 6]]), [np.array([2, 9]), np.array([7])], ks=(3,))
@@ -160,9 +172,13 @@ def test_user_lines_format_and_multi_target_metrics(tmp_path):
 def test_checkpoint_resume_continues_where_it_stopped(small_data, tmp_path):
     split = build_split(small_data)
     cfg = TrainConfig(epochs=2, ranker_epochs=0, seed=2, patience=99, batch_size=16)
-    first = TwoStageRecommender(model_config("tiny"), cfg, device="cpu").fit(split, checkpoint_dir=tmp_path, progress=False)
+    first = TwoStageRecommender(model_config("tiny"), cfg, device="cpu").fit(
+        split, checkpoint_dir=tmp_path, progress=False
+    )
     assert (tmp_path / "retrieval.pt").is_file()
-    resumed = TwoStageRecommender(model_config("tiny"), TrainConfig(**{**cfg.__dict__, "epochs": 3}), device="cpu")
+    resumed = TwoStageRecommender(
+        model_config("tiny"), TrainConfig(**{**cfg.__dict__, "epochs": 3}), device="cpu"
+    )
     resumed.fit(split, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert [h["epoch"] for h in resumed.history.retrieval] == [1, 2, 3]
     assert resumed.history.retrieval[:2] == first.history.retrieval

@@ -110,7 +110,9 @@ def test_stabilizer_changes_direction_at_most_once_per_window(p99s):
     stab, size, changes = Stabilizer(), 5, []
     for step, p99 in enumerate(p99s):
         now = step * 15.0
-        new = limit_step(size, stab.recommend(now, size, desired_replicas(size, p99, 1000, policy), policy), policy)
+        new = limit_step(
+            size, stab.recommend(now, size, desired_replicas(size, p99, 1000, policy), policy), policy
+        )
         if new != size:
             changes.append((now, 1 if new > size else -1))
         size = new

@@ -5,7 +5,13 @@ from datetime import datetime, timezone
 
 import pytest
 
-from predictor.models.registry import ArtifactError, ModelRegistry, PromotionConflict, open_artifact, write_artifact
+from predictor.models.registry import (
+    ArtifactError,
+    ModelRegistry,
+    PromotionConflict,
+    open_artifact,
+    write_artifact,
+)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])

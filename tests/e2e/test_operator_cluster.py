@@ -29,10 +29,10 @@ pytestmark = pytest.mark.e2e
 if not os.environ.get("KUBECONFIG"):
     pytest.skip("no cluster: set KUBECONFIG to run the operator end-to-end tests", allow_module_level=True)
 
-from kubernetes import client, config  # noqa: E402
+from kubernetes import client, config
 
-from operators.cluster import KubernetesCluster  # noqa: E402
-from operators.control import Memory, control_step  # noqa: E402
+from operators.cluster import KubernetesCluster
+from operators.control import Memory, control_step
 
 ROOT = Path(__file__).resolve().parents[2]
 GATE = "autoscaling.recsys.io/latency-ok"
@@ -102,7 +102,9 @@ def wait_running(core, namespace, selector, count, timeout=300):
 
 def test_slow_pod_ejected_and_pool_scaled(namespace):
     apps, core = client.AppsV1Api(), client.CoreV1Api()
-    apps.create_namespaced_deployment(namespace, deployment("fast", 5, 2))  # p99 ≈ 23 ms, under the 50 ms target
+    apps.create_namespaced_deployment(
+        namespace, deployment("fast", 5, 2)
+    )  # p99 ≈ 23 ms, under the 50 ms target
     apps.create_namespaced_deployment(namespace, deployment("slow", 60, 1))  # p99 ≈ 280 ms: 12× its peers
     wait_running(core, namespace, "pool=e2e", 3)
     # one LatencyAutoscaler over the "fast" Deployment's scale, but judging the whole pool by label
@@ -131,7 +133,9 @@ def test_slow_pod_ejected_and_pool_scaled(namespace):
         result = asyncio.run(control_step(cluster, body, memory, now=time.time()))
         time.sleep(2)
     pods = core.list_namespaced_pod(namespace, label_selector="pool=e2e").items
-    gates = {p.metadata.labels["app"]: {c.type: c.status for c in p.status.conditions}.get(GATE) for p in pods}
+    gates = {
+        p.metadata.labels["app"]: {c.type: c.status for c in p.status.conditions}.get(GATE) for p in pods
+    }
     assert gates["slow"] == "False", result.status
     assert gates["fast"] == "True"
     # with the slow pod out of rotation the pool is on target: no scale-up because of one bad pod
