@@ -105,6 +105,11 @@ class Settings(BaseSettings):
             "RECSYS_PG_SSLMODE": self.pg_sslmode,
             "RECSYS_PG_URL": self.postgres_url,
             "RECSYS_REDIS_CONNECTION": f"{self.redis_host}:{self.redis_port},db={self.redis_db}",
+            # child processes (the demo's predictor, benchmarks) build their Settings from these
+            "RECSYS_REDIS_HOST": self.redis_host,
+            "RECSYS_REDIS_PORT": str(self.redis_port),
+            "RECSYS_REDIS_DB": str(self.redis_db),
+            "RECSYS_RECENT_ITEMS": str(self.recent_items),
             "FEAST_FS_YAML_FILE_PATH": str(self.feature_store_yaml),
         }
 
