@@ -166,14 +166,15 @@ def main() -> None:
     results["slow_replica"].pop("_slow_at")
     for name, v in verdicts.items():
         console.print(f"{'[green]ok[/]' if v['ok'] else '[red]NOT MET[/]'}  {name}: {v['value']}")
-    plot(results, config, PLOT)
+    plot_path = PLOT if Path(args.out) == RESULTS / "autoscale.json" else Path(args.out).with_suffix(".png")
+    plot(results, config, plot_path)
     report = {trace: {p: {k: v for k, v in r.items() if k != "_run"} for p, r in per.items()}
               for trace, per in results.items()}  # fmt: skip
     report["_meta"] = {"command": "python bench/autoscale.py" + (" --quick" if args.quick else ""), "seed": args.seed,
                        "service_time": {"source": source, "p50_ms": service.p50_s * 1000, "p99_ms": service.p99_s * 1000},
                        "config": config.__dict__, "base_rps": base, "duration_s": duration, "checks": verdicts}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    console.print(f"wrote {args.out} and {PLOT}")
+    console.print(f"wrote {args.out} and {plot_path}")
 
 
 if __name__ == "__main__":

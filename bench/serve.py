@@ -301,7 +301,8 @@ def main() -> None:
         finally:
             stop(proc, log)
 
-    plot(results, PLOT)
+    plot_path = PLOT if Path(args.out) == RESULTS / "serve.json" else Path(args.out).with_suffix(".png")
+    plot(results, plot_path)
     report = {
         "command": "python bench/serve.py" + (" --quick" if args.quick else "") + (" --reuse" if args.reuse else ""),
         "machine": f"{os.cpu_count()} cores; load generator on the same machine",
@@ -337,7 +338,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out} and {PLOT} (the setup stays for --reuse; `make clean` removes it)")
+    console.print(f"wrote {out} and {plot_path} (the setup stays for --reuse; `make clean` removes it)")
 
 
 if __name__ == "__main__":
