@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
 
     profile: Profile = Profile.embedded
-    home: Path = Field(default=Path(".recsys"), description="Local state directory (embedded stores, models).")
+    home: Path = Field(
+        default=Path(".recsys"), description="Local state directory (embedded stores, models)."
+    )
     feast_project: str = Field(default="recsys", pattern=r"^[a-z][a-z0-9_]*$")
     feature_repo: Path = FEATURE_REPO
 

@@ -117,8 +117,14 @@ def run_demo(settings: Settings, console: Console, n_events: int = 100_000, seed
                           + "; ".join(titles.get(i, str(i)) for i in fresh[:3]) + " ...")  # fmt: skip
             after = predictor.recommend([user], k=5)
             _show_recs(console, recs[:1] + after, titles, labels=["before", "after"])
-            if after[0]["item_ids"] == recs[0]["item_ids"]:
-                raise RuntimeError("the pushed events did not change the user's recommendations")
+            changed = len(set(after[0]["item_ids"]) ^ set(recs[0]["item_ids"])) // 2
+            if changed:
+                console.print(f"{changed} of the top 5 changed, with no retraining")
+            elif after[0]["scores"] != recs[0]["scores"]:
+                console.print("same top 5, new scores: the model saw the events (a briefly trained model barely "
+                              "moves; the default demo's does)")  # fmt: skip
+            else:
+                raise RuntimeError("the pushed events did not reach the predictor: same items, same scores")
         console.rule("[bold]9. Stop the predictor (SIGTERM)")
     console.print(f"[dim]stopped in {predictor.stop_seconds:.1f} s[/]")
     event_log.engine.dispose()
