@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +44,7 @@ from predictor.features.store import apply, materialize_incremental
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import train_and_register
 from predictor.models.registry import ModelRegistry
+from predictor.serving.process import ServerProcess, recsys_command
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -109,44 +108,11 @@ def reusable(settings: Settings, items: int) -> np.ndarray | None:
     return counts.index[counts >= 5].to_numpy(np.int64)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(command: list[str], settings: Settings, name: str, env: dict | None = None):
-    port = free_port()
-    environ = {**os.environ, **settings.feast_environment(), "RECSYS_REDIS_DB": str(REDIS_DB),
-               "RECSYS_SERVE_ITEM_REFRESH_SECONDS": "0", "RECSYS_SERVE_MODEL_POLL_SECONDS": "0",
-               "RECSYS_SERVE_RANKER": "on", **(env or {})}  # fmt: skip
-    log = open(settings.home_dir / f"{name}.log", "w")  # noqa: SIM115 - closed by stop()
-    proc = subprocess.Popen(
-        [*command, "--port", str(port)], env=environ, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    import httpx
-
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited; see {log.name}")
-        try:
-            if httpx.get(f"{url}/v2/models/recsys/ready", timeout=2).status_code == 200:
-                return proc, url, log
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{name} not ready in 180 s; see {log.name}")
-
-
-def stop(proc, log) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+SERVE_ENV = {
+    "RECSYS_SERVE_ITEM_REFRESH_SECONDS": "0",
+    "RECSYS_SERVE_MODEL_POLL_SECONDS": "0",
+    "RECSYS_SERVE_RANKER": "on",
+}  # same work as the naive model: the ranker always runs
 
 
 async def load(url: str, users: np.ndarray, concurrency: int, requests: int, seed: int) -> dict:
@@ -283,23 +249,22 @@ def main() -> None:
     results: dict = {"ours": {}, "naive": {}}
     stages = {}
     servers = {
-        "ours": [str(Path(sys.executable).parent / "recsys"), "serve"],
+        "ours": recsys_command(),
         "naive": [sys.executable, str(ROOT / "bench" / "naive_predictor.py")],
     }
     for name, command in servers.items():
-        proc, url, log = start(command, settings, name)
-        try:
+        with ServerProcess(
+            settings, env=SERVE_ENV, command=command, log_path=settings.home_dir / f"{name}.log"
+        ) as srv:
             for level, concurrency, n in (("c1", 1, c1_n), ("c16", 16, c16_n)):
-                before = stage_histograms(url) if name == "ours" else None
+                before = stage_histograms(srv.url) if name == "ours" else None
                 with console.status(f"{name}: concurrency {concurrency}, {n:,} requests"):
-                    results[name][level] = asyncio.run(load(url, active, concurrency, n, seed=1))
+                    results[name][level] = asyncio.run(load(srv.url, active, concurrency, n, seed=1))
                 if name == "ours":
-                    stages[level] = stage_breakdown(before, stage_histograms(url))
+                    stages[level] = stage_breakdown(before, stage_histograms(srv.url))
                 r = results[name][level]
                 console.print(f"{name} {level}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
                               f"{r['rps']:.0f} req/s, errors {r['errors']}")  # fmt: skip
-        finally:
-            stop(proc, log)
 
     plot_path = PLOT if Path(args.out) == RESULTS / "serve.json" else Path(args.out).with_suffix(".png")
     plot(results, plot_path)

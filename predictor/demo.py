@@ -7,17 +7,8 @@ real-time events pushed → the user's next recommendations change → the predi
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
-
-import httpx
 
 import numpy as np
 import pandas as pd
@@ -35,6 +26,7 @@ from predictor.features.store import apply, materialize_incremental, online_user
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import train_and_register
 from predictor.models.registry import ModelRegistry
+from predictor.serving.process import ServerProcess
 
 
 class _Step:
@@ -138,52 +130,11 @@ def run_demo(settings: Settings, console: Console, n_events: int = 100_000, seed
     )
 
 
-class Predictor:
-    """``recsys serve`` as a child process for the demo: started, called over HTTP, stopped with SIGTERM."""
+class Predictor(ServerProcess):
+    """``recsys serve`` as a child process for the demo, called over HTTP."""
 
     def __init__(self, settings: Settings):
-        self.settings = settings
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Predictor:
-        started = time.perf_counter()
-        env = {
-            **os.environ,
-            **self.settings.feast_environment(),
-            "RECSYS_RECENT_ITEMS": str(self.settings.recent_items),
-        }
-        self.log = open(self.settings.home_dir / "predictor.log", "w")  # noqa: SIM115 - closed in __exit__
-        recsys = shutil.which("recsys") or str(Path(sys.executable).parent / "recsys")
-        self.proc = subprocess.Popen([recsys, "serve", "--port", str(self.port)], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)  # fmt: skip
-        self.client = httpx.Client(base_url=self.url, timeout=10)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the predictor exited ({self.proc.returncode}); see {self.log.name}")
-            try:
-                if self.client.get("/v2/models/recsys/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.perf_counter() - started > 180:
-                raise RuntimeError(f"the predictor is not ready after 180 s; see {self.log.name}")
-            time.sleep(0.2)
-        self.startup_seconds = time.perf_counter() - started
-        return self
-
-    def __exit__(self, *exc) -> None:
-        started = time.perf_counter()
-        self.client.close()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-        self.stop_seconds = time.perf_counter() - started
+        super().__init__(settings, log_path=settings.home_dir / "predictor.log")
 
     def recommend(self, users: list[int], k: int) -> list[dict]:
         response = self.client.post("/v1/models/recsys:predict",

@@ -4,9 +4,7 @@ profile (PostgreSQL registry and offline store, Redis online store), with a trai
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +29,7 @@ from predictor.features.store import apply, materialize_incremental
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import MODEL_NAME, train_and_register
 from predictor.models.registry import ModelRegistry
+from predictor.serving.process import ServerProcess
 from tests.conftest import REDIS_DB
 
 pytestmark = pytest.mark.integration
@@ -64,43 +63,12 @@ def stack(tmp_path_factory, pg_database):
         client.delete(*keys)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``recsys serve`` in a subprocess, stopped with SIGTERM."""
+class Server(ServerProcess):
+    """``recsys serve`` in a subprocess (started on construction), with request helpers."""
 
     def __init__(self, settings: Settings, **env):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        environ = {**os.environ, **settings.feast_environment(), "RECSYS_REDIS_HOST": settings.redis_host,
-                   "RECSYS_REDIS_PORT": str(settings.redis_port), "RECSYS_REDIS_DB": str(settings.redis_db),
-                   "RECSYS_RECENT_ITEMS": str(settings.recent_items), "RECSYS_SERVE_ITEM_REFRESH_SECONDS": "0",
-                   **{k: str(v) for k, v in env.items()}}  # fmt: skip
-        self.log = open(settings.home_dir.parent / f"serve-{self.port}.log", "w+")  # noqa: SIM115
-        self.proc = subprocess.Popen([RECSYS, "serve", "--port", str(self.port)], env=environ,
-                                     stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
-        self.client = httpx.Client(base_url=self.url, timeout=10)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"recsys serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if self.client.get("/v2/models/recsys/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"recsys serve not ready after 120 s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        super().__init__(settings, env={"RECSYS_SERVE_ITEM_REFRESH_SECONDS": "0", **env}, timeout=120)
+        self.__enter__()
 
     def v1(self, instances, **kw) -> httpx.Response:
         return self.client.post("/v1/models/recsys:predict", json={"instances": instances}, **kw)
@@ -117,13 +85,7 @@ class Server:
         raise KeyError(f"{name}{{{want}}} not in /metrics")
 
     def stop(self) -> None:
-        self.client.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        self.__exit__()
 
 
 @pytest.fixture(scope="module")
@@ -389,6 +351,8 @@ def test_async_redis_reads_equal_get_online_features(stack):
 
 
 def test_serve_help_is_ours_not_kserves():
-    done = subprocess.run([RECSYS, "serve", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [RECSYS, "serve", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert "--model-uri" in done.stdout and "--http_port" not in done.stdout
