@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -255,6 +256,44 @@ def test_online_store_down_falls_back_without_5xx(stack):
         assert srv.metric("recsys_errors_total", kind="online_store") >= 1
     finally:
         srv.stop()
+
+
+def test_slow_online_store_falls_back_within_the_deadline(stack):
+    """A Redis that accepts connections and never answers: the deadline fires, popularity answers."""
+    settings, data, _, _ = stack
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    accepted = []
+    stop = threading.Event()
+
+    def swallow():  # accept and hold every connection, reply nothing
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(silent.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=swallow, daemon=True)
+    thread.start()
+    srv = Server(settings, RECSYS_REDIS_PORT=silent.getsockname()[1], RECSYS_SERVE_FEATURE_TIMEOUT_MS=50)
+    try:
+        started = time.perf_counter()
+        response = srv.v1([{"user_id": active_user(data, 0), "k": 5}])
+        elapsed = time.perf_counter() - started
+        assert response.status_code == 200, response.text
+        (pred,) = response.json()["predictions"]
+        assert pred["fallback"] == "online_store_timeout" and len(pred["item_ids"]) == 5
+        assert elapsed < 0.5, elapsed  # 50 ms deadline plus the fallback, not a hang
+        assert srv.metric("recsys_fallbacks_total", reason="online_store_timeout") >= 1
+    finally:
+        srv.stop()
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        silent.close()
 
 
 def test_hot_swap_under_load_with_zero_failures(stack, tmp_path):

@@ -72,9 +72,11 @@ class _FeastRedisLayout:
 class RawRedisReader(_FeastRedisLayout):
     """Pipelined HMGETs of named features for entities of one join key (blocking client)."""
 
-    def __init__(self, store: FeatureStore, settings: Settings):
+    def __init__(self, store: FeatureStore, settings: Settings, timeout: float = 5.0):
         super().__init__(store)
-        self.client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=settings.redis_db)
+        # a Redis that accepts connections but never answers must not hang the caller
+        self.client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=settings.redis_db,
+                                  socket_connect_timeout=timeout, socket_timeout=timeout)  # fmt: skip
 
     def read(self, requests: Sequence[tuple[str, Sequence[int], Sequence[str]]]) -> list[list[dict]]:
         """One round trip for several ``(join_key, ids, features)`` groups.
