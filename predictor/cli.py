@@ -390,7 +390,7 @@ def operator(
                                                                 "default: the whole cluster.")] = None,
 ) -> None:
     """Run the LatencyAutoscaler operator (kopf) until stopped: scales the predictor on p99 latency and takes
-    slow replicas out of rotation. Needs the CRD (operators/crd.yaml) and in-cluster or kubeconfig access."""
+    slow replicas out of rotation. Needs the CRD (charts/recsys/crds/latencyautoscaler.yaml) and in-cluster or kubeconfig access."""
     import kopf
 
     import operators.handlers  # noqa: F401 - registers the handlers

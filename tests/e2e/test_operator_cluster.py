@@ -1,7 +1,7 @@
 """The operator's control step against a real cluster: the one ``KUBECONFIG`` points to (kind included).
 
 What it does, in a throw-away namespace:
-1. applies ``operators/crd.yaml``;
+1. applies ``charts/recsys/crds/latencyautoscaler.yaml``;
 2. deploys three pods that serve a Prometheus ``recsys_stage_seconds`` histogram (python:3.11-slim running a
    few lines of stdlib HTTP; latency per pod set by an env var: one pod is 5× slower), each with the
    ``autoscaling.recsys.io/latency-ok`` readiness gate;
@@ -76,7 +76,7 @@ def deployment(name: str, latency_ms: float, replicas: int) -> dict:
 def namespace():
     config.load_kube_config()
     api = client.ApiClient()
-    crd = yaml.safe_load((ROOT / "operators" / "crd.yaml").read_text())
+    crd = yaml.safe_load((ROOT / "charts" / "recsys" / "crds" / "latencyautoscaler.yaml").read_text())
     try:
         client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
     except client.ApiException as exc:

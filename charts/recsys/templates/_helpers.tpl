@@ -1,0 +1,165 @@
+{{/* Names, labels and shared pod settings. */}}
+
+{{- define "recsys.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "recsys.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Kubernetes recommended labels; pass (dict "ctx" $ "component" "predictor"). */}}
+{{- define "recsys.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+{{ include "recsys.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: recsys
+{{- end }}
+
+{{- define "recsys.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "recsys.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "recsys.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Non-root, read-only root filesystem, no privilege escalation, no capabilities. */}}
+{{- define "recsys.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "recsys.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end }}
+
+{{/* Environment shared by every recsys container: stores from values, credentials from the Secret. */}}
+{{- define "recsys.env" -}}
+- name: RECSYS_PROFILE
+  value: production
+- name: RECSYS_HOME
+  value: /tmp/recsys
+- name: RECSYS_FEAST_PROJECT
+  value: {{ .Values.feast.project | quote }}
+- name: RECSYS_PG_HOST
+  value: {{ .Values.postgres.host | quote }}
+- name: RECSYS_PG_PORT
+  value: {{ .Values.postgres.port | quote }}
+- name: RECSYS_PG_DATABASE
+  value: {{ .Values.postgres.database | quote }}
+- name: RECSYS_PG_SSLMODE
+  value: {{ .Values.postgres.sslmode | quote }}
+- name: RECSYS_PG_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.postgres.existingSecret }}
+      key: {{ .Values.postgres.userKey }}
+- name: RECSYS_PG_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.postgres.existingSecret }}
+      key: {{ .Values.postgres.passwordKey }}
+- name: RECSYS_REDIS_HOST
+  value: {{ .Values.redis.host | quote }}
+- name: RECSYS_REDIS_PORT
+  value: {{ .Values.redis.port | quote }}
+- name: RECSYS_REDIS_DB
+  value: {{ .Values.redis.db | quote }}
+# the Feast CLI (feast serve, feast materialize-incremental) expands these in feature_store.yaml;
+# `recsys` commands compute them itself. $(VAR) is Kubernetes' expansion of the variables above.
+- name: RECSYS_PG_URL
+  value: "postgresql+psycopg://$(RECSYS_PG_USER):$(RECSYS_PG_PASSWORD)@$(RECSYS_PG_HOST):$(RECSYS_PG_PORT)/$(RECSYS_PG_DATABASE)?sslmode=$(RECSYS_PG_SSLMODE)"
+- name: RECSYS_REDIS_CONNECTION
+  value: "$(RECSYS_REDIS_HOST):$(RECSYS_REDIS_PORT),db=$(RECSYS_REDIS_DB)"
+- name: RECSYS_ARTIFACTS
+  value: {{ .Values.models.artifacts | quote }}
+- name: FEAST_FS_YAML_FILE_PATH
+  value: /etc/recsys/feast/feature_store.yaml
+{{- end }}
+
+{{- define "recsys.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: feast-config
+  mountPath: /etc/recsys/feast
+  readOnly: true
+{{- if .Values.models.pvc.enabled }}
+- name: models
+  mountPath: {{ .Values.models.artifacts }}
+{{- end }}
+{{- end }}
+
+{{- define "recsys.volumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: feast-config
+  configMap:
+    name: {{ include "recsys.fullname" . }}-feast
+{{- if .Values.models.pvc.enabled }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ default (printf "%s-models" (include "recsys.fullname" .)) .Values.models.pvc.existingClaim }}
+{{- end }}
+{{- end }}
+
+{{/* A recsys container running `args` (Jobs, CronJobs, the feature server); pass (dict "ctx" $ "name" .. "args" .. "resources" ..). */}}
+{{- define "recsys.jobPodSpec" -}}
+securityContext:
+  {{- include "recsys.podSecurityContext" .ctx | nindent 2 }}
+{{- with .ctx.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
+containers:
+  - name: {{ .name }}
+    image: {{ include "recsys.image" .ctx }}
+    imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
+    {{- with .command }}
+    command: {{ toJson . }}
+    {{- end }}
+    args: {{ toJson .args }}
+    {{- with .port }}
+    ports:
+      - {name: http, containerPort: {{ . }}}
+    readinessProbe:
+      httpGet: {path: /health, port: http}
+      periodSeconds: 10
+    livenessProbe:
+      httpGet: {path: /health, port: http}
+      periodSeconds: 20
+    {{- end }}
+    env:
+      {{- include "recsys.env" .ctx | nindent 6 }}
+    resources:
+      {{- toYaml .resources | nindent 6 }}
+    securityContext:
+      {{- include "recsys.containerSecurityContext" .ctx | nindent 6 }}
+    volumeMounts:
+      {{- include "recsys.volumeMounts" .ctx | nindent 6 }}
+volumes:
+  {{- include "recsys.volumes" .ctx | nindent 2 }}
+{{- end }}

@@ -1,0 +1,195 @@
+"""The Helm chart, validated without a cluster: `helm lint`, `helm template` for every toggle combination,
+every rendered object against the Kubernetes OpenAPI schemas of a pinned version (kubernetes-validate), the
+LatencyAutoscaler against our CRD's schema, the InferenceService against the kserve SDK's model classes, and
+the secure defaults."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.k8s_tools import KUBERNETES_VERSION, ROOT, ensure_tools
+
+CHART = ROOT / "charts" / "recsys"
+CRD = CHART / "crds" / "latencyautoscaler.yaml"
+
+COMBINATIONS = {
+    "default": {},
+    "gpu": {"predictor.gpu.enabled": "true"},
+    "all-optional-on": {"bundled.redis.enabled": "true", "bundled.postgres.enabled": "true",
+                        "monitoring.serviceMonitor.enabled": "true", "networkPolicy.enabled": "true",
+                        "predictor.podDisruptionBudget.enabled": "true", "predictor.gpu.enabled": "true"},
+    "minimal": {"operator.enabled": "false", "retrain.enabled": "false", "feast.applyHook": "false",
+                "feast.materialize.enabled": "false", "feast.featureServer.enabled": "false",
+                "models.pvc.enabled": "false", "models.artifacts": "s3://models/recsys"},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    return ensure_tools()["helm"]
+
+
+def run(cmd: list, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, check=False)
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def sets(values: dict) -> list[str]:
+    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+
+
+def render(helm: Path, values: dict) -> list[dict]:
+    out = run([helm, "template", "demo", CHART, "--namespace", "recsys", *sets(values)]).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def containers(obj: dict) -> list[dict]:
+    spec = obj.get("spec", {})
+    if obj["kind"] == "InferenceService":
+        return spec["predictor"]["containers"]
+    if obj["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    template = spec.get("template", {}).get("spec")
+    return template["containers"] if template else []
+
+
+def pod_spec(obj: dict) -> dict | None:
+    spec = obj.get("spec", {})
+    if obj["kind"] == "InferenceService":
+        return spec["predictor"]
+    if obj["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return spec.get("template", {}).get("spec")
+
+
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_lint(helm, name):
+    run([helm, "lint", "--strict", CHART, *sets(COMBINATIONS[name])])
+
+
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_rendered_objects_validate_against_their_schemas(helm, name):
+    objects = render(helm, COMBINATIONS[name])
+    crd_schema = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    kinds = set()
+    for obj in objects:
+        kinds.add(obj["kind"])
+        if obj["kind"] == "LatencyAutoscaler":
+            jsonschema.Draft4Validator(crd_schema).validate(obj)  # OpenAPI 3.0 schemas follow draft 4
+        elif obj["kind"] == "InferenceService":
+            assert_kserve_model(obj)
+        elif obj["kind"] == "ServiceMonitor":
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["spec"]["endpoints"]
+        else:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    assert {"InferenceService", "ConfigMap"} <= kinds
+
+
+def assert_kserve_model(obj: dict) -> None:
+    """Every field is one the kserve SDK's models know (V1beta1InferenceService, ...Spec, ...PredictorSpec), and
+    the pod part of the predictor (containers, volumes, security, scheduling, readiness gates) is a valid
+    core/v1 PodSpec for the pinned Kubernetes version."""
+    from kserve.models import (  # noqa: PLC0415 - heavy import, only here
+        V1beta1InferenceService,
+        V1beta1InferenceServiceSpec,
+        V1beta1PredictorSpec,
+    )
+
+    assert obj["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert set(obj) <= set(V1beta1InferenceService.attribute_map.values())
+    assert set(obj["spec"]) <= set(V1beta1InferenceServiceSpec.attribute_map.values())
+    predictor = obj["spec"]["predictor"]
+    unknown = set(predictor) - set(V1beta1PredictorSpec.attribute_map.values())
+    assert not unknown, f"fields the kserve SDK does not know: {unknown}"
+    kserve_only = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "containerConcurrency", "timeout",
+                   "canaryTrafficPercent", "logger", "batcher", "labels", "annotations", "deploymentStrategy",
+                   "autoScaling", "model", "workerSpec"}  # fmt: skip
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
+           "spec": {k: v for k, v in predictor.items() if k not in kserve_only}}  # fmt: skip
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_secure_defaults_everywhere(helm, name):
+    for obj in render(helm, COMBINATIONS[name]):
+        labels = obj["metadata"].get("labels", {})
+        assert {
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/managed-by",
+        } <= set(labels), obj["kind"]
+        assert obj["kind"] != "Secret", "credentials come from existing Secrets, never from the chart"
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        assert spec["securityContext"]["runAsNonRoot"] is True, obj["metadata"]["name"]
+        for c in containers(obj):
+            where = f"{obj['metadata']['name']}/{c['name']}"
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert c["resources"]["requests"] and c["resources"]["limits"], where
+            for env in c.get("env", []):
+                if "PASSWORD" in env["name"] or env["name"].endswith("_USER"):
+                    assert "valueFrom" in env and "value" not in env, (
+                        f"{where}: {env['name']} must come from a Secret"
+                    )
+
+
+def test_gpu_toggle(helm):
+    (isvc,) = [o for o in render(helm, COMBINATIONS["gpu"]) if o["kind"] == "InferenceService"]
+    predictor = isvc["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "cuda" in container["image"]
+    assert {"name": "RECSYS_SERVE_DEVICE", "value": "cuda"} in container["env"]
+    assert predictor["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+    assert any(t["key"] == "nvidia.com/gpu" for t in predictor["tolerations"])
+
+
+def test_operator_toggle_sets_external_autoscaler_and_readiness_gate(helm):
+    (on,) = [o for o in render(helm, {}) if o["kind"] == "InferenceService"]
+    (off,) = [o for o in render(helm, COMBINATIONS["minimal"]) if o["kind"] == "InferenceService"]
+    assert on["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "external"
+    assert on["spec"]["predictor"]["readinessGates"] == [
+        {"conditionType": "autoscaling.recsys.io/latency-ok"}
+    ]
+    assert "serving.kserve.io/autoscalerClass" not in off["metadata"]["annotations"]
+    assert "readinessGates" not in off["spec"]["predictor"]
+    assert on["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+
+
+def test_retrain_cronjob_is_safe_to_overlap_and_bounded(helm):
+    (cron,) = [
+        o for o in render(helm, {}) if o["kind"] == "CronJob" and o["metadata"]["name"].endswith("-retrain")
+    ]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["activeDeadlineSeconds"] > 0 and job["backoffLimit"] >= 0
+    assert job["template"]["spec"]["containers"][0]["args"][0] == "retrain"
+
+
+def test_feast_config_map_is_the_production_feature_store_yaml(helm):
+    (cm,) = [o for o in render(helm, {}) if o["kind"] == "ConfigMap"]
+    committed = (ROOT / "feature_repo" / "production" / "feature_store.yaml").read_text()
+    assert cm["data"]["feature_store.yaml"].strip() == committed.strip()
+    assert (CHART / "files" / "feature_store.yaml").read_text() == committed
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"predictor.port": "0"}, "predictor.port"),
+    ({"postgres.password": "hunter2"}, "password"),
+    ({"retrain.schedule": "daily"}, "retrain.schedule"),
+    ({"feast.project": "Bad-Name"}, "feast.project"),
+])  # fmt: skip
+def test_values_schema_rejects_bad_values(helm, values, message):
+    done = run([helm, "template", "demo", CHART, *sets(values)], check=False)
+    assert done.returncode != 0 and message in done.stderr, done.stderr
