@@ -19,7 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.k8s_tools import ensure_tools  # noqa: E402
+from tests.k8s_tools import ensure_tools
 
 BASE = ROOT / "k8s" / "base"
 RELEASE, NAMESPACE = "recsys", "recsys"

@@ -97,7 +97,7 @@ def assert_kserve_model(obj: dict) -> None:
     """Every field is one the kserve SDK's models know (V1beta1InferenceService, ...Spec, ...PredictorSpec), and
     the pod part of the predictor (containers, volumes, security, scheduling, readiness gates) is a valid
     core/v1 PodSpec for the pinned Kubernetes version."""
-    from kserve.models import (  # noqa: PLC0415 - heavy import, only here
+    from kserve.models import (
         V1beta1InferenceService,
         V1beta1InferenceServiceSpec,
         V1beta1PredictorSpec,

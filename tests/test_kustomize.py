@@ -66,7 +66,7 @@ def test_overlay_validates(tools, overlay):
 def test_overlay_and_chart_render_the_same_resources(tools, overlay):
     chart = render(tools["helm"], OVERLAYS[overlay], release="recsys")
     kust = kustomize(tools["kubectl"], overlay)
-    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
+    key = lambda o: (o["kind"], o["metadata"]["name"])
     crd = yaml.safe_load((CHART / "crds" / "latencyautoscaler.yaml").read_text())
     assert {key(o) for o in chart} | {key(crd)} == {key(o) for o in kust if o["kind"] != "Namespace"}
     # and the same predictor: the overlay's patches reproduce the chart's GPU toggle exactly
