@@ -40,7 +40,8 @@ COPY --from=build /src/feature_repo /app/feature_repo
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     RECSYS_HOME=/tmp/recsys \
-    RECSYS_PROFILE=production
+    RECSYS_PROFILE=production \
+    RECSYS_FEATURE_REPO=/app/feature_repo
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8080

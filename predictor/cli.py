@@ -210,6 +210,9 @@ def train(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Write a checkpoint every epoch here.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --checkpoint-dir.")] = False,
     promote: Annotated[bool, typer.Option(help="Promote the new version to production.")] = True,
+    skip_if_production: Annotated[
+        bool, typer.Option(help="Do nothing when a production model exists (a first-install bootstrap job).")
+    ] = False,
 ) -> None:
     """Train the two-stage model on the event log, register it and (by default) promote it."""
     from predictor.data.eventlog import EventLog
@@ -220,6 +223,13 @@ def train(
     settings = state.settings
     if resume and checkpoint_dir is None:
         raise typer.BadParameter("--resume needs --checkpoint-dir")
+    if skip_if_production:
+        from predictor.models.lifecycle import MODEL_NAME
+
+        production = ModelRegistry(settings.database_url).production(MODEL_NAME)
+        if production is not None:
+            console.print(f"version {production.version} is in production already: nothing to do")
+            return
     data = EventLog(settings.database_url).read()
     profile = _offline_user_profile(settings) if features else None
     version, metrics = train_and_register(

@@ -97,6 +97,7 @@ def test_model_commands_train_evaluate_retrain(tmp_path, profile, request, monke
     run("features", "build", "--snapshot-every", "7D")
     trained = run("train", "--size", "tiny", "--epochs", "2")
     assert "version 1" in trained and "(production)" in trained
+    assert "nothing to do" in run("train", "--skip-if-production")  # a bootstrap job re-run is harmless
     assert "two_stage" in run("evaluate")
     assert "index_recall@100_vs_flat" in run("export", "--out", str(tmp_path / "serving"))
     assert (tmp_path / "serving" / "user_tower.pt2").is_file()

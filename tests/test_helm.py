@@ -21,7 +21,7 @@ CRD = CHART / "crds" / "latencyautoscaler.yaml"
 COMBINATIONS = {
     "default": {},
     "gpu": {"predictor.gpu.enabled": "true"},
-    "all-optional-on": {"bundled.redis.enabled": "true", "bundled.postgres.enabled": "true",
+    "all-optional-on": {"bundled.redis.enabled": "true", "bundled.postgres.enabled": "true", "bootstrap.enabled": "true",
                         "monitoring.serviceMonitor.enabled": "true", "networkPolicy.enabled": "true",
                         "predictor.podDisruptionBudget.enabled": "true", "predictor.gpu.enabled": "true"},
     "minimal": {"operator.enabled": "false", "retrain.enabled": "false", "feast.applyHook": "false",

@@ -63,6 +63,8 @@ capabilities:
   value: /tmp/recsys
 - name: RECSYS_FEAST_PROJECT
   value: {{ .Values.feast.project | quote }}
+- name: RECSYS_FEATURE_REPO
+  value: /app/feature_repo
 - name: RECSYS_PG_HOST
   value: {{ .Values.postgres.host | quote }}
 - name: RECSYS_PG_PORT
