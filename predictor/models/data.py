@@ -66,9 +66,9 @@ def _scale_user_columns(cols: np.ndarray) -> np.ndarray:
 
 def _fill_affinity(x: np.ndarray, affinity, n_categories: int) -> None:
     """Category affinity into the last ``n_categories`` columns, where a row has a vector of that width."""
-    for row, a in enumerate(affinity):
-        if isinstance(a, (list, np.ndarray)) and len(a) == n_categories:
-            x[row, len(USER_DENSE_COLUMNS) :] = np.asarray(a, np.float32)
+    filled = [row for row, a in enumerate(affinity) if isinstance(a, (list, np.ndarray)) and len(a) == n_categories]
+    if filled:  # one assignment for all rows: this runs over every training label's features
+        x[filled, len(USER_DENSE_COLUMNS) :] = np.stack([np.asarray(affinity[row], np.float32) for row in filled])
 
 
 def item_dense_matrix(frame: pd.DataFrame) -> np.ndarray:

@@ -383,7 +383,9 @@ class RecommenderModel(Model):
                 results[row] = RecResult(req.user_id, rec.item_ids, rec.scores, loaded.version, reason)
                 metrics.FALLBACKS.labels(reason=reason).inc()
                 continue
-            dense = user_dense_rows([user.values], engine.catalog.n_categories)[0]
+            # a model trained without user features ignores them: skip the conversion on the event loop
+            dense = (user_dense_rows([user.values], engine.catalog.n_categories)[0] if engine.uses_user_features
+                     else np.zeros(engine.n_user_dense, np.float32))  # fmt: skip
             jobs.append((engine, user, dense, req.k, req.exclude_seen))
             job_rows.append(row)
 
