@@ -53,6 +53,33 @@ def test_split_is_temporal_leave_last_out():
     assert list(zip(users, ends)) == [(u7, 2)]
 
 
+def test_jittered_windows_cover_every_label_and_move_between_epochs():
+    rng = np.random.default_rng(0)
+    lengths = np.array([0, 1, 2, 7, 50, 51, 173])
+    seq = np.zeros((len(lengths), lengths.max()), np.int64)
+    seq[np.arange(lengths.max())[None, :] < lengths[:, None]] = 1
+
+    class Split:  # the two fields training_windows reads
+        train_len = lengths
+
+    plain = training_windows(Split, 10)
+    starts = []
+    for _ in range(5):
+        users, ends = training_windows(Split, 10, rng)
+        for u, n in enumerate(lengths):
+            covered = set()
+            for e in ends[users == u]:
+                assert 1 < e <= n  # every window ends inside the training events and has a label
+                covered |= set(range(max(e - 10, 1), e))
+            assert covered == set(range(1, n))  # every label position, none invented
+            assert ends[users == u].max(initial=n) == n  # the newest window always ends at the last event
+        starts.append(tuple(ends))
+    assert len(set(starts)) > 1  # the cut moves from epoch to epoch
+    # without an rng the cut is the fixed one: consecutive, non-overlapping chunks from the end
+    users, ends = plain
+    assert list(ends[users == 6]) == list(range(173, 2, -10))
+
+
 def test_index_extension_keeps_old_rows():
     idx = make_index([10, 20, 30])
     bigger = idx.extended(np.array([25, 10, 5]))

@@ -23,6 +23,9 @@ class ModelConfig:
     temperature: float = 0.07
     in_batch_negatives: int = 1024  # other labels of the batch used as negatives (logQ-corrected)
     uniform_negatives: int = 0  # extra uniformly sampled negatives per batch ("mixed negatives")
+    # catalogs up to this many items train with an exact softmax over every item instead of sampled
+    # negatives: on small catalogs that costs little and removes the sampling bias entirely
+    full_softmax_items: int = 0
     ranker_hidden: tuple[int, ...] = (256, 128)
     ranker_negatives: int = 30  # retrieval candidates per training example for the ranker
     ranker_history: int = 20  # newest history items the ranker's target attention reads
@@ -67,3 +70,6 @@ class TrainConfig:
     ranker_examples_per_epoch: int = 20_000
     seed: int = 0
     max_examples_per_epoch: int = 0  # 0: all training positions
+    # cut each user's history at a fresh random offset every epoch (the newest window always ends at the
+    # last training event), so the same items are not always the first, context-free labels of a window
+    window_jitter: bool = False

@@ -219,10 +219,12 @@ class TwoStageRecommender:
 
         local_batch = max(cfg.batch_size // world.size, 2)
         rows_user, rows_end = training_windows(split, self.config.max_history)
-        n_examples = len(rows_user)
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             model.train()
+            if cfg.window_jitter:
+                rows_user, rows_end = training_windows(split, self.config.max_history, rng)
+            n_examples = len(rows_user)
             order = rng.permutation(n_examples)
             if cfg.max_examples_per_epoch:
                 order = order[: cfg.max_examples_per_epoch]
@@ -274,6 +276,14 @@ class TwoStageRecommender:
         cfg = self.config
         valid = targets > 0
         labelled = targets[valid]
+        if 0 < self.split.n_items <= cfg.full_softmax_items:
+            # exact softmax: every catalog item is a negative (the label itself is masked and scored as
+            # the positive), sampled with certainty, so log q = 0
+            negatives = torch.arange(1, self.split.n_items + 1, device=self.device)
+            log_q = torch.zeros(len(negatives), device=self.device)
+            states, positive, neg = forward(window, udense, targets, negatives, self.item_cats, self.item_dense)
+            return sampled_softmax_loss(states[valid], positive[valid], labelled, neg, negatives, log_q,
+                                        cfg.temperature)  # fmt: skip
         # negatives: other labels of the batch (sampled ∝ popularity) plus optional uniform extras
         pick = torch.randperm(len(labelled), device=self.device)[: cfg.in_batch_negatives]
         negatives = labelled[pick]
@@ -319,6 +329,7 @@ class TwoStageRecommender:
         cfg = self.train_config
         if cfg.ranker_epochs <= 0:
             self.use_ranker = False
+            self.validation_ndcg = self.validation_retrieval_ndcg
             return
         K = self.config.ranker_negatives
         items = self._embed_items()
@@ -443,14 +454,26 @@ def training_examples(split: SplitData) -> tuple[np.ndarray, np.ndarray]:
     return users.astype(np.int64), positions.astype(np.int64)
 
 
-def training_windows(split: SplitData, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def training_windows(
+    split: SplitData, max_len: int, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(user index, end) of each training window: chunks of up to ``max_len`` labels cut from the end of
-    every user's training events; labels are positions ``[max(end - max_len, 1), end)``."""
-    chunks = np.ceil(np.clip(split.train_len - 1, 0, None) / max_len).astype(np.int64)
+    every user's training events; labels are positions ``[max(end - max_len, 1), end)``.
+
+    With ``rng``, the chunks below the newest one are cut at a random shift in ``[0, max_len)`` per user:
+    every label is still covered (the newest window overlaps the next one by the shift), but which
+    labels start a window, with no context, changes from epoch to epoch.
+    """
+    labels = np.clip(split.train_len - 1, 0, None)
+    shift = np.zeros_like(labels) if rng is None else rng.integers(0, max_len, len(labels))
+    # newest window ends at train_len; the rest tile the labels that remain below train_len - max_len + shift
+    rest = np.clip(labels - max_len + shift, 0, None) * (labels > max_len)
+    chunks = np.where(labels > 0, 1 + np.ceil(rest / max_len).astype(np.int64), 0)
     users = np.repeat(np.arange(len(chunks)), chunks)
     first = np.cumsum(chunks) - chunks
     k = np.arange(chunks.sum()) - np.repeat(first, chunks)
-    ends = split.train_len[users] - k * max_len
+    top = split.train_len[users]
+    ends = np.where(k == 0, top, top - max_len + shift[users] - (k - 1) * max_len)
     return users.astype(np.int64), ends.astype(np.int64)
 
 
