@@ -12,10 +12,11 @@ LABEL org.opencontainers.image.title="recsys operator" \
 RUN groupadd --gid 10001 recsys && useradd --uid 10001 --gid recsys --no-create-home --shell /usr/sbin/nologin recsys
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-# the operator imports only operators/{handlers,control,cluster,scrape,policy}.py
-COPY operators/__init__.py operators/handlers.py operators/control.py operators/cluster.py operators/scrape.py operators/policy.py ./operators/
+# the operator imports only operators/{__main__,run,handlers,control,cluster,scrape,policy}.py
+COPY operators/__init__.py operators/__main__.py operators/run.py operators/handlers.py operators/control.py operators/cluster.py operators/scrape.py operators/policy.py ./operators/
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONPATH=/app
 USER 10001:10001
 EXPOSE 8080
-ENTRYPOINT ["kopf", "run", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "-m", "operators.handlers"]
-CMD ["--all-namespaces"]
+# the same as `recsys operator run` (operators/run.py): peering for leader election, /healthz on 8080
+ENTRYPOINT ["python", "-m", "operators"]
+CMD ["run"]

@@ -134,7 +134,16 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
     observed = quantile(pooled, 0.99) if pooled else None
     observed_ms = observed * 1000 if observed is not None else None
     wanted = desired_replicas(current, observed_ms, requests, scaling)
-    new_size = limit_step(current, memory.stabilizer.recommend(now, current, wanted, scaling), scaling)
+    stabilised = memory.stabilizer.recommend(now, current, wanted, scaling)
+    new_size = limit_step(current, stabilised, scaling)
+    # one line per decision with everything it was made from, so any scale or ejection can be replayed
+    log.info(
+        "decision %s/%s: p99 %s ms over %d requests (target %g ms) from %d of %d pods; replicas %d, "
+        "wanted %d, stabilised %d, new %d; ejected %s; per-pod p99 %s",
+        namespace, meta["name"], f"{observed_ms:.1f}" if observed_ms is not None else "none", int(requests),
+        scaling.target_p99_ms, len(in_rotation), len(pods), current, wanted, stabilised, new_size,
+        sorted(memory.ejected), {p: round(v, 1) if v is not None else None for p, v in sorted(pod_p99.items())},
+    )  # fmt: skip
 
     # --- act ----------------------------------------------------------------------------------------
     for pod in pods:

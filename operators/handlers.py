@@ -1,7 +1,7 @@
 """kopf handlers: thin. A timer per LatencyAutoscaler runs ``control.control_step`` once per its control
 period; everything it decides comes from ``policy.py``.
 
-Run with ``recsys operator`` (or ``kopf run -m operators.handlers``).
+Run with ``recsys operator run`` (``operators/run.py``: peering, liveness endpoint, namespaces).
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ features_app = typer.Typer(
 events_app = typer.Typer(help="Real-time events.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
+operator_app = typer.Typer(help="The p99-driven LatencyAutoscaler operator.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
+app.add_typer(operator_app, name="operator")
 
 console = Console()
 
@@ -394,19 +396,24 @@ def serve(
     run_server(state.settings, options, log_level=state.log_level or "INFO")
 
 
-@app.command()
-def operator(
+@operator_app.command("run")
+def operator_run(
     namespace: Annotated[list[str] | None, typer.Option(help="Watch only these namespaces (repeatable); "
                                                                 "default: the whole cluster.")] = None,
+    peering: Annotated[str, typer.Option(help="kopf peering object used for leader election between replicas.")]
+    = "recsys-operator",
+    standalone: Annotated[bool, typer.Option(help="No peering: this is the only operator instance.")] = False,
+    priority: Annotated[int | None, typer.Option(help="Peering priority; default: a random one, so that one "
+                                                      "replica leads and the others stand by.")] = None,
+    liveness: Annotated[str, typer.Option(help="Health endpoint to serve (kopf's liveness probe).")]
+    = "http://0.0.0.0:8080/healthz",
 ) -> None:
     """Run the LatencyAutoscaler operator (kopf) until stopped: scales the predictor on p99 latency and takes
-    slow replicas out of rotation. Needs the CRD (charts/recsys/crds/latencyautoscaler.yaml) and in-cluster or kubeconfig access."""
-    import kopf
+    slow replicas out of rotation. Needs the CRDs (charts/recsys/crds/) and in-cluster or kubeconfig access."""
+    from operators.run import run
 
-    import operators.handlers  # noqa: F401 - registers the handlers
-
-    kopf.configure(verbose=(state.log_level or "INFO").upper() == "DEBUG")
-    kopf.run(standalone=True, namespaces=namespace or [], clusterwide=not namespace)
+    run(namespace or [], None if standalone else peering, priority, liveness,
+        verbose=(state.log_level or "INFO").upper() == "DEBUG")  # fmt: skip
 
 
 def main() -> None:

@@ -144,12 +144,15 @@ def test_lint(helm, name):
 @pytest.mark.parametrize("name", COMBINATIONS)
 def test_rendered_objects_validate_against_their_schemas(helm, name):
     objects = render(helm, COMBINATIONS[name])
-    crd_schema = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    crd_schemas = {  # kind → the schema of our own CRDs (crds/): the LatencyAutoscaler and kopf's peering
+        crd["spec"]["names"]["kind"]: crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for path in sorted((CHART / "crds").glob("*.yaml")) for crd in yaml.safe_load_all(path.read_text()) if crd
+    }  # fmt: skip
     kinds = set()
     for obj in objects:
         kinds.add(obj["kind"])
-        if obj["kind"] == "LatencyAutoscaler":
-            jsonschema.Draft4Validator(crd_schema).validate(obj)  # OpenAPI 3.0 schemas follow draft 4
+        if obj["kind"] in crd_schemas:
+            jsonschema.Draft4Validator(crd_schemas[obj["kind"]]).validate(obj)  # OpenAPI 3.0 follows draft 4
         elif obj["kind"] == "InferenceService":
             assert_kserve_model(obj)
         elif obj["kind"] == "ServiceMonitor":
@@ -231,6 +234,25 @@ def test_operator_toggle_sets_external_autoscaler_and_readiness_gate(helm):
     assert "serving.kserve.io/autoscalerClass" not in off["metadata"]["annotations"]
     assert "readinessGates" not in off["spec"]["predictor"]
     assert on["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+
+
+def test_operator_replicas_elect_a_leader_through_kopf_peering(helm):
+    objects = render(helm, {"operator.replicas": "2"})
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "demo-recsys-operator")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert deployment["spec"]["replicas"] == 2
+    assert container["args"][:2] == ["run", "--namespace"] and "--peering" in container["args"]
+    peering_name = container["args"][container["args"].index("--peering") + 1]
+    peering = [o for o in objects if o["kind"] == "KopfPeering"]
+    assert [(p["metadata"]["name"], p["metadata"]["namespace"]) for p in peering] == [(peering_name, "recsys")]
+    assert any(e["name"] == "POD_ID" for e in container["env"])  # kopf's identity among the peers
+    role = next(o for o in objects if o["kind"] == "ClusterRole")
+    assert any("kopfpeerings" in r["resources"] and "patch" in r["verbs"] for r in role["rules"])
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    crds = {c["metadata"]["name"] for c in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text())}
+    assert crds == {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+    for crd in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text()):
+        kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True)
 
 
 def test_retrain_cronjob_is_safe_to_overlap_and_bounded(helm):

@@ -50,12 +50,14 @@ def test_overlay_validates(tools, overlay):
     from tests.k8s_tools import KUBERNETES_VERSION
 
     objects = kustomize(tools["kubectl"], overlay)
-    crd = next(o for o in objects if o["kind"] == "CustomResourceDefinition")
-    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    # the overlay's own CRDs (the LatencyAutoscaler, kopf's peering) validate the custom resources
+    schemas = {o["spec"]["names"]["kind"]: o["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+               for o in objects if o["kind"] == "CustomResourceDefinition"}  # fmt: skip
+    assert {"LatencyAutoscaler", "KopfPeering", "ClusterKopfPeering"} <= set(schemas)
     for obj in objects:
         assert obj["metadata"].get("namespace", "recsys") == "recsys" or obj["kind"] in ("ClusterRole",)
-        if obj["kind"] == "LatencyAutoscaler":
-            jsonschema.Draft4Validator(schema).validate(obj)
+        if obj["kind"] in schemas:
+            jsonschema.Draft4Validator(schemas[obj["kind"]]).validate(obj)
         elif obj["kind"] == "InferenceService":
             assert_kserve_model(obj)
         else:
@@ -67,8 +69,8 @@ def test_overlay_and_chart_render_the_same_resources(tools, overlay):
     chart = render(tools["helm"], OVERLAYS[overlay], release="recsys")
     kust = kustomize(tools["kubectl"], overlay)
     key = lambda o: (o["kind"], o["metadata"]["name"])
-    crd = yaml.safe_load((CHART / "crds" / "latencyautoscaler.yaml").read_text())
-    assert {key(o) for o in chart} | {key(crd)} == {key(o) for o in kust if o["kind"] != "Namespace"}
+    crds = [c for path in sorted((CHART / "crds").glob("*.yaml")) for c in yaml.safe_load_all(path.read_text()) if c]
+    assert {key(o) for o in chart} | {key(c) for c in crds} == {key(o) for o in kust if o["kind"] != "Namespace"}
     # and the same predictor: the overlay's patches reproduce the chart's GPU toggle exactly
     (chart_isvc,) = [o for o in chart if o["kind"] == "InferenceService"]
     (kust_isvc,) = [o for o in kust if o["kind"] == "InferenceService"]

@@ -251,3 +251,33 @@ def test_kopf_timer_handler_writes_status_and_posts_events(stack):
     assert patch["status"]["desiredReplicas"] > 4
     assert any(e["reason"] == "Scaled" for e in api.events)
     assert api.events[0]["involvedObject"]["kind"] == "LatencyAutoscaler"
+
+
+def test_run_options_elect_a_leader_through_peering():
+    import random
+
+    from operators.run import run_options
+
+    namespaced = run_options(["recsys"], "recsys-operator", rng=random.Random(1))
+    assert namespaced["namespaces"] == ["recsys"] and not namespaced["clusterwide"]
+    assert namespaced["standalone"] is False and namespaced["peering_name"] == "recsys-operator"
+    assert namespaced["liveness_endpoint"] == "http://0.0.0.0:8080/healthz"
+    # equal priorities make every kopf peer freeze: each replica draws its own unless one is given
+    drawn = {run_options(["recsys"], "p", rng=random.Random(seed))["priority"] for seed in range(20)}
+    assert len(drawn) == 20 and min(drawn) >= 1
+    assert run_options(["recsys"], "p", priority=7)["priority"] == 7
+    cluster_wide = run_options([], None)
+    assert cluster_wide["clusterwide"] and cluster_wide["standalone"] is True and "peering_name" not in cluster_wide
+
+
+def test_each_decision_is_logged_with_its_inputs(stack, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="operators.control")
+    test_scale_up_on_p99_above_target_and_hold_without_data(stack)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decision ")]
+    assert lines, "no decision was logged"
+    assert all("target" in line and "replicas" in line and "per-pod p99" in line for line in lines)
+    # the scale-up: HPA rule with headroom wants 10, the step limit (+4) makes it 8
+    assert any("p99 20.0 ms over 400 requests" in line and "replicas 4, wanted 10, stabilised 10, new 8" in line
+               for line in lines), lines
