@@ -5,7 +5,6 @@ operator image's entry point (it has no model code, so no ``recsys`` command); t
 from __future__ import annotations
 
 import argparse
-import logging
 
 from operators.run import DEFAULT_LIVENESS, run
 
@@ -21,7 +20,6 @@ def main() -> None:
     start.add_argument("--liveness", default=DEFAULT_LIVENESS, help="health endpoint URL to serve")
     start.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
     run(args.namespace, None if args.standalone else args.peering, args.priority, args.liveness, args.verbose)
 
 

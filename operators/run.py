@@ -44,6 +44,6 @@ def run(namespaces: Sequence[str] = (), peering: str | None = "recsys-operator",
     import operators.handlers  # noqa: F401 - registers the handlers
 
     options = run_options(namespaces, peering, priority, liveness)
-    log.info("operator starting: %s", {k: v for k, v in options.items()})
-    kopf.configure(verbose=verbose)
+    kopf.configure(verbose=verbose)  # kopf's log format for everything, ours included
+    log.info("operator starting: %s", options)
     kopf.run(**options)

@@ -281,3 +281,37 @@ def test_each_decision_is_logged_with_its_inputs(stack, caplog):
     # the scale-up: HPA rule with headroom wants 10, the step limit (+4) makes it 8
     assert any("p99 20.0 ms over 400 requests" in line and "replicas 4, wanted 10, stabilised 10, new 8" in line
                for line in lines), lines
+
+
+def test_operator_process_serves_its_liveness_endpoint(tmp_path):
+    """The image's entry point (``python -m operators run``) starts kopf with the /healthz endpoint the chart
+    probes, before any API server answers."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n"
+        "users: [{name: u, user: {token: x}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\n"
+        "current-context: c\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "operators", "run", "--standalone", "--namespace", "x",
+                             "--liveness", f"http://127.0.0.1:{port}/healthz"],
+                            env={**__import__("os").environ, "KUBECONFIG": str(kubeconfig)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline, status = time.monotonic() + 30, None
+        while time.monotonic() < deadline and status is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                    status = response.status
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                time.sleep(0.3)
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
