@@ -209,3 +209,20 @@ def test_checkpoint_resume_continues_where_it_stopped(small_data, tmp_path):
     resumed.fit(split, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert [h["epoch"] for h in resumed.history.retrieval] == [1, 2, 3]
     assert resumed.history.retrieval[:2] == first.history.retrieval
+
+
+def test_full_softmax_is_exact_cross_entropy_over_the_catalog():
+    """With every item as a negative and log q = 0 (``full_softmax_items``), the sampled-softmax loss is the
+    exact cross entropy over the whole catalog: the label's own column is masked and scored as the positive."""
+    import torch.nn.functional as F
+
+    from predictor.models.two_tower import sampled_softmax_loss
+
+    g = torch.Generator().manual_seed(0)
+    items = F.normalize(torch.randn(51, 8, generator=g), dim=-1)  # row 0 = padding
+    users = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    labels = torch.tensor([1, 5, 5, 50, 2, 7])
+    every = torch.arange(1, 51)
+    loss = sampled_softmax_loss(users, items[labels], labels, items[every], every, torch.zeros(50), 0.1)
+    exact = F.cross_entropy(users @ items[1:].T / 0.1, labels - 1)
+    assert torch.allclose(loss, exact, atol=1e-5)
