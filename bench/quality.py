@@ -16,24 +16,9 @@ from rich.console import Console
 
 from predictor.data.loaders import load_dataset
 from predictor.models.compare import compare, compare_split_files, print_report
-from predictor.models.config import TrainConfig, model_config
+from predictor.models.config import ModelConfig, TrainConfig, model_config, parse_overrides
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def parse_options(pairs: list[str]) -> dict:
-    """``["dropout=0.5", "uniform_negatives=1024"]`` → ``{"dropout": 0.5, "uniform_negatives": 1024}``."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
-        out[key] = (
-            json.loads(value)
-            if value[:1].isdigit() or value[:1] in "-[{" or value in ("true", "false")
-            else value
-        )
-    return out
 
 
 def main() -> None:
@@ -68,7 +53,11 @@ def main() -> None:
         "--out", default=None, help="result file (default: bench/results/quality-DATASET.json)"
     )
     args = parser.parse_args()
-    model_options, train_options = parse_options(args.model_option), parse_options(args.train_option)
+    try:
+        model_options = parse_overrides(args.model_option, ModelConfig)
+        train_options = parse_overrides(args.train_option, TrainConfig)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     console = Console()
     train = TrainConfig(**{"epochs": args.epochs, "seed": args.seed, **train_options})

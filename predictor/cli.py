@@ -215,16 +215,26 @@ def train(
     skip_if_production: Annotated[
         bool, typer.Option(help="Do nothing when a production model exists (a first-install bootstrap job).")
     ] = False,
+    model_option: Annotated[list[str] | None, typer.Option(
+        help="Override a model setting, KEY=VALUE (repeatable), e.g. dim=128 or full_softmax_items=50000.")] = None,
+    train_option: Annotated[list[str] | None, typer.Option(
+        help="Override a training setting, KEY=VALUE (repeatable), e.g. window_jitter=true or lr=0.003.")] = None,
 ) -> None:
     """Train the two-stage model on the event log, register it and (by default) promote it."""
     from predictor.data.eventlog import EventLog
-    from predictor.models.config import TrainConfig, model_config
+    from predictor.models.config import ModelConfig, TrainConfig, model_config, parse_overrides
     from predictor.models.lifecycle import train_and_register
     from predictor.models.registry import ModelRegistry
 
     settings = state.settings
     if resume and checkpoint_dir is None:
         raise typer.BadParameter("--resume needs --checkpoint-dir")
+    try:
+        model_overrides = parse_overrides(model_option or [], ModelConfig)
+        train_overrides = {"epochs": epochs, "seed": seed, **parse_overrides(train_option or [], TrainConfig)}
+        config, train_config = model_config(size, **model_overrides), TrainConfig(**train_overrides)
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
     if skip_if_production:
         from predictor.models.lifecycle import MODEL_NAME
 
@@ -235,8 +245,8 @@ def train(
     data = EventLog(settings.database_url).read()
     profile = _offline_user_profile(settings) if features else None
     version, metrics = train_and_register(
-        data, ModelRegistry(settings.database_url), settings.artifacts_uri, model_config(size),
-        TrainConfig(epochs=epochs, seed=seed), profile, checkpoint_dir, resume, promote,
+        data, ModelRegistry(settings.database_url), settings.artifacts_uri, config, train_config, profile,
+        checkpoint_dir, resume, promote,
     )  # fmt: skip
     if version is None:
         return  # a non-zero torchrun rank: rank 0 reports

@@ -95,7 +95,11 @@ def test_model_commands_train_evaluate_retrain(tmp_path, profile, request, monke
 
     run("data", "load", "synthetic", "--events", "5000", "--seed", "4")
     run("features", "build", "--snapshot-every", "7D")
-    trained = run("train", "--size", "tiny", "--epochs", "2")
+    bad = runner.invoke(app, [*home, "train", "--size", "tiny", "--model-option", "dims=8"])
+    assert bad.exit_code == 2 and "ModelConfig has no field 'dims'" in bad.output
+    # the small-catalog settings of the quality bench: exact softmax over every item, jittered windows
+    trained = run("train", "--size", "tiny", "--epochs", "2", "--model-option", "full_softmax_items=100000",
+                  "--train-option", "window_jitter=true")  # fmt: skip
     assert "version 1" in trained and "(production)" in trained
     assert "nothing to do" in run("train", "--skip-if-production")  # a bootstrap job re-run is harmless
     assert "two_stage" in run("evaluate")

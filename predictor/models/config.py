@@ -7,7 +7,8 @@ catalog so that new items get embeddings at retraining without reallocating (or 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import json
+from dataclasses import asdict, dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -73,3 +74,19 @@ class TrainConfig:
     # cut each user's history at a fresh random offset every epoch (the newest window always ends at the
     # last training event), so the same items are not always the first, context-free labels of a window
     window_jitter: bool = False
+
+
+def parse_overrides(pairs: list[str], config_class: type) -> dict:
+    """``["dropout=0.3", "window_jitter=true"]`` → ``{"dropout": 0.3, "window_jitter": True}``, checked against
+    the fields of ``config_class`` (ModelConfig or TrainConfig); numbers, booleans and lists are JSON."""
+    known = {f.name for f in fields(config_class)}
+    out: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        if key not in known:
+            raise ValueError(f"{config_class.__name__} has no field {key!r}; fields: {', '.join(sorted(known))}")
+        looks_json = value[:1].isdigit() or value[:1] in "-[{" or value in ("true", "false")
+        out[key] = json.loads(value) if looks_json else value
+    return out
