@@ -81,11 +81,41 @@ def summarise(trials: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: -r["validation_ndcg@10"])
 
 
+def plot(results_file: Path, image: Path, als_ndcg: float | None = None) -> None:
+    """Validation (what selects) and test NDCG@10 per variant, mean ± std over seeds, best validation on top;
+    tuned ALS's test NDCG@10 on the same split and the 1.1 × bar as lines, when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(results_file.read_text())
+    rows = [r for rnd in data.get("rounds", [data]) for r in rnd["summary"]]
+    rows = sorted(rows, key=lambda r: r["validation_ndcg@10"])
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    ax.barh(y + 0.2, [r["validation_ndcg@10"] for r in rows], 0.4, xerr=[r["validation_std"] for r in rows],
+            label="validation (selects)", color="#9ecae1")  # fmt: skip
+    ax.barh(y - 0.2, [r["test_ndcg@10"] for r in rows], 0.4, xerr=[r["test_std"] for r in rows],
+            label="test", color="#3182bd")  # fmt: skip
+    if als_ndcg:
+        ax.axvline(als_ndcg, color="#d62728", ls="--", label=f"tuned ALS, test ({als_ndcg:.4f})")
+        ax.axvline(1.1 * als_ndcg, color="#d62728", ls=":", label="1.1 × ALS (the bar)")
+    ax.set_yticks(y, [r["variant"] for r in rows], fontsize=8)
+    ax.set_xlabel("NDCG@10 (mean ± std over seeds)")
+    ax.set_title(f"{data['dataset']}: two-stage variants, full ranking, leave-last-out")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    image.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(image, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, choices=["ml-100k", "ml-latest-small"])
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--variants", required=True, help="JSON file: a list of variants")
+    parser.add_argument("--variants", help="JSON file: a list of variants")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variant names")
     parser.add_argument("--size", default="small")
     parser.add_argument("--epochs", type=int, default=80)
@@ -93,13 +123,23 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--out", default=None, help="default: bench/results/sweep-DATASET.json")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw docs/img/sweep-DATASET.png from --out")
     args = parser.parse_args()
+    out = Path(args.out) if args.out else RESULTS / f"sweep-{args.dataset}.json"
+    image = RESULTS.parent.parent / "docs" / "img" / f"sweep-{args.dataset}.png"
+    quality = RESULTS / f"quality-{args.dataset}.json"
+    als = json.loads(quality.read_text())["results"]["implicit_als"]["ndcg@10"] if quality.exists() else None
+    if args.plot_only:
+        plot(out, image, als)
+        print(f"wrote {image}")
+        return
 
+    if not args.variants:
+        parser.error("--variants is required unless --plot-only")
     variants = json.loads(Path(args.variants).read_text())
     if args.only:
         variants = [v for v in variants if v["name"] in args.only]
     jobs = [(v, s) for s in args.seeds for v in variants]  # every variant once before any repeats
-    out = Path(args.out) if args.out else RESULTS / f"sweep-{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     trials: list[dict] = []
     started = time.perf_counter()
@@ -128,7 +168,8 @@ def main() -> None:
     for r in summarise([t for t in trials if "error" not in t]):
         print(f"{r['variant']:32s} {r['seeds']:5d} {r['validation_ndcg@10']:8.4f}±{r['validation_std']:.4f} "
               f"{r['test_ndcg@10']:8.4f}±{r['test_std']:.4f} {r['seconds']:6.0f}")
-    print(f"wrote {out}")
+    plot(out, image, als)
+    print(f"wrote {out} and {image}")
 
 
 if __name__ == "__main__":
