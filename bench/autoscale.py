@@ -103,6 +103,30 @@ def checks(results: dict, config: SimConfig) -> dict:
     return out
 
 
+def smallest_matching_static_pool(trace, service: ServiceTime, config: SimConfig, slo: float, seed: int) -> dict:
+    """The fewest replicas a *static* pool needs to reach ``slo`` (static-at-max's attainment) on ``trace``,
+    by bisection (attainment grows with the pool). When that is ``max_replicas`` itself and the trace's
+    overload comes unannounced and shorter than a pod's start-up, no policy can match static-at-max's SLO
+    with fewer replica-seconds: it must hold that many ready replicas before the overload begins."""
+    import dataclasses
+
+    def attained(n: int) -> float:
+        cfg = dataclasses.replace(config, min_replicas=n, max_replicas=n)
+        return simulate(trace, "static_min", service, cfg, seed=seed).slo_attainment
+
+    lo, hi, tried = config.min_replicas, config.max_replicas, {}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tried[mid] = attained(mid)
+        if tried[mid] >= slo - 1e-9:
+            hi = mid
+        else:
+            lo = mid + 1
+    below = {n: a for n, a in sorted(tried.items()) if n < lo}
+    return {"replicas": lo, "replica_seconds": lo * trace.duration_s, "slo_of_smaller_pools_tried": below,
+            "equals_static_max": lo == config.max_replicas}  # fmt: skip
+
+
 def plot(results: dict, config: SimConfig, path: Path) -> None:
     import matplotlib
 
@@ -166,13 +190,23 @@ def main() -> None:
     results["slow_replica"].pop("_slow_at")
     for name, v in verdicts.items():
         console.print(f"{'[green]ok[/]' if v['ok'] else '[red]NOT MET[/]'}  {name}: {v['value']}")
+    # is "fewer replica-seconds than static-at-max at equal SLO" reachable at all on each trace?
+    floors = {}
+    for trace in traces(base, duration):
+        floors[trace.name] = smallest_matching_static_pool(
+            trace, service, config, results[trace.name]["static_max"]["slo_attainment"], args.seed)
+        f = floors[trace.name]
+        console.print(f"{trace.name}: the smallest static pool at static-at-max's SLO has {f['replicas']} replicas"
+                      f"{' = max_replicas' if f['equals_static_max'] else ''}; smaller pools tried: "
+                      + ", ".join(f"{n}: {a:.1%}" for n, a in f["slo_of_smaller_pools_tried"].items()))  # fmt: skip
     plot_path = PLOT if Path(args.out) == RESULTS / "autoscale.json" else Path(args.out).with_suffix(".png")
     plot(results, config, plot_path)
     report = {trace: {p: {k: v for k, v in r.items() if k != "_run"} for p, r in per.items()}
               for trace, per in results.items()}  # fmt: skip
     report["_meta"] = {"command": "python bench/autoscale.py" + (" --quick" if args.quick else ""), "seed": args.seed,
                        "service_time": {"source": source, "p50_ms": service.p50_s * 1000, "p99_ms": service.p99_s * 1000},
-                       "config": config.__dict__, "base_rps": base, "duration_s": duration, "checks": verdicts}  # fmt: skip
+                       "config": config.__dict__, "base_rps": base, "duration_s": duration, "checks": verdicts,
+                       "smallest_static_pool_at_static_max_slo": floors}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
     console.print(f"wrote {args.out} and {plot_path}")
 
