@@ -281,18 +281,16 @@ class TwoStageRecommender:
             # the positive), sampled with certainty, so log q = 0
             negatives = torch.arange(1, self.split.n_items + 1, device=self.device)
             log_q = torch.zeros(len(negatives), device=self.device)
-            states, positive, neg = forward(window, udense, targets, negatives, self.item_cats, self.item_dense)
-            return sampled_softmax_loss(states[valid], positive[valid], labelled, neg, negatives, log_q,
-                                        cfg.temperature)  # fmt: skip
-        # negatives: other labels of the batch (sampled ∝ popularity) plus optional uniform extras
-        pick = torch.randperm(len(labelled), device=self.device)[: cfg.in_batch_negatives]
-        negatives = labelled[pick]
-        log_q = torch.log(p_item[negatives] * len(negatives))
-        if cfg.uniform_negatives:
-            extra = torch.randint(1, self.split.n_items + 1, (cfg.uniform_negatives,), device=self.device)
-            negatives = torch.cat([negatives, extra])
-            log_q = torch.cat([log_q, torch.full((len(extra),), math.log(cfg.uniform_negatives / self.split.n_items),
-                                                 device=self.device)])  # fmt: skip
+        else:
+            # other labels of the batch (sampled ∝ popularity) plus optional uniform extras
+            pick = torch.randperm(len(labelled), device=self.device)[: cfg.in_batch_negatives]
+            negatives = labelled[pick]
+            log_q = torch.log(p_item[negatives] * len(negatives))
+            if cfg.uniform_negatives:
+                extra = torch.randint(1, self.split.n_items + 1, (cfg.uniform_negatives,), device=self.device)
+                negatives = torch.cat([negatives, extra])
+                log_q = torch.cat([log_q, torch.full((len(extra),), math.log(cfg.uniform_negatives / self.split.n_items),
+                                                     device=self.device)])  # fmt: skip
         # one call through the (DDP-wrapped) module so gradients synchronise
         states, positive, neg = forward(window, udense, targets, negatives, self.item_cats, self.item_dense)
         return sampled_softmax_loss(states[valid], positive[valid], labelled, neg, negatives, log_q, cfg.temperature)
