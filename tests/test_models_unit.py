@@ -226,3 +226,15 @@ def test_full_softmax_is_exact_cross_entropy_over_the_catalog():
     loss = sampled_softmax_loss(users, items[labels], labels, items[every], every, torch.zeros(50), 0.1)
     exact = F.cross_entropy(users @ items[1:].T / 0.1, labels - 1)
     assert torch.allclose(loss, exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["als", "bpr"])
+def test_baselines_are_reproducible_for_a_seed(small_data, kind):
+    from predictor.models.evaluate import ImplicitModel
+
+    split = build_split(small_data)
+    params = {"factors": 16, "iterations": 20}
+    first = ImplicitModel(kind, params, seed=3).fit(split, "test")
+    second = ImplicitModel(kind, params, seed=3).fit(split, "test")
+    assert torch.equal(first.item_factors, second.item_factors)
+    assert torch.equal(first.user_factors, second.user_factors)

@@ -158,7 +158,9 @@ class ImplicitModel:
             model = AlternatingLeastSquares(random_state=self.seed, **params)
             model.fit(matrix * alpha, show_progress=False)
         elif self.kind == "bpr":
-            model = BayesianPersonalizedRanking(random_state=self.seed, **params)
+            # one thread: implicit's multi-threaded BPR updates shared factors lock-free (Hogwild), so the
+            # same seed gave different baselines from run to run; one thread makes a seed mean one result
+            model = BayesianPersonalizedRanking(random_state=self.seed, num_threads=1, **params)
             model.fit(matrix, show_progress=False)
         else:
             raise ValueError(f"unknown implicit model {self.kind!r}")
