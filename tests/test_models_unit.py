@@ -110,7 +110,7 @@ def test_tower_and_ranker_shapes(size):
     cats, dense = torch.rand(N + 1, C), torch.rand(N + 1, Fi)
     window = torch.randint(1, N + 1, (B, L))
     lengths = torch.tensor([L, 3, 1, 0])
-    user = tower.user_embedding(window, lengths, torch.rand(B, Fu), cats, dense)
+    user = tower.eval().user_embedding(window, lengths, torch.rand(B, Fu), tower.history_table(cats, dense))
     assert user.shape == (B, cfg.dim) and user.dtype == torch.float32
     torch.testing.assert_close(user.norm(dim=1), torch.ones(B))
     items = tower.item_embedding(torch.arange(N + 1), cats, dense)
@@ -122,6 +122,42 @@ def test_tower_and_ranker_shapes(size):
         user, items[window], window > 0, items[cand], cand, dense[cand], torch.rand(B, K), torch.rand(B, Fu)
     )
     assert scores.shape == (B, K) and torch.isfinite(scores).all()
+
+
+@torch.no_grad()
+def test_serving_user_embedding_equals_the_training_states_at_the_last_item():
+    """The inference tower (precomputed history table, window cut to the longest history, head on the
+    last position) computes exactly what the training path computes at each user's last real item."""
+    cfg = model_config("small")
+    B, L, N, C, Fu, Fi = 5, cfg.max_history, 40, 4, 7 + 4, 7
+    torch.manual_seed(0)
+    tower = TwoTower(cfg, N + 1, C, Fu, Fi).eval()
+    cats, dense = torch.rand(N + 1, C), torch.rand(N + 1, Fi)
+    cats[0], dense[0] = 0, 0
+    lengths = torch.tensor([12, 3, 1, 7, 0])
+    window = torch.randint(1, N + 1, (B, L)) * (torch.arange(L)[None, :] < lengths[:, None])
+    udense = torch.rand(B, Fu)
+    states = tower.user_states(window, udense[:, None, :].expand(-1, L, -1), cats, dense)
+    expected = states[torch.arange(B), (lengths - 1).clamp(min=0)]
+    got = tower.user_embedding(window, lengths, udense, tower.history_table(cats, dense))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_target_attention_equals_the_outer_product_formula():
+    from predictor.models.ranker import TargetAttention
+
+    torch.manual_seed(1)
+    att = TargetAttention(16)
+    B, K, L = 3, 7, 5
+    history, candidates = torch.randn(B, L, 16), torch.randn(B, K, 16)
+    mask = torch.rand(B, L) > 0.3
+    mask[0] = False  # a user without history attends to nothing
+    pre = (att.history(history)[:, None] + att.candidate(candidates)[:, :, None]
+           + att.product(candidates[:, :, None, :] * history[:, None, :, :]))  # fmt: skip
+    w = att.out(pre).squeeze(-1).masked_fill(~mask[:, None, :], float("-inf"))
+    expected = torch.einsum("bkl,bld->bkd", torch.softmax(w, -1).nan_to_num(0.0), history)
+    torch.testing.assert_close(att(history, mask, candidates), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_fp16_embedding_storage_halves_table_memory():

@@ -15,7 +15,7 @@ from predictor.data.synthetic import generate
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.data import ITEM_DENSE_COLUMNS, build_split, user_dense_matrix, user_dense_rows
 from predictor.models.recommender import TwoStageRecommender, model_files, model_from_files
-from predictor.serving.engine import ModelValidationError, ServingEngine
+from predictor.serving.engine import ModelValidationError, OnlineUsers, ServingEngine
 from predictor.serving.model import MicroBatcher
 from predictor.serving.requests import Limits, parse_v1, parse_v2
 
@@ -36,45 +36,83 @@ def engine_for(files, **kw) -> ServingEngine:
     return ServingEngine(model_from_files(files, "cpu"), "1", device="cpu", **kw)
 
 
+def online(engine, histories, seen=None, exclude=None) -> OnlineUsers:
+    """OnlineUsers of raw histories (oldest first); seen defaults to each history's distinct items."""
+    seen = [np.unique(h) for h in histories] if seen is None else seen
+    exclude = [True] * len(histories) if exclude is None else exclude
+
+    def csr(rows):
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        return np.concatenate([np.asarray(r, np.int64) for r in rows]), offsets
+
+    return OnlineUsers(*csr(histories), *csr(seen), np.zeros((len(histories), engine.n_user_dense), np.float32),
+                       np.asarray(exclude, bool))  # fmt: skip
+
+
 def test_engine_excludes_seen_and_returns_catalog_ids(trained):
     data, files = trained
     engine = engine_for(files)
     history = data.events.loc[data.events["user_id"] == 1, "item_id"].to_numpy()
-    dense = np.zeros((2, engine.n_user_dense), np.float32)
-    with_seen, without_seen = engine.recommend([history, history], dense, [20, 20], [False, True])
-    assert len(without_seen.item_ids) == 20 and len(set(without_seen.item_ids)) == 20
-    assert not np.isin(without_seen.item_ids, history).any()
-    assert np.isin(with_seen.item_ids, data.items["item_id"]).all()
-    assert (np.diff(without_seen.scores) <= 1e-6).all(), "scores come sorted, best first"
+    recs = engine.recommend(online(engine, [history, history], exclude=[False, True]), 20)
+    with_seen, without_seen = recs.item_ids
+    assert (recs.counts == 20).all() and not recs.cold.any()
+    assert len(set(without_seen)) == 20
+    assert not np.isin(without_seen, history).any()
+    assert np.isin(with_seen, data.items["item_id"]).all()
+    assert (np.diff(recs.scores[1]) <= 1e-6).all(), "scores come sorted, best first"
     timings: dict = {}
-    engine.recommend([history], dense[:1], [5], [True], timings)
+    engine.recommend(online(engine, [history]), 5, timings)
     assert set(timings) == {"retrieval", "ranking"} and timings["ranking"] > 0
+
+
+def test_seen_items_beyond_the_recent_window_are_excluded(trained):
+    """Exclusion reads the whole seen set, not the recent-items window the tower reads."""
+    data, files = trained
+    engine = engine_for(files)
+    counts = data.events["user_id"].value_counts()
+    user = int(counts.index[0])
+    history = data.events.loc[data.events["user_id"] == user].sort_values("timestamp")["item_id"].to_numpy()
+    assert len(np.unique(history)) > 3 * engine.max_history
+    window_only = engine.recommend(online(engine, [history[-engine.max_history :]]), 50).item_ids[0]
+    full = engine.recommend(online(engine, [history[-engine.max_history :]], [np.unique(history)]), 50)
+    assert np.isin(window_only, history).any(), "the window alone lets older seen items through"
+    assert not np.isin(full.item_ids[0], history).any()
 
 
 def test_engine_batch_equals_single_requests(trained):
     data, files = trained
     engine = engine_for(files)
     histories = [data.events.loc[data.events["user_id"] == u, "item_id"].to_numpy()[-12:] for u in (3, 4, 5)]
-    dense = np.zeros((3, engine.n_user_dense), np.float32)
-    batch = engine.recommend(histories, dense, [10, 4, 7], [True, True, False])
+    exclude = [True, True, False]
+    batch = engine.recommend(online(engine, histories, exclude=exclude), 10)
     for b, history in enumerate(histories):
-        (single,) = engine.recommend([history], dense[:1], [[10, 4, 7][b]], [[True, True, False][b]])
-        np.testing.assert_array_equal(batch[b].item_ids, single.item_ids)
-        np.testing.assert_allclose(batch[b].scores, single.scores, rtol=1e-4, atol=1e-5)
+        single = engine.recommend(online(engine, [history], exclude=[exclude[b]]), 10)
+        np.testing.assert_array_equal(batch.item_ids[b], single.item_ids[0])
+        np.testing.assert_allclose(batch.scores[b], single.scores[0], rtol=1e-4, atol=1e-5)
+
+
+def test_engine_equals_offline_evaluation(trained):
+    """Serving and evaluation run one inference path: the engine's top-k for a user's whole history
+    is exactly the evaluation's top-k at the end of that history."""
+    data, files = trained
+    model = model_from_files(files, "cpu")
+    split = build_split(data, model.catalog.users, model.catalog.items)
+    users = np.arange(1, 21)
+    end = split.lengths[users]
+    offline = model.rank(split, "two_stage")(users, end, 10)
+    engine = engine_for(files)
+    histories = [split.items.raw(split.sequences[u, : end[i]]) for i, u in enumerate(users)]
+    recs = engine.recommend(online(engine, histories), 10)
+    np.testing.assert_array_equal(recs.item_ids, split.items.raw(offline))
 
 
 def test_int8_ranker_agrees_with_fp32_on_most_of_the_top(trained):
     data, files = trained
     fp32, int8 = engine_for(files), engine_for(files, precision="int8")
-    overlaps = []
-    for user in range(1, 30):
-        history = data.events.loc[data.events["user_id"] == user, "item_id"].to_numpy()
-        dense = np.zeros((1, fp32.n_user_dense), np.float32)
-        (a,), (b,) = (
-            fp32.recommend([history], dense, [10], [True]),
-            int8.recommend([history], dense, [10], [True]),
-        )
-        overlaps.append(len(np.intersect1d(a.item_ids, b.item_ids)) / 10)
+    histories = [data.events.loc[data.events["user_id"] == u, "item_id"].to_numpy() for u in range(1, 30)]
+    a = fp32.recommend(online(fp32, histories), 10).item_ids
+    b = int8.recommend(online(int8, histories), 10).item_ids
+    overlaps = [len(np.intersect1d(x, y)) / 10 for x, y in zip(a, b)]
     assert np.mean(overlaps) >= 0.8
 
 
@@ -82,24 +120,46 @@ def test_engine_popular_fallback_and_unknown_items(trained):
     data, files = trained
     engine = engine_for(files)
     # training-split popularity: the most frequent items of the whole log, up to holdout-sized shifts
-    top = engine.popular(6).item_ids
+    top = engine.popular(2, 6).item_ids[0]
     assert set(top) <= set(data.events["item_id"].value_counts().index[:10])
-    np.testing.assert_array_equal(engine.popular(4, exclude=top[:2]).item_ids, top[2:6])
-    assert not engine.knows_history(np.array([10**12, -5]))
-    assert engine.knows_history(np.array([10**12, top[0]]))
+    # a history of unknown items is a cold start: popularity without what the user has seen
+    recs = engine.recommend(online(engine, [np.array([10**12, -5])], [np.array([top[0], top[1], 10**12])]), 4)
+    assert recs.cold.tolist() == [True]
+    np.testing.assert_array_equal(recs.item_ids[0], top[2:6])
+    assert not engine.recommend(online(engine, [np.array([10**12, top[0]])]), 4).cold.any()
+
+
+def test_item_index_after_a_warm_start_with_a_new_id_below_existing_ones(trained):
+    """A retrained catalog appends new ids at the end (``IdIndex.extended``), unsorted: known items must
+    still map to their own rows."""
+    data, files = trained
+    model = model_from_files(files, "cpu")
+    old_ids = model.catalog.items.ids
+    new_id = int(old_ids.min()) - 1
+    items = pd.concat([data.items, data.items.iloc[:1].assign(item_id=new_id)], ignore_index=True)
+    grown = data.__class__(data.events, items)
+    split = build_split(grown, model.catalog.users, model.catalog.items)
+    assert split.items.ids[-1] == new_id and not np.all(np.diff(split.items.ids) > 0)
+    model.prepare(split, None)
+    engine = ServingEngine(model, "2", device="cpu")
+    np.testing.assert_array_equal(engine.item_index(old_ids), np.arange(1, len(old_ids) + 1))
+    assert engine.item_index(np.array([new_id]))[0] == len(old_ids) + 1
+    history = old_ids[[5, 9, 40]]
+    recs = engine.recommend(online(engine, [history]), 10)
+    assert not recs.cold[0] and not np.isin(recs.item_ids[0], history).any()
 
 
 def test_item_feature_refresh_changes_the_item_table(trained):
     data, files = trained
     engine = engine_for(files)
-    before = engine._items[2].clone()
+    before = engine.inference.tables.embeddings.clone()
     ids = engine.item_ids[:50]
     rows = pd.DataFrame({c: np.full(len(ids), 1000.0) for c in ITEM_DENSE_COLUMNS})
     assert (
         engine.set_item_features(np.append(ids, 10**12), pd.concat([rows, rows.iloc[:1]], ignore_index=True))
         == 50
     )
-    after = engine._items[2]
+    after = engine.inference.tables.embeddings
     assert not np.allclose(before[1:51].numpy(), after[1:51].numpy())
     np.testing.assert_allclose(before[51:].numpy(), after[51:].numpy(), atol=1e-6)
 

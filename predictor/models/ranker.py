@@ -21,7 +21,8 @@ class TargetAttention(nn.Module):
     """DIN attention unit: weights history items by their relation to the candidate.
 
     DIN scores ``MLP([h, c, h*c, h-c])``; the first layer is linear, so it is computed as
-    ``A h + B c + P (h*c)`` without materialising the ``[B, K, L, 4D]`` concatenation.
+    ``A h + B c + P (h*c)`` without materialising the ``[B, K, L, 4D]`` concatenation, and the product
+    term as one batched matrix product, without the ``[B, K, L, D]`` outer product either.
     """
 
     def __init__(self, dim: int, hidden: int = 32):
@@ -33,10 +34,19 @@ class TargetAttention(nn.Module):
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """history ``[B, L, D]``, mask ``[B, L]`` (True = real item), candidates ``[B, K, D]`` → ``[B, K, D]``."""
+        B, L, D = history.shape
+        K = candidates.shape[1]
+        weight = self.product.weight
+        weight = weight().dequantize() if callable(weight) else weight  # int8 ranker: a quantised Linear
+        hidden = weight.shape[0]
+        # P (h ⊙ c) = Σ_d P[:, d] h_d c_d: scale the history by each column of P ([B, L·H, D]), then one
+        # batched product with the candidates ([B, D, K]), never the [B, K, L, D] outer product
+        scaled = (history[:, :, None, :] * weight[None, None, :, :]).reshape(B, L * hidden, D)
+        product = torch.bmm(scaled, candidates.transpose(1, 2)).reshape(B, L, hidden, K).permute(0, 3, 1, 2)
         pre = (
             self.history(history)[:, None, :, :]  # [B, 1, L, H]
             + self.candidate(candidates)[:, :, None, :]  # [B, K, 1, H]
-            + self.product(candidates[:, :, None, :] * history[:, None, :, :])  # [B, K, L, H]
+            + product  # [B, K, L, H]
         )
         w = self.out(pre).squeeze(-1)  # [B, K, L]
         w = w.masked_fill(~mask[:, None, :], float("-inf"))

@@ -1,5 +1,5 @@
-"""The two-stage recommender: ``fit`` trains retrieval then ranking; ``rank`` answers the evaluation
-question; ``recommend`` answers a raw user id or a raw history.
+"""The two-stage recommender: ``fit`` trains retrieval then ranking; ``inference`` freezes it into the one
+inference path (``predictor.models.inference``) that ``rank`` (evaluation) and the serving engine run.
 
 Retrieval trains on windows: each user's training events are cut into chunks of up to ``max_history``
 labels; the encoder reads the items before each label (causally) and predicts it. The user features
@@ -34,6 +34,13 @@ from tqdm.auto import tqdm
 from predictor.models.config import ModelConfig, TrainConfig
 from predictor.models.data import USER_DENSE_COLUMNS, SplitData, to_tensor, user_features_at
 from predictor.models.evaluate import RankFn, evaluate, top_k_excluding_seen
+from predictor.models.inference import (
+    HNSW_THRESHOLD,
+    TwoStageInference,
+    batch_from_split,
+    ranker_history,
+    ranker_inputs,
+)
 from predictor.models.ranker import Ranker
 from predictor.models.two_tower import TwoTower, sampled_softmax_loss
 
@@ -94,6 +101,8 @@ class TwoStageRecommender:
         self.use_ranker = False
         self.candidates = 200
         self.history = TrainingHistory()
+        self.catalog = None  # the split trained on, or a loaded model's SplitCatalog
+        self.user_profile: pd.DataFrame | None = None
 
     # --- shapes of the catalog the model was built for ---------------------------------------------
     def _build(self, split: SplitData) -> None:
@@ -117,7 +126,7 @@ class TwoStageRecommender:
 
     def prepare(self, split: SplitData, user_profile: pd.DataFrame | None) -> TwoStageRecommender:
         """Point a trained model at ``split`` (built with this model's indexes) for ranking, without training."""
-        self.split, self.user_profile = split, user_profile
+        self.split, self.catalog, self.user_profile = split, split, user_profile
         self._grow(split)
         self.item_cats, self.item_dense = self._item_tables(split)
         return self
@@ -139,7 +148,7 @@ class TwoStageRecommender:
         cfg = self.train_config
         seed_everything(cfg.seed)
         world = World.from_env(self.device)
-        self.split = split
+        self.split, self.catalog = split, split
         self.user_profile = user_profile
         self._trained_with_features = user_profile is not None
         if self.retrieval is None:
@@ -246,7 +255,8 @@ class TwoStageRecommender:
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             seconds = time.perf_counter() - started
-            score = evaluate(self._rank_retrieval(split), split, "validation")["ndcg@10"] if world.is_main else 0.0
+            score = evaluate(self.rank(split, "retrieval", exact=True), split, "validation")["ndcg@10"] \
+                if world.is_main else 0.0  # fmt: skip
             score = world.broadcast(score)
             self.history.retrieval.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
                                            "validation_ndcg@10": score, "seconds": seconds,
@@ -295,34 +305,36 @@ class TwoStageRecommender:
         states, positive, neg = forward(window, udense, targets, negatives, self.item_cats, self.item_dense)
         return sampled_softmax_loss(states[valid], positive[valid], labelled, neg, negatives, log_q, cfg.temperature)
 
+    # --- inference ---------------------------------------------------------------------------------------
+    def inference(self, exact: bool = False, use_ranker: bool | None = None, candidates: int | None = None,
+                  precision: str = "fp32", hnsw_threshold: int = HNSW_THRESHOLD) -> TwoStageInference:  # fmt: skip
+        """This model frozen for inference: the one path that evaluation and serving both run."""
+        self.retrieval.eval()
+        self.ranker.eval()
+        return TwoStageInference(self.retrieval, self.ranker, self.item_cats, self.item_dense, self.catalog.n_items,
+                                 self.catalog.n_categories, self.config.max_history, self.config.ranker_history,
+                                 candidates or self.candidates, self.use_ranker if use_ranker is None else use_ranker,
+                                 exact, hnsw_threshold, precision)  # fmt: skip
+
+    def _user_dense_at(self, split: SplitData, users: np.ndarray, end: np.ndarray) -> np.ndarray:
+        if self.user_profile is not None and len(users):
+            times = split.timestamps[users, np.minimum(end, split.sequences.shape[1] - 1)]
+            return user_features_at(self.user_profile, split.users.raw(users), times, split.n_categories)
+        return np.zeros((len(users), len(USER_DENSE_COLUMNS) + split.n_categories), np.float32)
+
+    def rank(self, split: SplitData | None = None, stage: str = "two_stage", exact: bool = False) -> RankFn:
+        """The evaluation question (see ``evaluate.RankFn``) answered by :meth:`inference`: ``stage`` is
+        "two_stage" (the ranker where it serves) or "retrieval"; ``exact`` forces exact retrieval."""
+        split = split or self.split
+        inference = self.inference(exact=exact, use_ranker=self.use_ranker and stage == "two_stage")
+
+        def rank_fn(users, end, k):
+            batch = batch_from_split(split, users, end, self.config.max_history, self._user_dense_at(split, users, end))
+            return inference.recommend(batch, k)[0]
+
+        return rank_fn
+
     # --- ranker ----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _embed_items(self) -> torch.Tensor:
-        self.retrieval.eval()
-        rows = torch.arange(self.split.n_items + 1, device=self.device)
-        table = self.retrieval.item_embedding(rows, self.item_cats[rows], self.item_dense[rows])
-        table[0] = 0
-        return table
-
-    @torch.no_grad()
-    def _embed_users(self, window: torch.Tensor, lengths: torch.Tensor, udense: torch.Tensor) -> torch.Tensor:
-        self.retrieval.eval()
-        return self.retrieval.user_embedding(window, lengths, udense, self.item_cats, self.item_dense)
-
-    def _ranker_history(self, window: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The newest ``ranker_history`` items of each left-aligned window ``[B, L]`` → ``[B, H]``."""
-        H = min(self.config.ranker_history, window.shape[1])
-        pos = (lengths[:, None] - H + torch.arange(H, device=window.device)[None, :])
-        return torch.where(pos >= 0, window.gather(1, pos.clamp(min=0)), torch.zeros_like(pos))
-
-    def _ranker_inputs(self, items: torch.Tensor, hist, udense, user_vec, cand):
-        """Frozen retrieval vectors and features for candidates ``cand`` ``[B, K]``; ``hist`` ``[B, H]``."""
-        n_cat = self.split.n_categories
-        affinity = udense[:, len(USER_DENSE_COLUMNS) :]
-        cand_cats = self.item_cats[cand]
-        match = (cand_cats * affinity[:, None, :]).sum(-1) if n_cat else torch.zeros(cand.shape, device=self.device)
-        return (user_vec, items[hist], hist > 0, items[cand], cand, self.item_dense[cand], match, udense)
-
     def _fit_ranker(self, split, users, positions, world, progress):
         cfg = self.train_config
         if cfg.ranker_epochs <= 0:
@@ -330,7 +342,9 @@ class TwoStageRecommender:
             self.validation_ndcg = self.validation_retrieval_ndcg
             return
         K = self.config.ranker_negatives
-        items = self._embed_items()
+        frozen = self.inference(exact=True)
+        tables = frozen.tables
+        items = tables.embeddings
         rng = np.random.default_rng(cfg.seed + 1)
         # negatives drawn from the retrieval model's own top candidates, the list the ranker reorders at
         # serving time; only the very top ones ("hardest") would teach it to distrust retrieval's best
@@ -341,7 +355,7 @@ class TwoStageRecommender:
         for s in range(0, len(sample), 1024):
             rows = sample[s : s + 1024]
             window, lengths, target, udense = self._example_batch(split, users[rows], positions[rows])
-            scores = self._embed_users(window, lengths, udense) @ items.T
+            scores = frozen.user_vectors(window, lengths, udense) @ items.T
             scores[torch.arange(len(rows)), target] = float("-inf")
             top = top_k_excluding_seen(scores.cpu(), split, users[rows], positions[rows], pool)
             pick = np.argsort(rng.random(top.shape), axis=1)[:, :K]
@@ -362,9 +376,10 @@ class TwoStageRecommender:
                 rows = sample[idx]
                 window, lengths, target, udense = self._example_batch(split, users[rows], positions[rows])
                 cand = torch.cat([target[:, None], to_tensor(negatives[idx], self.device)], dim=1)
-                user_vec = self._embed_users(window, lengths, udense)
-                hist = self._ranker_history(window, lengths)
-                logits = model(*self._ranker_inputs(items, hist, udense, user_vec, cand))
+                user_vec = frozen.user_vectors(window, lengths, udense)
+                hist = ranker_history(window, lengths, self.config.ranker_history)
+                logits = model(*ranker_inputs(items, tables.item_cats, tables.item_dense, split.n_categories, hist,
+                                              udense, user_vec, cand))  # fmt: skip
                 loss = F.cross_entropy(logits, torch.zeros(len(rows), dtype=torch.long, device=self.device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -376,7 +391,8 @@ class TwoStageRecommender:
                 optimizer.step()
                 losses.append(loss.item())
             self.use_ranker = True
-            score = evaluate(self._rank_two_stage(split), split, "validation")["ndcg@10"] if world.is_main else 0.0
+            score = evaluate(self.rank(split, "two_stage", exact=True), split, "validation")["ndcg@10"] \
+                if world.is_main else 0.0  # fmt: skip
             score = world.broadcast(score)
             self.history.ranker.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
                                         "validation_ndcg@10": score, "seconds": time.perf_counter() - started})  # fmt: skip
@@ -394,53 +410,6 @@ class TwoStageRecommender:
         if best_state is not None:
             model.load_state_dict(best_state)
         self.validation_ndcg = best
-
-    # --- ranking ---------------------------------------------------------------------------------------
-    def _inputs_at(self, split: SplitData, users: np.ndarray, end: np.ndarray):
-        window, lengths = split.window(users, end, self.config.max_history)
-        if self.user_profile is not None and len(users):
-            times = split.timestamps[users, np.minimum(end, split.sequences.shape[1] - 1)]
-            udense = user_features_at(self.user_profile, split.users.raw(users), times, split.n_categories)
-        else:
-            udense = np.zeros((len(users), len(USER_DENSE_COLUMNS) + split.n_categories), np.float32)
-        return to_tensor(window, self.device), to_tensor(lengths, self.device), to_tensor(udense, self.device)
-
-    def _rank_retrieval(self, split: SplitData) -> RankFn:
-        items = self._embed_items()
-
-        def rank_fn(users, end, k):
-            window, lengths, udense = self._inputs_at(split, users, end)
-            scores = (self._embed_users(window, lengths, udense) @ items.T).cpu()
-            return top_k_excluding_seen(scores, split, users, end, k)
-
-        return rank_fn
-
-    def _rank_two_stage(self, split: SplitData) -> RankFn:
-        items = self._embed_items()
-
-        @torch.no_grad()
-        def rank_fn(users, end, k):
-            window, lengths, udense = self._inputs_at(split, users, end)
-            user_vec = self._embed_users(window, lengths, udense)
-            cand = top_k_excluding_seen((user_vec @ items.T).cpu(), split, users, end, max(self.candidates, k))
-            if not self.use_ranker:
-                return cand[:, :k]
-            cand_t = to_tensor(cand, self.device)
-            self.ranker.eval()
-            out = []
-            for s in range(0, len(users), 64):
-                sl = slice(s, s + 64)
-                hist = self._ranker_history(window[sl], lengths[sl])
-                scores = self.ranker(*self._ranker_inputs(items, hist, udense[sl], user_vec[sl], cand_t[sl]))
-                order = torch.argsort(scores, dim=1, descending=True)[:, :k]
-                out.append(torch.gather(cand_t[sl], 1, order).cpu().numpy())
-            return np.concatenate(out)
-
-        return rank_fn
-
-    def rank(self, split: SplitData | None = None, stage: str = "two_stage") -> RankFn:
-        split = split or self.split
-        return self._rank_two_stage(split) if stage == "two_stage" else self._rank_retrieval(split)
 
 
 def training_examples(split: SplitData) -> tuple[np.ndarray, np.ndarray]:

@@ -103,13 +103,31 @@ class TwoTower(nn.Module):
         hist_emb = self.history_proj(self.items(window, item_categories[window], item_dense[window]))
         return F.normalize(self.user(hist_emb, user_dense), dim=-1)
 
-    def user_embedding(self, window, lengths, user_dense, item_categories, item_dense) -> torch.Tensor:
-        """The user embedding after the last real item: window ``[B, L]``, lengths ``[B]`` (>= 1 or 0 for
-        no history), user_dense ``[B, F_u]`` → ``[B, D]``."""
-        dense = user_dense[:, None, :].expand(-1, window.shape[1], -1)
-        states = self.user_states(window, dense, item_categories, item_dense)
-        last = (lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, states.shape[-1])
-        return states.gather(1, last).squeeze(1)
+    def history_table(self, item_categories, item_dense) -> torch.Tensor:
+        """The history encoder's input for every item row ``[N, D]`` (row 0 = padding, as the per-window
+        computation gives it): computed once per model or item refresh, gathered per request."""
+        rows = torch.arange(item_categories.shape[0], device=item_categories.device)
+        return self.history_proj(self.items(rows, item_categories, item_dense))
+
+    def user_embedding(self, window, lengths, user_dense, history_table) -> torch.Tensor:
+        """The user embedding after the last real item: window ``[B, L]`` left-aligned, lengths ``[B]``
+        (>= 1, or 0 for no history), user_dense ``[B, F_u]``, ``history_table`` from :meth:`history_table`
+        → ``[B, D]``.
+
+        Equal to the last real position of :meth:`user_states`, at a fraction of its cost: positions after
+        the longest history in the batch are padding that the causal mask hides from every real
+        position, so they are cut; and the output head runs on the last position only.
+        """
+        width = max(int(lengths.max()), 1) if len(lengths) else 1
+        window = window[:, :width]
+        L = window.shape[1]
+        causal = torch.triu(torch.full((L, L), float("-inf"), device=window.device), diagonal=1)
+        x = self.user.dropout(history_table[window] + self.user.position.weight[:L])
+        h = self.user.encoder(x, mask=causal, is_causal=True)
+        last = (lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, h.shape[-1])
+        h_last = h.gather(1, last).squeeze(1)
+        out = self.user.out(torch.cat([h_last, self.user.dense(user_dense)], dim=-1))
+        return F.normalize(out, dim=-1)
 
     def forward(self, window, user_dense, targets, negatives, item_categories, item_dense):
         """Training step → (states ``[B, L, D]``, target embeddings ``[B, L, D]``, negatives ``[M, D]``).

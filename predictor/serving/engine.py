@@ -1,7 +1,8 @@
-"""The compute half of the predictor: user tower → nearest items → ranker → top-K, for a batch of users.
+"""The compute half of the predictor: raw online ids in, raw top-K ids out, for a batch of users.
 
-No I/O and no event loop here: :class:`ServingEngine` takes raw ids and feature arrays and returns raw
-ids and scores, so tests drive it directly and the KServe model (``predictor.serving.model``) only
+No I/O and no event loop here: :class:`ServingEngine` maps raw ids to the model's indexes, runs the one
+inference path (``predictor.models.inference.TwoStageInference``, the one evaluation runs) and maps the
+answer back to raw ids and scores, so tests drive it directly and the KServe model (``predictor.serving.model``) only
 gathers features and calls it from a worker thread.
 
 Shapes: B = users in the batch, L = ``max_history``, D = embedding width, N = catalog items, K = candidates.
@@ -10,16 +11,14 @@ Devices and precision:
 
 * CUDA: towers and ranker under fp16 autocast (``precision="fp16"``), the item embedding table in fp16 on
   the GPU, exact top-N by one matrix product (on a GPU a ``[B, D] × [D, N]`` product beats an approximate index up to millions of items).
-* CPU: fp32 towers; retrieval through a faiss inner-product index (exact up to ``hnsw_threshold`` items,
-  HNSW beyond); optionally the dynamically int8-quantised ranker (``precision="int8"``).
+* CPU: fp32 towers; exact retrieval up to ``hnsw_threshold`` items, a calibrated faiss HNSW index beyond
+  (``predictor.models.inference``); optionally the dynamically int8-quantised ranker (``precision="int8"``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,14 @@ import torch
 from torch import nn
 
 from predictor.models.data import USER_DENSE_COLUMNS, item_dense_matrix
-from predictor.models.export import build_index
+from predictor.models.inference import (
+    HNSW_THRESHOLD,
+    UserBatch,
+    drop_unknown,
+    first_unmasked,
+    seen_mask,
+    windows_from_ragged,
+)
 from predictor.models.recommender import TwoStageRecommender
 
 log = logging.getLogger(__name__)
@@ -36,11 +42,48 @@ PRECISIONS = ("auto", "fp32", "fp16", "int8")
 
 
 @dataclass
-class Recommendation:
-    """Top-K of one user: raw item ids ``[k]`` int64 and scores ``[k]`` float32 (higher is better)."""
+class OnlineUsers:
+    """What the online store says of B users, as flat arrays (raw ids; users one after another)."""
+
+    history: np.ndarray  # int64 [H]: each user's recent items, oldest first
+    history_offsets: np.ndarray  # int64 [B + 1]
+    seen: np.ndarray  # int64 [S]: each user's whole seen set
+    seen_offsets: np.ndarray  # int64 [B + 1]
+    user_dense: np.ndarray  # float32 [B, F_u] (zeros where unknown)
+    exclude_seen: np.ndarray  # bool [B]
+
+    def __len__(self) -> int:
+        return len(self.exclude_seen)
+
+    @staticmethod
+    def concat(parts: list[OnlineUsers]) -> OnlineUsers:
+        """One batch from several requests' users (one concatenation per array, not per user)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def offsets(name):
+            lengths = np.concatenate([np.diff(getattr(p, name)) for p in parts])
+            return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+        return OnlineUsers(np.concatenate([p.history for p in parts]), offsets("history_offsets"),
+                           np.concatenate([p.seen for p in parts]), offsets("seen_offsets"),
+                           np.concatenate([p.user_dense for p in parts]),
+                           np.concatenate([p.exclude_seen for p in parts]))  # fmt: skip
+
+
+@dataclass
+class Recommendations:
+    """Top-k of B users: raw ``item_ids [B, k]`` int64 (-1 where fewer exist), ``scores [B, k]`` float32
+    (NaN there), ``counts [B]``, and ``cold [B]``: True where popularity answered (no known history)."""
 
     item_ids: np.ndarray
     scores: np.ndarray
+    counts: np.ndarray
+    cold: np.ndarray
+
+    def rows(self, start: int, stop: int) -> Recommendations:
+        return Recommendations(self.item_ids[start:stop], self.scores[start:stop], self.counts[start:stop],
+                               self.cold[start:stop])  # fmt: skip
 
 
 class ModelValidationError(RuntimeError):
@@ -50,8 +93,8 @@ class ModelValidationError(RuntimeError):
 class ServingEngine:
     """A trained :class:`TwoStageRecommender` prepared for low-latency batched inference.
 
-    ``recommend`` is thread-safe for concurrent readers; ``set_item_features`` rebuilds the item table
-    and index aside and swaps them in one assignment.
+    ``recommend`` is thread-safe for concurrent readers; ``set_item_features`` rebuilds the item side
+    aside and swaps it in with one assignment.
     """
 
     def __init__(
@@ -61,7 +104,8 @@ class ServingEngine:
         device: str | None = None,
         precision: str = "auto",
         candidates: int | None = None,
-        hnsw_threshold: int = 100_000,
+        hnsw_threshold: int = HNSW_THRESHOLD,
+        use_ranker: bool | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -74,16 +118,13 @@ class ServingEngine:
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 serving needs CUDA; use fp32 or int8 on the CPU")
         self.precision = precision
-        self.hnsw_threshold = hnsw_threshold
-        self.model = model
-        catalog = model.catalog if hasattr(model, "catalog") else model.split
+        catalog = model.catalog
         self.catalog = catalog
+        self.items = catalog.items  # raw id ↔ index, sorted or append-only after a warm start
         self.item_ids = np.asarray(catalog.items.ids, np.int64)  # index k + 1 ↔ item_ids[k]
         self.n_items = len(self.item_ids)
         self.max_history = model.config.max_history
         self.n_user_dense = len(USER_DENSE_COLUMNS) + catalog.n_categories
-        self.candidates = int(candidates or model.candidates)
-        self.use_ranker = bool(model.use_ranker)
         # a model trained without user features saw zeros there: serving real values would shift its inputs
         self.uses_user_features = bool(model.uses_user_features)
         # popularity order for fallbacks (index space, most popular first)
@@ -91,39 +132,35 @@ class ServingEngine:
         self._popular_index = (np.argsort(-popularity, kind="stable") + 1).astype(np.int64)
         self.popular_scores = popularity[self._popular_index - 1].astype(np.float32)
 
-        model.device = self.device
-        model.retrieval.to(self.device).eval()
-        model.ranker.to(self.device).eval()
-        model.item_cats, model.item_dense = model.item_cats.to(self.device), model.item_dense.to(self.device)
-        self.retrieval = model.retrieval
-        self.ranker: nn.Module = model.ranker
+        retrieval = model.retrieval.to(self.device).eval()
+        ranker: nn.Module = model.ranker.to(self.device).eval()
         if precision == "int8":
-            self.ranker = torch.ao.quantization.quantize_dynamic(model.ranker, {nn.Linear}, dtype=torch.qint8)
+            ranker = torch.ao.quantization.quantize_dynamic(ranker, {nn.Linear}, dtype=torch.qint8)
+        model.retrieval, model.ranker = retrieval, ranker
+        model.item_cats, model.item_dense = model.item_cats.to(self.device), model.item_dense.to(self.device)
+        self.inference = model.inference(use_ranker=use_ranker, candidates=candidates,
+                                         precision="fp16" if precision == "fp16" else "fp32",
+                                         hnsw_threshold=hnsw_threshold)  # fmt: skip
         self._lock = threading.Lock()
-        self.item_features_as_of = (
-            None  # materialization end of the online item features in use (None: training's)
-        )
-        self.table_dtype = torch.float16 if precision == "fp16" else torch.float32
-        self._rebuild_items(model.item_cats, model.item_dense)
+        self.item_features_as_of = None  # materialization end of the online item features in use (None: training's)
+
+    @property
+    def use_ranker(self) -> bool:
+        return self.inference.use_ranker
+
+    @use_ranker.setter
+    def use_ranker(self, value: bool) -> None:
+        self.inference.use_ranker = bool(value)
+
+    @property
+    def candidates(self) -> int:
+        return self.inference.candidates
+
+    @property
+    def index_recall(self) -> float:
+        return self.inference.tables.recall
 
     # --- item table ---------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == "fp16":
-            return torch.autocast(device_type="cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-
-    def _rebuild_items(self, item_cats: torch.Tensor, item_dense: torch.Tensor) -> None:
-        with torch.no_grad(), self._autocast():
-            rows = torch.arange(self.retrieval.items.id_embedding.rows, device=self.device)
-            table = self.retrieval.item_embedding(rows, item_cats, item_dense).to(self.table_dtype)
-            table[0] = 0
-            table[self.n_items + 1 :] = 0  # reserved capacity rows are not items yet
-        index = None
-        if self.device.type == "cpu":
-            index = build_index(table[: self.n_items + 1].float().numpy(), self.hnsw_threshold)
-        # one tuple assignment: a concurrent reader sees either the old or the new state, never a mix
-        self._items = (item_cats, item_dense, table, index)
-
     def set_item_features(self, item_ids: np.ndarray, item_profile_rows) -> int:
         """Refresh the dense item features from online ``item_profile`` rows (a DataFrame with the
         ``ITEM_DENSE_COLUMNS``) for the given raw ids; unknown ids are ignored. Returns rows updated."""
@@ -132,132 +169,70 @@ class ServingEngine:
         if not known.any():
             return 0
         dense = torch.from_numpy(item_dense_matrix(item_profile_rows[known]))
-        item_cats, item_dense, _, _ = self._items
-        new_dense = item_dense.clone()
+        tables = self.inference.tables
+        new_dense = tables.item_dense.clone()
         new_dense[torch.from_numpy(index[known]).to(self.device)] = dense.to(self.device)
         with self._lock:  # one rebuild at a time; readers never wait
-            self._rebuild_items(item_cats, new_dense)
+            self.inference.refresh_items(tables.item_cats, new_dense)
         return int(known.sum())
 
     # --- ids ----------------------------------------------------------------------------------------
     def item_index(self, raw: np.ndarray) -> np.ndarray:
-        """Raw item ids → indexes (0 for ids the model does not know)."""
-        raw = np.asarray(raw, np.int64)
-        if self.n_items == 0 or raw.size == 0:
-            return np.zeros(raw.shape, np.int64)
-        pos = np.searchsorted(self.item_ids, raw).clip(0, self.n_items - 1)
-        return np.where(self.item_ids[pos] == raw, pos + 1, 0).astype(np.int64)
-
-    def knows_history(self, history: np.ndarray) -> bool:
-        return bool((self.item_index(history) > 0).any())
+        """Raw item ids → indexes (0 for ids the model does not know), through the catalog's own index,
+        which stays right after a warm start appended ids out of order."""
+        return self.items.index(np.asarray(raw, np.int64))
 
     # --- inference ----------------------------------------------------------------------------------
-    def _window(self, histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """Oldest-first raw histories → left-aligned index window ``[B, L]``, lengths ``[B]``, and each
-        user's full set of known indexes (to exclude seen items)."""
-        L = self.max_history
-        window = np.zeros((len(histories), L), np.int64)
-        lengths = np.zeros(len(histories), np.int64)
-        seen = []
-        for row, history in enumerate(histories):
-            idx = self.item_index(history)
-            idx = idx[idx > 0]
-            seen.append(idx)
-            tail = idx[-L:]
-            window[row, : len(tail)] = tail
-            lengths[row] = len(tail)
-        return window, lengths, seen
+    def batch(self, users: OnlineUsers) -> UserBatch:
+        """Online raw ids → model inputs: one id lookup for all histories and one for all seen sets."""
+        window, lengths = windows_from_ragged(self.item_index(users.history), users.history_offsets,
+                                              self.max_history)  # fmt: skip
+        seen, offsets = self.item_index(users.seen), users.seen_offsets
+        if not users.exclude_seen.all():
+            keep = np.repeat(users.exclude_seen, np.diff(offsets))
+            seen = np.where(keep, seen, 0)
+        seen, offsets = drop_unknown(seen, offsets)
+        dense = users.user_dense if self.uses_user_features else np.zeros((len(users), self.n_user_dense), np.float32)
+        return UserBatch(window, lengths, dense, seen, offsets)
 
-    def recommend(
-        self,
-        histories: list[np.ndarray],
-        user_dense: np.ndarray,
-        k: list[int],
-        exclude_seen: list[bool],
-        timings: dict | None = None,
-    ) -> list[Recommendation]:
-        """Top-``k[b]`` for each user ``b``: ``histories`` oldest-first raw item ids, ``user_dense``
-        ``[B, F_u]`` float32 (zeros where unknown). Users whose history holds no known item should go to
-        :meth:`popular` instead (their embedding carries no signal). ``timings``, if given, receives the
-        seconds spent in ``retrieval`` and ``ranking``."""
-        timings = {} if timings is None else timings
-        with torch.no_grad(), self._autocast():
-            return self._recommend(histories, user_dense, k, exclude_seen, timings)
+    def recommend(self, users: OnlineUsers, k: int, timings: dict | None = None) -> Recommendations:
+        """Top-``k`` for B users. Users whose history holds no item the model knows get the popularity
+        order instead (their embedding carries no signal), flagged ``cold``; seen items are excluded
+        from both where ``exclude_seen``. ``timings``, if given, receives ``retrieval`` and ``ranking``
+        seconds."""
+        k = min(k, self.n_items)
+        batch = self.batch(users)
+        cold = batch.lengths == 0
+        index = np.zeros((len(users), k), np.int64)
+        scores = np.full((len(users), k), -np.inf, np.float32)
+        warm = np.flatnonzero(~cold)
+        if len(warm):
+            sub = batch if not cold.any() else batch.subset(warm)
+            got, got_scores = self.inference.recommend(sub, k, timings)
+            index[warm, : got.shape[1]], scores[warm, : got.shape[1]] = got, got_scores
+        if cold.any():
+            rows = np.flatnonzero(cold)
+            index[rows], scores[rows] = self._popular(batch.subset(rows), k)
+        counts = (index > 0).sum(axis=1)
+        item_ids = np.where(index > 0, self.item_ids[np.clip(index - 1, 0, None)], -1)
+        return Recommendations(item_ids, np.where(index > 0, scores, np.nan).astype(np.float32), counts, cold)
 
-    def _recommend(self, histories, user_dense, k, exclude_seen, timings) -> list[Recommendation]:
-        started = time.perf_counter()
-        B = len(histories)
-        if B == 0:
-            return []
-        item_cats, item_dense, table, index = self._items
-        window, lengths, seen = self._window(histories)
-        window_t = torch.from_numpy(window).to(self.device)
-        lengths_t = torch.from_numpy(lengths).to(self.device)
-        if not self.uses_user_features:
-            user_dense = np.zeros((B, self.n_user_dense), np.float32)
-        dense_t = torch.from_numpy(np.ascontiguousarray(user_dense, np.float32)).to(self.device)
-        user = self.retrieval.user_embedding(window_t, lengths_t, dense_t, item_cats, item_dense).to(
-            self.table_dtype
-        )
+    def _popular(self, batch: UserBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Popularity order without each user's seen items: ``[B, k]`` indexes (0-padded), scores."""
+        depth = min(k + int(batch.seen_counts.max(initial=0)), self.n_items)
+        cand = np.broadcast_to(self._popular_index[:depth], (len(batch), depth))
+        masked = seen_mask(cand, batch.seen, batch.seen_offsets, self.n_items + 1)
+        index, _ = first_unmasked(cand, masked, k, 0)
+        values, _ = first_unmasked(np.broadcast_to(self.popular_scores[:depth], cand.shape), masked, k, -np.inf)
+        return index, values
 
-        # retrieval: top-(candidates + seen) so that enough remain after removing seen items
-        extra = max((len(s) for s, ex in zip(seen, exclude_seen) if ex), default=0)
-        n = min(max(self.candidates, max(k)) + extra, self.n_items)
-        if index is not None:
-            scores, cand = index.search(user.float().cpu().numpy(), n)
-            cand = cand.astype(np.int64)
-        else:
-            dots = (user @ table[: self.n_items + 1].T).float()
-            dots[:, 0] = float("-inf")  # padding row
-            top = torch.topk(dots, n, dim=1)
-            scores, cand = top.values.cpu().numpy(), top.indices.cpu().numpy()
-        keep_n = min(max(self.candidates, max(k)), self.n_items)
-        cand_rows, score_rows = [], []
-        for b in range(B):
-            c, s = cand[b], scores[b]
-            valid = c > 0
-            if exclude_seen[b] and len(seen[b]):
-                valid &= ~np.isin(c, seen[b])
-            cand_rows.append(c[valid][:keep_n])
-            score_rows.append(s[valid][:keep_n])
-
-        timings["retrieval"] = time.perf_counter() - started
-        started = time.perf_counter()
-        if not self.use_ranker:
-            timings["ranking"] = 0.0
-            return [Recommendation(self.item_ids[c[: k[b]] - 1], s[: k[b]].astype(np.float32))
-                    for b, (c, s) in enumerate(zip(cand_rows, score_rows))]  # fmt: skip
-
-        width = max(len(c) for c in cand_rows)
-        padded = np.zeros((B, max(width, 1)), np.int64)
-        for b, c in enumerate(cand_rows):
-            padded[b, : len(c)] = c
-        cand_t = torch.from_numpy(padded).to(self.device)
-        hist = self.model._ranker_history(window_t, lengths_t)
-        affinity = dense_t[:, len(USER_DENSE_COLUMNS) :]
-        match = (item_cats[cand_t] * affinity[:, None, :]).sum(-1) if self.catalog.n_categories else \
-            torch.zeros(cand_t.shape, device=self.device)  # fmt: skip
-        ranked = self.ranker(
-            user, table[hist], hist > 0, table[cand_t], cand_t, item_dense[cand_t], match, dense_t
-        )
-        ranked = ranked.float().masked_fill(cand_t == 0, float("-inf"))
-        top = torch.topk(ranked, min(max(k), ranked.shape[1]), dim=1)
-        order, top_scores = top.indices.cpu().numpy(), top.values.cpu().numpy()
-        out = []
-        for b in range(B):
-            kb = min(k[b], len(cand_rows[b]))
-            chosen = padded[b, order[b, :kb]]
-            out.append(Recommendation(self.item_ids[chosen - 1], top_scores[b, :kb].astype(np.float32)))
-        timings["ranking"] = time.perf_counter() - started
-        return out
-
-    def popular(self, k: int, exclude: np.ndarray | None = None) -> Recommendation:
-        """Most popular items (training-time popularity), optionally without the raw ids ``exclude``."""
-        idx, scores = self._popular_index, self.popular_scores
-        if exclude is not None and len(exclude):
-            keep = ~np.isin(idx, self.item_index(exclude))
-            idx, scores = idx[keep], scores[keep]
-        return Recommendation(self.item_ids[idx[:k] - 1], scores[:k])
+    def popular(self, n_users: int, k: int) -> Recommendations:
+        """The popularity order for ``n_users`` users the model cannot serve (online store down, model
+        error): nothing is known of them, so nothing is excluded."""
+        k = min(k, self.n_items)
+        index = np.broadcast_to(self._popular_index[:k], (n_users, k))
+        return Recommendations(self.item_ids[index - 1], np.broadcast_to(self.popular_scores[:k], (n_users, k)),
+                               np.full(n_users, k), np.ones(n_users, bool))  # fmt: skip
 
     def self_check(self) -> None:
         """Run a small batch end to end; raise :class:`ModelValidationError` if the output is unusable.
@@ -266,9 +241,11 @@ class ServingEngine:
             raise ModelValidationError("the model's catalog is empty")
         probe = self.item_ids[self._popular_index[: min(5, self.n_items)] - 1]
         k = min(10, self.n_items)
-        recs = self.recommend([probe], np.zeros((1, self.n_user_dense), np.float32), [k], [False])
-        scores = recs[0].scores
-        if len(recs[0].item_ids) == 0 or not np.isfinite(scores).all():
+        users = OnlineUsers(probe, np.array([0, len(probe)]), probe[:0], np.array([0, 0]),
+                            np.zeros((1, self.n_user_dense), np.float32), np.array([False]))  # fmt: skip
+        recs = self.recommend(users, k)
+        ids, scores = recs.item_ids[0, : recs.counts[0]], recs.scores[0, : recs.counts[0]]
+        if recs.cold[0] or len(ids) == 0 or not np.isfinite(scores).all():
             raise ModelValidationError(f"model {self.version} produced no or non-finite scores: {scores[:5]}")
-        if not np.isin(recs[0].item_ids, self.item_ids).all():
+        if not np.isin(ids, self.item_ids).all():
             raise ModelValidationError(f"model {self.version} returned ids outside its catalog")

@@ -1,0 +1,311 @@
+"""The one two-stage inference path: user tower → top-N unseen items → ranker → top-k, for a batch of users.
+
+Offline evaluation (``TwoStageRecommender.rank``), the ranker's training inputs and the serving engine
+all go through :class:`TwoStageInference`, so what is evaluated is what serves.
+
+Shapes and dtypes: B users, L = ``max_history``, D embedding width, R item rows (``n_items + 1`` and any
+reserved capacity; row 0 = padding), N = ``n_items``, K candidates, H = ``ranker_history``.
+Item *indexes* are int64, 0 = padding / none. A :class:`UserBatch` carries per user a left-aligned,
+oldest-first window of item indexes, user features, and the seen items to exclude as a CSR list.
+
+Retrieval is either exact (one ``[B, D] × [D, N]`` product and a top-k, used for any catalog on a GPU
+and for catalogs up to ``hnsw_threshold`` items on a CPU) or a faiss HNSW index whose ``efSearch`` is
+calibrated at build time until its recall@100 against exact search reaches ``min_recall``
+(``docs/serving.md`` has the measurements that set the threshold). Seen items are excluded exactly: the
+exact path masks them before the top-k; the index path over-fetches by each user's seen count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+from predictor.models.data import USER_DENSE_COLUMNS
+
+log = logging.getLogger(__name__)
+
+HNSW_THRESHOLD = 50_000  # CPU catalogs above this many items search an HNSW index (docs/serving.md)
+MIN_RECALL = 0.95  # recall@100 against exact search that the HNSW index must reach
+
+
+@dataclass
+class UserBatch:
+    """Model inputs for B users (item indexes, not raw ids)."""
+
+    window: np.ndarray  # int64 [B, L]: the newest L known items, oldest first, left-aligned, 0-padded
+    lengths: np.ndarray  # int64 [B]: real items in each window (0: no history)
+    user_dense: np.ndarray  # float32 [B, F_u]
+    seen: np.ndarray  # int64 [S]: item indexes to exclude, users one after another
+    seen_offsets: np.ndarray  # int64 [B + 1]: user b's seen items are seen[seen_offsets[b]:seen_offsets[b+1]]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def seen_counts(self) -> np.ndarray:
+        return np.diff(self.seen_offsets)
+
+    def subset(self, rows: np.ndarray) -> UserBatch:
+        """The users ``rows`` (in that order), seen lists renumbered."""
+        counts = self.seen_counts[rows]
+        firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        take = np.repeat(self.seen_offsets[rows] - firsts, counts) + np.arange(counts.sum())
+        return UserBatch(self.window[rows], self.lengths[rows], self.user_dense[rows], self.seen[take],
+                         np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))  # fmt: skip
+
+
+def windows_from_ragged(items: np.ndarray, offsets: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Oldest-first item indexes of B users (``items[offsets[b]:offsets[b+1]]``, 0 = unknown, dropped) →
+    window ``[B, max_len]`` of each user's newest known items, left-aligned, and lengths ``[B]``."""
+    known, known_offsets = drop_unknown(items, offsets)
+    counts = np.diff(known_offsets)
+    ends = np.cumsum(counts)
+    lengths = np.minimum(counts, max_len).astype(np.int64)
+    pos = (ends - lengths)[:, None] + np.arange(max_len)[None, :]
+    valid = np.arange(max_len)[None, :] < lengths[:, None]
+    window = np.where(valid, known[np.clip(pos, 0, max(len(known) - 1, 0))] if len(known) else 0, 0)
+    return window.astype(np.int64), lengths
+
+
+def ragged_from_padded(rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[B, W]`` padded rows with ``lengths [B]`` → (flat values, offsets ``[B + 1]``)."""
+    mask = np.arange(rows.shape[1])[None, :] < lengths[:, None]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return rows[mask].astype(np.int64), offsets
+
+
+def drop_unknown(items: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove index-0 entries from a CSR list."""
+    keep = items > 0
+    row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    counts = np.bincount(row[keep], minlength=len(offsets) - 1)
+    return items[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def first_unmasked(values: np.ndarray, masked: np.ndarray, n: int, fill) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the first ``n`` entries of ``values`` whose ``masked`` is False, in order, padded with
+    ``fill``; also how many each row has."""
+    order = np.argsort(masked, axis=1, kind="stable")[:, :n]
+    picked = np.take_along_axis(values, order, axis=1)
+    ok = ~np.take_along_axis(masked, order, axis=1)
+    return np.where(ok, picked, fill), ok.sum(axis=1)
+
+
+def seen_mask(candidates: np.ndarray, seen: np.ndarray, seen_offsets: np.ndarray, n_rows: int) -> np.ndarray:
+    """``[B, M]`` True where candidate ``[b, m]`` is among user b's seen items (one vectorised test)."""
+    if not len(seen):
+        return np.zeros(candidates.shape, bool)
+    row = np.repeat(np.arange(len(seen_offsets) - 1, dtype=np.int64), np.diff(seen_offsets))
+    keys = np.arange(len(candidates), dtype=np.int64)[:, None] * n_rows + candidates
+    return np.isin(keys, row * n_rows + seen)
+
+
+def batch_from_split(split, users: np.ndarray, end: np.ndarray, max_history: int,
+                     user_dense: np.ndarray) -> UserBatch:  # fmt: skip
+    """Evaluation inputs: each user's items before position ``end`` of ``split.sequences`` (a
+    ``SplitData``) as history and as the seen items to exclude — the rule serving applies to the online
+    seen set."""
+    window, lengths = split.window(users, end, max_history)
+    width = int(end.max()) if len(end) else 0
+    seen, offsets = ragged_from_padded(split.sequences[users, :width], np.asarray(end, np.int64))
+    seen, offsets = drop_unknown(seen, offsets)
+    return UserBatch(window, lengths, user_dense, seen, offsets)
+
+
+def ranker_history(window: torch.Tensor, lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """The newest ``size`` items of each left-aligned window ``[B, L]`` → ``[B, min(size, L)]``, 0-padded."""
+    H = min(size, window.shape[1])
+    pos = lengths[:, None] - H + torch.arange(H, device=window.device)[None, :]
+    return torch.where(pos >= 0, window.gather(1, pos.clamp(min=0)), torch.zeros_like(pos))
+
+
+def ranker_inputs(items, item_cats, item_dense, n_categories, hist, udense, user_vec, cand) -> tuple:
+    """The ranker's arguments for candidates ``cand [B, K]``: frozen retrieval vectors ``items [R, D]``,
+    catalog tables, history ``hist [B, H]``, user features ``udense [B, F_u]`` and vectors ``[B, D]``."""
+    affinity = udense[:, len(USER_DENSE_COLUMNS) :]
+    if n_categories:
+        match = (item_cats[cand] * affinity[:, None, :]).sum(-1)
+    else:
+        match = torch.zeros(cand.shape, device=cand.device)
+    return user_vec, items[hist], hist > 0, items[cand], cand, item_dense[cand], match, udense
+
+
+@dataclass
+class ItemTables:
+    """Everything derived from the item side, computed once per model or item-feature refresh."""
+
+    item_cats: torch.Tensor  # [R, C]
+    item_dense: torch.Tensor  # [R, F_i]
+    embeddings: torch.Tensor  # [N + 1, D] retrieval item vectors, row 0 = 0
+    history: torch.Tensor  # [R, D] the user tower's history inputs
+    index: faiss.Index | None  # HNSW over rows 1..N, or None for exact search
+    ef_search: int = 0
+    recall: float = 1.0
+
+
+class TwoStageInference:
+    """The frozen two-stage model for inference: ``recommend(batch, k)`` → item indexes and scores.
+
+    ``use_ranker`` False serves retrieval order. ``exact`` forces exact retrieval (training-time
+    validation uses it, since an index per epoch would cost more than the epoch).
+    """
+
+    def __init__(self, retrieval, ranker, item_cats: torch.Tensor, item_dense: torch.Tensor, n_items: int,
+                 n_categories: int, max_history: int, ranker_history_size: int, candidates: int,
+                 use_ranker: bool, exact: bool = False, hnsw_threshold: int = HNSW_THRESHOLD,
+                 precision: str = "fp32"):  # fmt: skip
+        self.retrieval, self.ranker = retrieval, ranker
+        self.n_items, self.n_categories = n_items, n_categories
+        self.max_history, self.ranker_history_size = max_history, ranker_history_size
+        self.candidates, self.use_ranker = candidates, use_ranker
+        self.device = item_cats.device
+        self.precision = precision
+        self.use_index = not exact and self.device.type == "cpu" and n_items > hnsw_threshold
+        self.table_dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.tables = self._build(item_cats, item_dense)
+
+    def _autocast(self):
+        if self.precision == "fp16":
+            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    # --- item side -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _build(self, item_cats: torch.Tensor, item_dense: torch.Tensor) -> ItemTables:
+        started = time.perf_counter()
+        with self._autocast():
+            n = self.n_items
+            rows = torch.arange(n + 1, device=self.device)
+            embeddings = self.retrieval.item_embedding(rows, item_cats[: n + 1], item_dense[: n + 1]).float()
+            embeddings[0] = 0
+            history = self.retrieval.history_table(item_cats, item_dense).float()
+        tables = ItemTables(item_cats, item_dense, embeddings.to(self.table_dtype), history, None)
+        if self.use_index:
+            tables.index, tables.ef_search, tables.recall = build_hnsw(embeddings.cpu().numpy())
+        log.debug("item tables for %d items built in %.2f s", self.n_items, time.perf_counter() - started)
+        return tables
+
+    def refresh_items(self, item_cats: torch.Tensor, item_dense: torch.Tensor) -> None:
+        """Recompute the item side from new features aside, then swap it in with one assignment."""
+        self.tables = self._build(item_cats, item_dense)
+
+    # --- user side -----------------------------------------------------------------------------------
+    def user_vectors(self, window: torch.Tensor, lengths: torch.Tensor, udense: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` user embeddings (fp32, or fp16 under autocast)."""
+        with torch.no_grad(), self._autocast():
+            return self.retrieval.user_embedding(window, lengths, udense, self.tables.history)
+
+    def tensors(self, batch: UserBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(np.ascontiguousarray(batch.window)).to(self.device),
+                torch.from_numpy(np.ascontiguousarray(batch.lengths)).to(self.device),
+                torch.from_numpy(np.ascontiguousarray(batch.user_dense, np.float32)).to(self.device))  # fmt: skip
+
+    # --- retrieval -----------------------------------------------------------------------------------
+    def retrieve(self, user: torch.Tensor, batch: UserBatch, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` best unseen items per user: indexes ``[B, n]`` (0-padded) and scores (-inf-padded)."""
+        n = min(n, self.n_items)
+        tables = self.tables
+        if tables.index is None:
+            with torch.no_grad():
+                scores = (user.to(tables.embeddings.dtype) @ tables.embeddings.T).float()
+                scores[:, 0] = float("-inf")
+                if len(batch.seen):
+                    row = np.repeat(np.arange(len(batch)), batch.seen_counts)
+                    scores[torch.from_numpy(row).to(self.device), torch.from_numpy(batch.seen).to(self.device)] = (
+                        float("-inf")
+                    )
+                top = torch.topk(scores, n, dim=1)
+            values, cand = top.values.cpu().numpy(), top.indices.cpu().numpy()
+            cand = np.where(np.isfinite(values), cand, 0)
+            return cand.astype(np.int64), values.astype(np.float32)
+        return self._retrieve_index(user.float().cpu().numpy(), batch, n, tables)
+
+    def _retrieve_index(self, user: np.ndarray, batch: UserBatch, n: int, tables: ItemTables):
+        # over-fetch by each user's seen count; users grouped by powers of two of it, so that one heavy
+        # user does not make the whole batch search deep
+        need = n + batch.seen_counts
+        cand = np.zeros((len(batch), n), np.int64)
+        values = np.full((len(batch), n), -np.inf, np.float32)
+        bucket = np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64)
+        for b in np.unique(bucket):
+            rows = np.flatnonzero(bucket == b)
+            fetch = int(min(need[rows].max(), self.n_items))
+            params = faiss.SearchParametersHNSW(efSearch=max(tables.ef_search, fetch))
+            scores, found = tables.index.search(user[rows], fetch, params=params)
+            found = found.astype(np.int64) + 1  # faiss ids 0.. ↔ item indexes 1..
+            sub = batch.subset(rows)
+            masked = (found <= 0) | seen_mask(found, sub.seen, sub.seen_offsets, self.n_items + 1)
+            picked, _ = first_unmasked(found, masked, n, 0)
+            picked_scores, _ = first_unmasked(scores, masked, n, -np.inf)
+            cand[rows, : picked.shape[1]] = picked
+            values[rows, : picked.shape[1]] = picked_scores
+        return cand, values
+
+    # --- ranking -------------------------------------------------------------------------------------
+    def rank(self, user: torch.Tensor, window, lengths, udense, cand: np.ndarray, k: int):
+        """Ranker scores over ``cand [B, K]`` (0 = no candidate) → top-k indexes and scores."""
+        tables = self.tables
+        with torch.no_grad(), self._autocast():
+            cand_t = torch.from_numpy(cand).to(self.device)
+            hist = ranker_history(window, lengths, self.ranker_history_size)
+            items = tables.embeddings
+            scores = self.ranker(*ranker_inputs(items, tables.item_cats, tables.item_dense, self.n_categories,
+                                                hist, udense, user.to(items.dtype), cand_t))  # fmt: skip
+            scores = scores.float().masked_fill(cand_t == 0, float("-inf"))
+            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        order, values = top.indices.cpu().numpy(), top.values.cpu().numpy()
+        chosen = np.take_along_axis(cand, order, axis=1)
+        return np.where(np.isfinite(values), chosen, 0), values.astype(np.float32)
+
+    def recommend(self, batch: UserBatch, k: int, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` unseen items per user: indexes ``[B, k']`` int64 (0-padded where fewer exist) and
+        scores ``[B, k']`` float32 (-inf-padded), ``k' = min(k, n_items)``. ``timings``, if given,
+        receives the seconds of ``retrieval`` (user tower + nearest items) and ``ranking``."""
+        timings = {} if timings is None else timings
+        started = time.perf_counter()
+        window, lengths, udense = self.tensors(batch)
+        user = self.user_vectors(window, lengths, udense)
+        n = max(self.candidates, k) if self.use_ranker else k
+        cand, scores = self.retrieve(user, batch, n)
+        timings["retrieval"] = time.perf_counter() - started
+        started = time.perf_counter()
+        if self.use_ranker and len(batch):
+            cand, scores = self.rank(user, window, lengths, udense, cand, k)
+        timings["ranking"] = time.perf_counter() - started
+        return cand[:, :k], scores[:, :k]
+
+
+def build_hnsw(embeddings: np.ndarray, m: int = 32, min_recall: float = MIN_RECALL, probes: int = 256,
+               seed: int = 0) -> tuple[faiss.Index, int, float]:  # fmt: skip
+    """HNSW inner-product index over rows 1.. of ``embeddings`` (faiss id = item index - 1), with the
+    smallest ``efSearch`` (doubling from 64) whose recall@100 against exact search reaches ``min_recall``
+    on probe queries near the items (what user vectors look like). Returns (index, efSearch, recall)."""
+    vectors = np.ascontiguousarray(embeddings[1:], dtype=np.float32)
+    n, d = vectors.shape
+    index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 200
+    index.add(vectors)
+    rng = np.random.default_rng(seed)
+    probe = vectors[rng.choice(n, size=min(probes, n), replace=False)]
+    probe = probe + 0.5 * rng.standard_normal(probe.shape).astype(np.float32) / np.sqrt(d)
+    probe /= np.linalg.norm(probe, axis=1, keepdims=True)
+    k = min(100, n)
+    exact = faiss.IndexFlatIP(d)
+    exact.add(vectors)
+    _, truth = exact.search(probe, k)
+    ef, recall = 64, 0.0
+    while True:
+        _, got = index.search(probe, k, params=faiss.SearchParametersHNSW(efSearch=ef))
+        recall = float(np.mean([len(np.intersect1d(t, g)) for t, g in zip(truth, got)]) / k)
+        if recall >= min_recall or ef >= 4096:
+            break
+        ef *= 2
+    index.hnsw.efSearch = ef
+    log.info("HNSW index over %d items: efSearch %d, recall@%d %.3f against exact search", n, ef, k, recall)
+    return index, ef, recall
