@@ -160,6 +160,26 @@ def test_target_attention_equals_the_outer_product_formula():
     torch.testing.assert_close(att(history, mask, candidates), expected, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_ranker_equals_its_concatenated_first_layer_and_int8_copy_stays_close():
+    """The per-user split of the first layer is the Linear over the whole concatenated row."""
+    cfg = model_config("small")
+    torch.manual_seed(2)
+    B, K, L, N, C, Fu, Fi = 3, 9, 6, 40, 4, 7 + 4, 7
+    ranker = Ranker(cfg, N + 1, C, Fu, Fi).eval()
+    user, hist, cand = torch.randn(B, cfg.dim), torch.randn(B, L, cfg.dim), torch.randn(B, K, cfg.dim)
+    index, dense, match, udense = torch.randint(1, N + 1, (B, K)), torch.rand(B, K, Fi), torch.rand(B, K), torch.rand(B, Fu)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    got = ranker(user, hist, mask, cand, index, dense, match, udense)
+    retrieval = (user[:, None, :] * cand).sum(-1)
+    rows = torch.cat([cand, ranker.attention(hist, mask, cand), user[:, None].expand(B, K, -1), ranker.item_id(index),
+                      udense[:, None].expand(B, K, -1), dense, retrieval[..., None], match[..., None]], -1)  # fmt: skip
+    torch.testing.assert_close(got, ranker.mlp(rows).squeeze(-1) + ranker.retrieval_weight * retrieval,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    int8 = torch.ao.quantization.quantize_dynamic(ranker, {torch.nn.Linear}, dtype=torch.qint8)
+    assert (int8(user, hist, mask, cand, index, dense, match, udense) - got).abs().max() < 0.1 * got.abs().max()
+
+
 def test_fp16_embedding_storage_halves_table_memory():
     small = TwoTower(model_config("tiny"), 1001, 3, 10, 7).items.id_embedding.weight
     half = TwoTower(model_config("tiny", embedding_fp16=True), 1001, 3, 10, 7).items.id_embedding.weight

@@ -11,6 +11,7 @@ Shapes: B users, K candidates each, L history, D retrieval width, F_u / F_i dens
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from predictor.models.config import ModelConfig
@@ -36,22 +37,30 @@ class TargetAttention(nn.Module):
         """history ``[B, L, D]``, mask ``[B, L]`` (True = real item), candidates ``[B, K, D]`` → ``[B, K, D]``."""
         B, L, D = history.shape
         K = candidates.shape[1]
-        weight = self.product.weight
-        weight = weight().dequantize() if callable(weight) else weight  # int8 ranker: a quantised Linear
-        hidden = weight.shape[0]
-        # P (h ⊙ c) = Σ_d P[:, d] h_d c_d: scale the history by each column of P ([B, L·H, D]), then one
-        # batched product with the candidates ([B, D, K]), never the [B, K, L, D] outer product
-        scaled = (history[:, :, None, :] * weight[None, None, :, :]).reshape(B, L * hidden, D)
-        product = torch.bmm(scaled, candidates.transpose(1, 2)).reshape(B, L, hidden, K).permute(0, 3, 1, 2)
-        pre = (
-            self.history(history)[:, None, :, :]  # [B, 1, L, H]
-            + self.candidate(candidates)[:, :, None, :]  # [B, K, 1, H]
-            + product  # [B, K, L, H]
-        )
-        w = self.out(pre).squeeze(-1)  # [B, K, L]
+        w_product, _ = _linear_params(self.product)
+        w_history, b_history = _linear_params(self.history)
+        w_candidate, _ = _linear_params(self.candidate)
+        w_out, b_out = _linear_params(self.out[1])
+        H = w_product.shape[0]
+        # P (h ⊙ c) = Σ_d P[:, d] h_d c_d: the history scaled by each row of P ([B, L·H, D]) times the
+        # candidates ([B, D, K]) in one batched product that also adds A h; laid out [B, L, H, K] so that
+        # B c broadcasts and the output unit contracts H without copies
+        scaled = (history[:, :, None, :] * w_product[None, None, :, :]).reshape(B, L * H, D)
+        per_history = F.linear(history, w_history, b_history).reshape(B, L * H, 1).expand(B, L * H, K)
+        pre = torch.baddbmm(per_history, scaled, candidates.transpose(1, 2)).view(B, L, H, K)
+        pre += F.linear(candidates, w_candidate).transpose(1, 2)[:, None, :, :]
+        w = (torch.matmul(w_out, F.gelu(pre)).squeeze(2) + b_out).transpose(1, 2)  # [B, K, L]
         w = w.masked_fill(~mask[:, None, :], float("-inf"))
         w = torch.softmax(w, dim=-1).nan_to_num(0.0)  # users without history attend to nothing
-        return torch.einsum("bkl,bld->bkd", w, history)
+        return torch.bmm(w, history)
+
+
+def _linear_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float weight and bias of a Linear, or of its dynamically quantised copy (the int8 ranker)."""
+    weight, bias = layer.weight, layer.bias
+    if callable(weight):
+        weight, bias = weight().dequantize(), bias()
+    return weight, bias
 
 
 class Ranker(nn.Module):
@@ -83,20 +92,32 @@ class Ranker(nn.Module):
         user_dense: torch.Tensor,  # [B, F_u]
     ) -> torch.Tensor:
         """Scores ``[B, K]`` (higher is better)."""
-        B, K, _ = candidates.shape
+        B, K, D = candidates.shape
         retrieval = (user[:, None, :] * candidates).sum(-1)  # [B, K]
         interest = self.attention(history, history_mask, candidates)
-        features = torch.cat(
-            [
-                candidates,
-                interest,
-                user[:, None, :].expand(B, K, -1),
-                self.item_id(candidate_index),
-                user_dense[:, None, :].expand(B, K, -1),
-                candidate_dense,
-                retrieval.unsqueeze(-1),
-                category_match.unsqueeze(-1),
-            ],
-            dim=-1,
-        )
-        return self.mlp(features).squeeze(-1) + self.retrieval_weight * retrieval
+        first = self.mlp[0]
+        if not isinstance(first, nn.Linear):  # the int8 ranker: its quantised layer takes the whole row
+            features = torch.cat(
+                [
+                    candidates,
+                    interest,
+                    user[:, None, :].expand(B, K, -1),
+                    self.item_id(candidate_index),
+                    user_dense[:, None, :].expand(B, K, -1),
+                    candidate_dense,
+                    retrieval.unsqueeze(-1),
+                    category_match.unsqueeze(-1),
+                ],
+                dim=-1,
+            )
+            return self.mlp(features).squeeze(-1) + self.retrieval_weight * retrieval
+        # the first layer reads [candidate, interest, user, item id, user features, candidate features,
+        # retrieval, match]; the user's columns are the same for all K candidates: once per user
+        F_u = user_dense.shape[1]
+        w = first.weight
+        per_user = F.linear(user, w[:, 2 * D : 3 * D]) + F.linear(user_dense, w[:, 4 * D : 4 * D + F_u], first.bias)
+        pair = torch.cat([candidates, interest, self.item_id(candidate_index), candidate_dense,
+                          retrieval.unsqueeze(-1), category_match.unsqueeze(-1)], dim=-1)  # fmt: skip
+        w_pair = torch.cat([w[:, : 2 * D], w[:, 3 * D : 4 * D], w[:, 4 * D + F_u :]], dim=1)
+        hidden = F.linear(pair, w_pair) + per_user[:, None, :]
+        return self.mlp[1:](hidden).squeeze(-1) + self.retrieval_weight * retrieval

@@ -109,7 +109,7 @@ class TwoTower(nn.Module):
         rows = torch.arange(item_categories.shape[0], device=item_categories.device)
         return self.history_proj(self.items(rows, item_categories, item_dense))
 
-    def user_embedding(self, window, lengths, user_dense, history_table) -> torch.Tensor:
+    def user_embedding(self, window, lengths, user_dense, history_table, trim: bool = True) -> torch.Tensor:
         """The user embedding after the last real item: window ``[B, L]`` left-aligned, lengths ``[B]``
         (>= 1, or 0 for no history), user_dense ``[B, F_u]``, ``history_table`` from :meth:`history_table`
         → ``[B, D]``.
@@ -118,8 +118,8 @@ class TwoTower(nn.Module):
         the longest history in the batch are padding that the causal mask hides from every real
         position, so they are cut; and the output head runs on the last position only.
         """
-        width = max(int(lengths.max()), 1) if len(lengths) else 1
-        window = window[:, :width]
+        if trim:  # data-dependent: ``trim=False`` keeps the graph static (torch.export)
+            window = window[:, : max(int(lengths.max()), 1) if len(lengths) else 1]
         L = window.shape[1]
         causal = torch.triu(torch.full((L, L), float("-inf"), device=window.device), diagonal=1)
         x = self.user.dropout(history_table[window] + self.user.position.weight[:L])

@@ -26,12 +26,20 @@ FALLBACKS = Counter("recsys_fallbacks_total", "Users answered by a fallback inst
 ERRORS = Counter(
     "recsys_errors_total", "Errors by kind (bad_request, online_store, model, model_load)", ["kind"]
 )
+CLIENT_ERRORS = Counter(
+    "recsys_client_errors_total",
+    "Requests answered 4xx, by reason (a fixed set, never the message): bad_json, bad_field, too_many_users, "
+    "validation (the V2 schema), body_too_large, not_found (model or route), http (any other 4xx)",
+    ["reason"],
+)
 MODEL_VERSION = Gauge("recsys_model_version", "Registry version number of the model serving now (0: a path)")
 MODEL_SWAPS = Counter("recsys_model_swaps_total", "Hot swaps to a newly promoted model")
 ITEM_FEATURE_REFRESHES = Counter("recsys_item_feature_refreshes_total",
                                  "Item-feature cache refreshes after materialization advanced")  # fmt: skip
 
 STAGES = ("features", "retrieval", "ranking", "total")
+CLIENT_ERROR_REASONS = ("bad_json", "bad_field", "too_many_users", "validation", "body_too_large", "not_found",
+                        "http")  # fmt: skip
 FALLBACK_REASONS = ("cold_start", "online_store_unavailable", "online_store_timeout", "model_error")
 for _stage in STAGES:
     STAGE_SECONDS.labels(stage=_stage)
@@ -39,3 +47,5 @@ for _reason in FALLBACK_REASONS:
     FALLBACKS.labels(reason=_reason)
 for _kind in ("bad_request", "online_store", "model", "model_load"):
     ERRORS.labels(kind=_kind)
+for _reason in CLIENT_ERROR_REASONS:
+    CLIENT_ERRORS.labels(reason=_reason)

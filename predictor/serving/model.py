@@ -31,7 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
+import faiss
 import numpy as np
+import threadpoolctl
 import torch
 from kserve import Model
 from kserve.errors import InvalidInput
@@ -42,15 +44,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from predictor.config import Settings
 from predictor.features.store import open_store
 from predictor.models.data import user_dense_rows
+from predictor.models.inference import HNSW_THRESHOLD
 from predictor.models.lifecycle import MODEL_NAME, load_model
 from predictor.models.registry import ModelRegistry
 from predictor.serving import metrics
-from predictor.serving.engine import PRECISIONS, ServingEngine
+from predictor.serving.engine import PRECISIONS, OnlineUsers, ServingEngine
 from predictor.serving.online import OnlineFeatures, UserOnline, online_features
 from predictor.serving.requests import (
+    Answer,
     Limits,
     ParsedRequest,
-    RecResult,
     parse_v1,
     parse_v2,
     v1_response,
@@ -89,6 +92,8 @@ class ServeSettings(BaseSettings):
     # torch's default is one thread per core of the *node*, not of the pod's CPU limit: oversubscribed in a
     # container, and the event loop needs a core too. One thread per replica; scale with replicas.
     torch_threads: int = Field(default=1, ge=0, description="intra-op threads (0: torch's default)")
+    hnsw_threshold: int = Field(default=HNSW_THRESHOLD, ge=0,
+                                description="CPU catalogs above this many items search an HNSW index")
     ranker: str = Field(default="auto", pattern="^(auto|on|off)$",
                         description="auto: as validation decided at training; on/off: force")
 
@@ -189,7 +194,10 @@ class RecommenderModel(Model):
         """Load the model (registry production, or ``model_uri``), build the index, open the online store,
         read the current item features; ready only after all of it."""
         if self.serve.torch_threads:
+            # faiss (OpenMP) and NumPy's BLAS keep a pool of one thread per core of the node otherwise
             torch.set_num_threads(self.serve.torch_threads)
+            faiss.omp_set_num_threads(self.serve.torch_threads)
+            threadpoolctl.threadpool_limits(self.serve.torch_threads)
         if self.serve.model_uri is None:
             self.registry = ModelRegistry(self.settings.database_url)
         self.current = self._load_model()
@@ -202,8 +210,11 @@ class RecommenderModel(Model):
         self.online = online_features(self.store, self.settings, timeout=self.serve.feature_timeout_ms / 1000)
         self._refresh_item_features(self.current.engine)
         self.ready = True
-        log.info("model %s ready (%d items, device %s, precision %s)", self.current.version,
-                 self.current.engine.n_items, self.current.engine.device, self.current.engine.precision)  # fmt: skip
+        engine = self.current.engine
+        log.info("model %s ready (%d items, device %s, precision %s, retrieval %s, ranker %s)", self.current.version,
+                 engine.n_items, engine.device, engine.precision,
+                 f"HNSW, recall@100 {engine.index_recall:.3f}" if engine.inference.use_index else "exact",
+                 "on" if engine.use_ranker else "off")  # fmt: skip
         return self.ready
 
     def _load_model(self, skip: set[int] = frozenset()) -> LoadedModel | None:
@@ -221,10 +232,17 @@ class RecommenderModel(Model):
                 return None
             uri, version_id, version, number = production.artifact_uri, production.id, str(production.version), \
                 production.version  # fmt: skip
-        engine = ServingEngine(load_model(uri, self.serve.device), version, self.serve.device,
-                               self.serve.precision, self.serve.candidates)  # fmt: skip
-        if self.serve.ranker != "auto":
-            engine.use_ranker = self.serve.ranker == "on"
+        model = load_model(uri, self.serve.device)
+        if model.config.max_history > self.settings.recent_items:
+            raise ValueError(
+                f"model {version} reads max_history={model.config.max_history} items of each user's history, "
+                f"but the online store keeps RECSYS_RECENT_ITEMS={self.settings.recent_items}: serving would cut "
+                "every history the model was trained on; raise RECSYS_RECENT_ITEMS (and re-materialize) or "
+                "train with a smaller max_history"
+            )
+        use_ranker = None if self.serve.ranker == "auto" else self.serve.ranker == "on"
+        engine = ServingEngine(model, version, self.serve.device, self.serve.precision, self.serve.candidates,
+                               self.serve.hnsw_threshold, use_ranker)  # fmt: skip
         engine.self_check()
         metrics.MODEL_VERSION.set(number)
         return LoadedModel(engine, version_id, version)
@@ -333,20 +351,24 @@ class RecommenderModel(Model):
             metrics.ERRORS.labels(kind="bad_request").inc()
             raise
 
-    def _run_engine(self, jobs: list[tuple[ServingEngine, UserOnline, np.ndarray, int, bool]]) -> list:
-        """Worker thread: one engine call per distinct engine in the batch (two only during a swap)."""
+    def _run_engine(self, jobs: list[tuple[ServingEngine, OnlineUsers, int]]) -> list:
+        """Worker thread: one engine call per distinct engine in the batch (two only during a swap), over
+        all requests' users at once; each request gets its own rows back."""
         out: list = [None] * len(jobs)
         by_engine: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
             by_engine.setdefault(id(job[0]), []).append(i)
-        metrics.BATCH_SIZE.observe(len(jobs))
         for rows in by_engine.values():
             engine = jobs[rows[0]][0]
+            users = OnlineUsers.concat([jobs[r][1] for r in rows])
+            metrics.BATCH_SIZE.observe(len(users))
             timings: dict = {}
-            recs = engine.recommend([jobs[r][1].history for r in rows], np.stack([jobs[r][2] for r in rows]),
-                                    [jobs[r][3] for r in rows], [jobs[r][4] for r in rows], timings)  # fmt: skip
-            for r, rec in zip(rows, recs):
-                out[r] = (rec, timings)
+            recs = engine.recommend(users, max(jobs[r][2] for r in rows), timings)
+            at = 0
+            for r in rows:
+                n = len(jobs[r][1])
+                out[r] = (recs.rows(at, at + n), timings)
+                at += n
         return out
 
     async def _features(self, user_ids: list[int]) -> tuple[list[UserOnline] | None, str | None]:
@@ -361,62 +383,52 @@ class RecommenderModel(Model):
         metrics.ERRORS.labels(kind="online_store").inc()
         return None, reason
 
+    def _online_users(self, engine: ServingEngine, requests, users: list[UserOnline]) -> OnlineUsers:
+        by_id = {u.user_id: u for u in users}
+        rows = [by_id[r.user_id] for r in requests]
+        history_lengths = np.fromiter((len(u.history) for u in rows), np.int64, len(rows))
+        seen_lengths = np.fromiter((len(u.seen) for u in rows), np.int64, len(rows))
+        # a model trained without user features ignores them: skip the conversion on the event loop
+        dense = (user_dense_rows([u.values for u in rows], engine.catalog.n_categories) if engine.uses_user_features
+                 else np.zeros((len(rows), engine.n_user_dense), np.float32))  # fmt: skip
+        return OnlineUsers(
+            np.concatenate([u.history for u in rows]).astype(np.int64),
+            np.concatenate([[0], np.cumsum(history_lengths)]).astype(np.int64),
+            np.concatenate([u.seen for u in rows]).astype(np.int64),
+            np.concatenate([[0], np.cumsum(seen_lengths)]).astype(np.int64),
+            dense,
+            np.fromiter((r.exclude_seen for r in requests), bool, len(requests)),
+        )
+
     async def predict(self, parsed: ParsedRequest, headers: dict[str, str] | None = None):
         started = time.perf_counter()
         loaded = self.current  # one model for the whole request, even if a swap lands meanwhile
         engine = loaded.engine
         requests = parsed.requests
-        user_ids = list(dict.fromkeys(r.user_id for r in requests))
+        k = max(r.k for r in requests)
         t0 = time.perf_counter()
-        users, store_problem = await self._features(user_ids)
+        users, store_problem = await self._features(list(dict.fromkeys(r.user_id for r in requests)))
         metrics.STAGE_SECONDS.labels(stage="features").observe(time.perf_counter() - t0)
-        by_id = {u.user_id: u for u in users} if users else {}
-
-        results: list[RecResult | None] = [None] * len(requests)
-        jobs, job_rows = [], []
-        for row, req in enumerate(requests):
-            user = by_id.get(req.user_id)
-            if user is None or not engine.knows_history(user.history):
-                reason = store_problem or "cold_start"
-                exclude = user.history if (user is not None and req.exclude_seen) else None
-                rec = engine.popular(req.k, exclude)
-                results[row] = RecResult(req.user_id, rec.item_ids, rec.scores, loaded.version, reason)
-                metrics.FALLBACKS.labels(reason=reason).inc()
-                continue
-            # a model trained without user features ignores them: skip the conversion on the event loop
-            dense = (user_dense_rows([user.values], engine.catalog.n_categories)[0] if engine.uses_user_features
-                     else np.zeros(engine.n_user_dense, np.float32))  # fmt: skip
-            jobs.append((engine, user, dense, req.k, req.exclude_seen))
-            job_rows.append(row)
-
-        if jobs:
+        if store_problem is not None:
+            recs, reason = engine.popular(len(requests), k), store_problem
+        else:
             try:
-                answers = await self.batcher.submit(jobs)
+                ((recs, timings),) = await self.batcher.submit([(engine, self._online_users(engine, requests, users), k)])
+                reason = "cold_start"
+                metrics.STAGE_SECONDS.labels(stage="retrieval").observe(timings.get("retrieval", 0.0))
+                metrics.STAGE_SECONDS.labels(stage="ranking").observe(timings.get("ranking", 0.0))
             except Exception:
-                log.exception("model failed on %d users; answering with the popularity fallback", len(jobs))
+                log.exception("model failed on %d users; answering with the popularity fallback", len(requests))
                 metrics.ERRORS.labels(kind="model").inc()
-                answers = None
-            for j, row in enumerate(job_rows):
-                req = requests[row]
-                if answers is None:
-                    rec = engine.popular(req.k, jobs[j][1].history if req.exclude_seen else None)
-                    results[row] = RecResult(
-                        req.user_id, rec.item_ids, rec.scores, loaded.version, "model_error"
-                    )
-                    metrics.FALLBACKS.labels(reason="model_error").inc()
-                    continue
-                rec, _ = answers[j]
-                results[row] = RecResult(req.user_id, rec.item_ids, rec.scores, loaded.version)
-            if answers is not None:
-                seen_timings = {id(t): t for _, t in answers}
-                for t in seen_timings.values():
-                    metrics.STAGE_SECONDS.labels(stage="retrieval").observe(t.get("retrieval", 0.0))
-                    metrics.STAGE_SECONDS.labels(stage="ranking").observe(t.get("ranking", 0.0))
+                recs, reason = engine.popular(len(requests), k), "model_error"
+        fallbacks = int(recs.cold.sum())
+        if fallbacks:
+            metrics.FALLBACKS.labels(reason=reason).inc(fallbacks)
         metrics.STAGE_SECONDS.labels(stage="total").observe(time.perf_counter() - started)
-        return parsed, results
+        return parsed, Answer(recs, reason, loaded.version)
 
     async def postprocess(self, result, headers: dict[str, str] | None = None, response_headers=None):
-        parsed, results = result
+        parsed, answer = result
         if parsed.protocol == "v2":
-            return v2_response(results, parsed, self.name)
-        return v1_response(results)
+            return v2_response(answer, parsed, self.name)
+        return v1_response(answer, parsed)

@@ -12,7 +12,8 @@ V2 ``POST /v2/models/<name>/infer`` (Open Inference Protocol): inputs ``user_id`
 ``fallback`` BYTES ``[B]`` ("" when the model served); the model version is the response's
 ``model_version``.
 
-Every problem raises :class:`kserve.errors.InvalidInput` (HTTP 400) with a message that names the field.
+Every problem raises :class:`kserve.errors.InvalidInput` (HTTP 400) with a message that names the field;
+:class:`BadRequest`, its subclass, also carries the reason the client-error counter is labelled with.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 INT64_MAX = 2**63 - 1
 V2_INTEGER_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+
+
+class BadRequest(InvalidInput):
+    """InvalidInput with ``kind``: a label of ``recsys_client_errors_total`` (one of
+    ``metrics.CLIENT_ERROR_REASONS``; plain InvalidInputs count as ``bad_field``)."""
+
+    def __init__(self, message: str, kind: str = "bad_field"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -44,12 +54,16 @@ class RecRequest:
 
 
 @dataclass
-class RecResult:
-    user_id: int
-    item_ids: np.ndarray  # int64 [<= k]
-    scores: np.ndarray  # float32 [<= k]
+class Answer:
+    """What ``predict`` hands to ``postprocess``: the engine's ``Recommendations`` for the request's users
+    (in request order), why the ``cold`` rows got a fallback, and the model version."""
+
+    recs: object  # predictor.serving.engine.Recommendations
+    fallback_reason: str
     model_version: str
-    fallback: str | None = None  # None: the model served; else why a fallback did
+
+    def fallbacks(self) -> list[str | None]:
+        return [self.fallback_reason if cold else None for cold in self.recs.cold.tolist()]
 
 
 @dataclass
@@ -79,7 +93,9 @@ def _check_count(n: int, limits: Limits, field: str) -> None:
     if n == 0:
         raise InvalidInput(f"{field} is empty: send at least one user")
     if n > limits.max_instances:
-        raise InvalidInput(f"{field} has {n} entries; at most {limits.max_instances} users per request")
+        raise BadRequest(
+            f"{field} has {n} entries; at most {limits.max_instances} users per request", "too_many_users"
+        )
 
 
 def parse_v1(body, limits: Limits) -> ParsedRequest:
@@ -87,7 +103,7 @@ def parse_v1(body, limits: Limits) -> ParsedRequest:
         try:
             body = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+            raise BadRequest(f"request body is not valid JSON: {exc}", "bad_json") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object with an 'instances' list")
     instances = body.get("instances")
@@ -128,6 +144,13 @@ def _v2_values(request: InferRequest, name: str, datatypes: set[str], required: 
         raise InvalidInput(
             f"input '{name}' has datatype {tensor.datatype}; expected {' or '.join(sorted(datatypes))}"
         )
+    shape = tensor.shape
+    # numpy reads -1 as "whatever fits"; the protocol's dims are exact (as_numpy's reshape then checks
+    # that their product is the number of values)
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidInput(f"input '{name}' has shape {shape}: dims must be non-negative integers")
     try:
         values = tensor.as_numpy()
     except InvalidInput:
@@ -144,6 +167,10 @@ def parse_v2(request: InferRequest, limits: Limits) -> ParsedRequest:
     unknown = [t.name for t in request.inputs if t.name not in known]
     if unknown:
         raise InvalidInput(f"unknown input(s) {unknown}: use user_id, k, exclude_seen")
+    names = [t.name for t in request.inputs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise InvalidInput(f"input '{twice}' is given {names.count(twice)} times: send each input once")
     users = _v2_values(request, "user_id", V2_INTEGER_TYPES, required=True)
     _check_count(len(users), limits, "input 'user_id'")
     ks = _v2_values(request, "k", V2_INTEGER_TYPES, required=False)
@@ -169,31 +196,37 @@ def parse_v2(request: InferRequest, limits: Limits) -> ParsedRequest:
     return ParsedRequest(requests, "v2", request.id, k)
 
 
-def v1_response(results: list[RecResult]) -> dict:
+def v1_response(answer: Answer, parsed: ParsedRequest) -> dict:
+    recs = answer.recs
+    ks = np.fromiter((r.k for r in parsed.requests), np.int64, len(parsed.requests))
+    counts = np.minimum(recs.counts, ks).tolist()
+    ids, scores = recs.item_ids.tolist(), np.round(recs.scores.astype(np.float64), 6).tolist()
     return {"predictions": [
-        {"user_id": r.user_id, "item_ids": r.item_ids.tolist(), "scores": [round(float(s), 6) for s in r.scores],
-         "model_version": r.model_version, "fallback": r.fallback}
-        for r in results
+        {"user_id": r.user_id, "item_ids": i[:n], "scores": s[:n], "model_version": answer.model_version,
+         "fallback": f}
+        for r, i, s, n, f in zip(parsed.requests, ids, scores, counts, answer.fallbacks())
     ]}  # fmt: skip
 
 
-def v2_response(results: list[RecResult], parsed: ParsedRequest, model_name: str) -> InferResponse:
-    k = parsed.k
-    ids = np.full((len(results), k), -1, np.int64)
-    scores = np.full((len(results), k), np.nan, np.float32)
-    for row, r in enumerate(results):
-        ids[row, : len(r.item_ids)] = r.item_ids[:k]
-        scores[row, : len(r.scores)] = r.scores[:k]
-    versions = {r.model_version for r in results}
+def v2_response(answer: Answer, parsed: ParsedRequest, model_name: str) -> InferResponse:
+    k, recs = parsed.k, answer.recs
+    B = len(parsed.requests)
+    ids = np.full((B, k), -1, np.int64)
+    scores = np.full((B, k), np.nan, np.float32)
+    width = min(k, recs.item_ids.shape[1])
+    ids[:, :width], scores[:, :width] = recs.item_ids[:, :width], recs.scores[:, :width]
+    flat_scores = scores.reshape(-1).tolist()
+    padding = np.isnan(scores).reshape(-1)
+    if padding.any():  # JSON has no NaN: padding goes out as null
+        flat_scores = [None if pad else s for s, pad in zip(flat_scores, padding.tolist())]
     outputs = [
-        InferOutput("item_ids", list(ids.shape), "INT64", ids.reshape(-1).tolist()),
-        InferOutput("scores", list(scores.shape), "FP32",
-                    [None if np.isnan(s) else float(s) for s in scores.reshape(-1)]),
-        InferOutput("fallback", [len(results)], "BYTES", [r.fallback or "" for r in results]),
-    ]  # fmt: skip
+        InferOutput("item_ids", [B, k], "INT64", ids.reshape(-1).tolist()),
+        InferOutput("scores", [B, k], "FP32", flat_scores),
+        InferOutput("fallback", [B], "BYTES", [f or "" for f in answer.fallbacks()]),
+    ]
     return InferResponse(
         response_id=parsed.request_id or str(uuid.uuid4()),
         model_name=model_name,
-        model_version=",".join(sorted(versions)),
+        model_version=answer.model_version,
         infer_outputs=outputs,
     )

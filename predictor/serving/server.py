@@ -1,8 +1,9 @@
 """Start the predictor: ``recsys serve`` (and the container's entrypoint).
 
 KServe's ModelServer owns the HTTP server; this module only prepares what it cannot be told by argument:
-request-size limit, HTTP 400 for requests FastAPI rejects before our code sees them, the background
-tasks' lifetime, quiet per-request logging, and a frozen heap.
+request-size limit, HTTP 400 for requests FastAPI rejects before our code sees them, cheap client errors
+(one INFO line and a counter, where KServe logs a traceback at ERROR), the background tasks' lifetime,
+quiet per-request logging, and a frozen heap.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import time
 import warnings
 
 from predictor.config import Settings
+from predictor.serving import metrics
 from predictor.serving.model import RecommenderModel, ServeSettings
 
 log = logging.getLogger(__name__)
+LOGGED_CHARS = 300  # of a client error's message and path: the response carries it whole
 
 
 class JsonFormatter(logging.Formatter):
@@ -57,24 +60,80 @@ def logging_config(level: str = "INFO") -> dict:
     }
 
 
-def prepare_app(model: RecommenderModel, serve: ServeSettings):
-    """Configure KServe's FastAPI app (``kserve.model_server.app``) before the server starts."""
+def _short(text: str) -> str:
+    return text if len(text) <= LOGGED_CHARS else text[:LOGGED_CHARS] + "..."
+
+
+def client_error(request, status: int, reason: str, message: str) -> None:
+    """What a 4xx costs the server: one INFO line, no traceback, and ``recsys_client_errors_total``."""
+    metrics.CLIENT_ERRORS.labels(reason=reason).inc()
+    log.info("client error %d (%s) on %s %s: %s", status, reason, request.method, _short(request.url.path),
+             _short(message))  # fmt: skip
+
+
+def invalid_input_reason(exc: Exception) -> str:
+    kind = getattr(exc, "kind", None)  # requests.BadRequest
+    if kind in metrics.CLIENT_ERROR_REASONS:
+        return kind
+    # KServe's own: the V1 body did not decode as JSON
+    return "bad_json" if str(exc).startswith("Unrecognized request format") else "bad_field"
+
+
+def client_error_handlers() -> dict:
+    """Exception handlers for every 4xx: the same status and body as KServe's and Starlette's, without their
+    ERROR-level traceback."""
+    from fastapi.exception_handlers import http_exception_handler
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from kserve.errors import InvalidInput, ModelNotFound
+    from starlette.exceptions import HTTPException
+
+    async def invalid_input(request, exc: InvalidInput):
+        client_error(request, 400, invalid_input_reason(exc), str(exc))
+        return JSONResponse(status_code=400, content={"error": str(exc)})
+
+    async def model_not_found(request, exc: ModelNotFound):
+        client_error(request, 404, "not_found", str(exc))
+        return JSONResponse(status_code=404, content={"error": str(exc)})
+
+    async def validation_error(request, exc: RequestValidationError):
+        # FastAPI answers 422 for a V2 body that does not fit the schema; the protocol says 400
+        errors = exc.errors()
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+            for e in errors
+        )
+        message = f"invalid request: {problems}"
+        reason = "bad_json" if any(e.get("type") == "json_invalid" for e in errors) else "validation"
+        client_error(request, 400, reason, message)
+        return JSONResponse(status_code=400, content={"error": message})
+
+    async def http_error(request, exc: HTTPException):  # unknown route, wrong method, body over the limit
+        if exc.status_code < 500:
+            reason = {413: "body_too_large", 404: "not_found"}.get(exc.status_code, "http")
+            client_error(request, exc.status_code, reason, str(exc.detail))
+        return await http_exception_handler(request, exc)
+
+    return {InvalidInput: invalid_input, ModelNotFound: model_not_found,
+            RequestValidationError: validation_error, HTTPException: http_error}  # fmt: skip
+
+
+def prepare_app(model: RecommenderModel, serve: ServeSettings):
+    """Configure KServe's FastAPI app (``kserve.model_server.app``) before the server starts."""
     from kserve import model_server
+    from kserve.errors import InvalidInput, ModelNotFound
+    from kserve.protocol.rest import server as rest_server
 
     app = model_server.app
     app.max_body_size = serve.max_body_bytes  # Starlette answers 413 beyond it, before parsing
 
-    async def validation_error(_, exc: RequestValidationError):
-        # FastAPI answers 422 for a V2 body that does not fit the schema; the protocol says 400
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-            for e in exc.errors()
-        )
-        return JSONResponse(status_code=400, content={"error": f"invalid request: {problems}"})
-
-    app.add_exception_handler(RequestValidationError, validation_error)
+    handlers = client_error_handlers()
+    for exc_class, handler in handlers.items():
+        app.add_exception_handler(exc_class, handler)
+    # KServe's RESTServer adds its own handlers when the server starts, after this, by the names it imported
+    # into kserve.protocol.rest.server: give those names ours, or KServe's would replace them
+    rest_server.invalid_input_handler = handlers[InvalidInput]
+    rest_server.model_not_found_handler = handlers[ModelNotFound]
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -108,7 +167,8 @@ def serve(settings: Settings, serve: ServeSettings, log_level: str = "INFO") -> 
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        asyncio.set_event_loop(asyncio.new_event_loop())  # KServe asks for "the current loop" before asyncio.run
+        # KServe asks for "the current loop" before asyncio.run
+        asyncio.set_event_loop(asyncio.new_event_loop())
     except ImportError:
         log.info("uvloop not installed: running on the standard asyncio loop")
     server = ModelServer(http_port=serve.http_port, enable_grpc=False, enable_docs_url=False,
