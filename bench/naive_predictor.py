@@ -25,6 +25,7 @@ import torch
 from predictor.config import Settings
 from predictor.features.store import ITEM_FEATURES, USER_FEATURES, open_store
 from predictor.models.data import item_dense_matrix, user_dense_matrix
+from predictor.models.inference import ranker_history, ranker_inputs
 from predictor.models.lifecycle import MODEL_NAME, load_model
 from predictor.models.registry import ModelRegistry
 from predictor.serving.server import logging_config
@@ -40,10 +41,9 @@ class NaiveModel(kserve.Model):
     def load(self) -> bool:
         production = ModelRegistry(self.settings.database_url).production(MODEL_NAME)
         self.model = load_model(production.artifact_uri, "cpu")
-        self.model.split = self.model.catalog  # the helpers below read the catalog under this name
         self.store = open_store(self.settings)
-        with torch.no_grad():
-            self.items = self.model._embed_items()
+        self.inference = self.model.inference(exact=True)
+        self.items = self.inference.tables.embeddings
         self.item_ids = self.model.catalog.items.ids
         self.n_cat = self.model.catalog.n_categories
         self.ready = True
@@ -67,7 +67,7 @@ class NaiveModel(kserve.Model):
         lengths = torch.tensor([len(history)])
         udense = torch.from_numpy(user_dense_matrix(frame, self.n_cat))
         with torch.no_grad():
-            user_vec = self.model._embed_users(window, lengths, udense)
+            user_vec = self.inference.user_vectors(window, lengths, udense)
             scores = user_vec @ self.items.T
             scores[:, 0] = float("-inf")
             cand = torch.topk(scores, CANDIDATES, dim=1).indices
@@ -77,14 +77,9 @@ class NaiveModel(kserve.Model):
             ).to_df()
             item_dense = self.model.item_dense.clone()
             item_dense[cand[0]] = torch.from_numpy(item_dense_matrix(item_frame))
-            self.model.item_dense, saved = item_dense, self.model.item_dense
-            try:
-                hist = self.model._ranker_history(window, lengths)
-                ranked = self.model.ranker(
-                    *self.model._ranker_inputs(self.items, hist, udense, user_vec, cand)
-                )
-            finally:
-                self.model.item_dense = saved
+            hist = ranker_history(window, lengths, self.model.config.ranker_history)
+            ranked = self.model.ranker(*ranker_inputs(self.items, self.model.item_cats, item_dense, self.n_cat, hist,
+                                                      udense, user_vec, cand))  # fmt: skip
             order = torch.argsort(ranked, dim=1, descending=True)[0, :k]
         return {"predictions": [{"user_id": user, "item_ids": raw[order.numpy()].tolist(),
                                  "scores": ranked[0, order].tolist()}]}  # fmt: skip

@@ -31,13 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 console = Console()
 
 
-def median_ms(fn, repeats: int) -> float:
+def median_ms(fn, args: tuple, repeats: int) -> float:
+    """Median milliseconds of ``fn(*args)`` after 5 warm-up calls."""
     for _ in range(5):
-        fn()
+        fn(*args)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - started)
     return float(np.median(times) * 1000)
 
@@ -71,7 +72,9 @@ def main() -> None:
     startup: dict = {}
 
     started = time.perf_counter()
-    exact = TwoStageInference(tower, ranker, cats, dense, N, C, cfg.max_history, cfg.ranker_history, 100, True, True)
+    exact = TwoStageInference(
+        tower, ranker, cats, dense, N, C, cfg.max_history, cfg.ranker_history, 100, True, True
+    )
     startup["item tables (exact)"] = time.perf_counter() - started
     started = time.perf_counter()
     hnsw = TwoStageInference(tower, ranker, cats, dense, N, C, cfg.max_history, cfg.ranker_history, 100, True,
@@ -84,45 +87,51 @@ def main() -> None:
     exported = exported_ranker = compiled = None
     for B in (16, 1):  # the programs are exported from a batch of 16 (a batch of 1 would specialise)
         lengths = torch.from_numpy(rng.integers(5, cfg.max_history + 1, B))
-        window = torch.randint(1, N + 1, (B, cfg.max_history)) * (torch.arange(cfg.max_history) < lengths[:, None])
+        window = torch.randint(1, N + 1, (B, cfg.max_history)) * (
+            torch.arange(cfg.max_history) < lengths[:, None]
+        )
         udense = torch.rand(B, Fu)
         program = TowerProgram(tower, exact.tables.history).eval()
         rows: dict[str, float] = {}
         with torch.no_grad():
-            rows["user tower: eager"] = median_ms(lambda: program(window, lengths, udense), args.repeats)
+            rows["user tower: eager"] = median_ms(program, (window, lengths, udense), args.repeats)
             # torch.export cannot trace the data-dependent cut to the longest history: it runs full width
             static = TowerProgram(tower, exact.tables.history, trim=False).eval()
-            rows["user tower: eager, full width"] = median_ms(lambda: static(window, lengths, udense), args.repeats)
+            rows["user tower: eager, full width"] = median_ms(static, (window, lengths, udense), args.repeats)
             if exported is None:
                 started = time.perf_counter()
                 exported = torch.export.export(static, (window[:2], lengths[:2], udense[:2]),
                                                dynamic_shapes=({0: batch_dim}, {0: batch_dim}, {0: batch_dim})).module()  # fmt: skip
                 startup["user tower: torch.export"] = time.perf_counter() - started
-            rows["user tower: torch.export"] = median_ms(lambda: exported(window, lengths, udense), args.repeats)
+            rows["user tower: torch.export"] = median_ms(exported, (window, lengths, udense), args.repeats)
             try:
                 if compiled is None:
                     compiled = torch.compile(program, dynamic=True)
                 started = time.perf_counter()
                 compiled(window, lengths, udense)
                 startup[f"user tower: torch.compile (first call, {B} users)"] = time.perf_counter() - started
-                rows["user tower: torch.compile"] = median_ms(lambda: compiled(window, lengths, udense), args.repeats)
+                rows["user tower: torch.compile"] = median_ms(
+                    compiled, (window, lengths, udense), args.repeats
+                )
             except Exception as exc:  # noqa: BLE001 - inductor needs a C++ toolchain; report, do not fail
                 rows["user tower: torch.compile"] = float("nan")
-                results.setdefault("notes", []).append(f"torch.compile failed: {type(exc).__name__}: {exc}"[:300])
+                results.setdefault("notes", []).append(
+                    f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
+                )
             user = program(window, lengths, udense)
             batch = UserBatch(window.numpy(), lengths.numpy(), udense.numpy(), np.zeros(0, np.int64),
                               np.zeros(B + 1, np.int64))  # fmt: skip
-            rows["retrieval top-100: exact product + top-k"] = median_ms(lambda: exact.retrieve(user, batch, 100),
+            rows["retrieval top-100: exact product + top-k"] = median_ms(exact.retrieve, (user, batch, 100),
                                                                        args.repeats)  # fmt: skip
-            rows["retrieval top-100: HNSW"] = median_ms(lambda: hnsw.retrieve(user, batch, 100), args.repeats)
+            rows["retrieval top-100: HNSW"] = median_ms(hnsw.retrieve, (user, batch, 100), args.repeats)
             cand, _ = exact.retrieve(user, batch, 100)
             cand_t = torch.from_numpy(cand)
             hist = ranker_history(window, lengths, cfg.ranker_history)
             t = exact.tables
             inputs = ranker_inputs(t.embeddings, t.item_cats, t.item_dense, C, hist, udense, user, cand_t)
-            rows["ranker x100: eager fp32"] = median_ms(lambda: ranker(*inputs), args.repeats)
+            rows["ranker x100: eager fp32"] = median_ms(ranker, inputs, args.repeats)
             int8 = torch.ao.quantization.quantize_dynamic(ranker, {torch.nn.Linear}, dtype=torch.qint8)
-            rows["ranker x100: eager int8"] = median_ms(lambda: int8(*inputs), args.repeats)
+            rows["ranker x100: eager int8"] = median_ms(int8, inputs, args.repeats)
             if exported_ranker is None:
                 started = time.perf_counter()
                 cand_dim = torch.export.Dim("candidates", min=2, max=4096)
@@ -132,7 +141,7 @@ def main() -> None:
                 exported_ranker = torch.export.export(ranker, tuple(x[:2] for x in inputs),
                                                       dynamic_shapes=shapes).module()  # fmt: skip
                 startup["ranker: torch.export"] = time.perf_counter() - started
-            rows["ranker x100: torch.export"] = median_ms(lambda: exported_ranker(*inputs), args.repeats)
+            rows["ranker x100: torch.export"] = median_ms(exported_ranker, inputs, args.repeats)
         results["parts"][f"B{B}"] = rows
     results["startup_seconds"] = startup
 

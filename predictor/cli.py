@@ -215,10 +215,18 @@ def train(
     skip_if_production: Annotated[
         bool, typer.Option(help="Do nothing when a production model exists (a first-install bootstrap job).")
     ] = False,
-    model_option: Annotated[list[str] | None, typer.Option(
-        help="Override a model setting, KEY=VALUE (repeatable), e.g. dim=128 or full_softmax_items=50000.")] = None,
-    train_option: Annotated[list[str] | None, typer.Option(
-        help="Override a training setting, KEY=VALUE (repeatable), e.g. window_jitter=true or lr=0.003.")] = None,
+    model_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Override a model setting, KEY=VALUE (repeatable), e.g. dim=128 or full_softmax_items=50000."
+        ),
+    ] = None,
+    train_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Override a training setting, KEY=VALUE (repeatable), e.g. window_jitter=true or lr=0.003."
+        ),
+    ] = None,
 ) -> None:
     """Train the two-stage model on the event log, register it and (by default) promote it."""
     from predictor.data.eventlog import EventLog
@@ -299,24 +307,6 @@ def evaluate(
     print_report(report, console)
     if output:
         output.write_text(json.dumps(report, indent=2) + "\n")
-
-
-@app.command("export")
-def export_model(
-    out: Annotated[Path, typer.Option(help="Folder for the serving artifacts.")],
-    model: Annotated[str | None, typer.Option(help="Artifact URI; default the production version.")] = None,
-    hnsw_threshold: Annotated[
-        int, typer.Option(help="Catalogs larger than this get an HNSW index.")
-    ] = 100_000,
-) -> None:
-    """Write serving artifacts: torch.export towers, item embeddings, FAISS index, int8 ranker."""
-    import json
-
-    from predictor.models.export import export_for_serving
-
-    _, recommender, _ = _model_on_event_log(state.settings, model)
-    report = export_for_serving(recommender, out, hnsw_threshold)
-    console.print_json(json.dumps(report))
 
 
 @app.command()
@@ -408,15 +398,23 @@ def serve(
 
 @operator_app.command("run")
 def operator_run(
-    namespace: Annotated[list[str] | None, typer.Option(help="Watch only these namespaces (repeatable); "
-                                                                "default: the whole cluster.")] = None,
-    peering: Annotated[str, typer.Option(help="kopf peering object used for leader election between replicas.")]
-    = "recsys-operator",
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option(help="Watch only these namespaces (repeatable); default: the whole cluster."),
+    ] = None,
+    peering: Annotated[
+        str, typer.Option(help="kopf peering object used for leader election between replicas.")
+    ] = "recsys-operator",
     standalone: Annotated[bool, typer.Option(help="No peering: this is the only operator instance.")] = False,
-    priority: Annotated[int | None, typer.Option(help="Peering priority; default: a random one, so that one "
-                                                      "replica leads and the others stand by.")] = None,
-    liveness: Annotated[str, typer.Option(help="Health endpoint to serve (kopf's liveness probe).")]
-    = "http://0.0.0.0:8080/healthz",
+    priority: Annotated[
+        int | None,
+        typer.Option(
+            help="Peering priority; default: a random one, so that one replica leads and the others stand by."
+        ),
+    ] = None,
+    liveness: Annotated[
+        str, typer.Option(help="Health endpoint to serve (kopf's liveness probe).")
+    ] = "http://0.0.0.0:8080/healthz",
 ) -> None:
     """Run the LatencyAutoscaler operator (kopf) until stopped: scales the predictor on p99 latency and takes
     slow replicas out of rotation. Needs the CRDs (charts/recsys/crds/) and in-cluster or kubeconfig access."""

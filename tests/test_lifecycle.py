@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from predictor.data.schema import Interactions
 from predictor.data.synthetic import generate
@@ -152,25 +150,3 @@ def test_concurrent_retrains_cannot_both_promote(history, profiles, trained, reg
     loser = next(r for r in results if not r.promoted)
     assert "production changed while retraining" in loser.candidate.reason
     assert sum(v.status == "production" for v in registry.versions(MODEL_NAME)) == 1
-
-
-def test_export_round_trip(history, trained, registry, tmp_path):
-    from predictor.models.export import export_for_serving
-
-    prod, _ = first_production(trained, registry)
-    old, _ = history
-    model = load_model(prod.artifact_uri)
-    model.prepare(build_split(old, users=model.catalog.users, items=model.catalog.items), None)
-    report = export_for_serving(model, tmp_path / "serving", hnsw_threshold=50)
-    assert report["export_max_abs_error"]["user_tower"] <= 1e-4
-    assert report["export_max_abs_error"]["ranker"] <= 1e-4
-    assert report["index"] == "IndexHNSWFlat" and report["index_recall@100_vs_flat"] >= 0.95
-    int8 = report["int8_ranker_test_ndcg@10"]
-    assert int8["change"] == pytest.approx(int8["int8"] - int8["fp32"]) and abs(int8["change"]) < 0.05
-    emb16 = np.load(tmp_path / "serving" / "item_embeddings.f16.npy")
-    emb32 = np.load(tmp_path / "serving" / "item_embeddings.f32.npy")
-    assert emb16.dtype == np.float16 and np.abs(emb16.astype(np.float32) - emb32).max() < 1e-3
-    tower = torch.export.load(tmp_path / "serving" / "user_tower.pt2").module()
-    out = tower(torch.ones(3, TINY.max_history, dtype=torch.long), torch.tensor([1, 2, 3]),
-                torch.zeros(3, 7 + 5))  # fmt: skip
-    assert out.shape == (3, TINY.dim)

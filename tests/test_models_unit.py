@@ -168,7 +168,12 @@ def test_ranker_equals_its_concatenated_first_layer_and_int8_copy_stays_close():
     B, K, L, N, C, Fu, Fi = 3, 9, 6, 40, 4, 7 + 4, 7
     ranker = Ranker(cfg, N + 1, C, Fu, Fi).eval()
     user, hist, cand = torch.randn(B, cfg.dim), torch.randn(B, L, cfg.dim), torch.randn(B, K, cfg.dim)
-    index, dense, match, udense = torch.randint(1, N + 1, (B, K)), torch.rand(B, K, Fi), torch.rand(B, K), torch.rand(B, Fu)
+    index, dense, match, udense = (
+        torch.randint(1, N + 1, (B, K)),
+        torch.rand(B, K, Fi),
+        torch.rand(B, K),
+        torch.rand(B, Fu),
+    )
     mask = torch.ones(B, L, dtype=torch.bool)
     got = ranker(user, hist, mask, cand, index, dense, match, udense)
     retrieval = (user[:, None, :] * cand).sum(-1)
@@ -177,7 +182,9 @@ def test_ranker_equals_its_concatenated_first_layer_and_int8_copy_stays_close():
     torch.testing.assert_close(got, ranker.mlp(rows).squeeze(-1) + ranker.retrieval_weight * retrieval,
                                atol=1e-5, rtol=1e-5)  # fmt: skip
     int8 = torch.ao.quantization.quantize_dynamic(ranker, {torch.nn.Linear}, dtype=torch.qint8)
-    assert (int8(user, hist, mask, cand, index, dense, match, udense) - got).abs().max() < 0.1 * got.abs().max()
+    assert (
+        int8(user, hist, mask, cand, index, dense, match, udense) - got
+    ).abs().max() < 0.1 * got.abs().max()
 
 
 def test_fp16_embedding_storage_halves_table_memory():

@@ -150,7 +150,7 @@ def test_item_index_after_a_warm_start_with_a_new_id_below_existing_ones(trained
 
 
 def test_item_feature_refresh_changes_the_item_table(trained):
-    data, files = trained
+    _, files = trained
     engine = engine_for(files)
     before = engine.inference.tables.embeddings.clone()
     ids = engine.item_ids[:50]
@@ -246,3 +246,40 @@ def test_v2_parsing():
     ]
     with pytest.raises(InvalidInput, match="one value"):
         parse_v2(InferRequest("recsys", [user, InferInput("k", [2], "INT32", [1, 2])]), Limits())
+
+
+def test_hnsw_retrieval_is_calibrated_and_excludes_seen_like_exact(trained):
+    """Above ``hnsw_threshold`` the engine searches an HNSW index whose efSearch was raised until its
+    recall@100 against exact search reached 0.95; its answers follow the exact ones and exclude seen
+    items, heavy users included."""
+    data, files = trained
+    exact, hnsw = engine_for(files), engine_for(files, hnsw_threshold=50)
+    assert not exact.inference.use_index and hnsw.inference.use_index
+    assert hnsw.index_recall >= 0.95
+    counts = data.events["user_id"].value_counts()
+    users = counts.index[:20].to_numpy()
+    histories = [data.events.loc[data.events["user_id"] == u, "item_id"].to_numpy() for u in users]
+    a = exact.recommend(online(exact, histories), 10).item_ids
+    b = hnsw.recommend(online(hnsw, histories), 10).item_ids
+    assert not any(np.isin(row, h).any() for row, h in zip(b, histories))
+    assert np.mean([len(np.intersect1d(x, y)) / 10 for x, y in zip(a, b)]) >= 0.9
+
+
+def test_user_vector_cache_hits_give_the_same_answer_and_a_new_event_misses(trained):
+    from predictor.serving import metrics
+
+    data, files = trained
+    plain, cached = engine_for(files), engine_for(files, user_cache_size=100)
+    history = data.events.loc[data.events["user_id"] == 2, "item_id"].to_numpy()
+    hits = metrics.USER_CACHE.labels(result="hit")
+    before = hits._value.get()
+    first = cached.recommend(online(cached, [history]), 10)
+    again = cached.recommend(online(cached, [history]), 10)
+    assert hits._value.get() == before + 1
+    np.testing.assert_array_equal(first.item_ids, again.item_ids)
+    np.testing.assert_array_equal(again.item_ids, plain.recommend(online(plain, [history]), 10).item_ids)
+    # a pushed event changes the recent items, hence the key: a miss, and the answer follows the event
+    pushed = np.append(history, first.item_ids[0, :3])
+    after = cached.recommend(online(cached, [pushed]), 10)
+    assert hits._value.get() == before + 1
+    np.testing.assert_array_equal(after.item_ids, plain.recommend(online(plain, [pushed]), 10).item_ids)

@@ -60,7 +60,9 @@ class UserBatch:
                          np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))  # fmt: skip
 
 
-def windows_from_ragged(items: np.ndarray, offsets: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def windows_from_ragged(
+    items: np.ndarray, offsets: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Oldest-first item indexes of B users (``items[offsets[b]:offsets[b+1]]``, 0 = unknown, dropped) →
     window ``[B, max_len]`` of each user's newest known items, left-aligned, and lengths ``[B]``."""
     known, known_offsets = drop_unknown(items, offsets)
@@ -192,7 +194,8 @@ class TwoStageInference:
         return tables
 
     def refresh_items(self, item_cats: torch.Tensor, item_dense: torch.Tensor) -> None:
-        """Recompute the item side from new features aside, then swap it in with one assignment."""
+        """Recompute the item side from new features aside, then swap it in with one assignment (user
+        vectors cached against the old tables are stale: callers key caches on ``tables``)."""
         self.tables = self._build(item_cats, item_dense)
 
     # --- user side -----------------------------------------------------------------------------------
@@ -217,9 +220,9 @@ class TwoStageInference:
                 scores[:, 0] = float("-inf")
                 if len(batch.seen):
                     row = np.repeat(np.arange(len(batch)), batch.seen_counts)
-                    scores[torch.from_numpy(row).to(self.device), torch.from_numpy(batch.seen).to(self.device)] = (
-                        float("-inf")
-                    )
+                    scores[
+                        torch.from_numpy(row).to(self.device), torch.from_numpy(batch.seen).to(self.device)
+                    ] = float("-inf")
                 top = torch.topk(scores, n, dim=1)
             values, cand = top.values.cpu().numpy(), top.indices.cpu().numpy()
             cand = np.where(np.isfinite(values), cand, 0)
@@ -263,14 +266,17 @@ class TwoStageInference:
         chosen = np.take_along_axis(cand, order, axis=1)
         return np.where(np.isfinite(values), chosen, 0), values.astype(np.float32)
 
-    def recommend(self, batch: UserBatch, k: int, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def recommend(self, batch: UserBatch, k: int, timings: dict | None = None,
+                  user: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Top-``k`` unseen items per user: indexes ``[B, k']`` int64 (0-padded where fewer exist) and
-        scores ``[B, k']`` float32 (-inf-padded), ``k' = min(k, n_items)``. ``timings``, if given,
+        scores ``[B, k']`` float32 (-inf-padded), ``k' = min(k, n_items)``. ``user``: the users' vectors
+        ``[B, D]`` if already known (a cache), else the tower computes them. ``timings``, if given,
         receives the seconds of ``retrieval`` (user tower + nearest items) and ``ranking``."""
         timings = {} if timings is None else timings
         started = time.perf_counter()
         window, lengths, udense = self.tensors(batch)
-        user = self.user_vectors(window, lengths, udense)
+        if user is None:
+            user = self.user_vectors(window, lengths, udense)
         n = max(self.candidates, k) if self.use_ranker else k
         cand, scores = self.retrieve(user, batch, n)
         timings["retrieval"] = time.perf_counter() - started

@@ -115,7 +115,9 @@ class Ranker(nn.Module):
         # retrieval, match]; the user's columns are the same for all K candidates: once per user
         F_u = user_dense.shape[1]
         w = first.weight
-        per_user = F.linear(user, w[:, 2 * D : 3 * D]) + F.linear(user_dense, w[:, 4 * D : 4 * D + F_u], first.bias)
+        per_user = F.linear(user, w[:, 2 * D : 3 * D]) + F.linear(
+            user_dense, w[:, 4 * D : 4 * D + F_u], first.bias
+        )
         pair = torch.cat([candidates, interest, self.item_id(candidate_index), candidate_dense,
                           retrieval.unsqueeze(-1), category_match.unsqueeze(-1)], dim=-1)  # fmt: skip
         w_pair = torch.cat([w[:, : 2 * D], w[:, 3 * D : 4 * D], w[:, 4 * D + F_u :]], dim=1)

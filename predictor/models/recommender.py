@@ -224,7 +224,9 @@ class TwoStageRecommender:
             best_state = state["best_model"]
             rng.bit_generator.state = state["rng"]
             self.history.retrieval = list(state["history"])
-            log.info("resumed retrieval training at epoch %d (best validation ndcg@10 %.4f)", start_epoch, best)
+            log.info(
+                "resumed retrieval training at epoch %d (best validation ndcg@10 %.4f)", start_epoch, best
+            )
 
         local_batch = max(cfg.batch_size // world.size, 2)
         rows_user, rows_end = training_windows(split, self.config.max_history)
@@ -303,7 +305,9 @@ class TwoStageRecommender:
                                                      device=self.device)])  # fmt: skip
         # one call through the (DDP-wrapped) module so gradients synchronise
         states, positive, neg = forward(window, udense, targets, negatives, self.item_cats, self.item_dense)
-        return sampled_softmax_loss(states[valid], positive[valid], labelled, neg, negatives, log_q, cfg.temperature)
+        return sampled_softmax_loss(
+            states[valid], positive[valid], labelled, neg, negatives, log_q, cfg.temperature
+        )
 
     # --- inference ---------------------------------------------------------------------------------------
     def inference(self, exact: bool = False, use_ranker: bool | None = None, candidates: int | None = None,
@@ -329,7 +333,9 @@ class TwoStageRecommender:
         inference = self.inference(exact=exact, use_ranker=self.use_ranker and stage == "two_stage")
 
         def rank_fn(users, end, k):
-            batch = batch_from_split(split, users, end, self.config.max_history, self._user_dense_at(split, users, end))
+            batch = batch_from_split(
+                split, users, end, self.config.max_history, self._user_dense_at(split, users, end)
+            )
             return inference.recommend(batch, k)[0]
 
         return rank_fn
@@ -444,7 +450,9 @@ def training_windows(
     return users.astype(np.int64), ends.astype(np.int64)
 
 
-def evaluate_model(model: TwoStageRecommender, split: SplitData, stage: str = "test") -> dict[str, dict[str, float]]:
+def evaluate_model(
+    model: TwoStageRecommender, split: SplitData, stage: str = "test"
+) -> dict[str, dict[str, float]]:
     return {"two_stage": evaluate(model.rank(split, "two_stage"), split, stage),
             "retrieval": evaluate(model.rank(split, "retrieval"), split, stage)}  # fmt: skip
 
@@ -499,7 +507,9 @@ def model_from_files(files: dict[str, bytes], device: str | None = None) -> TwoS
     model.use_ranker = bool(meta["use_ranker"])
     model._trained_with_features = bool(meta.get("uses_user_features", False))
     model.candidates = int(meta["candidates"])
-    model.catalog = SplitCatalog(users, items, cat["item_dense"], cat["item_categories"], cat["item_popularity"], n_cat)
+    model.catalog = SplitCatalog(
+        users, items, cat["item_dense"], cat["item_categories"], cat["item_popularity"], n_cat
+    )
     model.item_cats, model.item_dense = model._item_tables(model.catalog)
     return model
 

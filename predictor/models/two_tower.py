@@ -39,7 +39,9 @@ class ItemEncoder(nn.Module):
         self.id_embedding = IdEmbedding(n_item_rows, config.dim, config.embedding_fp16)
         self.category = nn.Linear(max(n_categories, 1), config.dim, bias=False)
         self.dense = nn.Linear(item_dense_dim, config.dim)
-        self.mix = nn.Sequential(nn.Linear(3 * config.dim, config.dim), nn.GELU(), nn.Linear(config.dim, config.dim))
+        self.mix = nn.Sequential(
+            nn.Linear(3 * config.dim, config.dim), nn.GELU(), nn.Linear(config.dim, config.dim)
+        )
         self.n_categories = n_categories
 
     def forward(self, index: torch.Tensor, categories: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,10 @@ Devices and precision:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +37,7 @@ from predictor.models.inference import (
     windows_from_ragged,
 )
 from predictor.models.recommender import TwoStageRecommender
+from predictor.serving import metrics
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,44 @@ class Recommendations:
                                self.cold[start:stop])  # fmt: skip
 
 
+class UserVectorCache:
+    """An LRU of user vectors keyed on what the tower reads: the user's window of item indexes and their
+    features. A push changes the recent items, hence the key, so a pushed user misses by construction; an
+    item-feature refresh replaces the item tables the vectors were computed against, and empties it."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._tables = None
+        self._lock = threading.Lock()
+
+    def vectors(self, inference, batch: UserBatch) -> torch.Tensor:
+        """``[B, D]`` vectors: cached ones where the key is known, the tower over the rest."""
+        keys = [hashlib.blake2b(w.tobytes() + d.tobytes(), digest_size=16).digest()
+                for w, d in zip(batch.window, np.ascontiguousarray(batch.user_dense, np.float32))]  # fmt: skip
+        with self._lock:
+            if self._tables is not inference.tables:
+                self._entries.clear()
+                self._tables = inference.tables
+            found = [self._entries.get(key) for key in keys]
+            for key, vector in zip(keys, found):
+                if vector is not None:
+                    self._entries.move_to_end(key)
+        miss = [row for row, vector in enumerate(found) if vector is None]
+        metrics.USER_CACHE.labels(result="hit").inc(len(keys) - len(miss))
+        metrics.USER_CACHE.labels(result="miss").inc(len(miss))
+        if miss:
+            window, lengths, udense = inference.tensors(batch.subset(np.asarray(miss)))
+            computed = inference.user_vectors(window, lengths, udense)
+            with self._lock:
+                for row, vector in zip(miss, computed):
+                    found[row] = vector
+                    self._entries[keys[row]] = vector
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+        return torch.stack(found)
+
+
 class ModelValidationError(RuntimeError):
     """A loaded model failed the self-check that runs before it may serve."""
 
@@ -106,6 +147,7 @@ class ServingEngine:
         candidates: int | None = None,
         hnsw_threshold: int = HNSW_THRESHOLD,
         use_ranker: bool | None = None,
+        user_cache_size: int = 0,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -142,7 +184,10 @@ class ServingEngine:
                                          precision="fp16" if precision == "fp16" else "fp32",
                                          hnsw_threshold=hnsw_threshold)  # fmt: skip
         self._lock = threading.Lock()
-        self.item_features_as_of = None  # materialization end of the online item features in use (None: training's)
+        self.user_cache = UserVectorCache(user_cache_size)
+        self.item_features_as_of = (
+            None  # materialization end of the online item features in use (None: training's)
+        )
 
     @property
     def use_ranker(self) -> bool:
@@ -192,7 +237,11 @@ class ServingEngine:
             keep = np.repeat(users.exclude_seen, np.diff(offsets))
             seen = np.where(keep, seen, 0)
         seen, offsets = drop_unknown(seen, offsets)
-        dense = users.user_dense if self.uses_user_features else np.zeros((len(users), self.n_user_dense), np.float32)
+        dense = (
+            users.user_dense
+            if self.uses_user_features
+            else np.zeros((len(users), self.n_user_dense), np.float32)
+        )
         return UserBatch(window, lengths, dense, seen, offsets)
 
     def recommend(self, users: OnlineUsers, k: int, timings: dict | None = None) -> Recommendations:
@@ -208,7 +257,8 @@ class ServingEngine:
         warm = np.flatnonzero(~cold)
         if len(warm):
             sub = batch if not cold.any() else batch.subset(warm)
-            got, got_scores = self.inference.recommend(sub, k, timings)
+            user = self.user_cache.vectors(self.inference, sub) if self.user_cache.size else None
+            got, got_scores = self.inference.recommend(sub, k, timings, user)
             index[warm, : got.shape[1]], scores[warm, : got.shape[1]] = got, got_scores
         if cold.any():
             rows = np.flatnonzero(cold)
@@ -223,7 +273,9 @@ class ServingEngine:
         cand = np.broadcast_to(self._popular_index[:depth], (len(batch), depth))
         masked = seen_mask(cand, batch.seen, batch.seen_offsets, self.n_items + 1)
         index, _ = first_unmasked(cand, masked, k, 0)
-        values, _ = first_unmasked(np.broadcast_to(self.popular_scores[:depth], cand.shape), masked, k, -np.inf)
+        values, _ = first_unmasked(
+            np.broadcast_to(self.popular_scores[:depth], cand.shape), masked, k, -np.inf
+        )
         return index, values
 
     def popular(self, n_users: int, k: int) -> Recommendations:

@@ -15,8 +15,8 @@ LATENCY_BUCKETS = (
 
 STAGE_SECONDS = Histogram(
     "recsys_stage_seconds",
-    "Time per request stage: features (online store read), retrieval (user tower + nearest items), "
-    "ranking (ranker + top-k), total (the whole predict).",
+    "Time per stage: features (online store read) and total (the whole predict), per request; retrieval "
+    "(user tower + nearest items) and ranking (ranker + top-k), per model call (one micro-batch).",
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
@@ -32,6 +32,8 @@ CLIENT_ERRORS = Counter(
     "validation (the V2 schema), body_too_large, not_found (model or route), http (any other 4xx)",
     ["reason"],
 )
+USER_CACHE = Counter("recsys_user_cache_total", "User-vector cache lookups (RECSYS_SERVE_USER_CACHE_SIZE > 0)",
+                     ["result"])  # fmt: skip
 MODEL_VERSION = Gauge("recsys_model_version", "Registry version number of the model serving now (0: a path)")
 MODEL_SWAPS = Counter("recsys_model_swaps_total", "Hot swaps to a newly promoted model")
 ITEM_FEATURE_REFRESHES = Counter("recsys_item_feature_refreshes_total",

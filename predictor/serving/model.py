@@ -92,10 +92,15 @@ class ServeSettings(BaseSettings):
     # torch's default is one thread per core of the *node*, not of the pod's CPU limit: oversubscribed in a
     # container, and the event loop needs a core too. One thread per replica; scale with replicas.
     torch_threads: int = Field(default=1, ge=0, description="intra-op threads (0: torch's default)")
-    hnsw_threshold: int = Field(default=HNSW_THRESHOLD, ge=0,
-                                description="CPU catalogs above this many items search an HNSW index")
-    ranker: str = Field(default="auto", pattern="^(auto|on|off)$",
-                        description="auto: as validation decided at training; on/off: force")
+    hnsw_threshold: int = Field(
+        default=HNSW_THRESHOLD, ge=0, description="CPU catalogs above this many items search an HNSW index"
+    )
+    user_cache_size: int = Field(default=0, ge=0, description="user vectors cached (LRU; 0: off)")
+    ranker: str = Field(
+        default="auto",
+        pattern="^(auto|on|off)$",
+        description="auto: as validation decided at training; on/off: force",
+    )
 
     @property
     def limits(self) -> Limits:
@@ -242,7 +247,7 @@ class RecommenderModel(Model):
             )
         use_ranker = None if self.serve.ranker == "auto" else self.serve.ranker == "on"
         engine = ServingEngine(model, version, self.serve.device, self.serve.precision, self.serve.candidates,
-                               self.serve.hnsw_threshold, use_ranker)  # fmt: skip
+                               self.serve.hnsw_threshold, use_ranker, self.serve.user_cache_size)  # fmt: skip
         engine.self_check()
         metrics.MODEL_VERSION.set(number)
         return LoadedModel(engine, version_id, version)
@@ -364,6 +369,9 @@ class RecommenderModel(Model):
             metrics.BATCH_SIZE.observe(len(users))
             timings: dict = {}
             recs = engine.recommend(users, max(jobs[r][2] for r in rows), timings)
+            # once per model call, so that per-user model time = stage time / batch size
+            metrics.STAGE_SECONDS.labels(stage="retrieval").observe(timings.get("retrieval", 0.0))
+            metrics.STAGE_SECONDS.labels(stage="ranking").observe(timings.get("ranking", 0.0))
             at = 0
             for r in rows:
                 n = len(jobs[r][1])
@@ -413,12 +421,14 @@ class RecommenderModel(Model):
             recs, reason = engine.popular(len(requests), k), store_problem
         else:
             try:
-                ((recs, timings),) = await self.batcher.submit([(engine, self._online_users(engine, requests, users), k)])
+                ((recs, _),) = await self.batcher.submit(
+                    [(engine, self._online_users(engine, requests, users), k)]
+                )
                 reason = "cold_start"
-                metrics.STAGE_SECONDS.labels(stage="retrieval").observe(timings.get("retrieval", 0.0))
-                metrics.STAGE_SECONDS.labels(stage="ranking").observe(timings.get("ranking", 0.0))
             except Exception:
-                log.exception("model failed on %d users; answering with the popularity fallback", len(requests))
+                log.exception(
+                    "model failed on %d users; answering with the popularity fallback", len(requests)
+                )
                 metrics.ERRORS.labels(kind="model").inc()
                 recs, reason = engine.popular(len(requests), k), "model_error"
         fallbacks = int(recs.cold.sum())
