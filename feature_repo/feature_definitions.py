@@ -49,7 +49,8 @@ user_profile_source = batch_source("user_profile")
 user_recent_items_source = batch_source("user_recent_items")
 item_profile_source = batch_source("item_profile")
 
-# Real-time events: `recsys events push` sends each affected user's new last-N sequence here.
+# Real-time events: `recsys events push` sends each affected user's new last-N sequence and full
+# distinct seen set here (a push must carry both columns: Feast rejects a row missing a feature).
 # Wrapping the batch source keeps one schema for pushed and batch rows.
 user_recent_items_push = PushSource(name="user_recent_items_push", batch_source=user_recent_items_source)
 
@@ -83,6 +84,11 @@ user_recent_items = FeatureView(
     ttl=TTL,
     schema=[
         Field(name="recent_items", dtype=Array(Int64), description="Last N item ids, most recent first"),
+        Field(
+            name="seen_items",
+            dtype=Array(Int64),
+            description="Every distinct item id of the user, ascending: what recommendations exclude",
+        ),
     ],
     source=user_recent_items_push,
     online=True,

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
+import torch
 
 from predictor.config import Profile, Settings
 from predictor.data.eventlog import EventLog
@@ -134,7 +135,7 @@ def test_http_top_k_equals_offline_top_k(server, stack):
     include ones whose history is longer than the online recent-items window, so exclusion must read
     their whole seen set."""
     from predictor.features.store import open_store
-    from predictor.models.data import build_split, user_dense_rows
+    from predictor.models.data import build_split, item_dense_matrix, user_dense_rows
     from predictor.models.inference import batch_from_split
     from predictor.models.lifecycle import load_model
     from predictor.serving.online import FeastOnlineFeatures
@@ -154,7 +155,13 @@ def test_http_top_k_equals_offline_top_k(server, stack):
 
     model = load_model(production.artifact_uri, "cpu")
     split = build_split(data, model.catalog.users, model.catalog.items)
-    online = asyncio.run(FeastOnlineFeatures(open_store(settings)).users(users))
+    reader = FeastOnlineFeatures(open_store(settings))
+    online = asyncio.run(reader.users(users))
+    # the predictor reads the materialized item features at start-up: the same ones here
+    item_rows = reader.items_sync(model.catalog.items.ids)
+    present = item_rows.notna().any(axis=1).to_numpy()
+    rows = torch.from_numpy(model.catalog.items.index(model.catalog.items.ids[present]))
+    model.item_dense[rows] = torch.from_numpy(item_dense_matrix(item_rows[present].reset_index(drop=True)))
     dense = user_dense_rows([u.values for u in online], split.n_categories) * model.uses_user_features
     index = split.users.index(np.array(users))
     batch = batch_from_split(split, index, split.lengths[index], model.config.max_history, dense)

@@ -12,7 +12,9 @@ Tables (all keyed by an INT64 entity id, plus ``event_timestamp`` and ``created`
     mean_rating (float32, 0 when rating_count is 0), rating_count (int64),
     category_affinity (list[float32], share of the user's event weight per category id)
 ``user_recent_items``
-    recent_items (list[int64], the last N item ids, most recent first)
+    recent_items (list[int64], the last N item ids, most recent first),
+    seen_items (list[int64], every distinct item id of the user up to the snapshot, ascending: what
+    serving excludes, the same set offline evaluation excludes)
 ``item_profile``
     popularity_1d, popularity_7d, popularity_30d, popularity_total (int64), mean_rating (float32),
     rating_count (int64), age_seconds (float32, since the item's first event), categories (list[int64])
@@ -70,13 +72,14 @@ def compute_features(
 
     vocabulary = data.category_vocabulary()
     item_cats = _item_category_ids(data.items, vocabulary)
+    first_seen = _FirstSeen(events)
     users, recents, items = [], [], []
     for t in tqdm(snapshots, desc="feature snapshots", unit="snapshot", disable=not progress or len(snapshots) < 2):
         upto = events.iloc[: events["timestamp"].searchsorted(t, side="right")]
         if upto.empty:
             continue
         users.append(_user_profile(upto, t, item_cats, len(vocabulary)))
-        recents.append(_recent_items(upto, t, recent_n))
+        recents.append(_recent_items(upto, t, recent_n, first_seen))
         items.append(_item_profile(upto, t, data.items, item_cats))
     if not users:
         raise ValueError(f"no events at or before the earliest snapshot {snapshots[0]}")
@@ -148,7 +151,7 @@ def _user_profile(events: pd.DataFrame, t: pd.Timestamp, item_cats: pd.DataFrame
     ]  # fmt: skip
 
 
-def _recent_items(events: pd.DataFrame, t: pd.Timestamp, n: int) -> pd.DataFrame:
+def _recent_items(events: pd.DataFrame, t: pd.Timestamp, n: int, first_seen: _FirstSeen) -> pd.DataFrame:
     # newest first within each user; stable sorts keep the log order for equal timestamps
     ordered = events[["user_id", "item_id"]].iloc[::-1]
     ordered = ordered.sort_values("user_id", kind="stable")
@@ -156,7 +159,40 @@ def _recent_items(events: pd.DataFrame, t: pd.Timestamp, n: int) -> pd.DataFrame
     user_ids = ordered["user_id"].to_numpy()
     starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]])
     sequences = np.split(ordered["item_id"].to_numpy(np.int64), starts[1:])
-    return pd.DataFrame({"user_id": user_ids[starts], "event_timestamp": t, "recent_items": [s.tolist() for s in sequences]})
+    seen_users, seen = first_seen.at(t)
+    if not np.array_equal(seen_users, user_ids[starts]):  # both: every user with an event by t, ascending
+        raise AssertionError("seen_items and recent_items disagree on the users at the snapshot")
+    return pd.DataFrame(
+        {
+            "user_id": user_ids[starts],
+            "event_timestamp": t,
+            "recent_items": [s.tolist() for s in sequences],
+            "seen_items": seen,
+        }
+    )
+
+
+class _FirstSeen:
+    """Every distinct (user, item) pair of the log with the time of its first event, sorted by user then
+    item: one sort for all snapshots. The seen set at ``t`` is the pairs first seen at or before ``t``."""
+
+    def __init__(self, events: pd.DataFrame):
+        users = events["user_id"].to_numpy(np.int64)
+        items = events["item_id"].to_numpy(np.int64)
+        # nanoseconds since the epoch, UTC
+        times = events["timestamp"].dt.tz_convert("UTC").astype("datetime64[ns, UTC]").array.asi8
+        # stable, and the log is in time order (compute_features relies on it): a pair's first row is its earliest
+        order = np.lexsort((items, users))
+        users, items = users[order], items[order]
+        first = np.r_[True, (users[1:] != users[:-1]) | (items[1:] != items[:-1])]
+        self.users, self.items, self.times = users[first], items[first], times[order][first]
+
+    def at(self, t: pd.Timestamp) -> tuple[np.ndarray, list[list[int]]]:
+        """Ascending user ids with a pair by ``t``, and per user the ascending distinct item ids."""
+        mask = self.times <= t.value
+        users, flat = self.users[mask], self.items[mask].tolist()
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]).tolist()
+        return users[starts], [flat[a:b] for a, b in zip(starts, [*starts[1:], len(flat)])]
 
 
 def _item_profile(events: pd.DataFrame, t: pd.Timestamp, items: pd.DataFrame, item_cats: pd.DataFrame) -> pd.DataFrame:

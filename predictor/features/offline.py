@@ -29,7 +29,8 @@ _COLUMNS: dict[str, list[tuple[str, sa.types.TypeEngine]]] = {
     ],
     USER_RECENT_ITEMS: [
         ("user_id", sa.BigInteger()), ("event_timestamp", _TS),
-        ("recent_items", postgresql.ARRAY(sa.BigInteger())), ("created", _TS),
+        ("recent_items", postgresql.ARRAY(sa.BigInteger())), ("seen_items", postgresql.ARRAY(sa.BigInteger())),
+        ("created", _TS),
     ],
     ITEM_PROFILE: [
         ("item_id", sa.BigInteger()), ("event_timestamp", _TS), ("popularity_1d", sa.BigInteger()),

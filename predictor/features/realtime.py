@@ -1,4 +1,5 @@
-"""Real-time events: append to the event log, then push each affected user's new last-N sequence.
+"""Real-time events: append to the event log, then push each affected user's new last-N sequence and
+full distinct seen set (``recent_items`` and ``seen_items`` of ``user_recent_items``).
 
 The batch is all-or-nothing in the log: it is validated (schema, known items), inserted and the new
 sequences are read back inside one transaction; the transaction commits only after Feast accepted the
@@ -27,7 +28,7 @@ PUSH_SOURCE = "user_recent_items_push"
 class PushResult:
     events: int
     users: int
-    sequences: pd.DataFrame  # user_id, recent_items, event_timestamp, created: what was pushed
+    sequences: pd.DataFrame  # user_id, recent_items, seen_items, event_timestamp, created: what was pushed
 
 
 def push_events(
@@ -54,6 +55,7 @@ def push_events(
             {
                 "user_id": sequences["user_id"].astype("int64"),
                 "recent_items": sequences["recent_items"],
+                "seen_items": sequences["seen_items"],
                 # Valid from when we learned it. Online stores keep the row with the newest
                 # event_timestamp, so stamping with the (possibly older) event time could lose the
                 # push to a batch snapshot taken after that event.

@@ -33,6 +33,7 @@ USER_FEATURES = [
     "user_profile:rating_count",
     "user_profile:category_affinity",
     "user_recent_items:recent_items",
+    "user_recent_items:seen_items",
 ]
 ITEM_FEATURES = [
     "item_profile:popularity_1d",

@@ -111,6 +111,7 @@ def test_helm_install_serves_pushes_and_autoscales():
                 now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 post(f"{feast}/push", {"push_source_name": "user_recent_items_push", "to": "online",
                                        "df": {"user_id": [user], "recent_items": [v1["predictions"][0]["item_ids"][:3]],
+                                              "seen_items": [sorted(v1["predictions"][0]["item_ids"][:3])],
                                               "event_timestamp": [now], "created": [now]}})  # fmt: skip
             after = post(f"{url}/v1/models/{RELEASE}:predict", {"instances": [{"user_id": user, "k": 10}]})
             assert not after["predictions"][0].get("fallback"), after
