@@ -132,7 +132,8 @@ SERVE_ENV = {
     "RECSYS_SERVE_ITEM_REFRESH_SECONDS": "0",
     "RECSYS_SERVE_MODEL_POLL_SECONDS": "0",
     "RECSYS_SERVE_RANKER": "on",
-}  # same work as the naive model: the ranker always runs
+    "RECSYS_SERVE_CANDIDATES": "100",
+}  # same work as the naive model: the ranker always runs, over 100 retrieval candidates
 
 
 def summary(latencies: np.ndarray, elapsed: float, errors: int) -> dict:

@@ -11,7 +11,7 @@ from predictor.cli import app
 runner = CliRunner()
 SUBCOMMANDS = [[], ["data"], ["data", "load"], ["features"], ["features", "build"], ["features", "apply"],
                ["features", "materialize"], ["features", "online"], ["events"], ["events", "push"], ["demo"],
-               ["train"], ["evaluate"], ["export"], ["retrain"], ["serve"], ["operator"], ["operator", "run"]]  # fmt: skip
+               ["train"], ["evaluate"], ["retrain"], ["serve"], ["operator"], ["operator", "run"]]  # fmt: skip
 
 
 def test_help_list_covers_every_command():

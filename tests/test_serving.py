@@ -32,7 +32,7 @@ from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import MODEL_NAME, train_and_register
 from predictor.models.registry import ModelRegistry
 from predictor.serving.process import ServerProcess
-from tests.conftest import REDIS_DB
+from tests.conftest import REDIS_DB, fresh_database
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +42,14 @@ FAST = TrainConfig(epochs=3, ranker_epochs=1, batch_size=32, patience=5, seed=0)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, pg_database):
-    """Event log, features (offline + materialized online), a trained and promoted tiny model."""
+def stack(tmp_path_factory):
+    """Event log, features (offline + materialized online), a trained and promoted tiny model, in a database
+    of its own (modules that reuse this fixture must not see each other's registry versions)."""
+    with fresh_database() as database:
+        yield from _stack(tmp_path_factory, database)
+
+
+def _stack(tmp_path_factory, pg_database):
     home = tmp_path_factory.mktemp("serving")
     settings = Settings(profile=Profile.production, home=home / "home", pg_database=pg_database,
                         feast_project=f"s{uuid.uuid4().hex[:12]}", redis_db=REDIS_DB, recent_items=10)  # fmt: skip
