@@ -43,7 +43,7 @@ class NaiveModel(kserve.Model):
         self.model = load_model(production.artifact_uri, "cpu")
         self.store = open_store(self.settings)
         self.inference = self.model.inference(exact=True)
-        self.items = self.inference.tables.embeddings
+        self.items = self.inference.tables.embeddings[: self.model.catalog.n_items + 1]
         self.item_ids = self.model.catalog.items.ids
         self.n_cat = self.model.catalog.n_categories
         self.ready = True

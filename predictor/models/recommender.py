@@ -350,7 +350,7 @@ class TwoStageRecommender:
         K = self.config.ranker_negatives
         frozen = self.inference(exact=True)
         tables = frozen.tables
-        items = tables.embeddings
+        items = tables.embeddings[: split.n_items + 1]
         rng = np.random.default_rng(cfg.seed + 1)
         # negatives drawn from the retrieval model's own top candidates, the list the ranker reorders at
         # serving time; only the very top ones ("hardest") would teach it to distrust retrieval's best
