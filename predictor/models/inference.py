@@ -150,6 +150,7 @@ class ItemTables:
     index: faiss.Index | None  # HNSW over rows 1..N, or None for exact search
     ef_search: int = 0
     recall: float = 1.0
+    selection: dict | None = None  # where an index was tried: its recall, efSearch and ms against exact
 
 
 class TwoStageInference:
@@ -196,13 +197,18 @@ class TwoStageInference:
             index_ms, exact_ms = self._search_times(index, ef, tables)
             if recall >= MIN_RECALL and index_ms < exact_ms:
                 tables.index, tables.ef_search, tables.recall = index, ef, recall
+            tables.selection = {"served": "hnsw" if tables.index is not None else "exact", "hnsw_recall@100": recall,
+                                "hnsw_ef_search": ef, "hnsw_ms_per_16_users": index_ms,
+                                "exact_ms_per_16_users": exact_ms}  # fmt: skip
             log.info("retrieval over %d items: %s (HNSW recall@100 %.3f at efSearch %d, %.2f ms per 16 users; "
                      "exact %.2f ms)", self.n_items, "HNSW" if tables.index is not None else "exact", recall, ef,
                      index_ms, exact_ms)  # fmt: skip
         log.debug("item tables for %d items built in %.2f s", self.n_items, time.perf_counter() - started)
         return tables
 
-    def _search_times(self, index: faiss.Index, ef: int, tables: ItemTables, repeats: int = 5) -> tuple[float, float]:
+    def _search_times(
+        self, index: faiss.Index, ef: int, tables: ItemTables, repeats: int = 5
+    ) -> tuple[float, float]:
         """Milliseconds per 16-user search, HNSW (at ``ef``) against exact: the index serves only where
         it measures faster."""
         probe = tables.embeddings[1 : min(17, self.n_items + 1)].float()  # item vectors: what users look like
