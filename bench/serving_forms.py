@@ -26,6 +26,7 @@ from predictor.models.config import model_config
 from predictor.models.inference import TwoStageInference, UserBatch, ranker_history, ranker_inputs
 from predictor.models.ranker import Ranker
 from predictor.models.two_tower import TwoTower
+from predictor.serving.engine import UserVectorCache
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console()
@@ -144,6 +145,15 @@ def main() -> None:
                                                       dynamic_shapes=shapes).module()  # fmt: skip
                 startup["ranker: torch.export"] = time.perf_counter() - started
             rows["ranker x100: torch.export"] = median_ms(exported_ranker, inputs, args.repeats)
+
+            # the optional user-vector cache: a miss pays the tower plus the lookup, a hit only the lookup
+            def cache_miss(b=batch):
+                UserVectorCache(1024).vectors(exact, b)
+
+            warm = UserVectorCache(1024)
+            warm.vectors(exact, batch)
+            rows["user vectors: cache miss"] = median_ms(cache_miss, (), args.repeats)
+            rows["user vectors: cache hit"] = median_ms(warm.vectors, (exact, batch), args.repeats)
         results["parts"][f"B{B}"] = rows
     results["startup_seconds"] = startup
 
