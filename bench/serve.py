@@ -69,7 +69,7 @@ SERVERS = {  # name → (label, plot colour, what it is)
                          "RecommenderModel in a child process, preprocess/predict/postprocess, no HTTP"),
 }  # fmt: skip
 STAGE_METRIC = "recsys_stage_seconds"
-BATCH_METRICS = ("recsys_batch_size", "recsys_batch_users")  # else: the first histogram named recsys_batch*
+BATCH_METRIC = "recsys_batch_users"  # users per model call
 console = Console()
 
 
@@ -330,9 +330,9 @@ def stage_breakdown(before: dict, after: dict) -> dict:
 
 
 def batch_histogram(snapshot: dict) -> tuple[str | None, dict[float, float]]:
-    name = next((n for n in BATCH_METRICS if n in snapshot), None)
-    name = name or next((n for n in sorted(snapshot) if n.startswith("recsys_batch")), None)
-    return name, (snapshot[name].get("", next(iter(snapshot[name].values()), {})) if name else {})
+    if BATCH_METRIC not in snapshot:
+        return None, {}
+    return BATCH_METRIC, snapshot[BATCH_METRIC].get("", next(iter(snapshot[BATCH_METRIC].values()), {}))
 
 
 def model_per_user(stages: dict, batches: dict) -> dict:
@@ -350,17 +350,13 @@ def model_per_user(stages: dict, batches: dict) -> dict:
         d = batches.get(level)
         count = d.get(float("inf"), 0.0) if d else 0.0
         if not count or -1.0 not in d:
-            out["notes"].append(f"{level}: no batch-size histogram ({' / '.join(BATCH_METRICS)}); skipped")
+            out["notes"].append(f"{level}: no {BATCH_METRIC} histogram; skipped")
             continue
         mean_batch = d[-1.0] / count
         out["mean_batch_size"][level] = mean_batch
         out["stage_observations"][level] = per_level["retrieval"]["observations"]
         out["batches"][level] = int(count)
         out[level] = (means["retrieval"] + means["ranking"]) / mean_batch
-    if any(out["stage_observations"][lv] != out["batches"][lv] for lv in out["batches"]):
-        out["notes"].append("stage times are observed once per request (each its batch's time), batch sizes "
-                            "once per batch: the numerator is request-weighted, so where batches vary in "
-                            "size this somewhat overstates the per-user time")  # fmt: skip
     return out
 
 

@@ -10,8 +10,8 @@ oldest-first window of item indexes, user features, and the seen items to exclud
 
 Retrieval is either exact (one ``[B, D] × [D, N]`` product and a top-k, used for any catalog on a GPU
 and for catalogs up to ``hnsw_threshold`` items on a CPU) or a faiss HNSW index whose ``efSearch`` is
-calibrated at build time until its recall@100 against exact search reaches ``min_recall``
-(``docs/serving.md`` has the measurements that set the threshold). Seen items are excluded exactly: the
+calibrated at build time until its recall@100 against exact search reaches ``min_recall``, served only
+where it then measures faster than the exact scan (``docs/serving.md``). Seen items are excluded exactly: the
 exact path masks them before the top-k; the index path over-fetches by each user's seen count.
 """
 
@@ -30,9 +30,11 @@ from predictor.models.data import USER_DENSE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-HNSW_THRESHOLD = 50_000  # CPU catalogs above this many items search an HNSW index (docs/serving.md)
-MIN_RECALL = 0.95
-TOP_K_CHUNK = 128  # recall@100 against exact search that the HNSW index must reach
+HNSW_THRESHOLD = (
+    50_000  # CPU catalogs above this many items try an HNSW index (served where it measures faster)
+)
+MIN_RECALL = 0.95  # recall@100 against exact search that the HNSW index must reach
+TOP_K_CHUNK = 128  # columns per chunk of the two-pass top-k
 
 
 @dataclass
@@ -55,10 +57,16 @@ class UserBatch:
     def subset(self, rows: np.ndarray) -> UserBatch:
         """The users ``rows`` (in that order), seen lists renumbered."""
         counts = self.seen_counts[rows]
-        firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        take = np.repeat(self.seen_offsets[rows] - firsts, counts) + np.arange(counts.sum())
-        return UserBatch(self.window[rows], self.lengths[rows], self.user_dense[rows], self.seen[take],
-                         np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))  # fmt: skip
+        offsets = offsets_from_counts(counts)
+        take = np.repeat(self.seen_offsets[rows] - offsets[:-1], counts) + np.arange(offsets[-1])
+        return UserBatch(
+            self.window[rows], self.lengths[rows], self.user_dense[rows], self.seen[take], offsets
+        )
+
+
+def offsets_from_counts(counts: np.ndarray) -> np.ndarray:
+    """CSR offsets ``[B + 1]`` int64 of rows with ``counts [B]`` entries."""
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 def windows_from_ragged(
@@ -79,8 +87,7 @@ def windows_from_ragged(
 def ragged_from_padded(rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``[B, W]`` padded rows with ``lengths [B]`` → (flat values, offsets ``[B + 1]``)."""
     mask = np.arange(rows.shape[1])[None, :] < lengths[:, None]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return rows[mask].astype(np.int64), offsets
+    return rows[mask].astype(np.int64), offsets_from_counts(lengths)
 
 
 def drop_unknown(items: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +95,7 @@ def drop_unknown(items: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np
     keep = items > 0
     row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     counts = np.bincount(row[keep], minlength=len(offsets) - 1)
-    return items[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return items[keep], offsets_from_counts(counts)
 
 
 def first_unmasked(values: np.ndarray, masked: np.ndarray, n: int, fill) -> tuple[np.ndarray, np.ndarray]:
@@ -330,7 +337,7 @@ def top_k(scores: torch.Tensor, k: int, chunk: int = TOP_K_CHUNK) -> tuple[torch
     """``torch.topk(scores, k, dim=1)`` (values, indexes; sorted), exact, in two passes: the ``k`` chunks
     of ``chunk`` columns with the highest maxima hold every top-k value (a value outside them would have
     k larger chunk maxima above it), so one full pass takes chunk maxima and the top-k runs over
-    ``k × chunk`` columns. 2-9x faster than ``torch.topk`` on ``[B, 100k]`` rows on a CPU core."""
+    ``k × chunk`` columns."""
     B, M = scores.shape
     if M <= 4 * k * chunk:
         top = torch.topk(scores, k, dim=1)

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -33,6 +34,7 @@ from predictor.models.inference import (
     UserBatch,
     drop_unknown,
     first_unmasked,
+    offsets_from_counts,
     seen_mask,
     windows_from_ragged,
 )
@@ -65,8 +67,7 @@ class OnlineUsers:
             return parts[0]
 
         def offsets(name):
-            lengths = np.concatenate([np.diff(getattr(p, name)) for p in parts])
-            return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            return offsets_from_counts(np.concatenate([np.diff(getattr(p, name)) for p in parts]))
 
         return OnlineUsers(np.concatenate([p.history for p in parts]), offsets("history_offsets"),
                            np.concatenate([p.seen for p in parts]), offsets("seen_offsets"),
@@ -148,6 +149,7 @@ class ServingEngine:
         hnsw_threshold: int = HNSW_THRESHOLD,
         use_ranker: bool | None = None,
         user_cache_size: int = 0,
+        item_features: tuple[np.ndarray, pd.DataFrame] | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -180,6 +182,8 @@ class ServingEngine:
             ranker = torch.ao.quantization.quantize_dynamic(ranker, {nn.Linear}, dtype=torch.qint8)
         model.retrieval, model.ranker = retrieval, ranker
         model.item_cats, model.item_dense = model.item_cats.to(self.device), model.item_dense.to(self.device)
+        if item_features is not None:  # the online features, before the item side is built (once)
+            model.item_dense, _ = self._dense_with(model.item_dense, *item_features)
         self.inference = model.inference(use_ranker=use_ranker, candidates=candidates,
                                          precision="fp16" if precision == "fp16" else "fp32",
                                          hnsw_threshold=hnsw_threshold)  # fmt: skip
@@ -206,20 +210,29 @@ class ServingEngine:
         return self.inference.tables.recall
 
     # --- item table ---------------------------------------------------------------------------------
-    def set_item_features(self, item_ids: np.ndarray, item_profile_rows) -> int:
-        """Refresh the dense item features from online ``item_profile`` rows (a DataFrame with the
-        ``ITEM_DENSE_COLUMNS``) for the given raw ids; unknown ids are ignored. Returns rows updated."""
+    def _dense_with(
+        self, item_dense: torch.Tensor, item_ids: np.ndarray, item_profile_rows
+    ) -> tuple[torch.Tensor, int]:
+        """A copy of ``item_dense`` with the rows of the known ``item_ids`` from ``item_profile`` rows (a
+        DataFrame with the ``ITEM_DENSE_COLUMNS``); unknown ids are ignored. Also the rows updated."""
         index = self.item_index(item_ids)
         known = index > 0
         if not known.any():
-            return 0
+            return item_dense, 0
+        new_dense = item_dense.clone()
         dense = torch.from_numpy(item_dense_matrix(item_profile_rows[known]))
-        tables = self.inference.tables
-        new_dense = tables.item_dense.clone()
         new_dense[torch.from_numpy(index[known]).to(self.device)] = dense.to(self.device)
-        with self._lock:  # one rebuild at a time; readers never wait
-            self.inference.refresh_items(tables.item_cats, new_dense)
-        return int(known.sum())
+        return new_dense, int(known.sum())
+
+    def set_item_features(self, item_ids: np.ndarray, item_profile_rows) -> int:
+        """Refresh the dense item features from online ``item_profile`` rows for the given raw ids (see
+        :meth:`_dense_with`) and rebuild the item side. Returns rows updated."""
+        tables = self.inference.tables
+        new_dense, updated = self._dense_with(tables.item_dense, item_ids, item_profile_rows)
+        if updated:
+            with self._lock:  # one rebuild at a time; readers never wait
+                self.inference.refresh_items(tables.item_cats, new_dense)
+        return updated
 
     # --- ids ----------------------------------------------------------------------------------------
     def item_index(self, raw: np.ndarray) -> np.ndarray:

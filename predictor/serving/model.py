@@ -44,7 +44,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from predictor.config import Settings
 from predictor.features.store import open_store
 from predictor.models.data import user_dense_rows
-from predictor.models.inference import HNSW_THRESHOLD
+from predictor.models.inference import HNSW_THRESHOLD, offsets_from_counts
 from predictor.models.lifecycle import MODEL_NAME, load_model
 from predictor.models.registry import ModelRegistry
 from predictor.serving import metrics
@@ -205,20 +205,21 @@ class RecommenderModel(Model):
             threadpoolctl.threadpool_limits(self.serve.torch_threads)
         if self.serve.model_uri is None:
             self.registry = ModelRegistry(self.settings.database_url)
+        # the store first: the model's item side is built once, from the online item features
+        self.store = open_store(self.settings)
+        self.online = online_features(self.store, self.settings, timeout=self.serve.feature_timeout_ms / 1000)
         self.current = self._load_model()
         if self.current is None:
             raise RuntimeError(
                 f"no production model in the registry at {self.settings.database_url}: run `recsys train` first "
                 "or pass --model-uri"
             )
-        self.store = open_store(self.settings)
-        self.online = online_features(self.store, self.settings, timeout=self.serve.feature_timeout_ms / 1000)
-        self._refresh_item_features(self.current.engine)
         self.ready = True
         engine = self.current.engine
+        index = engine.inference.tables.index is not None
         log.info("model %s ready (%d items, device %s, precision %s, retrieval %s, ranker %s)", self.current.version,
                  engine.n_items, engine.device, engine.precision,
-                 f"HNSW, recall@100 {engine.index_recall:.3f}" if engine.inference.use_index else "exact",
+                 f"HNSW, recall@100 {engine.index_recall:.3f}" if index else "exact",
                  "on" if engine.use_ranker else "off")  # fmt: skip
         return self.ready
 
@@ -246,8 +247,14 @@ class RecommenderModel(Model):
                 "train with a smaller max_history"
             )
         use_ranker = None if self.serve.ranker == "auto" else self.serve.ranker == "on"
+        online_items = self._online_item_features(model.catalog.items.ids, as_of=None)
         engine = ServingEngine(model, version, self.serve.device, self.serve.precision, self.serve.candidates,
-                               self.serve.hnsw_threshold, use_ranker, self.serve.user_cache_size)  # fmt: skip
+                               self.serve.hnsw_threshold, use_ranker, self.serve.user_cache_size,
+                               online_items[1:] if online_items else None)  # fmt: skip
+        if online_items:
+            engine.item_features_as_of = online_items[0]
+            log.info("model %s: online item features of %d items (materialized until %s)", version,
+                     len(online_items[1]), online_items[0])  # fmt: skip
         engine.self_check()
         metrics.MODEL_VERSION.set(number)
         return LoadedModel(engine, version_id, version)
@@ -297,7 +304,6 @@ class RecommenderModel(Model):
             loaded = await asyncio.to_thread(self._load_model)
             if loaded is None:
                 return False
-            await asyncio.to_thread(self._refresh_item_features, loaded.engine)
         except Exception as exc:  # noqa: BLE001 - any failure to load means: keep serving the old model
             self._failed_versions.add(production.id)
             metrics.ERRORS.labels(kind="model_load").inc()
@@ -315,26 +321,36 @@ class RecommenderModel(Model):
         self.store.refresh_registry()
         return self.store.get_feature_view("item_profile").most_recent_end_time
 
-    def _refresh_item_features(self, engine: ServingEngine) -> bool:
-        """Blocking: if ``item_profile`` was materialized since the last read, load the catalog's online item
-        features into ``engine``."""
+    def _online_item_features(self, item_ids: np.ndarray, as_of: datetime | None):
+        """Blocking: ``(materialized until, ids, item_profile rows)`` of the catalog items the online store
+        holds, if ``item_profile`` was materialized since ``as_of``; None otherwise, or when the store or
+        its registry cannot be read (the features in use keep serving)."""
         try:
             end = self._item_profile_end()
         except Exception as exc:  # noqa: BLE001 - no registry yet / view not applied: keep training's features
             log.warning(
                 "item features: cannot read materialization state (%s); keeping the model's snapshot", exc
             )
-            return False
-        if end is None or engine.item_features_as_of == end:
-            return False
+            return None
+        if end is None or as_of == end:
+            return None
         try:
-            rows = self.online.items_sync(engine.item_ids)
+            rows = self.online.items_sync(item_ids)
         except Exception as exc:  # noqa: BLE001 - online store down: serve training's features, retry later
             log.warning("item features: online store read failed (%s); keeping the current ones", exc)
             metrics.ERRORS.labels(kind="online_store").inc()
-            return False
+            return None
         present = rows.notna().any(axis=1).to_numpy() if len(rows) else np.zeros(0, bool)
-        updated = engine.set_item_features(engine.item_ids[present], rows[present].reset_index(drop=True))
+        return end, np.asarray(item_ids)[present], rows[present].reset_index(drop=True)
+
+    def _refresh_item_features(self, engine: ServingEngine) -> bool:
+        """Blocking: if ``item_profile`` was materialized since the engine's features, load the catalog's
+        online item features into ``engine``."""
+        found = self._online_item_features(engine.item_ids, engine.item_features_as_of)
+        if found is None:
+            return False
+        end, ids, rows = found
+        updated = engine.set_item_features(ids, rows)
         engine.item_features_as_of = end
         metrics.ITEM_FEATURE_REFRESHES.inc()
         log.info("item features refreshed for %d items (materialized until %s)", updated, end)
@@ -401,9 +417,9 @@ class RecommenderModel(Model):
                  else np.zeros((len(rows), engine.n_user_dense), np.float32))  # fmt: skip
         return OnlineUsers(
             np.concatenate([u.history for u in rows]).astype(np.int64),
-            np.concatenate([[0], np.cumsum(history_lengths)]).astype(np.int64),
+            offsets_from_counts(history_lengths),
             np.concatenate([u.seen for u in rows]).astype(np.int64),
-            np.concatenate([[0], np.cumsum(seen_lengths)]).astype(np.int64),
+            offsets_from_counts(seen_lengths),
             dense,
             np.fromiter((r.exclude_seen for r in requests), bool, len(requests)),
         )
