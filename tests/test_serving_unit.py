@@ -304,3 +304,39 @@ def test_two_pass_top_k_equals_torch_topk():
     torch.testing.assert_close(values, expected.values)
     assert torch.equal(scores.gather(1, index), expected.values)
     assert all(len(set(row.tolist())) == 130 for row in index)
+
+
+def test_certified_bf16_scan_returns_the_fp32_top_n(trained, monkeypatch):
+    """The bf16 scan over-fetches, rescores in fp32 and rescans in fp32 every user its error bound does
+    not cover: the answer is the fp32 scan's, seen items excluded, whether the bound proves many users
+    or none; and the bound holds for every item score."""
+    from predictor.models.inference import with_bf16_scan
+
+    data, files = trained
+    engine = engine_for(files)
+    inference = engine.inference
+    fp32 = inference.tables
+    counts = data.events["user_id"].value_counts()
+    histories = [data.events.loc[data.events["user_id"] == u, "item_id"].to_numpy() for u in counts.index[:40]]
+    batch = engine.batch(online(engine, histories))
+    user = inference.user_vectors(*inference.tensors(batch))
+    n = 20  # over-fetch 84 of 200 items: the certificate has work to do
+    want_items, want_scores = inference.retrieve(user, batch, n)
+    scan = with_bf16_scan(fp32)
+    approx = (user.to(torch.bfloat16) @ scan.scan.T).float()[:, 1 : engine.n_items + 1]
+    exact = (user @ fp32.embeddings.T)[:, 1 : engine.n_items + 1]
+    assert ((approx - exact).abs() <= scan.scan_error * user.norm(dim=1, keepdim=True)).all()
+    never_proven = with_bf16_scan(fp32)
+    never_proven.scan_error = 10.0  # no user proven: all rescanned
+    scans = []  # users of every masked score matrix: the bf16 scan, then the fp32 rescan if any
+    masked = inference._masked
+    monkeypatch.setattr(inference, "_masked", lambda scores, b: scans.append(len(b)) or masked(scores, b))
+    for tables, rescanned in ((scan, []), (never_proven, [len(histories)])):
+        inference.tables, scans[:] = tables, []
+        got_items, got_scores = inference.retrieve(user, batch, n)
+        assert scans == [len(histories), *rescanned]
+        np.testing.assert_array_equal(got_items, want_items)
+        np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
+    seen = [set(h) for h in histories]
+    ids = engine.item_ids[want_items - 1]
+    assert not any(seen[b] & set(ids[b]) for b in range(len(histories)))

@@ -13,6 +13,11 @@ and for catalogs up to ``hnsw_threshold`` items on a CPU) or a faiss HNSW index 
 calibrated at build time until its recall@100 against exact search reaches ``min_recall``, served only
 where it then measures faster than the exact scan (``docs/serving.md``). Seen items are excluded exactly: the
 exact path masks them before the top-k; the index path over-fetches by each user's seen count.
+
+On a CPU the exact scan may run over a bfloat16 copy of the item table (half the bytes to stream), still
+exactly: it over-fetches, rescores the candidates in fp32, and proves per user from a rounding-error
+bound that no item outside them can enter the top-N; users without that proof are rescanned in fp32.
+It serves where it measures faster than the fp32 scan at build time.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import faiss
 import numpy as np
@@ -35,6 +41,8 @@ HNSW_THRESHOLD = (
 )
 MIN_RECALL = 0.95  # recall@100 against exact search that the HNSW index must reach
 TOP_K_CHUNK = 128  # columns per chunk of the two-pass top-k
+BF16_UNIT_ROUNDOFF = 2.0**-8  # relative rounding error of bfloat16 (8-bit significand)
+BF16_SCAN_ITEMS = 50_000  # CPU catalogs from this many items try the certified bf16 scan
 
 
 @dataclass
@@ -157,7 +165,9 @@ class ItemTables:
     index: faiss.Index | None  # HNSW over rows 1..N, or None for exact search
     ef_search: int = 0
     recall: float = 1.0
-    selection: dict | None = None  # where an index was tried: its recall, efSearch and ms against exact
+    selection: dict | None = None  # what was tried for retrieval (HNSW, bf16 scan) and its ms against exact
+    scan: torch.Tensor | None = None  # bf16 copy of embeddings for the certified exact scan, or None
+    scan_error: float = 0.0  # |fp32 score - bf16 scan score| <= scan_error * ||user||
 
 
 class TwoStageInference:
@@ -179,6 +189,8 @@ class TwoStageInference:
         self.precision = precision
         self.use_index = not exact and self.device.type == "cpu" and n_items > hnsw_threshold
         self.table_dtype = torch.float16 if precision == "fp16" else torch.float32
+        # the bf16 scan can pay off only where streaming the table dominates: large CPU catalogs
+        self.try_scan = self.device.type == "cpu" and precision == "fp32" and n_items >= BF16_SCAN_ITEMS
         self.tables = self._build(item_cats, item_dense)
 
     def _autocast(self):
@@ -199,43 +211,74 @@ class TwoStageInference:
             embeddings = torch.nn.functional.pad(embeddings, (0, 0, 0, (-(n + 1)) % TOP_K_CHUNK))
             history = self.retrieval.history_table(item_cats, item_dense).float()
         tables = ItemTables(item_cats, item_dense, embeddings.to(self.table_dtype), history, None)
+        tables.selection = {}
+        if self.try_scan:
+            self._select_scan(tables)
         if self.use_index:
             index, ef, recall = build_hnsw(embeddings[: n + 1].cpu().numpy())
             index_ms, exact_ms = self._search_times(index, ef, tables)
             if recall >= MIN_RECALL and index_ms < exact_ms:
                 tables.index, tables.ef_search, tables.recall = index, ef, recall
-            tables.selection = {"served": "hnsw" if tables.index is not None else "exact", "hnsw_recall@100": recall,
-                                "hnsw_ef_search": ef, "hnsw_ms_per_16_users": index_ms,
-                                "exact_ms_per_16_users": exact_ms}  # fmt: skip
+            tables.selection.update({"served": "hnsw" if tables.index is not None else "exact",
+                                     "hnsw_recall@100": recall, "hnsw_ef_search": ef,
+                                     "hnsw_ms_per_16_users": index_ms, "exact_ms_per_16_users": exact_ms})  # fmt: skip
             log.info("retrieval over %d items: %s (HNSW recall@100 %.3f at efSearch %d, %.2f ms per 16 users; "
                      "exact %.2f ms)", self.n_items, "HNSW" if tables.index is not None else "exact", recall, ef,
                      index_ms, exact_ms)  # fmt: skip
         log.debug("item tables for %d items built in %.2f s", self.n_items, time.perf_counter() - started)
         return tables
 
-    def _search_times(
-        self, index: faiss.Index, ef: int, tables: ItemTables, repeats: int = 5
-    ) -> tuple[float, float]:
+    def _probe(self, tables: ItemTables, users: int) -> tuple[torch.Tensor, UserBatch]:
+        """``users`` query vectors for timing retrieval, nothing seen: the user tower over seeded random
+        histories (item vectors themselves sit in clusters that users' vectors do not)."""
+        rng = np.random.default_rng(0)
+        lengths = rng.integers(1, self.max_history + 1, users)
+        window = np.where(np.arange(self.max_history)[None, :] < lengths[:, None],
+                          rng.integers(1, self.n_items + 1, (users, self.max_history)), 0)  # fmt: skip
+        dense = np.zeros((users, len(USER_DENSE_COLUMNS) + self.n_categories), np.float32)
+        batch = UserBatch(window, lengths, dense, np.zeros(0, np.int64), np.zeros(users + 1, np.int64))
+        with torch.no_grad(), self._autocast():
+            w, n, d = self.tensors(batch)
+            probe = self.retrieval.user_embedding(w, n, d, tables.history).float()
+        return probe, batch
+
+    def _select_scan(self, tables: ItemTables) -> None:
+        """Keep the bf16 scan copy only where the certified scan measures faster than the fp32 scan, for
+        a lone user and for 16 (what a micro-batch holds)."""
+        k = min(self.candidates, self.n_items)
+        scan_tables = with_bf16_scan(tables)
+        timed = {}
+        for users in (1, 16):
+            probe, empty = self._probe(tables, users)
+            timed[users] = tuple(_best_ms(partial(self._retrieve_exact, probe, empty, k, t))
+                                 for t in (tables, scan_tables))  # fmt: skip
+        faster = all(scan < fp32 for fp32, scan in timed.values())
+        if faster:
+            tables.scan, tables.scan_error = scan_tables.scan, scan_tables.scan_error
+        tables.selection.update({"scan": "bf16 certified" if faster else "fp32",
+                                 "fp32_scan_ms_per_1_16_users": [timed[1][0], timed[16][0]],
+                                 "bf16_scan_ms_per_1_16_users": [timed[1][1], timed[16][1]]})  # fmt: skip
+        log.info("exact scan over %d items: %s (fp32 %.2f / %.2f ms, certified bf16 %.2f / %.2f ms for 1 / 16 "
+                 "users)", self.n_items, "certified bf16" if faster else "fp32", timed[1][0], timed[16][0],
+                 timed[1][1], timed[16][1])  # fmt: skip
+
+    def _search_times(self, index: faiss.Index, ef: int, tables: ItemTables) -> tuple[float, float]:
         """Milliseconds per 16-user search, HNSW (at ``ef``) against exact: the index serves only where
         it measures faster."""
-        probe = tables.embeddings[1 : min(17, self.n_items + 1)].float()  # item vectors: what users look like
-        empty = UserBatch(np.zeros((len(probe), 1), np.int64), np.ones(len(probe), np.int64),
-                          np.zeros((len(probe), 1), np.float32), np.zeros(0, np.int64),
-                          np.zeros(len(probe) + 1, np.int64))  # fmt: skip
+        probe, empty = self._probe(tables, 16)
         params = faiss.SearchParametersHNSW(efSearch=ef)
         k = min(self.candidates, self.n_items)
-
-        def best_of(fn) -> float:
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            return 1000 * min(times)
-
-        index_ms = best_of(lambda: index.search(probe.numpy(), k, params=params))
-        exact_ms = best_of(lambda: self._retrieve_exact(probe, empty, k, tables))
+        index_ms = _best_ms(lambda: index.search(probe.numpy(), k, params=params))
+        exact_ms = _best_ms(lambda: self._retrieve_exact(probe, empty, k, tables))
         return index_ms, exact_ms
+
+    @property
+    def retrieval_form(self) -> str:
+        """What retrieval serves, in words (start-up log, benchmark)."""
+        tables = self.tables
+        if tables.index is not None:
+            return f"HNSW, recall@100 {tables.recall:.3f}"
+        return "exact, certified bf16 scan" if tables.scan is not None else "exact"
 
     def refresh_items(self, item_cats: torch.Tensor, item_dense: torch.Tensor) -> None:
         """Recompute the item side from new features aside, then swap it in with one assignment (user
@@ -262,18 +305,46 @@ class TwoStageInference:
             return self._retrieve_exact(user, batch, n, tables)
         return self._retrieve_index(user.float().cpu().numpy(), batch, n, tables)
 
+    def _masked(self, scores: torch.Tensor, batch: UserBatch) -> torch.Tensor:
+        """``scores [B, R']`` with row 0, padding rows and each user's seen items at -inf (in place)."""
+        scores[:, 0] = float("-inf")
+        scores[:, self.n_items + 1 :] = float("-inf")
+        if len(batch.seen):
+            row = torch.from_numpy(np.repeat(np.arange(len(batch)), batch.seen_counts)).to(self.device)
+            scores[row, torch.from_numpy(batch.seen).to(self.device)] = float("-inf")
+        return scores
+
     def _retrieve_exact(self, user: torch.Tensor, batch: UserBatch, n: int, tables: ItemTables):
         with torch.no_grad():
-            scores = (user.to(tables.embeddings.dtype) @ tables.embeddings.T).float()
-            scores[:, 0] = float("-inf")
-            scores[:, self.n_items + 1 :] = float("-inf")
-            if len(batch.seen):
-                row = torch.from_numpy(np.repeat(np.arange(len(batch)), batch.seen_counts)).to(self.device)
-                scores[row, torch.from_numpy(batch.seen).to(self.device)] = float("-inf")
-            values, cand = top_k(scores, n)
+            if tables.scan is not None:
+                values, cand = self._certified_scan(user.float(), batch, n, tables)
+            else:
+                scores = self._masked((user.to(tables.embeddings.dtype) @ tables.embeddings.T).float(), batch)
+                values, cand = top_k(scores, n)
         values, cand = values.cpu().numpy(), cand.cpu().numpy()
         cand = np.where(np.isfinite(values), cand, 0)
         return cand.astype(np.int64), values.astype(np.float32)
+
+    def _certified_scan(self, user: torch.Tensor, batch: UserBatch, n: int, tables: ItemTables):
+        """The exact fp32 top-``n`` through the bf16 table: the best ``m > n`` items by bf16 score, rescored
+        in fp32. An item outside them scores at most (the m-th bf16 score + the error bound) in fp32, so a
+        user whose n-th fp32 score beats that has its exact top-n; the others are rescanned in fp32."""
+        m = min(n + max(n, 64), self.n_items)
+        approx = self._masked((user.to(torch.bfloat16) @ tables.scan.T).float(), batch)
+        approx_top, cand = top_k(approx, m)
+        exact = torch.bmm(tables.embeddings[cand], user[:, :, None]).squeeze(2)
+        exact = exact.masked_fill(torch.isinf(approx_top), float("-inf"))  # masked stays masked
+        values, order = torch.topk(exact, n, dim=1)
+        cand = cand.gather(1, order)
+        outside = approx_top[:, -1]  # -inf: every unmasked item is a candidate
+        bound = tables.scan_error * user.norm(dim=1)
+        unproven = torch.isfinite(outside) & ~(values[:, -1] > outside + bound)
+        if unproven.any():
+            rows = torch.nonzero(unproven).squeeze(1)
+            sub = batch.subset(rows.cpu().numpy())
+            scores = self._masked(user[rows] @ tables.embeddings.T, sub)
+            values[rows], cand[rows] = top_k(scores, n)
+        return values, cand
 
     def _retrieve_index(self, user: np.ndarray, batch: UserBatch, n: int, tables: ItemTables):
         # over-fetch by each user's seen count; users grouped by powers of two of it, so that one heavy
@@ -331,6 +402,29 @@ class TwoStageInference:
             cand, scores = self.rank(user, window, lengths, udense, cand, k)
         timings["ranking"] = time.perf_counter() - started
         return cand[:, :k], scores[:, :k]
+
+
+def with_bf16_scan(tables: ItemTables) -> ItemTables:
+    """A copy of ``tables`` whose exact scan runs over a bf16 table, with the error bound that certifies
+    it: |fp32 score − bf16 score| ≤ ``scan_error`` · ||user|| for every item (both factors rounded to
+    bf16, ≤ 2u + u² relative; the product rounded again, counted as 2u in case a kernel truncates; fp32
+    accumulation over D terms), with 1 % margin."""
+    u = BF16_UNIT_ROUNDOFF
+    d = tables.embeddings.shape[1]
+    max_norm = float(tables.embeddings.float().norm(dim=1).max())
+    error = max_norm * ((2 * u + u * u) + 2 * u * (1 + u) ** 2 + d * 2.0**-23) * 1.01
+    scan = tables.embeddings.to(torch.bfloat16)
+    return ItemTables(**{**tables.__dict__, "scan": scan, "scan_error": error})
+
+
+def _best_ms(fn, repeats: int = 5) -> float:
+    """The fastest of ``repeats`` calls, in milliseconds (the least disturbed by the rest of the machine)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return 1000 * min(times)
 
 
 def top_k(scores: torch.Tensor, k: int, chunk: int = TOP_K_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:

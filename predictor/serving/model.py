@@ -216,10 +216,8 @@ class RecommenderModel(Model):
             )
         self.ready = True
         engine = self.current.engine
-        index = engine.inference.tables.index is not None
         log.info("model %s ready (%d items, device %s, precision %s, retrieval %s, ranker %s)", self.current.version,
-                 engine.n_items, engine.device, engine.precision,
-                 f"HNSW, recall@100 {engine.index_recall:.3f}" if index else "exact",
+                 engine.n_items, engine.device, engine.precision, engine.inference.retrieval_form,
                  "on" if engine.use_ranker else "off")  # fmt: skip
         return self.ready
 
