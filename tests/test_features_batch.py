@@ -89,3 +89,13 @@ def test_empty_log_is_an_error(tiny):
     empty = Interactions(tiny.events.iloc[:0], tiny.items)
     with pytest.raises(ValueError, match="cannot compute features from an empty event log"):
         compute_features(empty)
+
+
+def test_one_table_asked_for_is_the_same_table_and_the_others_stay_empty(small_data):
+    snapshots = daily_snapshots(small_data, "7D")
+    full = compute_features(small_data, snapshots)
+    only = compute_features(small_data, snapshots, tables=["user_profile"])
+    pd.testing.assert_frame_equal(only.user_profile.drop(columns="created"), full.user_profile.drop(columns="created"))
+    assert only.item_profile.empty and only.user_recent_items.empty
+    with pytest.raises(ValueError, match="unknown feature table"):
+        compute_features(small_data, tables=["user_profiles"])

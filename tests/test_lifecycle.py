@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from predictor.data.schema import Interactions
 from predictor.data.synthetic import generate
+from predictor.models import lifecycle
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.data import build_split, user_feature_snapshots
 from predictor.models.evaluate import evaluate
 from predictor.models.lifecycle import MODEL_NAME, load_model, retrain, train_and_register
+from predictor.models.recommender import TwoStageRecommender
 from predictor.models.registry import ModelRegistry
 
 TINY = model_config("tiny")
 FAST = TrainConfig(epochs=3, ranker_epochs=1, batch_size=32, patience=5, seed=0)
+# NDCG lies in [0, 1], so with this tolerance the quality gate always passes: for the tests about crash
+# safety and concurrent promotion, not about the gate (the gate itself is tested with forced_ndcg below)
+GATE_ALWAYS_PASSES = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -83,29 +89,80 @@ def test_train_register_and_reload_the_same_model(history, profiles, trained, re
     assert again["ndcg@10"] == pytest.approx(metrics["ndcg@10"], abs=1e-9)
 
 
-def test_retrain_promotes_when_not_worse_and_grows_catalog(history, profiles, trained, registry, tmp_path):
+def forced_ndcg(monkeypatch, candidate: float, production: float) -> None:
+    """Make ``retrain`` see these NDCG@10 values for the candidate and for production on the fresh holdout
+    (every other metric stays real), so the test, not how a tiny training run went, decides the gate.
+
+    Which model is which is told by identity: production is the model ``retrain`` loads from the registry.
+    """
+    loaded, real_load, real_rank, real_evaluate = [], lifecycle.load_model, TwoStageRecommender.rank, evaluate
+
+    def load(uri, device=None):
+        loaded.append(real_load(uri, device))
+        return loaded[-1]
+
+    def rank(self, *args, **kwargs):
+        rank_fn = real_rank(self, *args, **kwargs)
+        rank_fn.model = self
+        return rank_fn
+
+    def evaluate_forced(rank_fn, split, stage="test", **kwargs):
+        metrics = real_evaluate(rank_fn, split, stage, **kwargs)
+        return {**metrics, "ndcg@10": production if rank_fn.model is loaded[0] else candidate}
+
+    monkeypatch.setattr(lifecycle, "load_model", load)
+    monkeypatch.setattr(TwoStageRecommender, "rank", rank)
+    monkeypatch.setattr(lifecycle, "evaluate", evaluate_forced)
+
+
+def test_retrain_promotes_when_not_worse_and_grows_catalog(history, profiles, trained, registry, tmp_path,
+                                                           monkeypatch):  # fmt: skip
     _, full = history
     prod, _ = first_production(trained, registry)
-    result = retrain(full, registry, tmp_path / "models", profiles[1], tolerance=1.0, epochs=2,
+    # worse by exactly the tolerance is still "not worse" (binary fractions: 0.5 - 0.125 == 0.375 exactly)
+    forced_ndcg(monkeypatch, candidate=0.375, production=0.5)
+    result = retrain(full, registry, tmp_path / "models", profiles[1], tolerance=0.125, epochs=2,
                      progress=False)  # fmt: skip
+    monkeypatch.undo()
+    assert (result.candidate_ndcg, result.production_ndcg) == (0.375, 0.5)
+    assert result.candidate.metrics["fresh_holdout"]["ndcg@10"] == 0.375
+    assert result.candidate.metrics["production_on_fresh_holdout"]["ndcg@10"] == 0.5
     assert result.promoted and result.candidate.status == "production"
+    assert registry.production(MODEL_NAME).id == result.candidate.id
     assert registry.get(prod.id).status == "retired"
     assert result.candidate.parent_version == prod.version
     old_model, new_model = load_model(prod.artifact_uri), load_model(result.candidate.artifact_uri)
     assert new_model.catalog.n_items == 120 > old_model.catalog.n_items == 110
-    # old items keep their index, and new users got one
+    # old items keep their index
     assert list(new_model.catalog.items.index(old_model.catalog.items.ids)) == list(range(1, 111))
-    assert new_model.catalog.users.index([10_000 + int(full.events["user_id"].iloc[-1]) - 10_000])[0] >= 0
+    # old users keep theirs; users first seen after the cutoff (ids >= 10_000, the largest) are appended
+    # last, in id order, and map back to the same raw id; an id neither model saw stays 0 (unknown)
+    old_users, new_users = old_model.catalog.users, new_model.catalog.users
+    assert list(new_users.index(old_users.ids)) == list(range(1, len(old_users) + 1))
+    arrivals = np.unique(full.events.loc[full.events["user_id"] >= 10_000, "user_id"])
+    assert len(arrivals) > 1 and not old_users.index(arrivals).any()
+    got = new_users.index(arrivals)
+    assert list(got) == list(range(len(new_users) - len(arrivals) + 1, len(new_users) + 1))
+    assert got.min() > len(old_users)
+    assert list(new_users.raw(got)) == list(arrivals)
+    assert list(new_users.index([-1, 99_999])) == [0, 0]
 
 
-def test_retrain_rejects_a_worse_candidate_with_reason(history, profiles, trained, registry, tmp_path):
+def test_retrain_rejects_a_worse_candidate_with_reason(history, profiles, trained, registry, tmp_path,
+                                                       monkeypatch):  # fmt: skip
     _, full = history
     prod, _ = first_production(trained, registry)
-    result = retrain(full, registry, tmp_path / "models", profiles[1], tolerance=-1.0, epochs=1,
+    forced_ndcg(monkeypatch, candidate=0.25, production=0.5)  # worse by 0.25, more than the tolerance
+    result = retrain(full, registry, tmp_path / "models", profiles[1], tolerance=0.125, epochs=1,
                      progress=False)  # fmt: skip
+    monkeypatch.undo()
+    assert (result.candidate_ndcg, result.production_ndcg) == (0.25, 0.5)
     assert not result.promoted and result.candidate.status == "rejected"
-    assert "worse than production" in result.candidate.reason
+    reason = "candidate NDCG@10 0.2500 is worse than production's 0.5000 by more than 0.125"
+    assert result.reason == reason and registry.get(result.candidate.id).reason == reason
+    assert registry.get(result.candidate.id).metrics["fresh_holdout"]["ndcg@10"] == 0.25
     assert registry.production(MODEL_NAME).id == prod.id
+    assert [v.status for v in registry.versions(MODEL_NAME)] == ["production", "rejected"]
 
 
 def test_crash_mid_retrain_leaves_production_and_rerun_works(history, profiles, trained, registry, tmp_path,
@@ -119,11 +176,13 @@ def test_crash_mid_retrain_leaves_production_and_rerun_works(history, profiles, 
 
     monkeypatch.setattr(registry, "promote", crash)
     with pytest.raises(KeyboardInterrupt, match="node preempted"):
-        retrain(full, registry, tmp_path / "models", profile, tolerance=1.0, epochs=1, progress=False)
+        retrain(full, registry, tmp_path / "models", profile, tolerance=GATE_ALWAYS_PASSES, epochs=1,
+                progress=False)  # fmt: skip
     assert registry.production(MODEL_NAME).id == prod.id
     assert [v.status for v in registry.versions(MODEL_NAME)] == ["production", "candidate"]
     monkeypatch.undo()
-    result = retrain(full, registry, tmp_path / "models", profile, tolerance=1.0, epochs=1, progress=False)
+    result = retrain(full, registry, tmp_path / "models", profile, tolerance=GATE_ALWAYS_PASSES, epochs=1,
+                     progress=False)  # fmt: skip
     assert result.promoted and registry.production(MODEL_NAME).id == result.candidate.id
 
 
@@ -135,8 +194,8 @@ def test_concurrent_retrains_cannot_both_promote(history, profiles, trained, reg
 
     def run(seed):
         try:
-            results.append(retrain(full, registry, tmp_path / "models", profile, tolerance=1.0, epochs=1,
-                                   seed=seed, progress=False))  # fmt: skip
+            results.append(retrain(full, registry, tmp_path / "models", profile, tolerance=GATE_ALWAYS_PASSES,
+                                   epochs=1, seed=seed, progress=False))  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
             errors.append(exc)
 

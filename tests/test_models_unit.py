@@ -26,6 +26,35 @@ def test_ranking_metrics_by_hand():
     assert m["coverage@10"] == pytest.approx(9 / 10)
 
 
+def test_ranking_metrics_multi_by_hand():
+    """Leaderboard metrics with several test items per user: Recall@K = hits in the top K / |test set|;
+    NDCG@K = DCG with binary gains 1/log2(rank + 2) over the ideal DCG of min(K, |test set|) hits."""
+    from predictor.models.evaluate import ranking_metrics_multi
+
+    def ideal(n):  # DCG of n hits at ranks 0 .. n-1: 1/log2(2) + 1/log2(3) + ... + 1/log2(n + 1)
+        return sum(1 / np.log2(r + 2) for r in range(n))
+
+    top = np.arange(1000, 1060).reshape(3, 20)  # 20 ranked items per user, none a test item yet
+    a, b, c = np.arange(1, 26), np.arange(101, 116), np.array([201, 202, 203])  # 25, 15 and 3 test items
+    top[0, [1, 4, 12]] = a[:3]  # |test| 25 > both K: hits at ranks 1 and 4 (top 10) and 12
+    top[1, [0, 9, 10, 19]] = b[:4]  # |test| 15, between K = 10 and 20: hits at the edges of both cuts
+    top[2, [0, 14]] = c[:2]  # |test| 3 < both K: one hit in the top 10, one more in the top 20, one missed
+    m = ranking_metrics_multi(top, [a, b, c], ks=(10, 20))
+    assert m["recall@10"] == pytest.approx((2 / 25 + 2 / 15 + 1 / 3) / 3)
+    assert m["recall@20"] == pytest.approx((3 / 25 + 4 / 15 + 2 / 3) / 3)
+    ndcg10 = [(1 / np.log2(3) + 1 / np.log2(6)) / ideal(10),
+              (1 / np.log2(2) + 1 / np.log2(11)) / ideal(10),
+              (1 / np.log2(2)) / (1 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4))]  # fmt: skip
+    ndcg20 = [(1 / np.log2(3) + 1 / np.log2(6) + 1 / np.log2(14)) / ideal(20),
+              (1 / np.log2(2) + 1 / np.log2(11) + 1 / np.log2(12) + 1 / np.log2(21)) / ideal(15),
+              (1 / np.log2(2) + 1 / np.log2(16)) / (1 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4))]  # fmt: skip
+    assert m["ndcg@10"] == pytest.approx(np.mean(ndcg10))
+    assert m["ndcg@20"] == pytest.approx(np.mean(ndcg20))
+    # a user whose test set is exactly their first three recommendations scores 1, whatever K
+    assert ranking_metrics_multi(top[:1], [top[0, :3]], ks=(10, 20)) == {
+        "recall@10": 1.0, "ndcg@10": 1.0, "recall@20": 1.0, "ndcg@20": 1.0}  # fmt: skip
+
+
 def test_top_k_excludes_seen_and_padding(small_data):
     split = build_split(small_data)
     users = np.array([1, 2])
@@ -72,7 +101,14 @@ def test_jittered_windows_cover_every_label_and_move_between_epochs():
                 assert 1 < e <= n  # every window ends inside the training events and has a label
                 covered |= set(range(max(e - 10, 1), e))
             assert covered == set(range(1, n))  # every label position, none invented
-            assert ends[users == u].max(initial=n) == n  # the newest window always ends at the last event
+            newest_first = np.sort(ends[users == u])[::-1]
+            if n <= 1:
+                assert len(newest_first) == 0  # no label, no window
+                continue
+            # exactly one window ends at the last training event; the next one ends inside it (the
+            # overlap is the shift, under max_len), and the older ones tile back to back, none repeated
+            assert newest_first[0] == n and (len(newest_first) == 1 or n - 10 <= newest_first[1] < n)
+            assert (np.diff(newest_first[1:]) == -10).all()
         starts.append(tuple(ends))
     assert len(set(starts)) > 1  # the cut moves from epoch to epoch
     # without an rng the cut is the fixed one: consecutive, non-overlapping chunks from the end
@@ -301,3 +337,34 @@ def test_baselines_are_reproducible_for_a_seed(small_data, kind):
     second = ImplicitModel(kind, params, seed=3).fit(split, "test")
     assert torch.equal(first.item_factors, second.item_factors)
     assert torch.equal(first.user_factors, second.user_factors)
+
+
+@torch.no_grad()
+def test_training_forward_encodes_each_item_once_and_equals_the_per_use_encodings():
+    """The training step's one item-encoder pass over the distinct items gives the same history states,
+    target and negative embeddings as encoding each use separately."""
+    cfg = model_config("small")
+    B, L, N, C, Fu, Fi = 4, 12, 30, 3, 7 + 3, 7
+    torch.manual_seed(2)
+    tower = TwoTower(cfg, N + 1, C, Fu, Fi).eval()
+    cats, dense = torch.rand(N + 1, C), torch.rand(N + 1, Fi)
+    window = torch.randint(0, N + 1, (B, L))
+    targets = torch.randint(0, N + 1, (B, L))
+    negatives = torch.randint(1, N + 1, (9,))
+    udense = torch.rand(B, L, Fu)
+    states, positive, neg = tower(window, udense, targets, negatives, cats, dense)
+    torch.testing.assert_close(states, tower.user_states(window, udense, cats, dense))
+    torch.testing.assert_close(positive, tower.item_embedding(targets, cats[targets], dense[targets]))
+    torch.testing.assert_close(neg, tower.item_embedding(negatives, cats[negatives], dense[negatives]))
+
+
+def test_mask_dropout_drops_at_rate_p_and_keeps_the_mean():
+    from predictor.models.two_tower import MaskDropout
+
+    torch.manual_seed(0)
+    drop, x = MaskDropout(0.3), torch.ones(200_000)
+    y = drop.train()(x)
+    assert abs(float((y == 0).float().mean()) - 0.3) < 0.01
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.7)]
+    assert abs(float(y.mean()) - 1.0) < 0.01
+    assert torch.equal(drop.eval()(x), x)

@@ -22,7 +22,7 @@ Tables (all keyed by an INT64 entity id, plus ``event_timestamp`` and ``created`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +60,13 @@ def compute_features(
     recent_n: int = 50,
     created: pd.Timestamp | None = None,
     progress: bool = False,
+    tables: Collection[str] = (USER_PROFILE, USER_RECENT_ITEMS, ITEM_PROFILE),
 ) -> FeatureTables:
-    """All three feature tables for each snapshot time (default: one, at the last event)."""
+    """The feature ``tables`` (default: all three) for each snapshot time (default: one, at the last
+    event); a table not asked for comes back empty."""
+    unknown = set(tables) - {USER_PROFILE, USER_RECENT_ITEMS, ITEM_PROFILE}
+    if unknown:
+        raise ValueError(f"unknown feature table(s) {sorted(unknown)}")
     events = data.events
     if events.empty:
         raise ValueError("cannot compute features from an empty event log")
@@ -72,20 +77,24 @@ def compute_features(
 
     vocabulary = data.category_vocabulary()
     item_cats = _item_category_ids(data.items, vocabulary)
-    first_seen = _FirstSeen(events)
-    users, recents, items = [], [], []
+    first_seen = _FirstSeen(events) if USER_RECENT_ITEMS in tables else None
+    users, recents, items, computed = [], [], [], False
     for t in tqdm(snapshots, desc="feature snapshots", unit="snapshot", disable=not progress or len(snapshots) < 2):
         upto = events.iloc[: events["timestamp"].searchsorted(t, side="right")]
         if upto.empty:
             continue
-        users.append(_user_profile(upto, t, item_cats, len(vocabulary)))
-        recents.append(_recent_items(upto, t, recent_n, first_seen))
-        items.append(_item_profile(upto, t, data.items, item_cats))
-    if not users:
+        if USER_PROFILE in tables:
+            users.append(_user_profile(upto, t, item_cats, len(vocabulary)))
+        if USER_RECENT_ITEMS in tables:
+            recents.append(_recent_items(upto, t, recent_n, first_seen))
+        if ITEM_PROFILE in tables:
+            items.append(_item_profile(upto, t, data.items, item_cats))
+        computed = True
+    if not computed:
         raise ValueError(f"no events at or before the earliest snapshot {snapshots[0]}")
 
     def finish(frames: list[pd.DataFrame]) -> pd.DataFrame:
-        out = pd.concat(frames, ignore_index=True)
+        out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         out["created"] = created
         return out
 

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from predictor.data.schema import Interactions
-from predictor.features.batch import compute_features, daily_snapshots
+from predictor.features.batch import ITEM_PROFILE, USER_PROFILE, compute_features, daily_snapshots
 
 USER_DENSE_COLUMNS = ["events_1d", "events_7d", "events_30d", "events_total", "seconds_since_last_event",
                       "mean_rating", "rating_count"]  # fmt: skip
@@ -224,7 +224,7 @@ def build_split(
     train_events = ev.iloc[order[train_mask]].sort_values("timestamp", kind="stable")
     vocabulary = data.category_vocabulary()
     snapshot = (
-        compute_features(Interactions(train_events, data.items), recent_n=1).item_profile
+        compute_features(Interactions(train_events, data.items), tables=[ITEM_PROFILE]).item_profile
         if len(train_events)
         else None
     )
@@ -253,32 +253,54 @@ def user_feature_snapshots(
         span = data.events["timestamp"].max() - data.events["timestamp"].min()
         days = max(1, int(np.ceil(span / pd.Timedelta(days=1) / max_snapshots)))
         every = f"{days}D"
-    return compute_features(data, daily_snapshots(data, every), recent_n=1).user_profile
+    return compute_features(data, daily_snapshots(data, every), tables=[USER_PROFILE]).user_profile
+
+
+class UserFeatureIndex:
+    """The point-in-time join over user_profile rows, prepared once: every row's feature vector computed
+    and the rows ordered by (user, snapshot time), so that a join of B labels is two ``searchsorted``.
+
+    Same rule as Feast's ``get_historical_features`` except that a row stamped exactly at the label
+    time is not used (its snapshot may already contain the label event). Users with no earlier row get
+    zeros.
+    """
+
+    def __init__(self, user_profile: pd.DataFrame, n_categories: int):
+        self.width = len(USER_DENSE_COLUMNS) + n_categories
+        times = pd.to_datetime(user_profile["event_timestamp"], utc=True).to_numpy("datetime64[ns]").astype(np.int64)
+        users = user_profile["user_id"].to_numpy(np.int64)
+        order = np.lexsort((times, users))
+        self.users = users[order]  # int64 [R], sorted
+        self.dense = user_dense_matrix(user_profile.iloc[order], n_categories)  # float32 [R, F_u]
+        # one key that orders rows by user, then time: user rank × (T + 1) + the time's rank among the
+        # T distinct snapshot times, so that all users' blocks are searched together
+        self._distinct_users = np.unique(self.users)
+        self._distinct_times = np.unique(times)
+        self._key = (np.searchsorted(self._distinct_users, self.users) * (len(self._distinct_times) + 1)
+                     + np.searchsorted(self._distinct_times, times[order]))  # fmt: skip
+
+    def at(self, user_ids: np.ndarray, label_times: np.ndarray) -> np.ndarray:
+        """``[N, F_u]`` float32: for each (user, label time in ns) the newest row strictly before it."""
+        user_ids, label_times = np.asarray(user_ids, np.int64), np.asarray(label_times, np.int64)
+        out = np.zeros((len(user_ids), self.width), np.float32)
+        if not len(self.users) or not len(user_ids):
+            return out
+        start = np.searchsorted(self.users, user_ids, side="left")
+        stop = np.searchsorted(self.users, user_ids, side="right")
+        # the last row of the user's block [start, stop) whose time is strictly before the label's
+        query = (np.searchsorted(self._distinct_users, user_ids) * (len(self._distinct_times) + 1)
+                 + np.searchsorted(self._distinct_times, label_times, side="left"))  # fmt: skip
+        row = np.searchsorted(self._key, query, side="left") - 1
+        found = (stop > start) & (row >= start)
+        out[found] = self.dense[row[found]]
+        return out
 
 
 def user_features_at(
     user_profile: pd.DataFrame, user_ids: np.ndarray, label_times: np.ndarray, n_categories: int
 ) -> np.ndarray:
-    """Point-in-time join: for each (user, label time) the newest user_profile row *strictly before* it.
-
-    Same rule as Feast's ``get_historical_features`` except that a row stamped exactly at the label
-    time is not used (its snapshot may already contain the label event). Users with no earlier row get
-    zeros. Returns ``[N, F_u]`` float32 in the input order.
-    """
-    if len(user_ids) == 0:
-        return np.zeros((0, len(USER_DENSE_COLUMNS) + n_categories), np.float32)
-    left = pd.DataFrame({"user_id": np.asarray(user_ids, np.int64),
-                         "label_time": pd.to_datetime(np.asarray(label_times, np.int64), utc=True),
-                         "row": np.arange(len(user_ids))})  # fmt: skip
-    right = user_profile.rename(columns={"event_timestamp": "feature_time"}).copy()
-    right["feature_time"] = pd.to_datetime(right["feature_time"], utc=True)
-    joined = pd.merge_asof(
-        left.sort_values("label_time"), right.sort_values("feature_time"),
-        left_on="label_time", right_on="feature_time", by="user_id", allow_exact_matches=False,
-    ).sort_values("row")  # fmt: skip
-    x = user_dense_matrix(joined.fillna({c: 0 for c in USER_DENSE_COLUMNS}), n_categories)
-    x[joined["feature_time"].isna().to_numpy()] = 0.0
-    return x
+    """One point-in-time join (see :class:`UserFeatureIndex`; build that once to join many times)."""
+    return UserFeatureIndex(user_profile, n_categories).at(user_ids, label_times)
 
 
 def to_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -88,18 +88,24 @@ def evaluate(rank_fn: RankFn, split: SplitData, stage: str = "test", batch_size:
     return metrics
 
 
-def top_k_excluding_seen(scores: torch.Tensor, split: SplitData, users: np.ndarray, end: np.ndarray, k: int) -> np.ndarray:
-    """scores ``[B, n_items + 1]`` (column 0 = padding) → ``[B, min(k, n_items)]`` best unseen item indexes."""
-    k = min(k, scores.shape[1] - 1)
-    scores = scores.clone()
+def mask_seen_(scores: torch.Tensor, split: SplitData, users: np.ndarray, end: np.ndarray) -> torch.Tensor:
+    """In place: column 0 (padding) and each user's items before position ``end`` set to -inf in
+    ``scores [B, n_items + 1]``; returns ``scores``."""
     scores[:, 0] = float("-inf")
     width = int(end.max()) if len(end) else 0
     if width:
         seen = torch.from_numpy(split.sequences[users, :width])
         mask = torch.from_numpy(np.arange(width)[None, :] < end[:, None])
         rows = torch.arange(len(users))[:, None].expand_as(seen)
-        scores[rows[mask], seen[mask]] = float("-inf")
-    return torch.topk(scores, k, dim=1).indices.numpy()
+        scores[rows[mask].to(scores.device), seen[mask].to(scores.device)] = float("-inf")
+    return scores
+
+
+def top_k_excluding_seen(scores: torch.Tensor, split: SplitData, users: np.ndarray, end: np.ndarray, k: int) -> np.ndarray:
+    """scores ``[B, n_items + 1]`` (column 0 = padding; left unchanged) → ``[B, min(k, n_items)]`` best
+    unseen item indexes."""
+    k = min(k, scores.shape[1] - 1)
+    return torch.topk(mask_seen_(scores.clone(), split, users, end), k, dim=1).indices.cpu().numpy()
 
 
 # --- baselines ---------------------------------------------------------------------------------------
@@ -170,8 +176,8 @@ class ImplicitModel:
 
     def rank(self, split: SplitData) -> RankFn:
         def rank_fn(users, end, k):
-            scores = self.user_factors[torch.from_numpy(users)] @ self.item_factors.T
-            return top_k_excluding_seen(scores, split, users, end, k)
+            scores = mask_seen_(self.user_factors[torch.from_numpy(users)] @ self.item_factors.T, split, users, end)
+            return torch.topk(scores, min(k, scores.shape[1] - 1), dim=1).indices.numpy()
 
         return rank_fn
 

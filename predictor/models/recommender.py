@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from predictor.models.config import ModelConfig, TrainConfig
-from predictor.models.data import USER_DENSE_COLUMNS, SplitData, to_tensor, user_features_at
-from predictor.models.evaluate import RankFn, evaluate, top_k_excluding_seen
+from predictor.models.data import USER_DENSE_COLUMNS, SplitData, UserFeatureIndex, to_tensor
+from predictor.models.evaluate import RankFn, evaluate, mask_seen_
 from predictor.models.inference import (
     HNSW_THRESHOLD,
     TwoStageInference,
@@ -102,7 +102,7 @@ class TwoStageRecommender:
         self.candidates = 200
         self.history = TrainingHistory()
         self.catalog = None  # the split trained on, or a loaded model's SplitCatalog
-        self.user_profile: pd.DataFrame | None = None
+        self.user_features: UserFeatureIndex | None = None  # the point-in-time join, prepared once
 
     # --- shapes of the catalog the model was built for ---------------------------------------------
     def _build(self, split: SplitData) -> None:
@@ -126,7 +126,8 @@ class TwoStageRecommender:
 
     def prepare(self, split: SplitData, user_profile: pd.DataFrame | None) -> TwoStageRecommender:
         """Point a trained model at ``split`` (built with this model's indexes) for ranking, without training."""
-        self.split, self.catalog, self.user_profile = split, split, user_profile
+        self.split, self.catalog = split, split
+        self.user_features = _feature_index(user_profile, split)
         self._grow(split)
         self.item_cats, self.item_dense = self._item_tables(split)
         return self
@@ -149,7 +150,7 @@ class TwoStageRecommender:
         seed_everything(cfg.seed)
         world = World.from_env(self.device)
         self.split, self.catalog = split, split
-        self.user_profile = user_profile
+        self.user_features = _feature_index(user_profile, split)
         self._trained_with_features = user_profile is not None
         if self.retrieval is None:
             self._build(split)
@@ -183,13 +184,13 @@ class TwoStageRecommender:
 
     def _user_dense(self, split: SplitData, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
         width = len(USER_DENSE_COLUMNS) + split.n_categories
-        if self.user_profile is None or len(users) == 0:
+        if self.user_features is None or len(users) == 0:
             return np.zeros((len(users), width), np.float32)
-        return user_features_at(self.user_profile, split.users.raw(users), split.timestamps[users, positions],
-                                split.n_categories)  # fmt: skip
+        return self.user_features.at(split.users.raw(users), split.timestamps[users, positions])
 
     def _window_batch(self, split: SplitData, users: np.ndarray, ends: np.ndarray):
-        """Training windows: inputs ``[B, L]``, targets ``[B, L]`` (0 = no label), user features ``[B, L, F_u]``."""
+        """Training windows: inputs ``[B, L]``, targets ``[B, L]`` (0 = no label), user features
+        ``[B, L, F_u]``, and the number of labels (counted on the host, before the copy)."""
         L = self.config.max_history
         inputs, n = split.window(users, ends - 1, L)
         target_pos = (ends - n)[:, None] + np.arange(L)[None, :]
@@ -198,7 +199,8 @@ class TwoStageRecommender:
         targets = np.where(valid, split.sequences[users[:, None], target_pos], 0)
         flat = np.where(valid, self.offsets[users][:, None] + target_pos, len(self.dense_flat) - 1)
         dense = self.dense_flat[flat]
-        return to_tensor(inputs, self.device), to_tensor(targets, self.device), to_tensor(dense, self.device)
+        return (to_tensor(inputs, self.device), to_tensor(targets, self.device), to_tensor(dense, self.device),
+                int((targets > 0).sum()))  # fmt: skip
 
     def _example_batch(self, split: SplitData, users: np.ndarray, positions: np.ndarray):
         """Single-label examples (ranker): window before ``positions``, lengths, target, user features."""
@@ -241,26 +243,26 @@ class TwoStageRecommender:
                 order = order[: cfg.max_examples_per_epoch]
             order = order[world.rank :: world.size]
             steps = len(order) // local_batch
-            losses, labels = [], 0
+            loss_sum, labels = torch.zeros((), device=self.device), 0
             bar = tqdm(range(steps), desc=f"retrieval epoch {epoch + 1}", disable=not (progress and world.is_main),
                        leave=False)  # fmt: skip
             forward = ddp or model
             for step in bar:
                 rows = order[step * local_batch : (step + 1) * local_batch]
-                window, targets, udense = self._window_batch(split, rows_user[rows], rows_end[rows])
+                window, targets, udense, n_labels = self._window_batch(split, rows_user[rows], rows_end[rows])
                 loss = self._retrieval_loss(forward, window, targets, udense, p_item)
-                labels += int((targets > 0).sum())
+                labels += n_labels
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
-                if step % 20 == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+                loss_sum += loss.detach()
+                if step % 50 == 49:  # the one host sync, for the progress bar
+                    bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}")
             seconds = time.perf_counter() - started
             score = evaluate(self.rank(split, "retrieval", exact=True), split, "validation")["ndcg@10"] \
                 if world.is_main else 0.0  # fmt: skip
             score = world.broadcast(score)
-            self.history.retrieval.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
+            self.history.retrieval.append({"epoch": epoch + 1, "loss": loss_sum.item() / steps if steps else float("nan"),
                                            "validation_ndcg@10": score, "seconds": seconds,
                                            "examples": labels * world.size})  # fmt: skip
             self.history.examples_per_second = labels * world.size / max(seconds, 1e-9)
@@ -321,9 +323,9 @@ class TwoStageRecommender:
                                  exact, hnsw_threshold, precision)  # fmt: skip
 
     def _user_dense_at(self, split: SplitData, users: np.ndarray, end: np.ndarray) -> np.ndarray:
-        if self.user_profile is not None and len(users):
+        if self.user_features is not None and len(users):
             times = split.timestamps[users, np.minimum(end, split.sequences.shape[1] - 1)]
-            return user_features_at(self.user_profile, split.users.raw(users), times, split.n_categories)
+            return self.user_features.at(split.users.raw(users), times)
         return np.zeros((len(users), len(USER_DENSE_COLUMNS) + split.n_categories), np.float32)
 
     def rank(self, split: SplitData | None = None, stage: str = "two_stage", exact: bool = False) -> RankFn:
@@ -355,15 +357,20 @@ class TwoStageRecommender:
         # negatives drawn from the retrieval model's own top candidates, the list the ranker reorders at
         # serving time; only the very top ones ("hardest") would teach it to distrust retrieval's best
         pool = max(self.candidates, K + 1)
-        sample = rng.permutation(len(users))[: min(len(users), 200_000)]
-        per_epoch = cfg.ranker_examples_per_epoch or len(sample)
+        # mine negatives (a tower pass each) only for the examples the epochs can draw from
+        per_epoch = cfg.ranker_examples_per_epoch or len(users)
+        sample = rng.permutation(len(users))[: min(len(users), 200_000, per_epoch * cfg.ranker_epochs)]
+        per_epoch = min(per_epoch, len(sample))
         negatives = np.zeros((len(sample), K), np.int64)
+        # the frozen user vectors of every sampled example, once: each ranker epoch reads them again
+        user_vectors = torch.zeros(len(sample), items.shape[1], device=self.device)
         for s in range(0, len(sample), 1024):
             rows = sample[s : s + 1024]
             window, lengths, target, udense = self._example_batch(split, users[rows], positions[rows])
-            scores = frozen.user_vectors(window, lengths, udense) @ items.T
+            user_vectors[s : s + len(rows)] = frozen.user_vectors(window, lengths, udense)
+            scores = mask_seen_(user_vectors[s : s + len(rows)] @ items.T, split, users[rows], positions[rows])
             scores[torch.arange(len(rows)), target] = float("-inf")
-            top = top_k_excluding_seen(scores.cpu(), split, users[rows], positions[rows], pool)
+            top = torch.topk(scores, min(pool, split.n_items), dim=1).indices.cpu().numpy()
             pick = np.argsort(rng.random(top.shape), axis=1)[:, :K]
             negatives[s : s + len(rows)] = np.take_along_axis(top, pick, axis=1)
         model = self.ranker
@@ -374,7 +381,7 @@ class TwoStageRecommender:
             started = time.perf_counter()
             model.train()
             order = rng.permutation(len(sample))[:per_epoch][world.rank :: world.size]
-            losses = []
+            loss_sum, steps = torch.zeros((), device=self.device), 0
             local_batch = max(cfg.batch_size // world.size, 2)
             for step in tqdm(range(len(order) // local_batch), desc=f"ranker epoch {epoch + 1}",
                              disable=not (progress and world.is_main), leave=False):  # fmt: skip
@@ -382,7 +389,7 @@ class TwoStageRecommender:
                 rows = sample[idx]
                 window, lengths, target, udense = self._example_batch(split, users[rows], positions[rows])
                 cand = torch.cat([target[:, None], to_tensor(negatives[idx], self.device)], dim=1)
-                user_vec = frozen.user_vectors(window, lengths, udense)
+                user_vec = user_vectors[torch.from_numpy(idx).to(self.device)]
                 hist = ranker_history(window, lengths, self.config.ranker_history)
                 logits = model(*ranker_inputs(items, tables.item_cats, tables.item_dense, split.n_categories, hist,
                                               udense, user_vec, cand))  # fmt: skip
@@ -395,12 +402,12 @@ class TwoStageRecommender:
                             dist.all_reduce(p.grad)
                             p.grad /= world.size
                 optimizer.step()
-                losses.append(loss.item())
+                loss_sum, steps = loss_sum + loss.detach(), steps + 1
             self.use_ranker = True
             score = evaluate(self.rank(split, "two_stage", exact=True), split, "validation")["ndcg@10"] \
                 if world.is_main else 0.0  # fmt: skip
             score = world.broadcast(score)
-            self.history.ranker.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
+            self.history.ranker.append({"epoch": epoch + 1, "loss": loss_sum.item() / steps if steps else float("nan"),
                                         "validation_ndcg@10": score, "seconds": time.perf_counter() - started})  # fmt: skip
             if world.is_main and progress:
                 tqdm.write(f"ranker epoch {epoch + 1}: loss {self.history.ranker[-1]['loss']:.4f}, "
@@ -416,6 +423,10 @@ class TwoStageRecommender:
         if best_state is not None:
             model.load_state_dict(best_state)
         self.validation_ndcg = best
+
+
+def _feature_index(user_profile: pd.DataFrame | None, split: SplitData) -> UserFeatureIndex | None:
+    return None if user_profile is None else UserFeatureIndex(user_profile, split.n_categories)
 
 
 def training_examples(split: SplitData) -> tuple[np.ndarray, np.ndarray]:

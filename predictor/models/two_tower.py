@@ -31,6 +31,17 @@ class IdEmbedding(nn.Module):
         return self.weight.shape[0]
 
 
+class MaskDropout(nn.Dropout):
+    """``nn.Dropout`` with its mask drawn by ``torch.rand``: the same distribution (zero with probability
+    ``p``, survivors scaled by ``1 / (1 - p)``), at half the CPU time of torch's bernoulli kernel, which
+    took 40 % of a training step on 2 cores (``docs/models.md``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+
+
 class ItemEncoder(nn.Module):
     """Item id embedding + category embedding + dense item features → ``[*, D]`` (not normalised)."""
 
@@ -66,9 +77,12 @@ class UserEncoder(nn.Module):
             batch_first=True, norm_first=True, activation="gelu",
         )  # fmt: skip
         self.encoder = nn.TransformerEncoder(layer, config.encoder_layers, enable_nested_tensor=False)
+        for encoder_layer in self.encoder.layers:
+            for name in ("dropout", "dropout1", "dropout2"):
+                setattr(encoder_layer, name, MaskDropout(config.dropout))
         self.dense = nn.Sequential(nn.Linear(user_dense_dim, config.dim), nn.GELU())
         self.out = nn.Sequential(nn.LayerNorm(2 * config.dim), nn.Linear(2 * config.dim, config.dim))
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = MaskDropout(config.dropout)
 
     def forward(self, history_emb: torch.Tensor, user_dense: torch.Tensor) -> torch.Tensor:
         """history_emb ``[B, L, D]`` left-aligned oldest first (padding after the last item),
@@ -134,11 +148,17 @@ class TwoTower(nn.Module):
     def forward(self, window, user_dense, targets, negatives, item_categories, item_dense):
         """Training step → (states ``[B, L, D]``, target embeddings ``[B, L, D]``, negatives ``[M, D]``).
 
-        One module call, so DistributedDataParallel sees every parameter used in the step.
+        The item encoder runs once over the distinct items of the step (history, targets and negatives
+        overlap: the targets are the history shifted by one), and each use gathers from it. One module
+        call, so DistributedDataParallel sees every parameter used in the step.
         """
-        states = self.user_states(window, user_dense, item_categories, item_dense)
-        positive = self.item_embedding(targets, item_categories[targets], item_dense[targets])
-        neg = self.item_embedding(negatives, item_categories[negatives], item_dense[negatives])
+        ids, inverse = torch.unique(torch.cat([window.flatten(), targets.flatten(), negatives]), return_inverse=True)
+        encoded = self.items(ids, item_categories[ids], item_dense[ids])  # [U, D]
+        n_window, n_targets = window.numel(), targets.numel()
+        history = self.history_proj(encoded[inverse[:n_window]].view(*window.shape, -1))
+        states = F.normalize(self.user(history, user_dense), dim=-1)
+        positive = F.normalize(encoded[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1), dim=-1)
+        neg = F.normalize(encoded[inverse[n_window + n_targets :]], dim=-1)
         return states, positive, neg
 
 
