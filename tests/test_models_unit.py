@@ -368,3 +368,18 @@ def test_mask_dropout_drops_at_rate_p_and_keeps_the_mean():
     assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.7)]
     assert abs(float(y.mean()) - 1.0) < 0.01
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_the_ranker_gate_needs_a_gain_above_one_standard_error():
+    from predictor.models.evaluate import beats_by_more_than_noise
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 0.1, 600)
+    served, stats = beats_by_more_than_noise(
+        noise - noise.mean() + 0.002
+    )  # mean 0.002, standard error ~0.004
+    assert not served and stats["mean"] == pytest.approx(0.002)
+    assert stats["standard_error"] == pytest.approx(noise.std(ddof=1) / np.sqrt(600))
+    served, stats = beats_by_more_than_noise(noise - noise.mean() + 0.02)
+    assert served and stats["mean"] > stats["standard_error"]
+    assert beats_by_more_than_noise(np.array([0.5]))[0] is False  # one user: no error estimate, not served

@@ -55,6 +55,7 @@ def compare(
     report["results"]["two_stage"] = evaluate(model.rank(split, "two_stage"), split, "test")
     report["results"]["retrieval_only"] = evaluate(model.rank(split, "retrieval"), split, "test")
     report["two_stage"] = {"model_config": model_config.to_dict(), "uses_ranker": model.use_ranker,
+                           "ranker_validation_gain": model.ranker_gain,
                            "training": {"retrieval": model.history.retrieval, "ranker": model.history.ranker}}  # fmt: skip
     als = report["results"]["implicit_als"]["ndcg@10"]
     report["two_stage_vs_als_ndcg@10"] = report["results"]["two_stage"]["ndcg@10"] / als if als else None

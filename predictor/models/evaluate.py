@@ -78,6 +78,26 @@ def holdout(split: SplitData, stage: str) -> tuple[np.ndarray, np.ndarray, np.nd
     return users, end, split.sequences[users, end]
 
 
+def per_user_ndcg(rank_fn: RankFn, split: SplitData, stage: str, k: int = 10, batch_size: int = 512) -> np.ndarray:
+    """NDCG@k of each user with a ``stage`` target, ``[U]`` in :func:`holdout`'s order (its mean is
+    :func:`evaluate`'s ``ndcg@k``)."""
+    users, end, target = holdout(split, stage)
+    tops = [rank_fn(users[s : s + batch_size], end[s : s + batch_size], k) for s in range(0, len(users), batch_size)]
+    top = np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
+    hits = top == target[:, None]
+    rank = np.where(hits.any(axis=1), hits.argmax(axis=1), k)
+    return np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
+
+
+def beats_by_more_than_noise(gain: np.ndarray) -> tuple[bool, dict[str, float]]:
+    """Per-user paired gains ``[U]`` (a model's metric minus another's on the same users) → whether the
+    mean gain exceeds one standard error of that mean, and both figures."""
+    gain = np.asarray(gain, np.float64)
+    error = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("inf")
+    mean = float(gain.mean()) if len(gain) else 0.0
+    return bool(mean > error), {"mean": mean, "standard_error": error}
+
+
 def evaluate(rank_fn: RankFn, split: SplitData, stage: str = "test", batch_size: int = 512) -> dict[str, float]:
     users, end, target = holdout(split, stage)
     k = max(KS)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from predictor.models.config import ModelConfig, TrainConfig
 from predictor.models.data import USER_DENSE_COLUMNS, SplitData, UserFeatureIndex, to_tensor
-from predictor.models.evaluate import RankFn, evaluate, mask_seen_
+from predictor.models.evaluate import RankFn, beats_by_more_than_noise, evaluate, mask_seen_, per_user_ndcg
 from predictor.models.inference import (
     HNSW_THRESHOLD,
     TwoStageInference,
@@ -99,6 +99,7 @@ class TwoStageRecommender:
         self.retrieval: TwoTower | None = None
         self.ranker: Ranker | None = None
         self.use_ranker = False
+        self.ranker_gain: dict | None = None  # validation NDCG@10 gain of the ranker: mean, standard error
         self.candidates = 200
         self.history = TrainingHistory()
         self.catalog = None  # the split trained on, or a loaded model's SplitCatalog
@@ -418,11 +419,22 @@ class TwoStageRecommender:
                 stale += 1
                 if stale >= max(2, cfg.patience // 2):
                     break
-        # the ranker serves only if it beat retrieval alone on validation
-        self.use_ranker = best_state is not None
         if best_state is not None:
             model.load_state_dict(best_state)
-        self.validation_ndcg = best
+        # the ranker serves only where it beats retrieval alone on validation by more than the noise: the
+        # mean per-user gain in NDCG@10 above one standard error of that mean (paired, same users)
+        self.use_ranker = False
+        self.ranker_gain = {"mean": 0.0, "standard_error": 0.0}
+        if best_state is not None and world.is_main:
+            retrieval = per_user_ndcg(self.rank(split, "retrieval", exact=True), split, "validation")
+            self.use_ranker = True
+            gain = per_user_ndcg(self.rank(split, "two_stage", exact=True), split, "validation") - retrieval
+            self.use_ranker, self.ranker_gain = beats_by_more_than_noise(gain)
+        self.use_ranker = bool(world.broadcast(float(self.use_ranker)))
+        self.validation_ndcg = best if self.use_ranker else self.validation_retrieval_ndcg
+        if world.is_main and progress:
+            tqdm.write(f"ranker: validation NDCG@10 gain {self.ranker_gain['mean']:+.4f} per user (standard error "
+                       f"{self.ranker_gain['standard_error']:.4f}): {'serves' if self.use_ranker else 'not served'}")  # fmt: skip
 
 
 def _feature_index(user_profile: pd.DataFrame | None, split: SplitData) -> UserFeatureIndex | None:
@@ -485,6 +497,7 @@ def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
         "model_config": model.config.to_dict(),
         "train_config": dict(model.train_config.__dict__),
         "use_ranker": model.use_ranker,
+        "ranker_validation_gain": model.ranker_gain,
         "candidates": model.candidates,
         "n_categories": split.n_categories,
         "uses_user_features": model.uses_user_features,
