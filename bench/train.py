@@ -1,108 +1,145 @@
-"""Training benchmark: examples/s, time to the quality bar, and implicit ALS's fit time, in one run.
+"""Training benchmark: speed against a baseline revision in the same run, time to the quality bar, wall times.
 
-    python bench/train.py [--dataset ml-100k] [--epochs 60]
+    python bench/train.py                       # speed of this tree, curve, MovieLens latest-small wall time
+    python bench/train.py --baseline REV        # also the same speed probes on git revision REV, same run
 
-The quality bar is validation NDCG@10 >= 1.1 × tuned implicit ALS's validation NDCG@10 on the same split.
-Writes ``bench/results/train.json`` and the training curve ``docs/img/training-curve.png``.
+Speed probes (each in a fresh process, so peak RSS is its own; the baseline runs this file's probes
+against REV's ``predictor`` package from a git worktree):
+
+* MovieLens-100K, ``small``, 3 retrieval epochs + 1 ranker epoch: retrieval labels/s and fit wall seconds;
+* a 200,000-event synthetic log (default catalog), ``small``, 2 retrieval epochs + 1 ranker epoch: fit
+  wall seconds.
+
+Then, this tree only: the default fit on MovieLens-100K with its validation curve against tuned implicit
+ALS (quality bar: validation NDCG@10 ≥ 1.1 × ALS's; plot ``docs/img/training-curve.png``), and the default
+``recsys train`` work on MovieLens latest-small end to end (split, feature snapshots, fit, test
+evaluation). Writes ``bench/results/train.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-from predictor.data.loaders import load_dataset  # noqa: E402
-from predictor.models.config import TrainConfig, model_config  # noqa: E402
-from predictor.models.data import build_split, user_feature_snapshots  # noqa: E402
-from predictor.models.evaluate import ImplicitModel, evaluate, tune_implicit  # noqa: E402
-from predictor.models.recommender import TwoStageRecommender  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    console = Console()
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    data = load_dataset(args.dataset)
+
+def speed_probe(name: str) -> dict:
+    """One probe in this process, through APIs every revision has (``TwoStageRecommender.fit``)."""
+    import torch
+
+    from predictor.data.loaders import load_dataset
+    from predictor.data.synthetic import generate
+    from predictor.models.config import TrainConfig, model_config
+    from predictor.models.data import build_split, user_feature_snapshots
+    from predictor.models.recommender import TwoStageRecommender
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    data = load_dataset("ml-100k") if name == "ml-100k" else generate(n_events=200_000, seed=0)
+    epochs = 3 if name == "ml-100k" else 2
     split = build_split(data)
-    _, als_params, trials = tune_implicit("als", split, seed=args.seed)
+    profile = user_feature_snapshots(data)
+    prepared = time.perf_counter() - started
+    model = TwoStageRecommender(model_config("small"),
+                                TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=1, seed=0))  # fmt: skip
+    started = time.perf_counter()
+    model.fit(split, profile, progress=False)
+    fit_s = time.perf_counter() - started
+    history = model.history.retrieval
+    labels = sum(e["examples"] for e in history)
+    seconds = sum(e["seconds"] for e in history)
+    return {"probe": name, "events": len(data.events), "items": split.n_items, "retrieval_epochs": epochs,
+            "ranker_epochs": 1, "split_and_features_s": prepared, "fit_s": fit_s,
+            "retrieval_labels_per_s": labels / seconds, "retrieval_train_s": seconds,
+            "validation_ndcg@10": [e["validation_ndcg@10"] for e in history], "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+
+
+def run_probes(package_root: Path) -> dict:
+    """Every probe, each in a fresh process importing ``predictor`` from ``package_root``."""
+    env = {**os.environ, "PYTHONPATH": str(package_root), "RECSYS_DATA_DIR": str(data_dir())}
+    out = {}
+    for name in ("ml-100k", "synthetic-200k"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as result:
+            done = subprocess.run([sys.executable, __file__, "--probe", name, "--probe-out", result.name],
+                                  env=env, cwd=package_root, capture_output=True, text=True, check=False)  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"probe {name} at {package_root} failed:\n{done.stderr[-3000:]}")
+            out[name] = json.loads(Path(result.name).read_text())
+    return out
+
+
+def data_dir() -> Path:
+    from predictor.data.loaders import default_data_dir
+
+    return default_data_dir()
+
+
+def curve_and_wall(console) -> dict:
+    """This tree: the default ml-100k fit against tuned ALS, and the default latest-small fit's wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from predictor.data.loaders import load_dataset
+    from predictor.models.data import build_split, user_feature_snapshots
+    from predictor.models.defaults import choose
+    from predictor.models.evaluate import ImplicitModel, evaluate, tune_implicit
+    from predictor.models.recommender import TwoStageRecommender
+
+    def default_model(data) -> TwoStageRecommender:  # `recsys train` with no options: settings from the data
+        config, train, chosen = choose(len(data.items))
+        model = TwoStageRecommender(config, replace(train, epochs=60, seed=0))
+        model.settings_chosen = chosen
+        return model
+
+    data = load_dataset("ml-100k")
+    split = build_split(data)
+    _, als_params, trials = tune_implicit("als", split, seed=0)
     als_validation = max(m["ndcg@10"] for _, m in trials)
     started = time.perf_counter()
-    ImplicitModel("als", als_params, args.seed).fit(split, "validation")
+    ImplicitModel("als", als_params, 0).fit(split, "validation")
     als_fit_s = time.perf_counter() - started
     bar = 1.1 * als_validation
-    console.print(
-        f"tuned ALS {als_params}: validation NDCG@10 {als_validation:.4f}, fit {als_fit_s:.2f} s; bar {bar:.4f}"
-    )
-
+    model = default_model(data)
     started = time.perf_counter()
-    profile = user_feature_snapshots(data)
-    features_s = time.perf_counter() - started
-    model = TwoStageRecommender(model_config(args.size), TrainConfig(epochs=args.epochs, seed=args.seed))
-    started = time.perf_counter()
-    model.fit(split, profile)
-    total_s = time.perf_counter() - started
-
-    elapsed, time_to_bar = 0.0, None
-    curve = []
+    model.fit(split, user_feature_snapshots(data), progress=False)
+    fit_s = time.perf_counter() - started
+    elapsed, time_to_bar, curve = 0.0, None, []
     for epoch in model.history.retrieval:
         elapsed += epoch["seconds"]
-        curve.append((elapsed, epoch["validation_ndcg@10"], epoch["loss"]))
+        curve.append(
+            {"seconds": elapsed, "validation_ndcg@10": epoch["validation_ndcg@10"], "loss": epoch["loss"]}
+        )
         if time_to_bar is None and epoch["validation_ndcg@10"] >= bar:
             time_to_bar = elapsed
-    examples = sum(e["examples"] for e in model.history.retrieval)
-    train_s = sum(e["seconds"] for e in model.history.retrieval)
-    result = {
-        "dataset": args.dataset,
-        "size": args.size,
-        "seed": args.seed,
-        "retrieval_examples_per_s": examples / train_s,
-        "retrieval_epochs": len(model.history.retrieval),
-        "retrieval_train_seconds": train_s,
-        "two_stage_total_fit_seconds": total_s,
-        "feature_snapshots_seconds": features_s,
-        "time_to_quality_bar_s": time_to_bar,
-        "quality_bar_validation_ndcg@10": bar,
-        "implicit_als": {
-            "params": als_params,
-            "fit_seconds": als_fit_s,
-            "validation_ndcg@10": als_validation,
-        },
-        "two_stage_test": evaluate(model.rank(split), split, "test"),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "curve": [{"seconds": s, "validation_ndcg@10": n, "loss": loss} for s, n, loss in curve],
-    }
-    out = ROOT / "bench" / "results" / "train.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    ml100k = {"fit_s": fit_s, "retrieval_epochs": len(curve), "time_to_quality_bar_s": time_to_bar,
+              "quality_bar_validation_ndcg@10": bar,
+              "implicit_als": {"params": als_params, "fit_seconds": als_fit_s, "validation_ndcg@10": als_validation},
+              "two_stage_test": evaluate(model.rank(split), split, "test"), "settings_chosen": model.settings_chosen,
+              "curve": curve}  # fmt: skip
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(
-        [c[0] for c in curve],
-        [c[1] for c in curve],
-        marker="o",
-        ms=3,
-        label="two-tower retrieval (validation)",
-    )
+    ax.plot([c["seconds"] for c in curve], [c["validation_ndcg@10"] for c in curve], marker="o", ms=3,
+            label="two-tower retrieval (validation)")  # fmt: skip
     ax.axhline(als_validation, color="grey", ls="--", label=f"tuned implicit ALS ({als_fit_s:.1f} s fit)")
     ax.axhline(bar, color="red", ls=":", label="quality bar (1.1 × ALS)")
-    ax.set_xlabel("training seconds (2 CPU cores)")
+    ax.set_xlabel(f"training seconds ({os.cpu_count()} CPU cores)")
     ax.set_ylabel("validation NDCG@10 (full ranking)")
-    ax.set_title(f"{args.dataset}: retrieval training curve")
+    ax.set_title("ml-100k: retrieval training curve, default settings")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     png = ROOT / "docs" / "img" / "training-curve.png"
@@ -110,10 +147,78 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     console.print(
-        f"{result['retrieval_examples_per_s']:,.0f} labels/s; time to bar "
-        f"{time_to_bar if time_to_bar is None else round(time_to_bar, 1)} s vs ALS fit {als_fit_s:.2f} s; "
-        f"peak RSS {result['peak_rss_mb']:.0f} MB; wrote {out} and {png}"
+        f"ml-100k default fit {fit_s:.0f} s, time to bar {time_to_bar} s (ALS fit {als_fit_s:.2f} s)"
     )
+
+    started = time.perf_counter()  # what `recsys train` does with its defaults, minus the registry write
+    data = load_dataset("ml-latest-small")
+    split = build_split(data)
+    model = default_model(data)
+    model.fit(split, user_feature_snapshots(data), progress=False)
+    test = evaluate(model.rank(split), split, "test")
+    wall = time.perf_counter() - started
+    console.print(f"ml-latest-small default train end to end: {wall:.0f} s")
+    return {"ml-100k_default_fit": ml100k,
+            "ml-latest-small_default_train": {"wall_s": wall, "retrieval_epochs": len(model.history.retrieval),
+                                              "settings_chosen": model.settings_chosen,
+                                              "ranker_served": model.use_ranker, "test": test}}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", help="git revision whose speed probes run in the same run")
+    parser.add_argument("--skip-curve", action="store_true", help="speed probes only")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        Path(args.probe_out).write_text(json.dumps(speed_probe(args.probe)))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    wall = time.perf_counter()
+    trees = {"this tree": ROOT}
+    worktree = None
+    if args.baseline:
+        worktree = Path(tempfile.mkdtemp(prefix="recsys-baseline-"))
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.baseline],
+                       check=True, capture_output=True)  # fmt: skip
+        trees[f"baseline {args.baseline}"] = worktree
+    try:
+        speed = {}
+        for label, root in trees.items():
+            with console.status(f"speed probes: {label}"):
+                speed[label] = run_probes(root)
+    finally:
+        if worktree:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False
+            )
+    table = Table("probe", *trees, *(["ratio"] if args.baseline else []), title="training speed, same run")
+    rows = [("ml-100k retrieval labels/s", "ml-100k", "retrieval_labels_per_s", True),
+            ("ml-100k fit s (3 + 1 epochs)", "ml-100k", "fit_s", False),
+            ("synthetic 200k fit s (2 + 1 epochs)", "synthetic-200k", "fit_s", False),
+            ("synthetic 200k peak RSS MB", "synthetic-200k", "peak_rss_mb", False)]  # fmt: skip
+    ratios = {}
+    for label, probe, key, higher_better in rows:
+        values = [speed[t][probe][key] for t in trees]
+        cells = [f"{v:,.1f}" for v in values]
+        if args.baseline:
+            ratios[label] = values[0] / values[1] if higher_better else values[1] / values[0]
+            cells.append(f"{ratios[label]:.2f} ×")
+        table.add_row(label, *cells)
+    console.print(table)
+    report = {"command": "python bench/train.py" + (f" --baseline {args.baseline}" if args.baseline else ""),
+              "machine": f"{os.cpu_count()} cores", "speed": speed,
+              "speedup_over_baseline": ratios or None}  # fmt: skip
+    if not args.skip_curve:
+        report.update(curve_and_wall(console))
+    report["wall_s"] = time.perf_counter() - wall
+    out = ROOT / "bench" / "results" / "train.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out} in {report['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Global options pick the profile (embedded / production) and the state directory;
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
@@ -231,6 +232,7 @@ def train(
     """Train the two-stage model on the event log, register it and (by default) promote it."""
     from predictor.data.eventlog import EventLog
     from predictor.models.config import ModelConfig, TrainConfig, model_config, parse_overrides
+    from predictor.models.defaults import choose, value_of
     from predictor.models.lifecycle import train_and_register
     from predictor.models.registry import ModelRegistry
 
@@ -239,8 +241,8 @@ def train(
         raise typer.BadParameter("--resume needs --checkpoint-dir")
     try:
         model_overrides = parse_overrides(model_option or [], ModelConfig)
-        train_overrides = {"epochs": epochs, "seed": seed, **parse_overrides(train_option or [], TrainConfig)}
-        config, train_config = model_config(size, **model_overrides), TrainConfig(**train_overrides)
+        train_overrides = parse_overrides(train_option or [], TrainConfig)
+        model_config(size, **model_overrides), TrainConfig(**train_overrides)  # bad options fail before the read
     except (ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc)) from None
     if skip_if_production:
@@ -251,10 +253,14 @@ def train(
             console.print(f"version {production.version} is in production already: nothing to do")
             return
     data = EventLog(settings.database_url).read()
+    config, train_config, chosen = choose(len(data.items), size, model_overrides, train_overrides)  # fmt: skip
+    train_config = dataclasses.replace(train_config, epochs=epochs, seed=seed)
+    console.print("settings: " + "; ".join(f"{key}={value_of(config, train_config, key)} ({why})"
+                                           for key, why in chosen.items()))  # fmt: skip
     profile = _offline_user_profile(settings) if features else None
     version, metrics = train_and_register(
         data, ModelRegistry(settings.database_url), settings.artifacts_uri, config, train_config, profile,
-        checkpoint_dir, resume, promote,
+        checkpoint_dir, resume, promote, settings_chosen=chosen,
     )  # fmt: skip
     if version is None:
         return  # a non-zero torchrun rank: rank 0 reports

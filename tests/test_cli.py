@@ -101,6 +101,7 @@ def test_model_commands_train_evaluate_retrain(tmp_path, profile, request, monke
     trained = run("train", "--size", "tiny", "--epochs", "2", "--model-option", "full_softmax_items=100000",
                   "--train-option", "window_jitter=true")  # fmt: skip
     assert "version 1" in trained and "(production)" in trained
+    assert "full_softmax_items=100000 (set by the user)" in " ".join(trained.split())
     assert "nothing to do" in run("train", "--skip-if-production")  # a bootstrap job re-run is harmless
     assert "two_stage" in run("evaluate")
     # new events after the cutoff, then a retrain that must not be worse by more than 1.0 NDCG: promoted

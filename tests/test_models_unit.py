@@ -383,3 +383,25 @@ def test_the_ranker_gate_needs_a_gain_above_one_standard_error():
     served, stats = beats_by_more_than_noise(noise - noise.mean() + 0.02)
     assert served and stats["mean"] > stats["standard_error"]
     assert beats_by_more_than_noise(np.array([0.5]))[0] is False  # one user: no error estimate, not served
+
+
+def test_defaults_follow_the_data_and_the_user_wins():
+    from predictor.models.defaults import FULL_SOFTMAX_MAX_ITEMS, choose
+
+    config, train, why = choose(1_682)
+    assert config.full_softmax_items >= 1_682 and train.window_jitter and config.dim == 128
+    assert set(why) == {
+        "full_softmax_items",
+        "window_jitter",
+        "dim",
+        "dropout",
+        "temperature",
+        "weight_decay",
+        "lr",
+    }
+    big, big_train, why = choose(FULL_SOFTMAX_MAX_ITEMS + 1)
+    assert big == model_config("small") and big_train == TrainConfig() and why == {}
+    assert choose(1_682, "tiny")[0] == model_config("tiny")  # measured on `small` only
+    mine, mine_train, why = choose(1_682, model_options={"dim": 32}, train_options={"window_jitter": False})
+    assert mine.dim == 32 and not mine_train.window_jitter and mine.dropout == 0.3
+    assert why["dim"] == why["window_jitter"] == "set by the user"

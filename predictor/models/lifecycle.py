@@ -72,14 +72,18 @@ def train_and_register(
     resume: bool = False,
     promote: bool = True,
     progress: bool = True,
+    settings_chosen: dict[str, str] | None = None,
 ) -> tuple[ModelVersion | None, dict]:
     """Train from scratch on the whole log, evaluate on its leave-last-out test, register, and promote
     (if ``promote``) through the registry's compare-and-swap.
 
     ``user_profile``: the offline user_profile rows (history snapshots) for the point-in-time join.
+    ``settings_chosen``: why each setting has its value (``predictor.models.defaults.choose``), kept in
+    the model's metadata.
     """
     split = build_split(data)
     model = TwoStageRecommender(model_config, train_config)
+    model.settings_chosen = dict(settings_chosen or {})
     model.fit(split, user_profile, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None, {}  # under torchrun only rank 0 evaluates and registers

@@ -100,6 +100,7 @@ class TwoStageRecommender:
         self.ranker: Ranker | None = None
         self.use_ranker = False
         self.ranker_gain: dict | None = None  # validation NDCG@10 gain of the ranker: mean, standard error
+        self.settings_chosen: dict[str, str] = {}  # setting → why it has its value (chosen from the data)
         self.candidates = 200
         self.history = TrainingHistory()
         self.catalog = None  # the split trained on, or a loaded model's SplitCatalog
@@ -424,7 +425,7 @@ class TwoStageRecommender:
         # the ranker serves only where it beats retrieval alone on validation by more than the noise: the
         # mean per-user gain in NDCG@10 above one standard error of that mean (paired, same users)
         self.use_ranker = False
-        self.ranker_gain = {"mean": 0.0, "standard_error": 0.0}
+        self.ranker_gain = None  # no epoch beat retrieval alone
         if best_state is not None and world.is_main:
             retrieval = per_user_ndcg(self.rank(split, "retrieval", exact=True), split, "validation")
             self.use_ranker = True
@@ -432,7 +433,9 @@ class TwoStageRecommender:
             self.use_ranker, self.ranker_gain = beats_by_more_than_noise(gain)
         self.use_ranker = bool(world.broadcast(float(self.use_ranker)))
         self.validation_ndcg = best if self.use_ranker else self.validation_retrieval_ndcg
-        if world.is_main and progress:
+        if world.is_main and progress and best_state is None:
+            tqdm.write("ranker: no epoch beat retrieval alone on validation: not served")
+        elif world.is_main and progress:
             tqdm.write(f"ranker: validation NDCG@10 gain {self.ranker_gain['mean']:+.4f} per user (standard error "
                        f"{self.ranker_gain['standard_error']:.4f}): {'serves' if self.use_ranker else 'not served'}")  # fmt: skip
 
@@ -498,6 +501,7 @@ def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
         "train_config": dict(model.train_config.__dict__),
         "use_ranker": model.use_ranker,
         "ranker_validation_gain": model.ranker_gain,
+        "settings_chosen": model.settings_chosen,
         "candidates": model.candidates,
         "n_categories": split.n_categories,
         "uses_user_features": model.uses_user_features,
@@ -529,6 +533,7 @@ def model_from_files(files: dict[str, bytes], device: str | None = None) -> TwoS
         module.load_state_dict(state)
         module.eval()
     model.use_ranker = bool(meta["use_ranker"])
+    model.settings_chosen = dict(meta.get("settings_chosen", {}))
     model._trained_with_features = bool(meta.get("uses_user_features", False))
     model.candidates = int(meta["candidates"])
     model.catalog = SplitCatalog(

@@ -1,0 +1,53 @@
+"""Training settings chosen from the data when the user sets none: what `recsys train` and `bench/quality.py` run.
+
+The rules come from measurements (``docs/models.md``, "Defaults"): the MovieLens latest-small validation
+sweep, and single-seed CPU fits of candidate settings on both MovieLens datasets. Every field the user
+sets (``--model-option`` / ``--train-option``) wins over the rule for it.
+"""
+
+from __future__ import annotations
+
+from predictor.models.config import ModelConfig, TrainConfig, model_config
+
+# The exact softmax scores every item for every label, so its cost grows with the catalog. Measured on 2 CPU
+# cores with the settings below (docs/models.md, "Defaults"): 1,682 items (MovieLens-100K) 6.6 s an
+# epoch, 436 s a fit, validation NDCG@10 +27 % over the model's own defaults; 9,742 items (MovieLens
+# latest-small) over 1,200 s a fit, above the training-time budget. The width, dropout and learning rate
+# belong with it: without the exact softmax they measured no gain (docs/models.md).
+FULL_SOFTMAX_MAX_ITEMS = 5_000
+SMALL_CATALOG_SETTINGS = {  # the latest-small validation sweep's choice (docs/models.md)
+    "model": {"dim": 128, "dropout": 0.3, "temperature": 0.1},
+    "train": {"window_jitter": True, "weight_decay": 1e-3, "lr": 3e-3},
+}
+
+
+def choose(n_items: int, size: str = "small", model_options: dict | None = None,
+           train_options: dict | None = None) -> tuple[ModelConfig, TrainConfig, dict[str, str]]:  # fmt: skip
+    """(model config, train config, {field: why}) for a catalog of ``n_items``; ``model_options`` /
+    ``train_options`` are the user's settings, applied over the rules (their fields are reported as "set
+    by the user"). The rules were measured on the ``small`` size and apply to it only."""
+    model_options, train_options = dict(model_options or {}), dict(train_options or {})
+    model_rules: dict[str, tuple[object, str]] = {}
+    train_rules: dict[str, tuple[object, str]] = {}
+    if size == "small" and 0 < n_items <= FULL_SOFTMAX_MAX_ITEMS:
+        why = f"{n_items:,} items ≤ {FULL_SOFTMAX_MAX_ITEMS:,}: exact softmax over the whole catalog"
+        model_rules["full_softmax_items"] = (FULL_SOFTMAX_MAX_ITEMS, why)
+        for key, value in SMALL_CATALOG_SETTINGS["model"].items():
+            model_rules[key] = (value, why + ", with its settings")
+        for key, value in SMALL_CATALOG_SETTINGS["train"].items():
+            train_rules[key] = (value, why + ", with its settings")
+    reasons: dict[str, str] = {}
+    chosen_model = {k: v for k, (v, _) in model_rules.items() if k not in model_options}
+    chosen_train = {k: v for k, (v, _) in train_rules.items() if k not in train_options}
+    for key, (_, why) in (*model_rules.items(), *train_rules.items()):
+        if key in chosen_model or key in chosen_train:
+            reasons[key] = why
+    for key in (*model_options, *train_options):
+        reasons[key] = "set by the user"
+    config = model_config(size, **{**chosen_model, **model_options})
+    return config, TrainConfig(**{**chosen_train, **train_options}), reasons
+
+
+def value_of(config: ModelConfig, train: TrainConfig, key: str):
+    """The value of setting ``key``, from whichever of the two configs has it."""
+    return getattr(config, key) if hasattr(config, key) else getattr(train, key)
