@@ -22,7 +22,7 @@ from rich.table import Table
 from predictor.data.loaders import load_dataset
 from predictor.models.compare import METRICS, compare, compare_split_files, print_report
 from predictor.models.config import ModelConfig, TrainConfig, model_config, parse_overrides
-from predictor.models.defaults import choose, value_of
+from predictor.models.defaults import choose, describe, explained
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -85,7 +85,7 @@ def main() -> None:
     data = load_dataset(args.dataset, args.data_dir)
     console.print(data.summary())
     config, train, chosen = choose(len(data.items), args.size, model_options, train_options)
-    console.print("settings: " + "; ".join(f"{key}={value_of(config, train, key)} ({why})" for key, why in chosen.items()))
+    console.print(describe(config, train, chosen))
     runs = []
     for seed in args.seeds:
         report, _, _ = compare(data, config, replace(train, epochs=args.epochs, seed=seed),
@@ -98,7 +98,7 @@ def main() -> None:
                          + "".join(f" --model-option {o}" for o in args.model_option)
                          + "".join(f" --train-option {o}" for o in args.train_option),
               "split": runs[0]["split"], "users": runs[0]["users"], "items": runs[0]["items"],
-              "settings_chosen": {key: {"value": value_of(config, train, key), "why": why} for key, why in chosen.items()},
+              "settings_chosen": explained(config, train, chosen),
               **summarise(runs), "runs": runs}  # fmt: skip
     print_summary(report, console)
     out = Path(args.out) if args.out else RESULTS / f"quality-{args.dataset}.json"

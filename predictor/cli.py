@@ -232,7 +232,7 @@ def train(
     """Train the two-stage model on the event log, register it and (by default) promote it."""
     from predictor.data.eventlog import EventLog
     from predictor.models.config import ModelConfig, TrainConfig, model_config, parse_overrides
-    from predictor.models.defaults import choose, value_of
+    from predictor.models.defaults import choose, describe
     from predictor.models.lifecycle import train_and_register
     from predictor.models.registry import ModelRegistry
 
@@ -253,10 +253,9 @@ def train(
             console.print(f"version {production.version} is in production already: nothing to do")
             return
     data = EventLog(settings.database_url).read()
-    config, train_config, chosen = choose(len(data.items), size, model_overrides, train_overrides)  # fmt: skip
+    config, train_config, chosen = choose(len(data.items), size, model_overrides, train_overrides)
     train_config = dataclasses.replace(train_config, epochs=epochs, seed=seed)
-    console.print("settings: " + "; ".join(f"{key}={value_of(config, train_config, key)} ({why})"
-                                           for key, why in chosen.items()))  # fmt: skip
+    console.print(describe(config, train_config, chosen))
     profile = _offline_user_profile(settings) if features else None
     version, metrics = train_and_register(
         data, ModelRegistry(settings.database_url), settings.artifacts_uri, config, train_config, profile,

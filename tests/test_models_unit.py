@@ -7,7 +7,7 @@ import torch
 
 from predictor.data.schema import Interactions, validate_events, validate_items
 from predictor.models.config import TrainConfig, model_config
-from predictor.models.data import build_split, make_index, user_features_at
+from predictor.models.data import UserFeatureIndex, build_split, make_index
 from predictor.models.evaluate import ranking_metrics, top_k_excluding_seen
 from predictor.models.ranker import Ranker
 from predictor.models.recommender import TwoStageRecommender, training_windows
@@ -132,7 +132,7 @@ def test_point_in_time_join_uses_only_earlier_snapshots():
     labels = pd.to_datetime(["2026-01-02 00:00", "2026-01-02 12:00", "2025-12-31 00:00"], utc=True).astype(
         "int64"
     )
-    x = user_features_at(profile, np.array([1, 1, 1]), labels.to_numpy(), 1)
+    x = UserFeatureIndex(profile, 1).at(np.array([1, 1, 1]), labels.to_numpy())
     # a snapshot stamped exactly at the label time is not used; none before → zeros
     assert np.expm1(x[:, 3]).round().tolist() == [1.0, 2.0, 0.0]
     assert x[2].sum() == 0

@@ -285,22 +285,13 @@ class UserFeatureIndex:
         out = np.zeros((len(user_ids), self.width), np.float32)
         if not len(self.users) or not len(user_ids):
             return out
-        start = np.searchsorted(self.users, user_ids, side="left")
-        stop = np.searchsorted(self.users, user_ids, side="right")
-        # the last row of the user's block [start, stop) whose time is strictly before the label's
+        # the last row before the (user, label time) key; it is the user's own row or none is
         query = (np.searchsorted(self._distinct_users, user_ids) * (len(self._distinct_times) + 1)
                  + np.searchsorted(self._distinct_times, label_times, side="left"))  # fmt: skip
         row = np.searchsorted(self._key, query, side="left") - 1
-        found = (stop > start) & (row >= start)
+        found = (row >= 0) & (self.users[row.clip(min=0)] == user_ids)
         out[found] = self.dense[row[found]]
         return out
-
-
-def user_features_at(
-    user_profile: pd.DataFrame, user_ids: np.ndarray, label_times: np.ndarray, n_categories: int
-) -> np.ndarray:
-    """One point-in-time join (see :class:`UserFeatureIndex`; build that once to join many times)."""
-    return UserFeatureIndex(user_profile, n_categories).at(user_ids, label_times)
 
 
 def to_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

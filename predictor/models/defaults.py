@@ -48,6 +48,14 @@ def choose(n_items: int, size: str = "small", model_options: dict | None = None,
     return config, TrainConfig(**{**chosen_train, **train_options}), reasons
 
 
-def value_of(config: ModelConfig, train: TrainConfig, key: str):
-    """The value of setting ``key``, from whichever of the two configs has it."""
-    return getattr(config, key) if hasattr(config, key) else getattr(train, key)
+def explained(config: ModelConfig, train: TrainConfig, reasons: dict[str, str]) -> dict[str, dict]:
+    """``{setting: {"value", "why"}}`` for the settings ``reasons`` names, from whichever config has each."""
+    return {key: {"value": getattr(config, key) if hasattr(config, key) else getattr(train, key), "why": why}
+            for key, why in reasons.items()}  # fmt: skip
+
+
+def describe(config: ModelConfig, train: TrainConfig, reasons: dict[str, str]) -> str:
+    """One line for the console: each chosen setting, its value and why."""
+    return "settings: " + "; ".join(
+        f"{key}={e['value']} ({e['why']})" for key, e in explained(config, train, reasons).items()
+    )

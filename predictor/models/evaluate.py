@@ -28,16 +28,31 @@ RankFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 def ranking_metrics(top: np.ndarray, target: np.ndarray, n_items: int, ks: Sequence[int] = KS) -> dict[str, float]:
     """top ``[U, K]`` ranked item indexes, target ``[U]`` → recall@k, ndcg@k, coverage@10."""
-    hits = top == target[:, None]
-    rank = np.where(hits.any(axis=1), hits.argmax(axis=1), np.iinfo(np.int64).max)
+    rank = _hit_rank(top, target)
     out = {}
     for k in ks:
         hit = rank < k
         out[f"recall@{k}"] = float(hit.mean()) if len(hit) else 0.0
-        gains = np.where(hit, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
-        out[f"ndcg@{k}"] = float(gains.mean()) if len(hit) else 0.0
+        out[f"ndcg@{k}"] = float(_ndcg_gains(rank, k).mean()) if len(hit) else 0.0
     out["coverage@10"] = float(len(np.unique(top[:, :10])) / max(n_items, 1))
     return out
+
+
+def _hit_rank(top: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's target in ``top [U, K]`` (int64 max where absent)."""
+    hits = top == target[:, None]
+    return np.where(hits.any(axis=1), hits.argmax(axis=1), np.iinfo(np.int64).max)
+
+
+def _ndcg_gains(rank: np.ndarray, k: int) -> np.ndarray:
+    """Per-user NDCG@k of one target at ``rank`` (0 beyond k)."""
+    return np.where(rank < k, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
+
+
+def _tops(rank_fn: RankFn, users: np.ndarray, end: np.ndarray, k: int, batch_size: int) -> np.ndarray:
+    """``rank_fn`` over ``users`` in batches → ``[U, k]``."""
+    tops = [rank_fn(users[s : s + batch_size], end[s : s + batch_size], k) for s in range(0, len(users), batch_size)]
+    return np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
 
 
 def ranking_metrics_multi(top: np.ndarray, targets: list[np.ndarray], ks: Sequence[int] = KS) -> dict[str, float]:
@@ -59,10 +74,7 @@ def ranking_metrics_multi(top: np.ndarray, targets: list[np.ndarray], ks: Sequen
 def evaluate_targets(rank_fn: RankFn, split: SplitData, targets: dict[int, np.ndarray], batch_size: int = 512) -> dict:
     """Evaluate against external targets (user index → item indexes), history = everything in ``split``."""
     users = np.array(sorted(u for u, t in targets.items() if u > 0 and len(t)), dtype=np.int64)
-    end = split.lengths[users]
-    k = max(KS)
-    tops = [rank_fn(users[s : s + batch_size], end[s : s + batch_size], k) for s in range(0, len(users), batch_size)]
-    top = np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
+    top = _tops(rank_fn, users, split.lengths[users], max(KS), batch_size)
     metrics = ranking_metrics_multi(top, [targets[u] for u in users])
     metrics["coverage@10"] = float(len(np.unique(top[:, :10])) / max(split.n_items, 1))
     metrics["users"] = len(users)
@@ -82,11 +94,7 @@ def per_user_ndcg(rank_fn: RankFn, split: SplitData, stage: str, k: int = 10, ba
     """NDCG@k of each user with a ``stage`` target, ``[U]`` in :func:`holdout`'s order (its mean is
     :func:`evaluate`'s ``ndcg@k``)."""
     users, end, target = holdout(split, stage)
-    tops = [rank_fn(users[s : s + batch_size], end[s : s + batch_size], k) for s in range(0, len(users), batch_size)]
-    top = np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
-    hits = top == target[:, None]
-    rank = np.where(hits.any(axis=1), hits.argmax(axis=1), k)
-    return np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
+    return _ndcg_gains(_hit_rank(_tops(rank_fn, users, end, k, batch_size), target), k)
 
 
 def beats_by_more_than_noise(gain: np.ndarray) -> tuple[bool, dict[str, float]]:
@@ -100,10 +108,7 @@ def beats_by_more_than_noise(gain: np.ndarray) -> tuple[bool, dict[str, float]]:
 
 def evaluate(rank_fn: RankFn, split: SplitData, stage: str = "test", batch_size: int = 512) -> dict[str, float]:
     users, end, target = holdout(split, stage)
-    k = max(KS)
-    tops = [rank_fn(users[s : s + batch_size], end[s : s + batch_size], k) for s in range(0, len(users), batch_size)]
-    top = np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
-    metrics = ranking_metrics(top, target, split.n_items)
+    metrics = ranking_metrics(_tops(rank_fn, users, end, max(KS), batch_size), target, split.n_items)
     metrics["users"] = len(users)
     return metrics
 

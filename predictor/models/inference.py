@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import faiss
@@ -36,9 +36,8 @@ from predictor.models.data import USER_DENSE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-HNSW_THRESHOLD = (
-    50_000  # CPU catalogs above this many items try an HNSW index (served where it measures faster)
-)
+# CPU catalogs above this many items try an HNSW index (served where it measures faster)
+HNSW_THRESHOLD = 50_000
 MIN_RECALL = 0.95  # recall@100 against exact search that the HNSW index must reach
 TOP_K_CHUNK = 128  # columns per chunk of the two-pass top-k
 BF16_UNIT_ROUNDOFF = 2.0**-8  # relative rounding error of bfloat16 (8-bit significand)
@@ -165,7 +164,7 @@ class ItemTables:
     index: faiss.Index | None  # HNSW over rows 1..N, or None for exact search
     ef_search: int = 0
     recall: float = 1.0
-    selection: dict | None = None  # what was tried for retrieval (HNSW, bf16 scan) and its ms against exact
+    selection: dict = field(default_factory=dict)  # what was tried (HNSW, bf16 scan), its ms against exact
     scan: torch.Tensor | None = None  # bf16 copy of embeddings for the certified exact scan, or None
     scan_error: float = 0.0  # |fp32 score - bf16 scan score| <= scan_error * ||user||
 
@@ -211,7 +210,6 @@ class TwoStageInference:
             embeddings = torch.nn.functional.pad(embeddings, (0, 0, 0, (-(n + 1)) % TOP_K_CHUNK))
             history = self.retrieval.history_table(item_cats, item_dense).float()
         tables = ItemTables(item_cats, item_dense, embeddings.to(self.table_dtype), history, None)
-        tables.selection = {}
         if self.try_scan:
             self._select_scan(tables)
         if self.use_index:
@@ -413,8 +411,7 @@ def with_bf16_scan(tables: ItemTables) -> ItemTables:
     d = tables.embeddings.shape[1]
     max_norm = float(tables.embeddings.float().norm(dim=1).max())
     error = max_norm * ((2 * u + u * u) + 2 * u * (1 + u) ** 2 + d * 2.0**-23) * 1.01
-    scan = tables.embeddings.to(torch.bfloat16)
-    return ItemTables(**{**tables.__dict__, "scan": scan, "scan_error": error})
+    return replace(tables, scan=tables.embeddings.to(torch.bfloat16), scan_error=error)
 
 
 def _best_ms(fn, repeats: int = 5) -> float:

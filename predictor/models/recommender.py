@@ -379,13 +379,17 @@ class TwoStageRecommender:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         baseline = self.validation_retrieval_ndcg
         best, best_state, stale = baseline, None, 0
+        # per-user validation NDCG@10 of retrieval alone, and of the best ranker epoch: the gate's pairs
+        retrieval_ndcg = per_user_ndcg(self.rank(split, "retrieval", exact=True), split, "validation") \
+            if world.is_main else None  # fmt: skip
+        best_ndcg = None
         for epoch in range(cfg.ranker_epochs):
             started = time.perf_counter()
             model.train()
             order = rng.permutation(len(sample))[:per_epoch][world.rank :: world.size]
-            loss_sum, steps = torch.zeros((), device=self.device), 0
             local_batch = max(cfg.batch_size // world.size, 2)
-            for step in tqdm(range(len(order) // local_batch), desc=f"ranker epoch {epoch + 1}",
+            steps, loss_sum = len(order) // local_batch, torch.zeros((), device=self.device)
+            for step in tqdm(range(steps), desc=f"ranker epoch {epoch + 1}",
                              disable=not (progress and world.is_main), leave=False):  # fmt: skip
                 idx = order[step * local_batch : (step + 1) * local_batch]
                 rows = sample[idx]
@@ -404,18 +408,18 @@ class TwoStageRecommender:
                             dist.all_reduce(p.grad)
                             p.grad /= world.size
                 optimizer.step()
-                loss_sum, steps = loss_sum + loss.detach(), steps + 1
+                loss_sum += loss.detach()
             self.use_ranker = True
-            score = evaluate(self.rank(split, "two_stage", exact=True), split, "validation")["ndcg@10"] \
-                if world.is_main else 0.0  # fmt: skip
-            score = world.broadcast(score)
+            ndcg = per_user_ndcg(self.rank(split, "two_stage", exact=True), split, "validation") \
+                if world.is_main else None  # fmt: skip
+            score = world.broadcast(float(ndcg.mean()) if ndcg is not None and len(ndcg) else 0.0)
             self.history.ranker.append({"epoch": epoch + 1, "loss": loss_sum.item() / steps if steps else float("nan"),
                                         "validation_ndcg@10": score, "seconds": time.perf_counter() - started})  # fmt: skip
             if world.is_main and progress:
                 tqdm.write(f"ranker epoch {epoch + 1}: loss {self.history.ranker[-1]['loss']:.4f}, "
                            f"two-stage validation ndcg@10 {score:.4f} (retrieval alone {baseline:.4f})")  # fmt: skip
             if score > best:
-                best, stale, best_state = score, 0, copy.deepcopy(model.state_dict())
+                best, stale, best_state, best_ndcg = score, 0, copy.deepcopy(model.state_dict()), ndcg
             else:
                 stale += 1
                 if stale >= max(2, cfg.patience // 2):
@@ -427,10 +431,7 @@ class TwoStageRecommender:
         self.use_ranker = False
         self.ranker_gain = None  # no epoch beat retrieval alone
         if best_state is not None and world.is_main:
-            retrieval = per_user_ndcg(self.rank(split, "retrieval", exact=True), split, "validation")
-            self.use_ranker = True
-            gain = per_user_ndcg(self.rank(split, "two_stage", exact=True), split, "validation") - retrieval
-            self.use_ranker, self.ranker_gain = beats_by_more_than_noise(gain)
+            self.use_ranker, self.ranker_gain = beats_by_more_than_noise(best_ndcg - retrieval_ndcg)
         self.use_ranker = bool(world.broadcast(float(self.use_ranker)))
         self.validation_ndcg = best if self.use_ranker else self.validation_retrieval_ndcg
         if world.is_main and progress and best_state is None:

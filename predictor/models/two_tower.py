@@ -33,8 +33,8 @@ class IdEmbedding(nn.Module):
 
 class MaskDropout(nn.Dropout):
     """``nn.Dropout`` with its mask drawn by ``torch.rand``: the same distribution (zero with probability
-    ``p``, survivors scaled by ``1 / (1 - p)``), at half the CPU time of torch's bernoulli kernel, which
-    took 40 % of a training step on 2 cores (``docs/models.md``)."""
+    ``p``, survivors scaled by ``1 / (1 - p)``), without torch's CPU bernoulli kernel, the slower of the two
+    (the fit times of ``bench/train.py``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
