@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from predictor.data.splits import LINE_ORDER
 from predictor.data.schema import (
     DataValidationError,
     Interactions,
@@ -114,7 +115,7 @@ def load_table(
 def load_user_lines(path: str | Path) -> Interactions:
     """One line per user, ``user_id item_id item_id ...`` (the format of public benchmark splits such as
     LightGCN's ``train.txt``/``test.txt``). Items keep their line order; timestamps are synthetic (one
-    second apart) and only encode that order."""
+    second apart) and only encode that order, which ``meta["timestamps"]`` says."""
     path = _require_file(Path(path))
     users, items = [], []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
@@ -130,7 +131,7 @@ def load_user_lines(path: str | Path) -> Interactions:
     order = np.arange(len(items), dtype=np.int64)
     raw = pd.DataFrame({"user_id": users, "item_id": items, "timestamp": order})
     events, dropped = validate_events(raw, str(path), timestamp_unit="s", drop_duplicates=False)
-    return Interactions(events, items_from_events(events), path.stem, dropped)
+    return Interactions(events, items_from_events(events), path.stem, dropped, meta={"timestamps": LINE_ORDER})
 
 
 def load_any(path: str | Path) -> Interactions:

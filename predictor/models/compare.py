@@ -68,38 +68,64 @@ def compare_split_files(
     model_config: ModelConfig,
     train_config: TrainConfig,
     progress: bool = True,
+    protocol: str = "auto",
 ) -> tuple[dict, TwoStageRecommender, SplitData]:
     """Evaluate on a published split given as two files (any supported format, including one line per
-    user): models train on the train file (its last item per user is the validation target for tuning
-    and early stopping) and are scored on every item of the test file, with multi-target metrics."""
+    user), scored on every item of the test file with the leaderboard metrics (``ranking_metrics_multi``).
+
+    Models validate the way the test was drawn (``protocol``; "auto": :func:`split_protocol`): on a
+    temporal split, on each user's last train item (NDCG@10); on a random one, on a random sample of each
+    user's train items of the test's share (Recall@20), the two-stage model reading them in a fresh
+    order every epoch. Validation tunes ALS / BPR and picks the two-stage model's epochs; every model is
+    then fitted again on all train items (ALS / BPR with the chosen parameters, the two-stage model for
+    the chosen epochs) before the test."""
+    from dataclasses import replace
+
     import numpy as np
 
     from predictor.data.loaders import load_any
     from predictor.data.schema import complete_items
-    from predictor.models.evaluate import evaluate_targets
+    from predictor.data.splits import split_protocol
+    from predictor.models.evaluate import evaluate_targets, validation_metric
 
     train, test = load_any(train_path), load_any(test_path)
-    items = complete_items(test.events, train.items)
-    split = build_split(Interactions(train.events, items, train.name), holdout=1)
-    users = split.users.index(test.events["user_id"].to_numpy())
-    item_idx = split.items.index(test.events["item_id"].to_numpy())
+    protocol = split_protocol(train, test) if protocol == "auto" else protocol
+    share = len(test.events) / max(len(train.events) + len(test.events), 1)
+    data = Interactions(train.events, complete_items(test.events, train.items), train.name)
+    split = build_split(data, holdout=1, protocol=protocol, validation_share=share, seed=train_config.seed)
+    full = build_split(data, split.users, split.items, holdout=0, protocol=protocol, seed=train_config.seed)
+    users = full.users.index(test.events["user_id"].to_numpy())
+    item_idx = full.items.index(test.events["item_id"].to_numpy())
     frame = pd.DataFrame({"u": users, "i": item_idx})
     frame = frame[(frame["u"] > 0) & (frame["i"] > 0)]
     targets = {int(u): np.unique(g["i"].to_numpy()) for u, g in frame.groupby("u")}
+    metric = validation_metric(split)
     report: dict = {"split": f"given: train {train_path}, test {test_path}; all test items per user are targets",
-                    "users": len(targets), "items": split.n_items, "results": {}, "seconds": {}, "tuning": {}}  # fmt: skip
-    report["results"]["popularity"] = evaluate_targets(Popularity().fit(split, "test").rank(split), split, targets)
+                    "protocol": protocol, "validation": {"metric": metric, "share": round(share, 4) if protocol == "random"
+                                                         else "last train item"},
+                    "users": len(targets), "items": full.n_items, "results": {}, "seconds": {}, "tuning": {}}  # fmt: skip
+    report["results"]["popularity"] = evaluate_targets(Popularity().fit(full, "test").rank(full), full, targets)
     for kind in ("als", "bpr"):
         started = time.perf_counter()
-        model, best, _ = tune_implicit(kind, split, seed=train_config.seed)
-        report["results"][f"implicit_{kind}"] = evaluate_targets(model.rank(split), split, targets)
+        # tuned on validation, refitted on train + validation: all train items, the rows of ``full``
+        tuned, best, trials = tune_implicit(kind, split, seed=train_config.seed)
+        report["results"][f"implicit_{kind}"] = evaluate_targets(tuned.rank(full), full, targets)
         report["seconds"][f"implicit_{kind}"] = time.perf_counter() - started
-        report["tuning"][f"implicit_{kind}"] = {"best": best}
+        report["tuning"][f"implicit_{kind}"] = {"best": best, f"validation_{metric}": max(m[metric] for _, m in trials)}
     started = time.perf_counter()
-    model = TwoStageRecommender(model_config, train_config).fit(split, None, progress=progress)
+    chooser = TwoStageRecommender(model_config, train_config).fit(split, None, progress=progress)
+    epochs, ranker_epochs = chooser.best_epochs["retrieval"], chooser.best_epochs["ranker"] if chooser.use_ranker else 0
+    final = replace(train_config, epochs=epochs, min_epochs=epochs, ranker_epochs=ranker_epochs)
+    model = TwoStageRecommender(model_config, final).fit(full, None, progress=progress)
     report["seconds"]["two_stage"] = time.perf_counter() - started
-    report["results"]["two_stage"] = evaluate_targets(model.rank(split), split, targets)
-    return report, model, split
+    report["results"]["two_stage"] = evaluate_targets(model.rank(full), full, targets)
+    report["two_stage"] = {"model_config": model_config.to_dict(), "uses_ranker": model.use_ranker,
+                           f"validation_{metric}": chooser.validation_score, "epochs": epochs,
+                           "ranker_epochs": ranker_epochs, "ranker_validation_gain": chooser.ranker_gain,
+                           "training": {"retrieval": chooser.history.retrieval, "ranker": chooser.history.ranker}}  # fmt: skip
+    als = report["results"]["implicit_als"]["recall@20"]
+    report["two_stage_vs_als_recall@20"] = report["results"]["two_stage"]["recall@20"] / als if als else None
+    return report, model, full
 
 
 def print_report(report: dict, console: Console | None = None, title: str = "") -> None:
@@ -109,6 +135,7 @@ def print_report(report: dict, console: Console | None = None, title: str = "") 
         seconds = report["seconds"].get(name, report["seconds"].get("two_stage") if name == "retrieval_only" else None)
         table.add_row(name, *(f"{metrics[m]:.4f}" for m in METRICS), f"{seconds:.0f}" if seconds else "")
     console.print(table)
-    if report.get("two_stage_vs_als_ndcg@10"):
-        console.print(f"two-stage / tuned ALS NDCG@10 = {report['two_stage_vs_als_ndcg@10']:.3f}")
+    for metric in ("ndcg@10", "recall@20"):
+        if report.get(f"two_stage_vs_als_{metric}"):
+            console.print(f"two-stage / tuned ALS {metric} = {report[f'two_stage_vs_als_{metric}']:.3f}")
 

@@ -8,8 +8,10 @@ Shapes and dtypes used throughout ``predictor.models``:
 * ``user_dense`` is ``[B, F_u]`` float32, ``item_dense`` is ``[n_items + 1, F_i]`` float32, and
   ``item_categories`` is ``[n_items + 1, C]`` float32 multi-hot.
 
-The split is temporal leave-last-out per user: the last event is the test target, the one before it the
-validation target, the rest is training data. Users with fewer than 3 events only train.
+The default split is temporal leave-last-out per user: the last event is the test target, the one before
+it the validation target, the rest is training data; users with fewer than 3 events only train. A
+*random* split (``protocol="random"``, for published splits whose test items are a random sample of each
+user's items) orders each user's events at random and holds out a random share of them for validation.
 """
 
 from __future__ import annotations
@@ -140,9 +142,10 @@ def make_index(ids) -> IdIndex:
 class SplitData:
     """Everything training and evaluation need, as arrays.
 
-    ``sequences``: per user index (row), all of the user's item indexes in time order, padded.
-    ``train_len[u]``: how many of them are training events. Validation target is at ``train_len``,
-    test target at ``train_len + 1`` (when ``has_holdout``).
+    ``sequences``: per user index (row), all of the user's item indexes in time order (in a seeded random
+    order when ``protocol`` is "random"), padded. ``train_len[u]``: how many of them are training events.
+    The ``validation_len[u]`` validation targets follow them, and the test target (when ``has_holdout``
+    and the split holds one) follows those, at ``train_len + validation_len``.
     """
 
     users: IdIndex
@@ -156,6 +159,12 @@ class SplitData:
     item_categories: np.ndarray  # float32 [n_items + 1, C]
     item_popularity: np.ndarray  # float64 [n_items + 1], training-event counts
     n_categories: int
+    validation_len: np.ndarray | None = None  # int64 [n_users + 1]; None: one per user with a holdout
+    protocol: str = "temporal"  # how validation targets were drawn: "temporal" (the next) or "random"
+
+    def __post_init__(self):
+        if self.validation_len is None:
+            self.validation_len = self.has_holdout.astype(np.int64)
 
     @property
     def n_users(self) -> int:
@@ -181,16 +190,29 @@ def build_split(
     users: IdIndex | None = None,
     items: IdIndex | None = None,
     holdout: int = 2,
+    protocol: str = "temporal",
+    validation_share: float = 0.2,
+    seed: int = 0,
 ) -> SplitData:
     """Index the log, order each user's events in time, mark the leave-last-out targets.
 
     Item features come from a snapshot over *training* events only, so no held-out event leaks into them.
     Pass ``users``/``items`` to keep an existing model's indexes (they are extended with unseen ids).
     ``holdout=1`` keeps only the validation event out of training (the test targets then come from
-    elsewhere, e.g. a published split's test file).
+    elsewhere, e.g. a published split's test file); ``holdout=0`` holds nothing out (a final fit).
+
+    ``protocol="random"`` (with ``holdout`` 0 or 1; the test targets come from elsewhere): each user's
+    events in an order drawn with ``seed``, and the last ``validation_share`` of them (at least one, for
+    users with two or more events; ``holdout=0``: none) are the validation targets.
     """
-    if holdout not in (1, 2):
-        raise ValueError(f"holdout must be 1 or 2, got {holdout}")
+    if holdout not in (0, 1, 2):
+        raise ValueError(f"holdout must be 0, 1 or 2, got {holdout}")
+    if protocol not in ("temporal", "random"):
+        raise ValueError(f"protocol must be 'temporal' or 'random', got {protocol!r}")
+    if protocol == "random" and holdout == 2:
+        raise ValueError("a random split holds out validation targets only (holdout 0 or 1): the test comes from elsewhere")
+    if not 0 < validation_share < 1:
+        raise ValueError(f"validation_share must be in (0, 1), got {validation_share}")
     ev = data.events
     users = (
         users.extended(ev["user_id"].unique())
@@ -203,7 +225,9 @@ def build_split(
     i = items.index(ev["item_id"].to_numpy())
     ts = ev["timestamp"].astype("int64").to_numpy()
 
-    order = np.lexsort((np.arange(len(ev)), ts, u))  # by user, then time, then log order
+    # by user, then time (random: a seeded draw), then log order
+    within = ts if protocol == "temporal" else np.random.default_rng(seed).permutation(len(ev))
+    order = np.lexsort((np.arange(len(ev)), within, u))
     u, i, ts = u[order], i[order], ts[order]
     n_rows = len(users) + 1
     lengths = np.bincount(u, minlength=n_rows).astype(np.int64)
@@ -214,8 +238,15 @@ def build_split(
     timestamps = np.zeros((n_rows, max_len), dtype=np.int64)
     sequences[u, pos] = i
     timestamps[u, pos] = ts
-    has_holdout = lengths >= holdout + 1
-    train_len = np.where(has_holdout, lengths - holdout, lengths)
+    if protocol == "random":
+        validation_len = np.where(lengths >= 2, np.maximum(1, np.round(validation_share * lengths)), 0)
+        validation_len = np.minimum(validation_len, lengths - 1).clip(min=0).astype(np.int64) * holdout
+        has_holdout = validation_len > 0
+        train_len = lengths - validation_len
+    else:
+        has_holdout = lengths >= holdout + 1 if holdout else np.zeros(len(lengths), bool)
+        validation_len = has_holdout.astype(np.int64)
+        train_len = lengths - holdout * has_holdout
 
     train_mask = pos < train_len[u]
     popularity = np.bincount(i[train_mask], minlength=len(items) + 1).astype(np.float64)
@@ -238,7 +269,7 @@ def build_split(
     item_dense[0] = 0
     item_cats[0] = 0
     return SplitData(users, items, sequences, timestamps, lengths, train_len, has_holdout, item_dense, item_cats,
-                     popularity, len(vocabulary))  # fmt: skip
+                     popularity, len(vocabulary), validation_len, protocol)  # fmt: skip
 
 
 def user_feature_snapshots(

@@ -27,48 +27,52 @@ RankFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 
 def ranking_metrics(top: np.ndarray, target: np.ndarray, n_items: int, ks: Sequence[int] = KS) -> dict[str, float]:
-    """top ``[U, K]`` ranked item indexes, target ``[U]`` → recall@k, ndcg@k, coverage@10."""
-    rank = _hit_rank(top, target)
-    out = {}
-    for k in ks:
-        hit = rank < k
-        out[f"recall@{k}"] = float(hit.mean()) if len(hit) else 0.0
-        out[f"ndcg@{k}"] = float(_ndcg_gains(rank, k).mean()) if len(hit) else 0.0
+    """top ``[U, K]`` ranked item indexes, one target per user ``[U]`` → recall@k, ndcg@k, coverage@10."""
+    out = ranking_metrics_multi(top, np.asarray(target)[:, None], ks)
     out["coverage@10"] = float(len(np.unique(top[:, :10])) / max(n_items, 1))
     return out
 
 
-def _hit_rank(top: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """0-based rank of each row's target in ``top [U, K]`` (int64 max where absent)."""
-    hits = top == target[:, None]
-    return np.where(hits.any(axis=1), hits.argmax(axis=1), np.iinfo(np.int64).max)
+def ranking_metrics_multi(top: np.ndarray, targets, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Any number of targets per user (``[U, T]`` 0-padded, or a list of arrays), as published benchmark
+    splits have: recall@k = hits / |targets|, NDCG@k = DCG with binary gains / ideal DCG of min(|targets|, k)
+    hits (the LightGCN / NGCF definitions). With one target both reduce to the hit rate and
+    ``1 / log2(rank + 2)``."""
+    padded = _padded(targets)
+    out = {}
+    for k in ks:
+        recall, ndcg = _gains(top, padded, k)
+        out[f"recall@{k}"] = float(recall.mean()) if len(recall) else 0.0
+        out[f"ndcg@{k}"] = float(ndcg.mean()) if len(ndcg) else 0.0
+    return out
 
 
-def _ndcg_gains(rank: np.ndarray, k: int) -> np.ndarray:
-    """Per-user NDCG@k of one target at ``rank`` (0 beyond k)."""
-    return np.where(rank < k, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
+def _padded(targets) -> np.ndarray:
+    """Targets as ``[U, T]`` int64, 0-padded (0 is never an item)."""
+    if isinstance(targets, np.ndarray) and targets.ndim == 2:
+        return targets.astype(np.int64, copy=False)
+    width = max((len(t) for t in targets), default=0)
+    padded = np.zeros((len(targets), max(width, 1)), np.int64)
+    for row, target in enumerate(targets):
+        padded[row, : len(target)] = target
+    return padded
+
+
+def _gains(top: np.ndarray, padded: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user recall@k and NDCG@k ``[U]`` of ``top [U, >=k]`` against ``padded [U, T]`` targets."""
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    head = top[:, :k]
+    hit = ((head[:, :, None] == padded[:, None, :]) & (padded[:, None, :] > 0)).any(axis=2)  # [U, k]
+    sizes = (padded > 0).sum(axis=1)
+    ideal = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(sizes, k)]
+    dcg = (hit * discounts[: head.shape[1]]).sum(axis=1)
+    return hit.sum(axis=1) / np.maximum(sizes, 1), np.where(ideal > 0, dcg / np.where(ideal > 0, ideal, 1), 0.0)
 
 
 def _tops(rank_fn: RankFn, users: np.ndarray, end: np.ndarray, k: int, batch_size: int) -> np.ndarray:
     """``rank_fn`` over ``users`` in batches → ``[U, k]``."""
     tops = [rank_fn(users[s : s + batch_size], end[s : s + batch_size], k) for s in range(0, len(users), batch_size)]
     return np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
-
-
-def ranking_metrics_multi(top: np.ndarray, targets: list[np.ndarray], ks: Sequence[int] = KS) -> dict[str, float]:
-    """Several targets per user, as published benchmark splits have: recall@k = hits / |targets|,
-    NDCG@k = DCG / ideal DCG of min(|targets|, k) hits (the LightGCN / NGCF definitions)."""
-    out = {}
-    discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
-    for k in ks:
-        recalls, ndcgs = [], []
-        for row, target in zip(top, targets):
-            hit = np.isin(row[:k], target)
-            recalls.append(hit.sum() / len(target))
-            ndcgs.append((hit * discounts[: len(hit)]).sum() / discounts[: min(len(target), k)].sum())
-        out[f"recall@{k}"] = float(np.mean(recalls)) if recalls else 0.0
-        out[f"ndcg@{k}"] = float(np.mean(ndcgs)) if ndcgs else 0.0
-    return out
 
 
 def evaluate_targets(rank_fn: RankFn, split: SplitData, targets: dict[int, np.ndarray], batch_size: int = 512) -> dict:
@@ -82,19 +86,39 @@ def evaluate_targets(rank_fn: RankFn, split: SplitData, targets: dict[int, np.nd
 
 
 def holdout(split: SplitData, stage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(users, end, target) for ``stage`` = "validation" or "test": history is everything before the target."""
+    """(users, end, targets ``[U, T]`` 0-padded) for ``stage`` = "validation" or "test": history is
+    everything before the targets. Validation has ``split.validation_len`` targets per user (one on a
+    temporal split), the test one, right after them."""
     if stage not in ("validation", "test"):
         raise ValueError(f"stage must be 'validation' or 'test', got {stage!r}")
-    users = np.flatnonzero(split.has_holdout)
-    end = split.train_len[users] + (0 if stage == "validation" else 1)
-    return users, end, split.sequences[users, end]
+    if stage == "validation":
+        users = np.flatnonzero(split.validation_len > 0)
+        end, count = split.train_len[users], split.validation_len[users]
+    else:
+        users = np.flatnonzero(split.has_holdout & (split.train_len + split.validation_len < split.lengths))
+        end, count = split.train_len[users] + split.validation_len[users], np.ones(len(users), np.int64)
+    width = int(count.max()) if len(count) else 1
+    columns = np.arange(width)[None, :]
+    at = np.clip(end[:, None] + columns, 0, max(split.sequences.shape[1] - 1, 0))
+    targets = np.where(columns < count[:, None], split.sequences[users[:, None], at], 0)
+    return users, end, targets
 
 
-def per_user_ndcg(rank_fn: RankFn, split: SplitData, stage: str, k: int = 10, batch_size: int = 512) -> np.ndarray:
-    """NDCG@k of each user with a ``stage`` target, ``[U]`` in :func:`holdout`'s order (its mean is
-    :func:`evaluate`'s ``ndcg@k``)."""
-    users, end, target = holdout(split, stage)
-    return _ndcg_gains(_hit_rank(_tops(rank_fn, users, end, k, batch_size), target), k)
+def validation_metric(split: SplitData) -> str:
+    """The validation metric that early stopping and tuning maximise: NDCG@10 of the next item on a
+    temporal split; Recall@20 of the held-out sample on a random one (public leaderboards' headline)."""
+    return "recall@20" if split.protocol == "random" else "ndcg@10"
+
+
+def per_user_scores(rank_fn: RankFn, split: SplitData, stage: str, metric: str | None = None,
+                    batch_size: int = 512) -> np.ndarray:  # fmt: skip
+    """Each ``stage`` user's ``metric`` (default :func:`validation_metric`), ``[U]`` in :func:`holdout`'s
+    order (its mean is :func:`evaluate`'s figure)."""
+    metric = metric or validation_metric(split)
+    name, k = metric.split("@")
+    users, end, targets = holdout(split, stage)
+    recall, ndcg = _gains(_tops(rank_fn, users, end, int(k), batch_size), targets, int(k))
+    return recall if name == "recall" else ndcg
 
 
 def beats_by_more_than_noise(gain: np.ndarray) -> tuple[bool, dict[str, float]]:
@@ -107,8 +131,10 @@ def beats_by_more_than_noise(gain: np.ndarray) -> tuple[bool, dict[str, float]]:
 
 
 def evaluate(rank_fn: RankFn, split: SplitData, stage: str = "test", batch_size: int = 512) -> dict[str, float]:
-    users, end, target = holdout(split, stage)
-    metrics = ranking_metrics(_tops(rank_fn, users, end, max(KS), batch_size), target, split.n_items)
+    users, end, targets = holdout(split, stage)
+    top = _tops(rank_fn, users, end, max(KS), batch_size)
+    metrics = ranking_metrics_multi(top, targets)
+    metrics["coverage@10"] = float(len(np.unique(top[:, :10])) / max(split.n_items, 1))
     metrics["users"] = len(users)
     return metrics
 
@@ -138,7 +164,7 @@ def interaction_matrix(split: SplitData, stage: str) -> sp.csr_matrix:
     """User × item CSR of what a model may train on before ``stage``: training events, plus the
     validation event when evaluating on test."""
     n_rows, width = split.sequences.shape
-    limit = split.train_len + (1 if stage == "test" else 0) * split.has_holdout
+    limit = split.train_len + (split.validation_len if stage == "test" else 0)
     mask = np.arange(width)[None, :] < limit[:, None]
     rows = np.broadcast_to(np.arange(n_rows)[:, None], (n_rows, width))[mask]
     cols = split.sequences[mask]
@@ -212,17 +238,18 @@ BPR_GRID = {"factors": [64, 128], "learning_rate": [0.01, 0.05], "regularization
 
 
 def tune_implicit(kind: str, split: SplitData, grid: dict[str, list] | None = None, seed: int = 0) -> tuple[ImplicitModel, dict, list]:
-    """Grid search on validation NDCG@10; refit the best on train + validation for the test stage.
+    """Grid search on the split's validation metric (:func:`validation_metric`); refit the best on train
+    + validation for the test stage.
 
     Returns (test-stage model, best params, [(params, validation metrics)...]).
     """
     grid = grid or (ALS_GRID if kind == "als" else BPR_GRID)
-    trials = []
+    trials, metric = [], validation_metric(split)
     for values in product(*grid.values()):
         params = dict(zip(grid.keys(), values))
         model = ImplicitModel(kind, params, seed).fit(split, "validation")
         metrics = evaluate(model.rank(split), split, "validation")
         trials.append((params, metrics))
-        log.info("%s %s: validation ndcg@10 %.4f", kind, params, metrics["ndcg@10"])
-    best = max(trials, key=lambda t: t[1]["ndcg@10"])[0]
+        log.info("%s %s: validation %s %.4f", kind, params, metric, metrics[metric])
+    best = max(trials, key=lambda t: t[1][metric])[0]
     return ImplicitModel(kind, best, seed).fit(split, "test"), best, trials

@@ -15,6 +15,7 @@ and decides early stopping for all.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -33,7 +34,14 @@ from tqdm.auto import tqdm
 
 from predictor.models.config import ModelConfig, TrainConfig
 from predictor.models.data import USER_DENSE_COLUMNS, SplitData, UserFeatureIndex, to_tensor
-from predictor.models.evaluate import RankFn, beats_by_more_than_noise, evaluate, mask_seen_, per_user_ndcg
+from predictor.models.evaluate import (
+    RankFn,
+    beats_by_more_than_noise,
+    evaluate,
+    mask_seen_,
+    per_user_scores,
+    validation_metric,
+)
 from predictor.models.inference import (
     HNSW_THRESHOLD,
     TwoStageInference,
@@ -102,6 +110,9 @@ class TwoStageRecommender:
         self.ranker_gain: dict | None = None  # validation NDCG@10 gain of the ranker: mean, standard error
         self.settings_chosen: dict[str, str] = {}  # setting → why it has its value (chosen from the data)
         self.candidates = 200
+        self.best_epochs = {"retrieval": 0, "ranker": 0}  # the epochs early stopping kept (0: none)
+        self.validation_retrieval: float | None = None  # best validation score of retrieval alone
+        self.validation_score: float | None = None  # ... and of what serves
         self.history = TrainingHistory()
         self.catalog = None  # the split trained on, or a loaded model's SplitCatalog
         self.user_features: UserFeatureIndex | None = None  # the point-in-time join, prepared once
@@ -219,12 +230,13 @@ class TwoStageRecommender:
         popularity = torch.as_tensor(split.item_popularity, dtype=torch.float32, device=self.device)
         p_item = (popularity + 1.0) / (popularity + 1.0).sum()
         rng = np.random.default_rng(cfg.seed)
-        start_epoch, best, best_state, stale = 0, -1.0, None, 0
+        start_epoch, best, best_state, stale, best_epoch = 0, -1.0, None, 0, 0
         if resume and ckpt and (ckpt / "retrieval.pt").exists():
             state = torch.load(ckpt / "retrieval.pt", map_location=self.device, weights_only=True)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, best, stale = state["epoch"] + 1, state["best"], state["stale"]
+            best_epoch = state.get("best_epoch", 0)
             best_state = state["best_model"]
             rng.bit_generator.state = state["rng"]
             self.history.retrieval = list(state["history"])
@@ -234,11 +246,18 @@ class TwoStageRecommender:
 
         local_batch = max(cfg.batch_size // world.size, 2)
         rows_user, rows_end = training_windows(split, self.config.max_history)
+        metric = validation_metric(split)
+        validates = bool(split.validation_len.any())  # a final fit (nothing held out) runs every epoch
+        epoch_split = split
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             model.train()
             if cfg.window_jitter:
                 rows_user, rows_end = training_windows(split, self.config.max_history, rng)
+            if split.protocol == "random":
+                # a random split's order means nothing: each epoch reads every user's training items in a
+                # fresh order, so the encoder learns to predict any item from any subset of the others
+                epoch_split = shuffled_training_items(split, rng)
             n_examples = len(rows_user)
             order = rng.permutation(n_examples)
             if cfg.max_examples_per_epoch:
@@ -251,7 +270,7 @@ class TwoStageRecommender:
             forward = ddp or model
             for step in bar:
                 rows = order[step * local_batch : (step + 1) * local_batch]
-                window, targets, udense, n_labels = self._window_batch(split, rows_user[rows], rows_end[rows])
+                window, targets, udense, n_labels = self._window_batch(epoch_split, rows_user[rows], rows_end[rows])
                 loss = self._retrieval_loss(forward, window, targets, udense, p_item)
                 labels += n_labels
                 optimizer.zero_grad(set_to_none=True)
@@ -261,32 +280,34 @@ class TwoStageRecommender:
                 if step % 50 == 49:  # the one host sync, for the progress bar
                     bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}")
             seconds = time.perf_counter() - started
-            score = evaluate(self.rank(split, "retrieval", exact=True), split, "validation")["ndcg@10"] \
-                if world.is_main else 0.0  # fmt: skip
+            score = evaluate(self.rank(split, "retrieval", exact=True), split, "validation")[metric] \
+                if world.is_main and validates else float(epoch)  # fmt: skip
             score = world.broadcast(score)
             self.history.retrieval.append({"epoch": epoch + 1, "loss": loss_sum.item() / steps if steps else float("nan"),
-                                           "validation_ndcg@10": score, "seconds": seconds,
+                                           f"validation_{metric}": score if validates else None, "seconds": seconds,
                                            "examples": labels * world.size})  # fmt: skip
             self.history.examples_per_second = labels * world.size / max(seconds, 1e-9)
             if world.is_main and progress:
                 tqdm.write(f"retrieval epoch {epoch + 1}: loss {self.history.retrieval[-1]['loss']:.4f}, "
-                           f"validation ndcg@10 {score:.4f} ({seconds:.1f} s)")  # fmt: skip
+                           + (f"validation {metric} {score:.4f}" if validates else "no validation (final fit)")
+                           + f" ({seconds:.1f} s)")  # fmt: skip
             if score > best:
-                best, stale = score, 0
+                best, stale, best_epoch = score, 0, epoch + 1
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
             if ckpt and world.is_main:
                 ckpt.mkdir(parents=True, exist_ok=True)
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "best": best, "stale": stale, "best_model": best_state, "rng": rng.bit_generator.state,
+                            "best": best, "stale": stale, "best_epoch": best_epoch, "best_model": best_state, "rng": rng.bit_generator.state,
                             "history": self.history.retrieval}, ckpt / "retrieval.pt.tmp")  # fmt: skip
                 os.replace(ckpt / "retrieval.pt.tmp", ckpt / "retrieval.pt")
             if stale >= cfg.patience and epoch + 1 >= cfg.min_epochs:
                 break
         if best_state is not None:
             model.load_state_dict(best_state)
-        self.validation_retrieval_ndcg = best
+        self.validation_retrieval = best if validates else None
+        self.best_epochs["retrieval"] = best_epoch
 
     def _retrieval_loss(self, forward, window, targets, udense, p_item):
         cfg = self.config
@@ -349,8 +370,11 @@ class TwoStageRecommender:
         cfg = self.train_config
         if cfg.ranker_epochs <= 0:
             self.use_ranker = False
-            self.validation_ndcg = self.validation_retrieval_ndcg
+            self.validation_score = self.validation_retrieval
             return
+        metric = validation_metric(split)
+        validates = bool(split.validation_len.any())
+        self.best_epochs["ranker"] = 0
         K = self.config.ranker_negatives
         frozen = self.inference(exact=True)
         tables = frozen.tables
@@ -377,12 +401,12 @@ class TwoStageRecommender:
             negatives[s : s + len(rows)] = np.take_along_axis(top, pick, axis=1)
         model = self.ranker
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        baseline = self.validation_retrieval_ndcg
+        baseline = self.validation_retrieval if validates else -1.0
         best, best_state, stale = baseline, None, 0
-        # per-user validation NDCG@10 of retrieval alone, and of the best ranker epoch: the gate's pairs
-        retrieval_ndcg = per_user_ndcg(self.rank(split, "retrieval", exact=True), split, "validation") \
-            if world.is_main else None  # fmt: skip
-        best_ndcg = None
+        # per-user validation scores of retrieval alone, and of the best ranker epoch: the gate's pairs
+        retrieval_scores = per_user_scores(self.rank(split, "retrieval", exact=True), split, "validation") \
+            if world.is_main and validates else None  # fmt: skip
+        best_scores = None
         for epoch in range(cfg.ranker_epochs):
             started = time.perf_counter()
             model.train()
@@ -410,34 +434,41 @@ class TwoStageRecommender:
                 optimizer.step()
                 loss_sum += loss.detach()
             self.use_ranker = True
-            ndcg = per_user_ndcg(self.rank(split, "two_stage", exact=True), split, "validation") \
-                if world.is_main else None  # fmt: skip
-            score = world.broadcast(float(ndcg.mean()) if ndcg is not None and len(ndcg) else 0.0)
+            scores = per_user_scores(self.rank(split, "two_stage", exact=True), split, "validation") \
+                if world.is_main and validates else None  # fmt: skip
+            score = world.broadcast(float(scores.mean()) if scores is not None and len(scores) else float(epoch))
             self.history.ranker.append({"epoch": epoch + 1, "loss": loss_sum.item() / steps if steps else float("nan"),
-                                        "validation_ndcg@10": score, "seconds": time.perf_counter() - started})  # fmt: skip
-            if world.is_main and progress:
+                                        f"validation_{metric}": score if validates else None,
+                                        "seconds": time.perf_counter() - started})  # fmt: skip
+            if world.is_main and progress and validates:
                 tqdm.write(f"ranker epoch {epoch + 1}: loss {self.history.ranker[-1]['loss']:.4f}, "
-                           f"two-stage validation ndcg@10 {score:.4f} (retrieval alone {baseline:.4f})")  # fmt: skip
+                           f"two-stage validation {metric} {score:.4f} (retrieval alone {baseline:.4f})")  # fmt: skip
             if score > best:
-                best, stale, best_state, best_ndcg = score, 0, copy.deepcopy(model.state_dict()), ndcg
+                best, stale, best_state, best_scores = score, 0, copy.deepcopy(model.state_dict()), scores
+                self.best_epochs["ranker"] = epoch + 1
             else:
                 stale += 1
                 if stale >= max(2, cfg.patience // 2):
                     break
         if best_state is not None:
             model.load_state_dict(best_state)
+        if not validates:
+            # a final fit: whether the ranker serves was decided on validation, by the fit that chose
+            # its epochs (``ranker_epochs=0`` where it did not serve)
+            self.use_ranker, self.validation_score = True, None
+            return
         # the ranker serves only where it beats retrieval alone on validation by more than the noise: the
-        # mean per-user gain in NDCG@10 above one standard error of that mean (paired, same users)
+        # mean per-user gain in the validation metric above one standard error of that mean (paired)
         self.use_ranker = False
         self.ranker_gain = None  # no epoch beat retrieval alone
         if best_state is not None and world.is_main:
-            self.use_ranker, self.ranker_gain = beats_by_more_than_noise(best_ndcg - retrieval_ndcg)
+            self.use_ranker, self.ranker_gain = beats_by_more_than_noise(best_scores - retrieval_scores)
         self.use_ranker = bool(world.broadcast(float(self.use_ranker)))
-        self.validation_ndcg = best if self.use_ranker else self.validation_retrieval_ndcg
+        self.validation_score = best if self.use_ranker else self.validation_retrieval
         if world.is_main and progress and best_state is None:
             tqdm.write("ranker: no epoch beat retrieval alone on validation: not served")
         elif world.is_main and progress:
-            tqdm.write(f"ranker: validation NDCG@10 gain {self.ranker_gain['mean']:+.4f} per user (standard error "
+            tqdm.write(f"ranker: validation {metric} gain {self.ranker_gain['mean']:+.4f} per user (standard error "
                        f"{self.ranker_gain['standard_error']:.4f}): {'serves' if self.use_ranker else 'not served'}")  # fmt: skip
 
 
@@ -452,6 +483,18 @@ def training_examples(split: SplitData) -> tuple[np.ndarray, np.ndarray]:
     starts = np.cumsum(counts) - counts
     positions = np.arange(counts.sum()) - np.repeat(starts, counts) + 1
     return users.astype(np.int64), positions.astype(np.int64)
+
+
+def shuffled_training_items(split: SplitData, rng: np.random.Generator) -> SplitData:
+    """A copy of ``split`` whose users' training items (positions ``< train_len``) are in a fresh random
+    order; held-out positions keep theirs. For random splits, where the order carries nothing."""
+    n_rows, width = split.sequences.shape
+    columns = np.arange(width)[None, :]
+    # sort keys: a random draw in [0, 1) for training positions, the position itself (>= 1) after them
+    keys = np.where(columns < split.train_len[:, None], rng.random((n_rows, width)), columns + 1.0)
+    order = np.argsort(keys, axis=1, kind="stable")
+    return dataclasses.replace(split, sequences=np.take_along_axis(split.sequences, order, axis=1),
+                               timestamps=np.take_along_axis(split.timestamps, order, axis=1))  # fmt: skip
 
 
 def training_windows(

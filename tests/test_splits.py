@@ -1,0 +1,146 @@
+"""Random and published splits: the split maker, the one-line-per-user files, protocol detection, random
+validation, per-epoch shuffling, the final fit on all train items, and the harness that runs them."""
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from predictor.data.loaders import load_any, load_user_lines
+from predictor.data.schema import Interactions, validate_events, validate_items
+from predictor.data.splits import random_user_split, split_protocol, write_user_lines
+from predictor.models.config import TrainConfig, model_config
+from predictor.models.data import build_split
+from predictor.models.evaluate import holdout, interaction_matrix, per_user_scores, validation_metric
+from predictor.models.recommender import TwoStageRecommender, shuffled_training_items
+from tests.conftest import events_frame
+
+
+def _pairs(data: Interactions) -> set[tuple[int, int]]:
+    return set(zip(data.events["user_id"].tolist(), data.events["item_id"].tolist()))
+
+
+def test_random_user_split_holds_out_the_share_of_each_user(small_data):
+    train, test = random_user_split(small_data, test_share=0.2, seed=3)
+    distinct = small_data.events.drop_duplicates(["user_id", "item_id"])
+    assert not _pairs(train) & _pairs(test)
+    assert _pairs(train) | _pairs(test) == _pairs(Interactions(distinct, small_data.items))
+    per_user = distinct.groupby("user_id").size()
+    in_test = test.events.groupby("user_id").size().reindex(per_user.index, fill_value=0)
+    expected = np.where(per_user >= 2, np.clip(np.round(0.2 * per_user), 1, per_user - 1), 0)
+    assert (in_test.to_numpy() == expected).all()
+    again, _ = random_user_split(small_data, test_share=0.2, seed=3)
+    other, _ = random_user_split(small_data, test_share=0.2, seed=4)
+    assert _pairs(again) == _pairs(train) and _pairs(other) != _pairs(train)
+    with pytest.raises(ValueError, match="test_share"):
+        random_user_split(small_data, test_share=1.0)
+
+
+def test_user_lines_round_trip_and_protocol_detection(small_data, tmp_path):
+    train, test = random_user_split(small_data, seed=0)
+    train_file, test_file = write_user_lines(train, tmp_path / "train.txt"), write_user_lines(test, tmp_path / "test.txt")
+    first = train_file.read_text().splitlines()[0].split()
+    assert first[1:] == sorted(first[1:], key=int)  # ids ascending: the order says nothing about time
+    assert _pairs(load_user_lines(train_file)) == _pairs(train)
+    assert split_protocol(load_any(train_file), load_any(test_file)) == "random"
+    # the same events with real timestamps: the test sample is not after each user's train events
+    assert split_protocol(train, test) == "random"
+    # a temporal split: every user's test events are their newest
+    newest = small_data.events.sort_values("timestamp").groupby("user_id").tail(1)
+    older = small_data.events.drop(newest.index)
+    assert split_protocol(Interactions(older, small_data.items), Interactions(newest, small_data.items)) == "temporal"
+
+
+def test_random_protocol_split_holds_out_a_random_sample_for_validation():
+    rows = [(1, item, f"2026-01-{item:02d}") for item in range(1, 21)] + [(2, 1, "2026-01-01"), (2, 2, "2026-01-02")]
+    events, _ = validate_events(events_frame(rows), "x")
+    data = Interactions(events, validate_items(pd.DataFrame({"item_id": range(1, 21)}), "i"))
+    split = build_split(data, holdout=1, protocol="random", validation_share=0.25, seed=0)
+    u1, u2 = split.users.index([1, 2])
+    assert split.validation_len[u1] == 5 and split.train_len[u1] == 15
+    assert split.validation_len[u2] == 1 and split.train_len[u2] == 1  # at least one, never all
+    order = split.items.raw(split.sequences[u1, :20])
+    assert sorted(order) == list(range(1, 21)) and list(order) != list(range(1, 21))  # not time order
+    users, end, targets = holdout(split, "validation")
+    assert list(users) == [u1, u2] and list(end) == [15, 1]
+    assert list(targets[0]) == list(split.sequences[u1, 15:20]) and list(targets[1]) == [split.sequences[u2, 1], 0, 0, 0, 0]
+    assert validation_metric(split) == "recall@20"
+    # the test stage trains on train + validation: every event
+    assert interaction_matrix(split, "test").sum() == 22 and interaction_matrix(split, "validation").sum() == 16
+    # a final fit holds nothing out
+    full = build_split(data, holdout=0, protocol="random", seed=0)
+    assert (full.train_len == full.lengths).all() and not full.validation_len.any()
+    with pytest.raises(ValueError, match="holdout"):
+        build_split(data, holdout=2, protocol="random")
+
+
+def test_shuffled_training_items_permute_training_positions_only():
+    rows = [(1, item, f"2026-01-{item:02d}") for item in range(1, 13)]
+    events, _ = validate_events(events_frame(rows), "x")
+    data = Interactions(events, validate_items(pd.DataFrame({"item_id": range(1, 13)}), "i"))
+    split = build_split(data, holdout=1, protocol="random", validation_share=0.25, seed=0)
+    u = split.users.index([1])[0]
+    n = split.train_len[u]
+    seen = set()
+    for draw in range(5):
+        shuffled = shuffled_training_items(split, np.random.default_rng(draw))
+        assert sorted(shuffled.sequences[u, :n]) == sorted(split.sequences[u, :n])
+        assert list(shuffled.sequences[u, n:]) == list(split.sequences[u, n:])  # validation stays put
+        seen.add(tuple(shuffled.sequences[u, :n]))
+    assert len(seen) == 5
+
+
+def test_per_user_scores_on_several_targets_by_hand():
+    rows = [(1, item, f"2026-01-{item:02d}") for item in range(1, 11)]
+    events, _ = validate_events(events_frame(rows), "x")
+    data = Interactions(events, validate_items(pd.DataFrame({"item_id": range(1, 31)}), "i"))
+    split = build_split(data, holdout=1, protocol="random", validation_share=0.3, seed=0)
+    u = split.users.index([1])[0]
+    held = list(split.sequences[u, 7:10])  # three validation targets
+
+    def rank_fn(users, end, k):  # one held-out item at rank 0, another at rank 5, the third missed
+        unseen = [i for i in range(1, 31) if i not in split.sequences[u, :7] and i not in held]
+        top = [held[0]] + unseen[:4] + [held[1]] + unseen[4:]
+        return np.array([top[:k]])
+
+    recall = per_user_scores(rank_fn, split, "validation", "recall@20")
+    ndcg = per_user_scores(rank_fn, split, "validation", "ndcg@20")
+    assert recall == pytest.approx([2 / 3])
+    assert ndcg == pytest.approx([(1 + 1 / np.log2(7)) / (1 + 1 / np.log2(3) + 1 / np.log2(4))])
+
+
+def test_final_fit_without_validation_runs_every_epoch_and_keeps_the_last(small_data):
+    train, _ = random_user_split(small_data, seed=0)
+    full = build_split(train, holdout=0, protocol="random")
+    config = model_config("tiny")
+    model = TwoStageRecommender(config, TrainConfig(epochs=3, min_epochs=3, ranker_epochs=1, batch_size=16,
+                                                    patience=1)).fit(full, progress=False)  # fmt: skip
+    assert len(model.history.retrieval) == 3 and model.best_epochs["retrieval"] == 3
+    assert all(e["validation_recall@20"] is None for e in model.history.retrieval)
+    assert model.use_ranker and model.validation_score is None  # served as the choosing fit decided
+
+    chooser = TwoStageRecommender(config, replace(TrainConfig(), epochs=4, min_epochs=1, ranker_epochs=0,
+                                                  batch_size=16)).fit(build_split(train, holdout=1, protocol="random"),
+                                                                      progress=False)  # fmt: skip
+    scores = [e["validation_recall@20"] for e in chooser.history.retrieval]
+    assert chooser.best_epochs["retrieval"] == int(np.argmax(scores)) + 1
+    assert chooser.validation_retrieval == pytest.approx(max(scores))
+
+
+def test_compare_split_files_validates_like_the_test_and_fits_all_train_items(small_data, tmp_path):
+    from predictor.models.compare import compare_split_files
+
+    train, test = random_user_split(small_data, seed=0)
+    paths = write_user_lines(train, tmp_path / "train.txt"), write_user_lines(test, tmp_path / "test.txt")
+    config = model_config("tiny")
+    report, model, full = compare_split_files(*map(str, paths), config, TrainConfig(epochs=2, min_epochs=1, ranker_epochs=1,
+                                                                                    batch_size=16), progress=False)  # fmt: skip
+    assert report["protocol"] == "random" and report["validation"]["metric"] == "recall@20"
+    assert report["validation"]["share"] == pytest.approx(len(test.events) / (len(train.events) + len(test.events)), abs=1e-4)
+    assert 1 <= report["two_stage"]["epochs"] <= 2
+    assert len(model.history.retrieval) == report["two_stage"]["epochs"]  # the final fit ran the chosen epochs
+    assert (full.train_len == full.lengths).all()  # ... on every train item
+    assert full.lengths.sum() == len(load_any(paths[0]).events)
+    for name in ("popularity", "implicit_als", "implicit_bpr", "two_stage"):
+        assert 0 <= report["results"][name]["recall@20"] <= 1 and report["results"][name]["users"] == report["users"]
