@@ -27,7 +27,7 @@ from rich.table import Table
 
 from predictor.data.loaders import load_any, load_dataset
 from predictor.data.schema import complete_items
-from predictor.data.splits import random_user_split, write_user_lines
+from predictor.data.splits import random_user_split, split_protocol, write_user_lines
 from predictor.models.compare import METRICS, compare, compare_split_files, print_report
 from predictor.models.config import ModelConfig, TrainConfig, model_config, parse_overrides
 from predictor.models.defaults import choose, describe, explained
@@ -88,13 +88,15 @@ def main() -> None:
         train_path, test_path = write_random_split(args.dataset, args.data_dir, SPLITS / name, console)
     else:
         name = train_path = test_path = None
+    protocol = "temporal"
     if train_path:
-        n_items = len(complete_items(load_any(test_path).events, load_any(train_path).items))
+        given_train, given_test = load_any(train_path), load_any(test_path)
+        n_items, protocol = len(complete_items(given_test.events, given_train.items)), split_protocol(given_train, given_test)
     else:
         data = load_dataset(args.dataset, args.data_dir)
         console.print(data.summary())
         n_items = len(data.items)
-    config, train, chosen = choose(n_items, args.size, model_options, train_options)
+    config, train, chosen = choose(n_items, args.size, model_options, train_options, protocol)
     console.print(describe(config, train, chosen))
     runs = []
     for seed in args.seeds:

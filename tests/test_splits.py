@@ -144,3 +144,35 @@ def test_compare_split_files_validates_like_the_test_and_fits_all_train_items(sm
     assert full.lengths.sum() == len(load_any(paths[0]).events)
     for name in ("popularity", "implicit_als", "implicit_bpr", "two_stage"):
         assert 0 <= report["results"][name]["recall@20"] <= 1 and report["results"][name]["users"] == report["users"]
+
+
+def test_all_items_loss_by_hand():
+    import torch
+
+    from predictor.models.two_tower import all_items_softmax_loss
+
+    user = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    positive = torch.tensor([[True, False, True], [False, False, False]])  # the second state has none
+    excluded = torch.tensor([[False, True, False], [False, False, False]])
+    loss = all_items_softmax_loss(user, items, torch.zeros(3), positive, excluded, temperature=0.5)
+    l0, l2 = 1.0 / 0.5, 0.6 / 0.5  # item 1 is excluded from the first state's softmax
+    log_z = np.log(np.exp(l0) + np.exp(l2))
+    assert loss.item() == pytest.approx(-((l0 - log_z) + (l2 - log_z)) / 2, rel=1e-6)
+
+
+def test_later_items_mark_what_each_state_has_not_read(small_data):
+    import torch
+
+    split = build_split(small_data, holdout=1, protocol="random", seed=0)
+    model = TwoStageRecommender(model_config("tiny"), TrainConfig())
+    users = np.flatnonzero(split.train_len > 12)[:3]
+    window, _ = split.window(users, split.train_len[users], 10)  # the newest 10 training items
+    position = model._later_items(split, users, torch.from_numpy(window))
+    for row, u in enumerate(users):
+        owned = set(split.sequences[u, : split.train_len[u]])
+        assert set(np.flatnonzero(position[row].numpy() >= 0)) == owned  # the user's items, nothing else
+        for t, item in enumerate(window[row]):
+            assert position[row, item] == max(p for p, i in enumerate(window[row]) if i == item)  # the last read
+        outside = owned - set(window[row])
+        assert all(position[row, i] == 10 for i in outside)  # outside the window: after every position

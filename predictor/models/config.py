@@ -74,6 +74,9 @@ class TrainConfig:
     # cut each user's history at a fresh random offset every epoch (the newest window always ends at the
     # last training event), so the same items are not always the first, context-free labels of a window
     window_jitter: bool = False
+    # what each user state learns to predict: "next_item" (the item after it), "all_items" (every item of
+    # the user not yet read: random splits), or "auto" (chosen from the split's protocol)
+    objective: str = "auto"
 
 
 def parse_overrides(pairs: list[str], config_class: type) -> dict:

@@ -50,7 +50,7 @@ from predictor.models.inference import (
     ranker_inputs,
 )
 from predictor.models.ranker import Ranker
-from predictor.models.two_tower import TwoTower, sampled_softmax_loss
+from predictor.models.two_tower import TwoTower, all_items_softmax_loss, sampled_softmax_loss
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,7 @@ class TwoStageRecommender:
         rows_user, rows_end = training_windows(split, self.config.max_history)
         metric = validation_metric(split)
         validates = bool(split.validation_len.any())  # a final fit (nothing held out) runs every epoch
+        all_items = training_objective(cfg, split) == "all_items"
         epoch_split = split
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
@@ -271,7 +272,8 @@ class TwoStageRecommender:
             for step in bar:
                 rows = order[step * local_batch : (step + 1) * local_batch]
                 window, targets, udense, n_labels = self._window_batch(epoch_split, rows_user[rows], rows_end[rows])
-                loss = self._retrieval_loss(forward, window, targets, udense, p_item)
+                later = self._later_items(epoch_split, rows_user[rows], window) if all_items else None
+                loss = self._retrieval_loss(forward, window, targets, udense, p_item, later)
                 labels += n_labels
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -309,11 +311,29 @@ class TwoStageRecommender:
         self.validation_retrieval = best if validates else None
         self.best_epochs["retrieval"] = best_epoch
 
-    def _retrieval_loss(self, forward, window, targets, udense, p_item):
+    def _later_items(self, split: SplitData, users: np.ndarray, window: torch.Tensor) -> torch.Tensor:
+        """``[B, n_items + 1]`` int64: for each window's user, the window position of each of the user's
+        training items (the last, if read twice; ``L`` for items outside the window, -1 for items not the
+        user's). The
+        items after position ``t`` are the targets of the user state at ``t`` (the all-items objective)."""
+        L = window.shape[1]
+        width = int(split.train_len[users].max()) if len(users) else 0
+        owned = np.where(np.arange(width)[None, :] < split.train_len[users][:, None], split.sequences[users, :width], 0)
+        position = torch.full((len(users), split.n_items + 1), -1, dtype=torch.long, device=self.device)
+        position.scatter_(1, to_tensor(owned, self.device), L)
+        steps = torch.arange(L, device=self.device).expand_as(window)
+        # an item read twice in the window takes its last position: it is still to come until then
+        position.scatter_(1, window, torch.full_like(window, -1))
+        position.scatter_reduce_(1, window, torch.where(window > 0, steps, L), reduce="amax")
+        position[:, 0] = -1  # padding is nobody's item
+        return position
+
+    def _retrieval_loss(self, forward, window, targets, udense, p_item, later=None):
         cfg = self.config
         valid = targets > 0
         labelled = targets[valid]
-        if 0 < self.split.n_items <= cfg.full_softmax_items:
+        exact = 0 < self.split.n_items <= cfg.full_softmax_items
+        if exact:
             # exact softmax: every catalog item is a negative (the label itself is masked and scored as
             # the positive), sampled with certainty, so log q = 0
             negatives = torch.arange(1, self.split.n_items + 1, device=self.device)
@@ -330,6 +350,17 @@ class TwoStageRecommender:
                                                      device=self.device)])  # fmt: skip
         # one call through the (DDP-wrapped) module so gradients synchronise
         states, positive, neg = forward(window, udense, targets, negatives, self.item_cats, self.item_dense)
+        if later is not None:
+            # the state after window position t scores every candidate; its positives are the user's
+            # items after t (in this epoch's order), the items up to t are left out of its softmax
+            step = torch.arange(window.shape[1], device=self.device).expand_as(window)[valid]
+            where = later[torch.nonzero(valid)[:, 0]][:, negatives]  # [P, M] window position of each candidate
+            return all_items_softmax_loss(states[valid], neg, log_q, where > step[:, None],
+                                          (where >= 0) & (where <= step[:, None]), cfg.temperature)  # fmt: skip
+        if exact:
+            # the sampled loss with every item a negative and the label's own column masked and scored as
+            # the positive is this cross-entropy over the catalog, without the [P, N] mask and copy
+            return F.cross_entropy(states[valid] @ neg.T / cfg.temperature, labelled - 1)
         return sampled_softmax_loss(
             states[valid], positive[valid], labelled, neg, negatives, log_q, cfg.temperature
         )
@@ -470,6 +501,18 @@ class TwoStageRecommender:
         elif world.is_main and progress:
             tqdm.write(f"ranker: validation {metric} gain {self.ranker_gain['mean']:+.4f} per user (standard error "
                        f"{self.ranker_gain['standard_error']:.4f}): {'serves' if self.use_ranker else 'not served'}")  # fmt: skip
+
+
+def training_objective(train: TrainConfig, split: SplitData) -> str:
+    """``train.objective``, with "auto" resolved from how the split's validation was drawn: "next_item"
+    (each state predicts the item that follows it) on temporal splits, "all_items" (each state predicts
+    every item of the user it has not read yet) on random ones, whose held-out items are any of the
+    user's, not the next ones."""
+    if train.objective not in ("auto", "next_item", "all_items"):
+        raise ValueError(f"objective must be 'auto', 'next_item' or 'all_items', got {train.objective!r}")
+    if train.objective != "auto":
+        return train.objective
+    return "all_items" if split.protocol == "random" else "next_item"
 
 
 def _feature_index(user_profile: pd.DataFrame | None, split: SplitData) -> UserFeatureIndex | None:

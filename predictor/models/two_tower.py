@@ -183,3 +183,24 @@ def sampled_softmax_loss(
     neg = neg.masked_fill(negative_index[None, :] == positive_index[:, None], float("-inf"))
     logits = torch.cat([pos, neg], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(user), dtype=torch.long, device=user.device))
+
+
+def all_items_softmax_loss(
+    user: torch.Tensor,
+    candidates: torch.Tensor,
+    log_q: torch.Tensor,
+    positive: torch.Tensor,
+    excluded: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Several positives per user state (PinnerFormer's all-action loss, Mult-VAE's multinomial
+    likelihood): user ``[P, D]`` against candidates ``[M, D]`` (normalised) with their ``log q [M]``;
+    positive ``[P, M]`` bool marks each state's positives among the candidates, excluded ``[P, M]`` bool
+    the candidates left out of its softmax (items it has read). Each state's loss is the mean negative
+    log-likelihood of its positives; states without one are skipped."""
+    logits = (user @ candidates.T / temperature - log_q[None, :]).masked_fill(excluded, float("-inf"))
+    log_p = torch.log_softmax(logits, dim=1)
+    count = positive.sum(dim=1)
+    keep = count > 0
+    per_state = -(log_p.masked_fill(~positive, 0.0)).sum(dim=1)[keep] / count[keep]
+    return per_state.mean() if len(per_state) else logits.sum() * 0.0
