@@ -29,7 +29,7 @@ from predictor.data.loaders import load_any, load_dataset
 from predictor.data.schema import complete_items
 from predictor.data.splits import random_user_split, split_protocol, write_user_lines
 from predictor.models.compare import METRICS, compare, compare_split_files, print_report
-from predictor.models.config import ModelConfig, TrainConfig, model_config, parse_overrides
+from predictor.models.config import ModelConfig, TrainConfig, parse_overrides
 from predictor.models.defaults import choose, describe, explained
 
 RESULTS = Path(__file__).resolve().parent / "results"

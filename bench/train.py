@@ -29,6 +29,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,6 +67,50 @@ def speed_probe(name: str) -> dict:
             "ranker_epochs": 1, "split_and_features_s": prepared, "fit_s": fit_s,
             "retrieval_labels_per_s": labels / seconds, "retrieval_train_s": seconds,
             "validation_ndcg@10": [e["validation_ndcg@10"] for e in history], "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+
+
+def compute_floor() -> dict:
+    """How fast this machine could train the ``small`` model on MovieLens-100K at best: the matrix-multiply
+    FLOPs of one training step (forward and backward, counted by ``torch.utils.flop_counter``; the
+    element-wise work comes on top) per label, and the best matmul rate of this machine, measured now on
+    the step's own largest shape and on a 1,024³ product. Their ratio is a ceiling on labels/s that no
+    implementation of this model and batch exceeds on this CPU."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from predictor.data.loaders import load_dataset
+    from predictor.models.config import TrainConfig, model_config
+    from predictor.models.data import build_split
+    from predictor.models.recommender import TwoStageRecommender, training_windows
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    split = build_split(load_dataset("ml-100k"))
+    model = TwoStageRecommender(model_config("small"), TrainConfig(epochs=1, min_epochs=1, ranker_epochs=0,
+                                                                   max_examples_per_epoch=256))  # fmt: skip
+    model.fit(split, None, progress=False)  # builds the tables a step reads
+    users, ends = training_windows(split, model.config.max_history)
+    rows = np.random.default_rng(0).permutation(len(users))[: model.train_config.batch_size]
+    window, targets, udense, labels = model._window_batch(split, users[rows], ends[rows])
+    popularity = torch.as_tensor(split.item_popularity, dtype=torch.float32)
+    p_item = (popularity + 1.0) / (popularity + 1.0).sum()
+    model.retrieval.train()
+    with FlopCounterMode(display=False) as counter:
+        model._retrieval_loss(model.retrieval, window, targets, udense, p_item).backward()
+    flops_per_label = counter.get_total_flops() / labels
+
+    def best_gflops(m: int, k: int, n: int, repeats: int = 30) -> float:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - started)
+        return 2 * m * k * n / best / 1e9
+
+    tokens = labels if labels else window.numel()
+    peak = max(best_gflops(tokens, 64, 256), best_gflops(1024, 1024, 1024))
+    return {"matmul_flops_per_label": flops_per_label, "labels_per_step": labels,
+            "best_matmul_gflops": peak, "labels_per_s_ceiling": peak * 1e9 / flops_per_label}  # fmt: skip
 
 
 def run_probes(package_root: Path) -> dict:
@@ -196,6 +242,8 @@ def main() -> None:
             subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False
             )
+    with console.status("compute floor"):
+        floor = compute_floor()
     table = Table("probe", *trees, *(["ratio"] if args.baseline else []), title="training speed, same run")
     rows = [("ml-100k retrieval labels/s", "ml-100k", "retrieval_labels_per_s", True),
             ("ml-100k fit s (3 + 1 epochs)", "ml-100k", "fit_s", False),
@@ -210,8 +258,13 @@ def main() -> None:
             cells.append(f"{ratios[label]:.2f} ×")
         table.add_row(label, *cells)
     console.print(table)
+    measured = speed["this tree"]["ml-100k"]["retrieval_labels_per_s"]
+    floor["this_tree_share_of_ceiling"] = measured / floor["labels_per_s_ceiling"]
+    console.print(f"ml-100k small: {floor['matmul_flops_per_label'] / 1e6:.2f} MFLOP (matmul) per label, best "
+                  f"matmul {floor['best_matmul_gflops']:.0f} GFLOP/s → ceiling {floor['labels_per_s_ceiling']:,.0f} "
+                  f"labels/s; this tree {measured:,.0f} = {floor['this_tree_share_of_ceiling']:.0%} of it")  # fmt: skip
     report = {"command": "python bench/train.py" + (f" --baseline {args.baseline}" if args.baseline else ""),
-              "machine": f"{os.cpu_count()} cores", "speed": speed,
+              "machine": f"{os.cpu_count()} cores", "speed": speed, "compute_ceiling": floor,
               "speedup_over_baseline": ratios or None}  # fmt: skip
     if not args.skip_curve:
         report.update(curve_and_wall(console))

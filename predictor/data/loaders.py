@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from predictor.data.splits import LINE_ORDER
 from predictor.data.schema import (
     DataValidationError,
     Interactions,
@@ -26,6 +25,7 @@ from predictor.data.schema import (
     validate_events,
     validate_items,
 )
+from predictor.data.splits import LINE_ORDER
 
 log = logging.getLogger(__name__)
 
