@@ -10,6 +10,9 @@ against REV's ``predictor`` package from a git worktree):
 * a 200,000-event synthetic log (default catalog), ``small``, 2 retrieval epochs + 1 ranker epoch: fit
   wall seconds.
 
+And a compute ceiling in the same run (``compute_floor``): the ``small`` model's matmul FLOPs per training
+label on MovieLens-100K over this machine's best matmul rate, against which the labels/s stand.
+
 Then, this tree only: the default fit on MovieLens-100K with its validation curve against tuned implicit
 ALS (quality bar: validation NDCG@10 ≥ 1.1 × ALS's; plot ``docs/img/training-curve.png``), and the default
 ``recsys train`` work on MovieLens latest-small end to end (split, feature snapshots, fit, test
@@ -214,6 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", help="git revision whose speed probes run in the same run")
     parser.add_argument("--skip-curve", action="store_true", help="speed probes only")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"), help="result file")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,13 +267,14 @@ def main() -> None:
     console.print(f"ml-100k small: {floor['matmul_flops_per_label'] / 1e6:.2f} MFLOP (matmul) per label, best "
                   f"matmul {floor['best_matmul_gflops']:.0f} GFLOP/s → ceiling {floor['labels_per_s_ceiling']:,.0f} "
                   f"labels/s; this tree {measured:,.0f} = {floor['this_tree_share_of_ceiling']:.0%} of it")  # fmt: skip
-    report = {"command": "python bench/train.py" + (f" --baseline {args.baseline}" if args.baseline else ""),
+    report = {"command": "python bench/train.py" + (f" --baseline {args.baseline}" if args.baseline else "")
+                         + (" --skip-curve" if args.skip_curve else ""),
               "machine": f"{os.cpu_count()} cores", "speed": speed, "compute_ceiling": floor,
               "speedup_over_baseline": ratios or None}  # fmt: skip
     if not args.skip_curve:
         report.update(curve_and_wall(console))
     report["wall_s"] = time.perf_counter() - wall
-    out = ROOT / "bench" / "results" / "train.json"
+    out = Path(args.out)
     out.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out} in {report['wall_s']:.0f} s")
 

@@ -176,3 +176,24 @@ def test_later_items_mark_what_each_state_has_not_read(small_data):
             assert position[row, item] == max(p for p, i in enumerate(window[row]) if i == item)  # the last read
         outside = owned - set(window[row])
         assert all(position[row, i] == 10 for i in outside)  # outside the window: after every position
+
+
+def test_random_splits_choose_their_objective_and_batch_and_the_user_wins(small_data):
+    from predictor.models.defaults import RANDOM_SPLIT_BATCH, choose
+    from predictor.models.recommender import training_objective
+
+    _, train, reasons = choose(1_682, protocol="random")
+    assert train.objective == "all_items" and train.batch_size == RANDOM_SPLIT_BATCH
+    assert "random split" in reasons["objective"] and "random split" in reasons["batch_size"]
+    _, temporal, reasons = choose(1_682)
+    assert temporal.objective == "auto" and temporal.batch_size == TrainConfig().batch_size
+    assert "objective" not in reasons
+    _, mine, reasons = choose(1_682, train_options={"batch_size": 64}, protocol="random")
+    assert mine.batch_size == 64 and reasons["batch_size"] == "set by the user"
+
+    random_split = build_split(small_data, holdout=1, protocol="random")
+    assert training_objective(TrainConfig(), random_split) == "all_items"
+    assert training_objective(TrainConfig(), build_split(small_data)) == "next_item"
+    assert training_objective(TrainConfig(objective="next_item"), random_split) == "next_item"
+    with pytest.raises(ValueError, match="objective must be one of auto, next_item, all_items, got 'everything'"):
+        TrainConfig(objective="everything")

@@ -59,6 +59,9 @@ def model_config(size: str = "small", **overrides) -> ModelConfig:
     return replace(SIZES[size], **overrides)
 
 
+OBJECTIVES = ("auto", "next_item", "all_items")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 40
@@ -77,6 +80,10 @@ class TrainConfig:
     # what each user state learns to predict: "next_item" (the item after it), "all_items" (every item of
     # the user not yet read: random splits), or "auto" (chosen from the split's protocol)
     objective: str = "auto"
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
 
 def parse_overrides(pairs: list[str], config_class: type) -> dict:

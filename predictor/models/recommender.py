@@ -508,8 +508,6 @@ def training_objective(train: TrainConfig, split: SplitData) -> str:
     (each state predicts the item that follows it) on temporal splits, "all_items" (each state predicts
     every item of the user it has not read yet) on random ones, whose held-out items are any of the
     user's, not the next ones."""
-    if train.objective not in ("auto", "next_item", "all_items"):
-        raise ValueError(f"objective must be 'auto', 'next_item' or 'all_items', got {train.objective!r}")
     if train.objective != "auto":
         return train.objective
     return "all_items" if split.protocol == "random" else "next_item"
