@@ -75,12 +75,17 @@ def test_random_protocol_split_holds_out_a_random_sample_for_validation():
         build_split(data, holdout=2, protocol="random")
 
 
-def test_shuffled_training_items_permute_training_positions_only():
-    rows = [(1, item, f"2026-01-{item:02d}") for item in range(1, 13)]
+def _one_user_random_split(n_events: int, n_items: int, validation_share: float):
+    """User 1 reads items 1 .. ``n_events`` on consecutive days, of a catalog of ``n_items``; a random split."""
+    rows = [(1, item, f"2026-01-{item:02d}") for item in range(1, n_events + 1)]
     events, _ = validate_events(events_frame(rows), "x")
-    data = Interactions(events, validate_items(pd.DataFrame({"item_id": range(1, 13)}), "i"))
-    split = build_split(data, holdout=1, protocol="random", validation_share=0.25, seed=0)
-    u = split.users.index([1])[0]
+    data = Interactions(events, validate_items(pd.DataFrame({"item_id": range(1, n_items + 1)}), "i"))
+    split = build_split(data, holdout=1, protocol="random", validation_share=validation_share, seed=0)
+    return split, split.users.index([1])[0]
+
+
+def test_shuffled_training_items_permute_training_positions_only():
+    split, u = _one_user_random_split(12, 12, 0.25)
     n = split.train_len[u]
     seen = set()
     for draw in range(5):
@@ -92,11 +97,7 @@ def test_shuffled_training_items_permute_training_positions_only():
 
 
 def test_per_user_scores_on_several_targets_by_hand():
-    rows = [(1, item, f"2026-01-{item:02d}") for item in range(1, 11)]
-    events, _ = validate_events(events_frame(rows), "x")
-    data = Interactions(events, validate_items(pd.DataFrame({"item_id": range(1, 31)}), "i"))
-    split = build_split(data, holdout=1, protocol="random", validation_share=0.3, seed=0)
-    u = split.users.index([1])[0]
+    split, u = _one_user_random_split(10, 30, 0.3)
     held = list(split.sequences[u, 7:10])  # three validation targets
 
     def rank_fn(users, end, k):  # one held-out item at rank 0, another at rank 5, the third missed

@@ -92,7 +92,7 @@ class World:
 
 @dataclass
 class TrainingHistory:
-    retrieval: list[dict] = field(default_factory=list)  # per epoch: loss, validation ndcg@10, seconds
+    retrieval: list[dict] = field(default_factory=list)  # per epoch: loss, validation metric, seconds
     ranker: list[dict] = field(default_factory=list)
     examples_per_second: float = 0.0
 
@@ -107,7 +107,7 @@ class TwoStageRecommender:
         self.retrieval: TwoTower | None = None
         self.ranker: Ranker | None = None
         self.use_ranker = False
-        self.ranker_gain: dict | None = None  # validation NDCG@10 gain of the ranker: mean, standard error
+        self.ranker_gain: dict | None = None  # the ranker's validation-metric gain: mean, standard error
         self.settings_chosen: dict[str, str] = {}  # setting → why it has its value (chosen from the data)
         self.candidates = 200
         self.best_epochs = {"retrieval": 0, "ranker": 0}  # the epochs early stopping kept (0: none)
@@ -154,7 +154,9 @@ class TwoStageRecommender:
         resume: bool = False,
         progress: bool = True,
     ) -> TwoStageRecommender:
-        """Train retrieval with early stopping on validation NDCG@10, then the ranker on its candidates.
+        """Train retrieval with early stopping on the split's validation metric (NDCG@10 on a temporal
+        split, Recall@20 on a random one; a split with nothing held out trains every epoch and keeps the
+        last: a final fit), then the ranker on its candidates.
 
         ``user_profile``: offline user_profile rows (several snapshots) for the point-in-time join; None
         trains without user features. Warm start: call ``fit`` on a model that already has weights.
@@ -241,7 +243,7 @@ class TwoStageRecommender:
             rng.bit_generator.state = state["rng"]
             self.history.retrieval = list(state["history"])
             log.info(
-                "resumed retrieval training at epoch %d (best validation ndcg@10 %.4f)", start_epoch, best
+                "resumed retrieval training at epoch %d (best validation score %.4f)", start_epoch, best
             )
 
         local_batch = max(cfg.batch_size // world.size, 2)
@@ -301,8 +303,9 @@ class TwoStageRecommender:
             if ckpt and world.is_main:
                 ckpt.mkdir(parents=True, exist_ok=True)
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "best": best, "stale": stale, "best_epoch": best_epoch, "best_model": best_state, "rng": rng.bit_generator.state,
-                            "history": self.history.retrieval}, ckpt / "retrieval.pt.tmp")  # fmt: skip
+                            "best": best, "stale": stale, "best_epoch": best_epoch, "best_model": best_state,
+                            "rng": rng.bit_generator.state, "history": self.history.retrieval},
+                           ckpt / "retrieval.pt.tmp")  # fmt: skip
                 os.replace(ckpt / "retrieval.pt.tmp", ckpt / "retrieval.pt")
             if stale >= cfg.patience and epoch + 1 >= cfg.min_epochs:
                 break
@@ -314,8 +317,8 @@ class TwoStageRecommender:
     def _later_items(self, split: SplitData, users: np.ndarray, window: torch.Tensor) -> torch.Tensor:
         """``[B, n_items + 1]`` int64: for each window's user, the window position of each of the user's
         training items (the last, if read twice; ``L`` for items outside the window, -1 for items not the
-        user's). The
-        items after position ``t`` are the targets of the user state at ``t`` (the all-items objective)."""
+        user's). The items after position ``t`` are the targets of the user state at ``t`` (the all-items
+        objective)."""
         L = window.shape[1]
         width = int(split.train_len[users].max()) if len(users) else 0
         owned = np.where(np.arange(width)[None, :] < split.train_len[users][:, None], split.sequences[users, :width], 0)
