@@ -159,12 +159,13 @@ class SplitData:
     item_categories: np.ndarray  # float32 [n_items + 1, C]
     item_popularity: np.ndarray  # float64 [n_items + 1], training-event counts
     n_categories: int
-    validation_len: np.ndarray | None = None  # int64 [n_users + 1]; None: one per user with a holdout
-    protocol: str = "temporal"  # how validation targets were drawn: "temporal" (the next) or "random"
+    validation_len: np.ndarray  # int64 [n_users + 1], validation targets per user
+    protocol: str  # how validation targets were drawn: "temporal" (the next) or "random"
 
-    def __post_init__(self):
-        if self.validation_len is None:
-            self.validation_len = self.has_holdout.astype(np.int64)
+    @property
+    def validates(self) -> bool:
+        """Whether anything is held out for validation (not: a final fit on every event)."""
+        return bool(self.validation_len.any())
 
     @property
     def n_users(self) -> int:

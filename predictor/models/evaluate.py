@@ -26,11 +26,17 @@ RankFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 """(user_idx [B], end [B], k) → item indexes [B, k]; seen items (positions < end) already excluded."""
 
 
-def ranking_metrics(top: np.ndarray, target: np.ndarray, n_items: int, ks: Sequence[int] = KS) -> dict[str, float]:
-    """top ``[U, K]`` ranked item indexes, one target per user ``[U]`` → recall@k, ndcg@k, coverage@10."""
-    out = ranking_metrics_multi(top, np.asarray(target)[:, None], ks)
-    out["coverage@10"] = float(len(np.unique(top[:, :10])) / max(n_items, 1))
-    return out
+def ranking_metrics(top: np.ndarray, targets, n_items: int, ks: Sequence[int] = KS) -> dict[str, float]:
+    """top ``[U, K]`` ranked item indexes, targets (one per user ``[U]``, or as
+    :func:`ranking_metrics_multi` takes them) → recall@k, ndcg@k, coverage@10."""
+    if isinstance(targets, np.ndarray) and targets.ndim == 1:
+        targets = targets[:, None]
+    return {**ranking_metrics_multi(top, targets, ks), "coverage@10": coverage_at_10(top, n_items)}
+
+
+def coverage_at_10(top: np.ndarray, n_items: int) -> float:
+    """Share of the catalog that appears in anyone's top 10."""
+    return float(len(np.unique(top[:, :10])) / max(n_items, 1))
 
 
 def ranking_metrics_multi(top: np.ndarray, targets, ks: Sequence[int] = KS) -> dict[str, float]:
@@ -79,10 +85,7 @@ def evaluate_targets(rank_fn: RankFn, split: SplitData, targets: dict[int, np.nd
     """Evaluate against external targets (user index → item indexes), history = everything in ``split``."""
     users = np.array(sorted(u for u, t in targets.items() if u > 0 and len(t)), dtype=np.int64)
     top = _tops(rank_fn, users, split.lengths[users], max(KS), batch_size)
-    metrics = ranking_metrics_multi(top, [targets[u] for u in users])
-    metrics["coverage@10"] = float(len(np.unique(top[:, :10])) / max(split.n_items, 1))
-    metrics["users"] = len(users)
-    return metrics
+    return {**ranking_metrics(top, [targets[u] for u in users], split.n_items), "users": len(users)}
 
 
 def holdout(split: SplitData, stage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -133,10 +136,7 @@ def beats_by_more_than_noise(gain: np.ndarray) -> tuple[bool, dict[str, float]]:
 def evaluate(rank_fn: RankFn, split: SplitData, stage: str = "test", batch_size: int = 512) -> dict[str, float]:
     users, end, targets = holdout(split, stage)
     top = _tops(rank_fn, users, end, max(KS), batch_size)
-    metrics = ranking_metrics_multi(top, targets)
-    metrics["coverage@10"] = float(len(np.unique(top[:, :10])) / max(split.n_items, 1))
-    metrics["users"] = len(users)
-    return metrics
+    return {**ranking_metrics(top, targets, split.n_items), "users": len(users)}
 
 
 def mask_seen_(scores: torch.Tensor, split: SplitData, users: np.ndarray, end: np.ndarray) -> torch.Tensor:

@@ -249,7 +249,7 @@ class TwoStageRecommender:
         local_batch = max(cfg.batch_size // world.size, 2)
         rows_user, rows_end = training_windows(split, self.config.max_history)
         metric = validation_metric(split)
-        validates = bool(split.validation_len.any())  # a final fit (nothing held out) runs every epoch
+        validates = split.validates  # a final fit (nothing held out) runs every epoch
         all_items = training_objective(cfg, split) == "all_items"
         epoch_split = split
         for epoch in range(start_epoch, cfg.epochs):
@@ -407,7 +407,7 @@ class TwoStageRecommender:
             self.validation_score = self.validation_retrieval
             return
         metric = validation_metric(split)
-        validates = bool(split.validation_len.any())
+        validates = split.validates
         self.best_epochs["ranker"] = 0
         K = self.config.ranker_negatives
         frozen = self.inference(exact=True)
