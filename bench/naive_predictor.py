@@ -42,7 +42,7 @@ class NaiveModel(kserve.Model):
         production = ModelRegistry(self.settings.database_url).production(MODEL_NAME)
         self.model = load_model(production.artifact_uri, "cpu")
         self.store = open_store(self.settings)
-        self.inference = self.model.inference(exact=True)
+        self.inference = self.model.inference(search="exact")
         self.items = self.inference.tables.embeddings[: self.model.catalog.n_items + 1]
         self.item_ids = self.model.catalog.items.ids
         self.n_cat = self.model.catalog.n_categories

@@ -74,12 +74,12 @@ def main() -> None:
 
     started = time.perf_counter()
     exact = TwoStageInference(
-        tower, ranker, cats, dense, N, C, cfg.max_history, cfg.ranker_history, 100, True, True
+        tower, ranker, cats, dense, N, C, cfg.max_history, cfg.ranker_history, 100, True, "exact"
     )
     startup["item tables (exact)"] = time.perf_counter() - started
     started = time.perf_counter()
     hnsw = TwoStageInference(tower, ranker, cats, dense, N, C, cfg.max_history, cfg.ranker_history, 100, True,
-                             False, hnsw_threshold=0)  # fmt: skip
+                             "auto", hnsw_threshold=0)  # fmt: skip
     startup["item tables + HNSW build and calibration"] = time.perf_counter() - started
     results["retrieval_selection"] = hnsw.tables.selection  # HNSW serves only where it measures faster
 

@@ -254,15 +254,13 @@ def test_hnsw_retrieval_is_calibrated_and_excludes_seen_like_exact(trained):
     """Above ``hnsw_threshold`` the engine searches an HNSW index whose efSearch was raised until its
     recall@100 against exact search reached 0.95; its answers follow the exact ones and exclude seen
     items, heavy users included."""
-    from predictor.models.inference import build_hnsw
-
     data, files = trained
-    exact, hnsw = engine_for(files), engine_for(files, hnsw_threshold=50)
-    assert not exact.inference.use_index and hnsw.inference.use_index
-    # at 200 items the exact scan measures faster, so the engine kept it; serve the index anyway
-    tables = hnsw.inference.tables
-    tables.index, tables.ef_search, tables.recall = build_hnsw(tables.embeddings[: hnsw.n_items + 1].numpy())
-    assert hnsw.index_recall >= 0.95
+    exact, auto = engine_for(files), engine_for(files, hnsw_threshold=50)
+    assert not exact.inference.use_index and auto.inference.use_index
+    # at 200 items the exact scan measures faster, so "auto" kept it; search="hnsw" serves the index anyway
+    assert auto.inference.tables.index is None
+    hnsw = engine_for(files, search="hnsw")
+    assert hnsw.inference.tables.index is not None and hnsw.index_recall >= 0.95
     counts = data.events["user_id"].value_counts()
     users = counts.index[:20].to_numpy()
     histories = [data.events.loc[data.events["user_id"] == u, "item_id"].to_numpy() for u in users]
@@ -340,3 +338,80 @@ def test_certified_bf16_scan_returns_the_fp32_top_n(trained, monkeypatch):
     seen = [set(h) for h in histories]
     ids = engine.item_ids[want_items - 1]
     assert not any(seen[b] & set(ids[b]) for b in range(len(histories)))
+
+
+def test_an_artifact_carries_its_hnsw_graph_and_a_loading_replica_reuses_it(trained, tmp_path, monkeypatch):
+    """Above HNSW_THRESHOLD the graph is built once when the model is saved; a replica that loads the
+    artifact (memory-mapped from a local path) gives it the current item vectors and calibrates it, never
+    building a graph itself, and answers like the exact scan."""
+    from predictor.models import inference, recommender
+    from predictor.models.lifecycle import load_model
+    from predictor.models.registry import write_artifact
+
+    data, files = trained
+    model = model_from_files(files, "cpu")
+    monkeypatch.setattr(recommender, "HNSW_THRESHOLD", 50)
+    with_graph, _ = model_files(model)
+    assert recommender.SEARCH_GRAPH in with_graph and recommender.SEARCH_GRAPH not in files
+    write_artifact(str(tmp_path / "m"), with_graph)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a replica built an HNSW graph instead of reusing the artifact's")
+
+    monkeypatch.setattr(inference, "hnsw_graph", no_build)
+    loaded = load_model(str(tmp_path / "m"), "cpu")
+    assert loaded.search_graph is not None and loaded.search_graph.ntotal == loaded.catalog.n_items
+    hnsw = ServingEngine(loaded, "1", device="cpu", search="hnsw")
+    assert hnsw.inference.tables.index is not None and hnsw.index_recall >= 0.95
+    exact = engine_for(files)
+    users = data.events["user_id"].value_counts().index[:20].to_numpy()
+    histories = [data.events.loc[data.events["user_id"] == u, "item_id"].to_numpy() for u in users]
+    a = exact.recommend(online(exact, histories), 10).item_ids
+    b = hnsw.recommend(online(hnsw, histories), 10).item_ids
+    assert np.mean([len(np.intersect1d(x, y)) / 10 for x, y in zip(a, b)]) >= 0.9
+    # an item-feature refresh reuses the serving graph too (a copy: searches in flight keep theirs)
+    serving = hnsw.inference.tables.index
+    hnsw.inference.refresh_items(hnsw.inference.tables.item_cats, hnsw.inference.tables.item_dense * 1.01)
+    assert hnsw.inference.tables.index is not None and hnsw.inference.tables.index is not serving
+
+
+def test_a_local_artifact_loads_memory_mapped_and_answers_as_from_bytes(trained, tmp_path):
+    from predictor.models.lifecycle import load_model
+    from predictor.models.registry import write_artifact
+
+    data, files = trained
+    write_artifact(str(tmp_path / "m"), files)
+    mapped, copied = load_model(str(tmp_path / "m"), "cpu"), model_from_files(files, "cpu")
+    for a, b in zip(mapped.retrieval.state_dict().values(), copied.retrieval.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not any(p.is_meta for m in (mapped.retrieval, mapped.ranker) for p in m.parameters())
+    history = data.events.loc[data.events["user_id"] == 3, "item_id"].to_numpy()
+    a, b = ServingEngine(mapped, "1", device="cpu"), engine_for(files)
+    np.testing.assert_array_equal(a.recommend(online(a, [history]), 10).item_ids,
+                                  b.recommend(online(b, [history]), 10).item_ids)  # fmt: skip
+
+
+def test_fp16_tables_halve_the_id_tables_and_survive_save_and_load(trained):
+    data, files = trained
+    model = model_from_files(files, "cpu")
+    table_bytes = model.retrieval.items.id_embedding.weight.nbytes + model.ranker.item_id.weight.nbytes
+    half, _ = model_files(model.with_fp16_tables())
+    assert model.config.embedding_fp16
+    loaded = model_from_files(half, "cpu")
+    assert loaded.retrieval.items.id_embedding.weight.dtype == torch.float16
+    assert loaded.retrieval.items.id_embedding.weight.nbytes + loaded.ranker.item_id.weight.nbytes == table_bytes / 2
+    history = data.events.loc[data.events["user_id"] == 4, "item_id"].to_numpy()
+    a, b = ServingEngine(loaded, "1", device="cpu"), engine_for(files)
+    overlap = np.intersect1d(a.recommend(online(a, [history]), 10).item_ids, b.recommend(online(b, [history]), 10).item_ids)
+    assert len(overlap) >= 8  # fp16 rounding of the tables may swap a near tie, not the list
+
+
+def test_an_unknown_search_form_is_refused_by_name(trained):
+    from pydantic import ValidationError
+
+    from predictor.serving.model import ServeSettings
+
+    with pytest.raises(ValueError, match="search must be one of"):
+        engine_for(trained[1], search="ivf")
+    with pytest.raises(ValidationError, match="search"):
+        ServeSettings(search="ivf")

@@ -11,7 +11,8 @@ oldest-first window of item indexes, user features, and the seen items to exclud
 Retrieval is either exact (one ``[B, D] × [D, N]`` product and a top-k, used for any catalog on a GPU
 and for catalogs up to ``hnsw_threshold`` items on a CPU) or a faiss HNSW index whose ``efSearch`` is
 calibrated at build time until its recall@100 against exact search reaches ``min_recall``, served only
-where it then measures faster than the exact scan (``docs/serving.md``). Seen items are excluded exactly: the
+where it then measures faster than the exact scan (``docs/serving.md``); ``search="exact"`` or
+``"hnsw"`` forces one form (``"hnsw"`` serves the index whatever it measured: the frontier study's remedy). Seen items are excluded exactly: the
 exact path masks them before the top-k; the index path over-fetches by each user's seen count.
 
 On a CPU the exact scan may run over a bfloat16 copy of the item table (half the bytes to stream), still
@@ -39,9 +40,11 @@ log = logging.getLogger(__name__)
 # CPU catalogs above this many items try an HNSW index (served where it measures faster)
 HNSW_THRESHOLD = 50_000
 MIN_RECALL = 0.95  # recall@100 against exact search that the HNSW index must reach
+SEARCH_FORMS = ("auto", "exact", "hnsw")  # auto: HNSW above the threshold where it measures faster
 TOP_K_CHUNK = 128  # columns per chunk of the two-pass top-k
 BF16_UNIT_ROUNDOFF = 2.0**-8  # relative rounding error of bfloat16 (8-bit significand)
 BF16_SCAN_ITEMS = 50_000  # CPU catalogs from this many items try the certified bf16 scan
+ITEM_CHUNK = 8192  # item rows per pass of the towers when the item side is built
 
 
 @dataclass
@@ -160,7 +163,7 @@ class ItemTables:
     item_cats: torch.Tensor  # [R, C]
     item_dense: torch.Tensor  # [R, F_i]
     embeddings: torch.Tensor  # [N + 1 + pad, D] retrieval item vectors, row 0 and padding rows = 0
-    history: torch.Tensor  # [R, D] the user tower's history inputs
+    history: torch.Tensor  # [N + 1, D] the user tower's history inputs (rows of reserved capacity hold no item)
     index: faiss.Index | None  # HNSW over rows 1..N, or None for exact search
     ef_search: int = 0
     recall: float = 1.0
@@ -172,24 +175,33 @@ class ItemTables:
 class TwoStageInference:
     """The frozen two-stage model for inference: ``recommend(batch, k)`` → item indexes and scores.
 
-    ``use_ranker`` False serves retrieval order. ``exact`` forces exact retrieval (training-time
-    validation uses it, since an index per epoch would cost more than the epoch).
+    ``use_ranker`` False serves retrieval order. ``search`` is one of :data:`SEARCH_FORMS`:
+    "exact" forces exact retrieval (training-time validation uses it, since an index per epoch would cost
+    more than the epoch), "hnsw" serves the CPU index whatever it measured.
     """
 
     def __init__(self, retrieval, ranker, item_cats: torch.Tensor, item_dense: torch.Tensor, n_items: int,
                  n_categories: int, max_history: int, ranker_history_size: int, candidates: int,
-                 use_ranker: bool, exact: bool = False, hnsw_threshold: int = HNSW_THRESHOLD,
-                 precision: str = "fp32"):  # fmt: skip
+                 use_ranker: bool, search: str = "auto", hnsw_threshold: int = HNSW_THRESHOLD,
+                 precision: str = "fp32", graph: faiss.Index | None = None):  # fmt: skip
+        if search not in SEARCH_FORMS:
+            raise ValueError(f"search must be one of {', '.join(SEARCH_FORMS)}, not {search!r}")
+        if search == "hnsw" and item_cats.device.type != "cpu":
+            raise ValueError("the HNSW index serves on the CPU only (faiss-cpu); use auto or exact on a GPU")
         self.retrieval, self.ranker = retrieval, ranker
         self.n_items, self.n_categories = n_items, n_categories
         self.max_history, self.ranker_history_size = max_history, ranker_history_size
         self.candidates, self.use_ranker = candidates, use_ranker
         self.device = item_cats.device
         self.precision = precision
-        self.use_index = not exact and self.device.type == "cpu" and n_items > hnsw_threshold
+        self.forced = search != "auto"
+        self.use_index = search == "hnsw" or (
+            search == "auto" and self.device.type == "cpu" and n_items > hnsw_threshold
+        )
         self.table_dtype = torch.float16 if precision == "fp16" else torch.float32
         # the bf16 scan can pay off only where streaming the table dominates: large CPU catalogs
         self.try_scan = self.device.type == "cpu" and precision == "fp32" and n_items >= BF16_SCAN_ITEMS
+        self.graph = graph  # an HNSW graph built at export: reused, not rebuilt (see build_hnsw)
         self.tables = self._build(item_cats, item_dense)
 
     def _autocast(self):
@@ -203,19 +215,23 @@ class TwoStageInference:
         started = time.perf_counter()
         with self._autocast():
             n = self.n_items
-            rows = torch.arange(n + 1, device=self.device)
-            embeddings = self.retrieval.item_embedding(rows, item_cats[: n + 1], item_dense[: n + 1]).float()
+            # rows 0..n only (reserved capacity rows hold no item yet), in chunks: the towers' activations
+            # over a whole catalog at once would be several times the tables themselves
+            embeddings = by_rows(lambda rows: self.retrieval.item_embedding(rows, item_cats[rows], item_dense[rows]),
+                                 n + 1, self.device)  # fmt: skip
             embeddings[0] = 0
             # zero rows up to a multiple of TOP_K_CHUNK, masked at search: the two-pass top-k needs no copy
             embeddings = torch.nn.functional.pad(embeddings, (0, 0, 0, (-(n + 1)) % TOP_K_CHUNK))
-            history = self.retrieval.history_table(item_cats, item_dense).float()
+            history = by_rows(lambda rows: self.retrieval.history_table(item_cats, item_dense, rows), n + 1,
+                              self.device)  # fmt: skip
         tables = ItemTables(item_cats, item_dense, embeddings.to(self.table_dtype), history, None)
         if self.try_scan:
             self._select_scan(tables)
         if self.use_index:
-            index, ef, recall = build_hnsw(embeddings[: n + 1].cpu().numpy())
+            index, ef, recall = build_hnsw(embeddings[: n + 1].cpu().numpy(), graph=self.graph)
+            self.graph = index  # the next item refresh reuses this graph
             index_ms, exact_ms = self._search_times(index, ef, tables)
-            if recall >= MIN_RECALL and index_ms < exact_ms:
+            if self.forced or (recall >= MIN_RECALL and index_ms < exact_ms):
                 tables.index, tables.ef_search, tables.recall = index, ef, recall
             tables.selection.update({"served": "hnsw" if tables.index is not None else "exact",
                                      "hnsw_recall@100": recall, "hnsw_ef_search": ef,
@@ -402,6 +418,13 @@ class TwoStageInference:
         return cand[:, :k], scores[:, :k]
 
 
+def by_rows(fn, n_rows: int, device: torch.device, chunk: int = ITEM_CHUNK) -> torch.Tensor:
+    """``fn(rows)`` (a ``[len(rows), D]`` tensor) over item rows ``0..n_rows-1`` in chunks of ``chunk``,
+    concatenated as fp32 ``[n_rows, D]``."""
+    parts = [fn(torch.arange(s, min(s + chunk, n_rows), device=device)).float() for s in range(0, n_rows, chunk)]
+    return torch.cat(parts)
+
+
 def with_bf16_scan(tables: ItemTables) -> ItemTables:
     """A copy of ``tables`` whose exact scan runs over a bf16 table, with the error bound that certifies
     it: |fp32 score − bf16 score| ≤ ``scan_error`` · ||user|| for every item (both factors rounded to
@@ -444,16 +467,26 @@ def top_k(scores: torch.Tensor, k: int, chunk: int = TOP_K_CHUNK) -> tuple[torch
 
 
 def build_hnsw(embeddings: np.ndarray, m: int = 32, min_recall: float = MIN_RECALL, probes: int = 256,
-               seed: int = 0) -> tuple[faiss.Index, int, float]:  # fmt: skip
+               seed: int = 0, graph: faiss.Index | None = None) -> tuple[faiss.Index, int, float]:  # fmt: skip
     """HNSW inner-product index over rows 1.. of ``embeddings`` (faiss id = item index - 1), with the
     smallest ``efSearch`` (doubling from 64) whose recall@100 against exact search reaches ``min_recall``
     on probe queries near the items (what user vectors look like), up to 1024. Returns (index, efSearch,
-    recall); the caller serves it only if it reached ``min_recall`` and measures faster than exact."""
+    recall); the caller serves it only if it reached ``min_recall`` and measures faster than exact.
+
+    ``graph``: an HNSW index over the same items built earlier (at export, or before an item-feature
+    refresh): a copy of its graph takes the new vectors instead of being built again — item vectors move
+    a little when item features change, the neighbourhoods hardly — and the calibration below measures
+    the recall it still reaches, so a graph that no longer fits shows as low recall, never silently."""
     vectors = np.ascontiguousarray(embeddings[1:], dtype=np.float32)
     n, d = vectors.shape
-    index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = 200
-    index.add(vectors)
+    reused = graph is not None and graph.ntotal == n and graph.d == d
+    if reused:
+        index = faiss.clone_index(graph)  # the caller's graph may be serving searches right now
+        storage = faiss.downcast_index(index.storage)
+        storage.reset()
+        storage.add(vectors)
+    else:
+        index = hnsw_graph(vectors, m)
     rng = np.random.default_rng(seed)
     probe = vectors[rng.choice(n, size=min(probes, n), replace=False)]
     probe = probe + 0.5 * rng.standard_normal(probe.shape).astype(np.float32) / np.sqrt(d)
@@ -470,5 +503,14 @@ def build_hnsw(embeddings: np.ndarray, m: int = 32, min_recall: float = MIN_RECA
             break
         ef *= 2
     index.hnsw.efSearch = ef
-    log.info("HNSW index over %d items: efSearch %d, recall@%d %.3f against exact search", n, ef, k, recall)
+    log.info("HNSW index over %d items (%s): efSearch %d, recall@%d %.3f against exact search", n,
+             "graph reused, new vectors" if reused else "graph built", ef, k, recall)  # fmt: skip
     return index, ef, recall
+
+
+def hnsw_graph(vectors: np.ndarray, m: int = 32) -> faiss.Index:
+    """A new HNSW inner-product graph over ``vectors [N, D]`` float32 (faiss ids 0..N-1)."""
+    index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 200
+    index.add(vectors)
+    return index

@@ -57,7 +57,8 @@ def save_model(model: TwoStageRecommender, uri: str, extra: dict | None = None) 
 
 
 def load_model(uri: str, device: str | None = None) -> TwoStageRecommender:
-    files, _ = open_artifact(uri)
+    """The verified model at ``uri``; a local artifact's weights are memory-mapped, not copied."""
+    files, _ = open_artifact(uri, local_paths=True)
     return model_from_files(files, device)
 
 

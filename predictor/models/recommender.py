@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 import torch
@@ -46,6 +47,7 @@ from predictor.models.inference import (
     HNSW_THRESHOLD,
     TwoStageInference,
     batch_from_split,
+    hnsw_graph,
     ranker_history,
     ranker_inputs,
 )
@@ -116,6 +118,9 @@ class TwoStageRecommender:
         self.history = TrainingHistory()
         self.catalog = None  # the split trained on, or a loaded model's SplitCatalog
         self.user_features: UserFeatureIndex | None = None  # the point-in-time join, prepared once
+        # the HNSW graph over this model's item vectors, for CPU catalogs above HNSW_THRESHOLD: built once
+        # when the model is saved, stored in the artifact, and reused by every replica that loads it
+        self.search_graph: faiss.Index | None = None
 
     # --- shapes of the catalog the model was built for ---------------------------------------------
     def _build(self, split: SplitData) -> None:
@@ -163,6 +168,7 @@ class TwoStageRecommender:
         """
         cfg = self.train_config
         seed_everything(cfg.seed)
+        self.search_graph = None  # training moves the item vectors: the graph is built again at save
         world = World.from_env(self.device)
         self.split, self.catalog = split, split
         self.user_features = _feature_index(user_profile, split)
@@ -284,7 +290,7 @@ class TwoStageRecommender:
                 if step % 50 == 49:  # the one host sync, for the progress bar
                     bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}")
             seconds = time.perf_counter() - started
-            score = evaluate(self.rank(split, "retrieval", exact=True), split, "validation")[metric] \
+            score = evaluate(self.rank(split, "retrieval", search="exact"), split, "validation")[metric] \
                 if world.is_main and validates else float(epoch)  # fmt: skip
             score = world.broadcast(score)
             self.history.retrieval.append({"epoch": epoch + 1, "loss": loss_sum.item() / steps if steps else float("nan"),
@@ -369,7 +375,7 @@ class TwoStageRecommender:
         )
 
     # --- inference ---------------------------------------------------------------------------------------
-    def inference(self, exact: bool = False, use_ranker: bool | None = None, candidates: int | None = None,
+    def inference(self, search: str = "auto", use_ranker: bool | None = None, candidates: int | None = None,
                   precision: str = "fp32", hnsw_threshold: int = HNSW_THRESHOLD) -> TwoStageInference:  # fmt: skip
         """This model frozen for inference: the one path that evaluation and serving both run."""
         self.retrieval.eval()
@@ -377,7 +383,16 @@ class TwoStageRecommender:
         return TwoStageInference(self.retrieval, self.ranker, self.item_cats, self.item_dense, self.catalog.n_items,
                                  self.catalog.n_categories, self.config.max_history, self.config.ranker_history,
                                  candidates or self.candidates, self.use_ranker if use_ranker is None else use_ranker,
-                                 exact, hnsw_threshold, precision)  # fmt: skip
+                                 search, hnsw_threshold, precision, self.search_graph)  # fmt: skip
+
+    def with_fp16_tables(self) -> TwoStageRecommender:
+        """Store the id embedding tables (most of a large model's parameters) in float16, in place: half
+        their memory and artifact bytes; lookups still return fp32 (``IdEmbedding``). The config records it,
+        so a saved artifact loads with fp16 tables."""
+        for table in (self.retrieval.items.id_embedding, self.ranker.item_id):
+            table.weight.data = table.weight.data.half()
+        self.config = dataclasses.replace(self.config, embedding_fp16=True)
+        return self
 
     def _user_dense_at(self, split: SplitData, users: np.ndarray, end: np.ndarray) -> np.ndarray:
         if self.user_features is not None and len(users):
@@ -385,11 +400,14 @@ class TwoStageRecommender:
             return self.user_features.at(split.users.raw(users), times)
         return np.zeros((len(users), len(USER_DENSE_COLUMNS) + split.n_categories), np.float32)
 
-    def rank(self, split: SplitData | None = None, stage: str = "two_stage", exact: bool = False) -> RankFn:
+    def rank(self, split: SplitData | None = None, stage: str = "two_stage", search: str = "auto",
+             inference: TwoStageInference | None = None) -> RankFn:  # fmt: skip
         """The evaluation question (see ``evaluate.RankFn``) answered by :meth:`inference`: ``stage`` is
-        "two_stage" (the ranker where it serves) or "retrieval"; ``exact`` forces exact retrieval."""
+        "two_stage" (the ranker where it serves) or "retrieval"; ``search`` as in :meth:`inference`.
+        ``inference``: evaluate that one instead (a serving form of this model: int8 ranker, HNSW, ...)."""
         split = split or self.split
-        inference = self.inference(exact=exact, use_ranker=self.use_ranker and stage == "two_stage")
+        if inference is None:
+            inference = self.inference(search=search, use_ranker=self.use_ranker and stage == "two_stage")
 
         def rank_fn(users, end, k):
             batch = batch_from_split(
@@ -410,7 +428,7 @@ class TwoStageRecommender:
         validates = split.validates
         self.best_epochs["ranker"] = 0
         K = self.config.ranker_negatives
-        frozen = self.inference(exact=True)
+        frozen = self.inference(search="exact")
         tables = frozen.tables
         items = tables.embeddings[: split.n_items + 1]
         rng = np.random.default_rng(cfg.seed + 1)
@@ -438,7 +456,7 @@ class TwoStageRecommender:
         baseline = self.validation_retrieval if validates else -1.0
         best, best_state, stale = baseline, None, 0
         # per-user validation scores of retrieval alone, and of the best ranker epoch: the gate's pairs
-        retrieval_scores = per_user_scores(self.rank(split, "retrieval", exact=True), split, "validation") \
+        retrieval_scores = per_user_scores(self.rank(split, "retrieval", search="exact"), split, "validation") \
             if world.is_main and validates else None  # fmt: skip
         best_scores = None
         for epoch in range(cfg.ranker_epochs):
@@ -468,7 +486,7 @@ class TwoStageRecommender:
                 optimizer.step()
                 loss_sum += loss.detach()
             self.use_ranker = True
-            scores = per_user_scores(self.rank(split, "two_stage", exact=True), split, "validation") \
+            scores = per_user_scores(self.rank(split, "two_stage", search="exact"), split, "validation") \
                 if world.is_main and validates else None  # fmt: skip
             score = world.broadcast(float(scores.mean()) if scores is not None and len(scores) else float(epoch))
             self.history.ranker.append({"epoch": epoch + 1, "loss": loss_sum.item() / steps if steps else float("nan"),
@@ -572,6 +590,7 @@ def evaluate_model(
 
 
 # --- persistence -----------------------------------------------------------------------------------------
+SEARCH_GRAPH = "hnsw.faiss"  # the artifact's HNSW graph, for catalogs above HNSW_THRESHOLD
 def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
     """Everything needed to rebuild ``model``: weights (tensors only) and the catalog index, no pickles."""
 
@@ -580,7 +599,7 @@ def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
         torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
         return buf.getvalue()
 
-    split = model.split
+    split = model.catalog  # the split trained on, or a loaded model's SplitCatalog: the same fields
     catalog = io.BytesIO()
     np.savez(catalog, user_ids=split.users.ids, item_ids=split.items.ids, item_dense=split.item_dense,
              item_categories=split.item_categories, item_popularity=split.item_popularity)  # fmt: skip
@@ -598,27 +617,41 @@ def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
     }
     files = {"retrieval.pt": tensors(model.retrieval), "ranker.pt": tensors(model.ranker),
              "catalog.npz": catalog.getvalue(), "model.json": json.dumps(meta).encode()}  # fmt: skip
+    if split.n_items > HNSW_THRESHOLD:  # built once here, not on every replica start
+        if model.search_graph is None:
+            vectors = model.inference(search="exact").tables.embeddings[1 : split.n_items + 1]
+            model.search_graph = hnsw_graph(np.ascontiguousarray(vectors.float().cpu().numpy()))
+        files[SEARCH_GRAPH] = faiss.serialize_index(model.search_graph).tobytes()
     return files, meta
 
 
-def model_from_files(files: dict[str, bytes], device: str | None = None) -> TwoStageRecommender:
-    """Inverse of :func:`model_files`. Loads with ``weights_only=True`` and ``allow_pickle=False``:
-    an artifact cannot run code when it is opened."""
+def model_from_files(files: dict[str, bytes | Path], device: str | None = None) -> TwoStageRecommender:
+    """Inverse of :func:`model_files`: each file as bytes, or as a local path (then the weights are
+    memory-mapped, not copied: a replica pages in what it reads). Loads with ``weights_only=True`` and
+    ``allow_pickle=False``: an artifact cannot run code when it is opened. The modules are built on the
+    meta device and take the stored tensors as they are, so no random initialisation is spent on tables
+    that are overwritten at once."""
     from predictor.models.data import make_index
 
-    meta = json.loads(files["model.json"])
+    def source(name: str):
+        return files[name] if isinstance(files[name], Path) else io.BytesIO(files[name])
+
+    raw_meta = files["model.json"]
+    meta = json.loads(raw_meta.read_bytes() if isinstance(raw_meta, Path) else raw_meta)
     model = TwoStageRecommender(ModelConfig.from_dict(meta["model_config"]),
                                 TrainConfig(**meta["train_config"]), device)  # fmt: skip
-    cat = np.load(io.BytesIO(files["catalog.npz"]), allow_pickle=False)
+    cat = np.load(source("catalog.npz"), allow_pickle=False)
     users, items = make_index(cat["user_ids"]), make_index(cat["item_ids"])
     n_cat = int(meta["n_categories"])
     user_dim = len(USER_DENSE_COLUMNS) + n_cat
     item_dim = cat["item_dense"].shape[1]
-    model.retrieval = TwoTower(model.config, meta["item_rows"], n_cat, user_dim, item_dim).to(model.device)
-    model.ranker = Ranker(model.config, meta["item_rows"], n_cat, user_dim, item_dim).to(model.device)
+    with torch.device("meta"):
+        model.retrieval = TwoTower(model.config, meta["item_rows"], n_cat, user_dim, item_dim)
+        model.ranker = Ranker(model.config, meta["item_rows"], n_cat, user_dim, item_dim)
     for module, name in ((model.retrieval, "retrieval.pt"), (model.ranker, "ranker.pt")):
-        state = torch.load(io.BytesIO(files[name]), map_location=model.device, weights_only=True)
-        module.load_state_dict(state)
+        mapped = isinstance(files[name], Path) and model.device.type == "cpu"
+        state = torch.load(source(name), map_location=model.device, weights_only=True, mmap=mapped)
+        module.load_state_dict(state, assign=True)
         module.eval()
     model.use_ranker = bool(meta["use_ranker"])
     model.settings_chosen = dict(meta.get("settings_chosen", {}))
@@ -628,6 +661,10 @@ def model_from_files(files: dict[str, bytes], device: str | None = None) -> TwoS
         users, items, cat["item_dense"], cat["item_categories"], cat["item_popularity"], n_cat
     )
     model.item_cats, model.item_dense = model._item_tables(model.catalog)
+    if SEARCH_GRAPH in files:
+        graph = files[SEARCH_GRAPH]
+        model.search_graph = (faiss.read_index(str(graph)) if isinstance(graph, Path)
+                              else faiss.deserialize_index(np.frombuffer(graph, np.uint8)))  # fmt: skip
     return model
 
 

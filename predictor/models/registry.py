@@ -19,14 +19,17 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import fsspec
 import sqlalchemy as sa
+from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
 
 STATUSES = ("candidate", "production", "rejected", "retired")
 MANIFEST = "manifest.json"
+HASH_CHUNK = 8 << 20  # bytes read per step while verifying a file
 
 metadata = sa.MetaData()
 versions_table = sa.Table(
@@ -205,9 +208,14 @@ def write_artifact(uri: str, files: dict[str, bytes], metadata: dict | None = No
     return uri
 
 
-def open_artifact(uri: str) -> tuple[dict[str, bytes], dict]:
-    """Read and verify an artifact: ``(files, metadata)``. Raises :class:`ArtifactError` on any mismatch."""
+def open_artifact(uri: str, local_paths: bool = False) -> tuple[dict[str, bytes | Path], dict]:
+    """Read and verify an artifact: ``(files, metadata)``. Raises :class:`ArtifactError` on any mismatch.
+
+    ``local_paths``: files of an artifact on the local filesystem (a mounted volume) come back as their
+    verified paths, hashed in chunks and never held in memory, so that the loader can memory-map them;
+    other filesystems still return bytes."""
     fs, root = fsspec.core.url_to_fs(uri)
+    local = local_paths and isinstance(fs, LocalFileSystem)
     try:
         with fs.open(f"{root}/{MANIFEST}", "r") as f:
             manifest = json.load(f)
@@ -215,12 +223,17 @@ def open_artifact(uri: str) -> tuple[dict[str, bytes], dict]:
         raise ArtifactError(f"{uri}: no {MANIFEST} (incomplete or not an artifact)") from exc
     files = {}
     for name, entry in manifest["files"].items():
+        digest = hashlib.sha256()
+        chunks = []
         try:
             with fs.open(f"{root}/{name}", "rb") as f:
-                payload = f.read()
+                while chunk := f.read(HASH_CHUNK):
+                    digest.update(chunk)
+                    if not local:
+                        chunks.append(chunk)
         except FileNotFoundError as exc:
             raise ArtifactError(f"{uri}: {name} is listed in the manifest but missing") from exc
-        if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
+        if digest.hexdigest() != entry["sha256"]:
             raise ArtifactError(f"{uri}: checksum mismatch for {name}")
-        files[name] = payload
+        files[name] = Path(root) / name if local else b"".join(chunks)
     return files, manifest.get("metadata", {})

@@ -119,11 +119,13 @@ class TwoTower(nn.Module):
         hist_emb = self.history_proj(self.items(window, item_categories[window], item_dense[window]))
         return F.normalize(self.user(hist_emb, user_dense), dim=-1)
 
-    def history_table(self, item_categories, item_dense) -> torch.Tensor:
-        """The history encoder's input for every item row ``[N, D]`` (row 0 = padding, as the per-window
-        computation gives it): computed once per model or item refresh, gathered per request."""
-        rows = torch.arange(item_categories.shape[0], device=item_categories.device)
-        return self.history_proj(self.items(rows, item_categories, item_dense))
+    def history_table(self, item_categories, item_dense, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The history encoder's input for item ``rows`` (default: every row of the catalog tables) →
+        ``[len(rows), D]`` (row 0 = padding, as the per-window computation gives it): computed once per model
+        or item refresh, gathered per request."""
+        if rows is None:
+            rows = torch.arange(item_categories.shape[0], device=item_categories.device)
+        return self.history_proj(self.items(rows, item_categories[rows], item_dense[rows]))
 
     def user_embedding(self, window, lengths, user_dense, history_table, trim: bool = True) -> torch.Tensor:
         """The user embedding after the last real item: window ``[B, L]`` left-aligned, lengths ``[B]``

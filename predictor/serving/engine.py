@@ -128,6 +128,12 @@ class UserVectorCache:
         return torch.stack(found)
 
 
+def int8_ranker(ranker: nn.Module) -> nn.Module:
+    """The ranker with its Linear layers dynamically quantised to int8 (CPU only): what
+    ``precision="int8"`` serves and what ``bench/frontier.py`` evaluates."""
+    return torch.ao.quantization.quantize_dynamic(ranker, {nn.Linear}, dtype=torch.qint8)
+
+
 class ModelValidationError(RuntimeError):
     """A loaded model failed the self-check that runs before it may serve."""
 
@@ -147,6 +153,7 @@ class ServingEngine:
         precision: str = "auto",
         candidates: int | None = None,
         hnsw_threshold: int = HNSW_THRESHOLD,
+        search: str = "auto",
         use_ranker: bool | None = None,
         user_cache_size: int = 0,
         item_features: tuple[np.ndarray, pd.DataFrame] | None = None,
@@ -179,14 +186,14 @@ class ServingEngine:
         retrieval = model.retrieval.to(self.device).eval()
         ranker: nn.Module = model.ranker.to(self.device).eval()
         if precision == "int8":
-            ranker = torch.ao.quantization.quantize_dynamic(ranker, {nn.Linear}, dtype=torch.qint8)
+            ranker = int8_ranker(ranker)
         model.retrieval, model.ranker = retrieval, ranker
         model.item_cats, model.item_dense = model.item_cats.to(self.device), model.item_dense.to(self.device)
         if item_features is not None:  # the online features, before the item side is built (once)
             model.item_dense, _ = self._dense_with(model.item_dense, *item_features)
         self.inference = model.inference(use_ranker=use_ranker, candidates=candidates,
                                          precision="fp16" if precision == "fp16" else "fp32",
-                                         hnsw_threshold=hnsw_threshold)  # fmt: skip
+                                         hnsw_threshold=hnsw_threshold, search=search)  # fmt: skip
         self._lock = threading.Lock()
         self.user_cache = UserVectorCache(user_cache_size)
         self.item_features_as_of = (

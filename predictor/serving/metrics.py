@@ -35,6 +35,12 @@ CLIENT_ERRORS = Counter(
 USER_CACHE = Counter("recsys_user_cache_total", "User-vector cache lookups (RECSYS_SERVE_USER_CACHE_SIZE > 0)",
                      ["result"])  # fmt: skip
 MODEL_VERSION = Gauge("recsys_model_version", "Registry version number of the model serving now (0: a path)")
+MODEL_LOAD_SECONDS = Gauge(
+    "recsys_model_load_seconds",
+    "Seconds the last model load took, by stage: artifact (read, verify, build the modules), item_features "
+    "(online read), item_side (item tables, search index), self_check: most of what a new replica waits for",
+    ["stage"],
+)
 MODEL_SWAPS = Counter("recsys_model_swaps_total", "Hot swaps to a newly promoted model")
 ITEM_FEATURE_REFRESHES = Counter("recsys_item_feature_refreshes_total",
                                  "Item-feature cache refreshes after materialization advanced")  # fmt: skip

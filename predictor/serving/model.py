@@ -44,7 +44,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from predictor.config import Settings
 from predictor.features.store import open_store
 from predictor.models.data import user_dense_rows
-from predictor.models.inference import HNSW_THRESHOLD, offsets_from_counts
+from predictor.models.inference import HNSW_THRESHOLD, SEARCH_FORMS, offsets_from_counts
 from predictor.models.lifecycle import MODEL_NAME, load_model
 from predictor.models.registry import ModelRegistry
 from predictor.serving import metrics
@@ -94,6 +94,11 @@ class ServeSettings(BaseSettings):
     torch_threads: int = Field(default=1, ge=0, description="intra-op threads (0: torch's default)")
     hnsw_threshold: int = Field(
         default=HNSW_THRESHOLD, ge=0, description="CPU catalogs above this many items search an HNSW index"
+    )
+    search: str = Field(
+        default="auto",
+        pattern=f"^({'|'.join(SEARCH_FORMS)})$",
+        description="retrieval search: auto (HNSW above hnsw_threshold where it measures faster), exact, hnsw",
     )
     user_cache_size: int = Field(default=0, ge=0, description="user vectors cached (LRU; 0: off)")
     ranker: str = Field(
@@ -236,7 +241,10 @@ class RecommenderModel(Model):
                 return None
             uri, version_id, version, number = production.artifact_uri, production.id, str(production.version), \
                 production.version  # fmt: skip
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
         model = load_model(uri, self.serve.device)
+        timings["artifact"] = time.perf_counter() - started
         if model.config.max_history > self.settings.recent_items:
             raise ValueError(
                 f"model {version} reads max_history={model.config.max_history} items of each user's history, "
@@ -245,15 +253,25 @@ class RecommenderModel(Model):
                 "train with a smaller max_history"
             )
         use_ranker = None if self.serve.ranker == "auto" else self.serve.ranker == "on"
+        started = time.perf_counter()
         online_items = self._online_item_features(model.catalog.items.ids, as_of=None)
+        timings["item_features"] = time.perf_counter() - started
+        started = time.perf_counter()
         engine = ServingEngine(model, version, self.serve.device, self.serve.precision, self.serve.candidates,
-                               self.serve.hnsw_threshold, use_ranker, self.serve.user_cache_size,
-                               online_items[1:] if online_items else None)  # fmt: skip
+                               self.serve.hnsw_threshold, self.serve.search, use_ranker,
+                               self.serve.user_cache_size, online_items[1:] if online_items else None)  # fmt: skip
+        timings["item_side"] = time.perf_counter() - started
         if online_items:
             engine.item_features_as_of = online_items[0]
             log.info("model %s: online item features of %d items (materialized until %s)", version,
                      len(online_items[1]), online_items[0])  # fmt: skip
+        started = time.perf_counter()
         engine.self_check()
+        timings["self_check"] = time.perf_counter() - started
+        for stage, seconds in timings.items():
+            metrics.MODEL_LOAD_SECONDS.labels(stage=stage).set(seconds)
+        log.info("model %s loaded in %.2f s (%s)", version, sum(timings.values()),
+                 ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in timings.items()))  # fmt: skip
         metrics.MODEL_VERSION.set(number)
         return LoadedModel(engine, version_id, version)
 
