@@ -33,6 +33,7 @@ bench: $(STAMP) ## Run the benchmarks (needs PostgreSQL, Redis and ../shared/dat
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/model_sizes.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/frontier.py
 	$(BIN)/python bench/autoscale.py
 
 clean: ## Remove local state (embedded stores, caches), keep .venv

@@ -1,7 +1,9 @@
 """Autoscaling policies compared in simulation (``operators/sim.py``), same traces, same seeds, same run.
 
 Service times come from the predictor's own benchmark (``bench/results/serve.json``: p50 and p99 of a lone
-request), so the replica pool behaves like the predictor measured on this machine. Writes
+request) and a new replica's start-up from the measured time to ready of the chosen model size
+(``bench/results/frontier.json``, ``--size``, default small), so the replica pool behaves like the predictor
+measured on this machine. Writes
 ``bench/results/autoscale.json`` (``{TRACE: {POLICY: {"slo_attainment", "replica_seconds",
 "ejection_periods"}}}`` plus the target checks) and ``docs/img/autoscale.png``.
 
@@ -34,6 +36,21 @@ def service_time() -> tuple[ServiceTime, str]:
         c1 = json.loads(path.read_text())["ours"]["c1"]
         return ServiceTime(c1["p50_ms"] / 1000, c1["p99_ms"] / 1000), f"{path.name} (ours, concurrency 1)"
     return ServiceTime(0.010, 0.015), "default 10 / 15 ms (no bench/results/serve.json yet)"
+
+
+def startup(size: str) -> tuple[tuple[float, float], str]:
+    """The start-up range of a new replica: the least and most time to ready that ``bench/frontier.py``
+    measured for ``size`` over its replica starts (every remedy's), or the old assumption without it."""
+    path = RESULTS / "frontier.json"
+    if path.is_file():
+        starts = [r["time_to_ready_s"] for r in json.loads(path.read_text()).get("serving", {}).get(size, {}).values()
+                  if "time_to_ready_s" in r]  # fmt: skip
+        if starts:
+            return (min(starts), max(starts)), (
+                f"{path.name}: {size}'s time to ready over {len(starts)} replica starts (process start to ready; "
+                "pod scheduling and image pull not included)"
+            )
+    return SimConfig.startup_s, "assumed 20–60 s (no measured time to ready: run bench/frontier.py)"
 
 
 def direction_changes_per_window(windows: list[dict], stabilization_s: float, settle_s: float = 300.0) -> int:
@@ -167,11 +184,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10-minute traces")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", default="small", help="model size whose measured time to ready starts a pod")
     parser.add_argument("--out", default=str(RESULTS / "autoscale.json"))
     args = parser.parse_args()
     duration = 600 if args.quick else 1800
     service, source = service_time()
-    config = SimConfig(target_p99_ms=max(50.0, 4 * service.p99_s * 1000))
+    startup_s, startup_source = startup(args.size)
+    config = SimConfig(target_p99_ms=max(50.0, 4 * service.p99_s * 1000), startup_s=startup_s)
+    console.print(f"start-up {startup_s[0]:.1f}–{startup_s[1]:.1f} s, from {startup_source}")
     capacity = 1.0 / service.mean_s  # requests per second one replica serves at 100 % busy
     base = 3.0 * capacity  # about six replicas at half load before the trace changes it
     console.print(f"service time from {source}: p50 {service.p50_s * 1000:.1f} ms, p99 {service.p99_s * 1000:.1f} ms "
@@ -217,6 +237,7 @@ def main() -> None:
               for trace, per in results.items()}  # fmt: skip
     report["_meta"] = {"command": "python bench/autoscale.py" + (" --quick" if args.quick else ""), "seed": args.seed,
                        "service_time": {"source": source, "p50_ms": service.p50_s * 1000, "p99_ms": service.p99_s * 1000},
+                       "startup": {"source": startup_source, "range_s": list(startup_s)},
                        "config": config.__dict__, "base_rps": base, "duration_s": duration, "checks": verdicts,
                        "smallest_static_pool_at_static_max_slo": floors}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -42,6 +42,7 @@ import numpy as np
 import psycopg
 import redis
 import torch
+from memory_rule import memory_limit_mib, memory_request_mib, size_peak_mib  # bench/memory_rule.py
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
@@ -232,6 +233,21 @@ def measure_replica(settings: Settings, artifact: str, env: dict, users: np.ndar
     return out
 
 
+def platform_floor(settings: Settings, users: np.ndarray, c1: int, c16: int) -> dict:
+    """``bench/platform_floor.py`` (the same KServe server, a fixed answer of the same shape) measured like a
+    replica: what HTTP + KServe alone cost on these cores in this run, the floor every row is read against."""
+    command = [sys.executable, str(ROOT / "bench" / "platform_floor.py")]
+    with ServerProcess(settings, env=BASE_ENV, command=command, log_path=settings.home_dir / "floor.log") as srv:
+        out = {"time_to_ready_s": srv.startup_seconds}
+        for level, concurrency, n in (("c1", 1, c1), ("c16", 16, c16)):
+            r = asyncio.run(load(srv.url, users, concurrency, n, seed=1))
+            out[level] = {k: v for k, v in r.items() if k != "latencies_ms"}
+        out.update(rss_mb(srv.proc.pid))
+    console.print(f"platform floor: ready in {out['time_to_ready_s']:.1f} s, RSS {out['rss_mb']:.0f} MiB, c1 p50 "
+                  f"{out['c1']['p50_ms']:.2f} / p99 {out['c1']['p99_ms']:.2f} ms, c16 {out['c16']['rps']:.0f} req/s")  # fmt: skip
+    return out
+
+
 def serving_study(settings, models, users, c1, c16, remedies: dict) -> dict:
     results: dict = {}
     for size, info in models.items():
@@ -265,7 +281,8 @@ def quality_study(sizes: list[str], epochs: int, data_dir: str | None, seed: int
     out = {}
     for size in sizes:
         started = time.perf_counter()
-        train = TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=2, seed=seed)
+        train = TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=2, ranker_examples_per_epoch=5_000,
+                            seed=seed)
         model = TwoStageRecommender(model_config(size, embedding_fp16=False), train).fit(split, profile,
                                                                                          progress=True)  # fmt: skip
         trained_s = time.perf_counter() - started
@@ -391,6 +408,99 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
+P99_TARGETS_MS = (5, 10, 20, 50, 100)
+
+
+def settled_quality(q: dict, base: float) -> float:
+    """A remedy's NDCG@10 for choosing: its size's fp32 figure plus its change, where the change exceeds two
+    paired standard errors; a change within the noise counts as none."""
+    return base + (q["change"] if abs(q["change"]) > 2 * q["paired_se"] else 0.0)
+
+
+def recommendations(report: dict) -> list[dict]:
+    """Per p99 target at concurrency 1: among the measured configurations that meet it, the one of best
+    NDCG@10 (changes within noise counted as none: :func:`settled_quality`), ties broken by req/s at 16 —
+    the frontier read off for a user choosing what to run."""
+    quality = report.get("quality", {})
+    rows = [(size, name, r) for size, per in report["serving"].items() for name, r in per.items()
+            if "c1" in r and name in quality.get(size, {})]  # fmt: skip
+    out = []
+    for target in P99_TARGETS_MS:
+        fits = [(settled_quality(quality[s][n], quality[s]["fp32"]["ndcg@10"]), r["c16"]["rps"], s, n, r)
+                for s, n, r in rows if r["c1"]["p99_ms"] <= target]  # fmt: skip
+        if not fits:
+            out.append({"p99_target_ms": target, "choice": None})
+            continue
+        _, _, size, name, r = max(fits)
+        ndcg = quality[size][name]["ndcg@10"]
+        out.append({"p99_target_ms": target, "choice": f"{size} / {name}", "ndcg@10": ndcg,
+                    "c1_p99_ms": r["c1"]["p99_ms"], "c16_rps": r["c16"]["rps"]})  # fmt: skip
+    return out
+
+
+def markdown(report: dict) -> str:
+    """The tables of ``docs/performance.md``, as this run measured them."""
+    quality = report.get("quality", {})
+    header = ("| size | remedy | parameters | artifact MB | time to ready s (load stages) | RSS / peak MiB | "
+              "c1 p50 / p99 ms | c16 req/s (p99 ms) | NDCG@10 (latest-small) | change vs fp32 ± paired se |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    floor = report.get("platform_floor")
+    if floor:
+        lines.append(f"| platform floor | KServe, fixed answer | — | — | {floor['time_to_ready_s']:.1f} | "
+                     f"{floor['rss_mb']:,.0f} / {floor['peak_rss_mb']:,.0f} | {floor['c1']['p50_ms']:.2f} / "
+                     f"{floor['c1']['p99_ms']:.2f} | {floor['c16']['rps']:,.0f} ({floor['c16']['p99_ms']:.0f}) | — | — |")  # fmt: skip
+    for size, per in report["serving"].items():
+        m = report["models"][size]
+        for name, r in per.items():
+            tables = (GPU if name == "gpu" else REMEDIES[name])[0]
+            q = quality.get(size, {}).get(name)
+            qual = (f"{q['ndcg@10']:.4f} | {q['change']:+.4f} ± {q['paired_se']:.4f}" if q else "not measured | —")
+            if "c1" not in r:
+                lines.append(f"| {size} | {name} | | | failed: {r.get('error', '')[-80:]} | | | | {qual} |")
+                continue
+            stages = r["load_stages_s"]
+            load = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in stages.items())
+            lines.append(f"| {size} | {name} | {m['parameters'] / 1e6:.1f} M | {m['artifact_mb'][tables]:,.0f} | "
+                         f"{r['time_to_ready_s']:.1f} ({load}) | {r['rss_mb']:,.0f} / {r['peak_rss_mb']:,.0f} | "
+                         f"{r['c1']['p50_ms']:.2f} / {r['c1']['p99_ms']:.2f} | {r['c16']['rps']:,.0f} "
+                         f"({r['c16']['p99_ms']:.0f}) | {qual} |")  # fmt: skip
+        if "gpu" not in per:
+            lines.append(f"| {size} | GPU (fp16 towers, table and top-N on the GPU) | | | not measured | | "
+                         "not measured | not measured | | |")  # fmt: skip
+    lines += ["", "| p99 target at concurrency 1 | best measured choice | NDCG@10 | p99 ms | req/s at 16 |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for rec in report.get("recommendations", []):
+        if rec["choice"] is None:
+            lines.append(f"| ≤ {rec['p99_target_ms']} ms | nothing measured meets it | | | |")
+        else:
+            lines.append(f"| ≤ {rec['p99_target_ms']} ms | {rec['choice']} | {rec['ndcg@10']:.4f} | "
+                         f"{rec['c1_p99_ms']:.2f} | {rec['c16_rps']:,.0f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_docs_tables(text: str, path: Path = ROOT / "docs" / "performance.md") -> bool:
+    """Replace what lies between the frontier markers of ``path`` with ``text``; False if no markers."""
+    begin, end = "<!-- frontier:begin (bench/frontier.py writes this) -->", "<!-- frontier:end -->"
+    doc = path.read_text() if path.is_file() else ""
+    if begin not in doc or end not in doc:
+        return False
+    head, rest = doc.split(begin, 1)
+    path.write_text(head + begin + "\n" + text + end + rest.split(end, 1)[1])
+    return True
+
+
+def memory_by_rule(report: dict) -> dict:
+    """Per size: its measured peak RSS and the memory request and limit ``bench/memory_rule.py`` gives it."""
+    out = {}
+    for size in report["serving"]:
+        try:
+            peak = size_peak_mib(report, size)
+        except ValueError:
+            continue
+        out[size] = {"peak_rss_mib": peak, "request_mib": memory_request_mib(peak), "limit_mib": memory_limit_mib(peak)}
+    return out
+
+
 def print_tables(report: dict) -> None:
     table = Table("size", "remedy", "params M", "artifact MB", "ready s", "RSS MB", "peak MB",
                   "c1 p50 ms", "c1 p99 ms", "c16 req/s", "c16 p99 ms", "ΔNDCG@10")  # fmt: skip
@@ -455,6 +565,8 @@ def main() -> None:
         remedies = {name: REMEDIES[name] for name in args.remedies or REMEDIES}
         if torch.cuda.is_available():
             remedies["gpu"] = GPU
+        with console.status("platform floor: KServe with a fixed answer"):
+            report["platform_floor"] = platform_floor(settings, active, c1, c16)
         report["serving"] = serving_study(settings, report["models"], active, c1, c16, remedies)
     if not args.skip_quality:
         started = time.perf_counter()
@@ -462,8 +574,14 @@ def main() -> None:
         report["quality_s"] = time.perf_counter() - started
     report["wall_s"] = time.perf_counter() - wall
     if "serving" in report:
+        report["recommendations"] = recommendations(report)
+        report["memory_rule_mib"] = memory_by_rule(report)
         print_tables(report)
         report["plots"] = plots(report)
+        text = markdown(report)
+        console.print(text)
+        if Path(args.out) == RESULTS / "frontier.json" and write_docs_tables(text):
+            console.print("docs/performance.md: tables rewritten")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,8 +1,8 @@
 """What loading a model artifact costs a replica, in a fresh interpreter: ``python bench/model_load.py URI...``.
 
 For each artifact, in its own child process (so memory figures are that load's alone): seconds for
-``load_model`` (read, verify, build the modules) and for the serving engine's item side (exact search, fp32,
-1 torch thread), RSS after each and peak RSS. Prints one JSON object per artifact. To compare two trees, run
+``load_model`` (read, verify, build the modules) and for the serving engine's item side (exact search, or
+with ``--hnsw`` the HNSW index too; fp32, 1 torch thread), RSS after each and peak RSS. Prints one JSON object per artifact. To compare two trees, run
 the same command with ``PYTHONPATH`` pointing at the other tree's checkout: the child imports ``predictor``
 from there.
 """
@@ -19,8 +19,9 @@ from pathlib import Path
 CHILD = """
 import json, sys, time
 from pathlib import Path
-import torch
+import faiss, torch
 torch.set_num_threads(1)
+faiss.omp_set_num_threads(1)  # as a replica runs (RECSYS_SERVE_TORCH_THREADS=1)
 
 def rss():
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
@@ -34,7 +35,7 @@ model = load_model(sys.argv[1], "cpu")
 load_s = time.perf_counter() - started
 loaded = rss()
 started = time.perf_counter()
-engine = ServingEngine(model, "probe", "cpu", "fp32", hnsw_threshold=10**9)
+engine = ServingEngine(model, "probe", "cpu", "fp32", hnsw_threshold=int(sys.argv[2]))
 engine.self_check()
 item_side_s = time.perf_counter() - started
 print(json.dumps({"uri": sys.argv[1], "load_model_s": load_s, "item_side_and_self_check_s": item_side_s,
@@ -47,6 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("uris", nargs="+")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per artifact")
+    parser.add_argument("--hnsw", action="store_true",
+                        help="build the item side with HNSW (hnsw_threshold 0: the graph is built or reused)")
     args = parser.parse_args()
     for uri in args.uris:
         uri = str(Path(uri).resolve()) if Path(uri).exists() else uri
@@ -54,7 +57,8 @@ def main() -> None:
         for _ in range(args.repeats):
             # from a neutral directory: the child imports predictor from PYTHONPATH or the installed tree,
             # never from the current directory
-            done = subprocess.run([sys.executable, "-c", CHILD, uri], capture_output=True, text=True, check=False,
+            threshold = "0" if args.hnsw else str(10**9)
+            done = subprocess.run([sys.executable, "-c", CHILD, uri, threshold], capture_output=True, text=True, check=False,
                                   cwd=tempfile.gettempdir())  # fmt: skip
             if done.returncode != 0:
                 sys.exit(f"{uri}: the loader exited {done.returncode}:\n{done.stderr[-3000:]}")

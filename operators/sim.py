@@ -8,7 +8,9 @@ Model (one run = one trace × one policy, seeded):
   log-normal fitted to the predictor's own benchmark (``bench/results/serve.json``: p50 and p99 at
   concurrency 1), times a per-replica slowness factor (a noisy neighbour makes one 3× slower);
   departures follow Lindley's recursion, vectorised: ``D_n = max(A_n, D_{n-1}) + S_n``;
-* a new replica is ready 20–60 s after it is requested; a removed one leaves at once;
+* a new replica is ready ``startup_s`` (uniform over a range) after it is requested — ``bench/autoscale.py``
+  sets the range from the measured time to ready of the model size (``bench/results/frontier.json``); a
+  removed one leaves at once;
 * every control period the policy sees what its real counterpart would (per-pod latency histograms with
   the predictor's buckets, CPU busy time, or the pooled Prometheus p99 over its window) and sets the size
   (and, for ours, which pods are in rotation).
@@ -80,7 +82,7 @@ class SimConfig:
     keda_window_s: float = 60.0  # rate(...[1m]) in the KEDA query
     keda_polling_s: float = 30.0
     cpu_target: float = 0.6
-    startup_s: tuple[float, float] = (20.0, 60.0)
+    startup_s: tuple[float, float] = (20.0, 60.0)  # the assumption where nothing was measured
     scale_down_stabilization_s: float = 120.0
     warmup_s: float = 600.0  # every policy first runs this long at the trace's initial rate, unrecorded
 

@@ -303,3 +303,25 @@ def test_checkov_finds_nothing_unreviewed(helm, tmp_path):
     failed = report.get("results", {}).get("failed_checks", [])
     assert not failed, sorted({(f["check_id"], f["resource"], f["file_path"]) for f in failed})
     assert report["summary"]["passed"] > 100 * len(COMBINATIONS) and report["summary"]["parsing_errors"] == 0
+
+
+def test_predictor_memory_follows_the_measured_rule():
+    """The predictor's default memory request and limit are ``bench/memory_rule.py`` applied to the measured
+    peak RSS of the chart's default model size (``bench/results/frontier.json``): re-measure, and the chart
+    must follow (docs/performance.md, "Memory")."""
+    import json
+
+    from bench.memory_rule import memory_limit_mib, memory_request_mib, size_peak_mib
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    frontier = json.loads((ROOT / "bench" / "results" / "frontier.json").read_text())
+    peak = size_peak_mib(frontier, values["bootstrap"]["size"])
+    resources = values["predictor"]["resources"]
+
+    def mib(quantity: str) -> int:
+        number, unit = quantity[:-2], quantity[-2:]
+        return int(number) * {"Mi": 1, "Gi": 1024}[unit]
+
+    assert mib(resources["requests"]["memory"]) == memory_request_mib(peak)
+    assert mib(resources["limits"]["memory"]) == memory_limit_mib(peak)
+    assert memory_request_mib(peak) >= peak  # the rule itself: never below what was measured
