@@ -118,6 +118,15 @@ def recent(settings: Settings, user_id: int) -> list[int]:
     return list(rows["recent_items"].iloc[0])
 
 
+def test_load_stages_are_exported_and_account_for_the_load(server):
+    """``recsys_model_load_seconds`` carries each load stage of the serving model (what a scale-up waits
+    for, read by bench/frontier.py); together they fit inside the replica's measured start-up."""
+    stages = {s: server.metric("recsys_model_load_seconds", stage=s)
+              for s in ("artifact", "item_features", "item_side", "self_check")}  # fmt: skip
+    assert all(v >= 0 for v in stages.values()) and stages["artifact"] > 0 and stages["item_side"] > 0
+    assert sum(stages.values()) < server.startup_seconds
+
+
 def test_v1_round_trip(server, stack):
     settings, data, _, version = stack
     users = [active_user(data, 0), active_user(data, 1)]
