@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -460,6 +461,9 @@ def markdown(report: dict) -> str:
             if "c1" not in r:
                 lines.append(f"| {size} | {name} | | | failed: {r.get('error', '')[-80:]} | | | | {qual} |")
                 continue
+            recall = re.search(r"recall@100 ([0-9.]+)", r.get("ready_log", ""))
+            if recall:  # what the HNSW index reached on this catalog's item vectors, at its efSearch
+                name = f"{name} (recall@100 {recall.group(1)})"
             stages = r["load_stages_s"]
             load = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in stages.items())
             lines.append(f"| {size} | {name} | {m['parameters'] / 1e6:.1f} M | {m['artifact_mb'][tables]:,.0f} | "
