@@ -12,8 +12,9 @@ Retrieval is either exact (one ``[B, D] × [D, N]`` product and a top-k, used fo
 and for catalogs up to ``hnsw_threshold`` items on a CPU) or a faiss HNSW index whose ``efSearch`` is
 calibrated at build time until its recall@100 against exact search reaches ``min_recall``, served only
 where it then measures faster than the exact scan (``docs/serving.md``); ``search="exact"`` or
-``"hnsw"`` forces one form (``"hnsw"`` serves the index whatever it measured: the frontier study's remedy). Seen items are excluded exactly: the
-exact path masks them before the top-k; the index path over-fetches by each user's seen count.
+``"hnsw"`` forces one form (``"hnsw"`` serves the index whatever it measured: the frontier study's
+remedy). Seen items are excluded exactly: the exact path masks them before the top-k; the index path
+over-fetches by each user's seen count.
 
 On a CPU the exact scan may run over a bfloat16 copy of the item table (half the bytes to stream), still
 exactly: it over-fetches, rescores the candidates in fp32, and proves per user from a rounding-error
