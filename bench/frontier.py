@@ -189,7 +189,7 @@ def id_table_share(model: TwoStageRecommender) -> float:
 
 # --- one replica --------------------------------------------------------------------------------------------
 def rss_mb(pid: int) -> dict[str, float]:
-    """Resident memory now and at peak (VmRSS, VmHWM) of process ``pid``, in MB."""
+    """Resident memory now and at peak (VmRSS, VmHWM) of process ``pid``, in MiB (the keys say ``mb``)."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -269,7 +269,7 @@ def serving_study(settings, models, users, c1, c16, remedies: dict) -> dict:
             if "error" in r:
                 console.print(f"[red]{size} / {name} failed: {r['error'][-500:]}[/red]")
                 continue
-            console.print(f"{size} / {name}: ready in {r['time_to_ready_s']:.1f} s, RSS {r['rss_mb']:.0f} MB, "
+            console.print(f"{size} / {name}: ready in {r['time_to_ready_s']:.1f} s, RSS {r['rss_mb']:.0f} MiB, "
                           f"c1 p50 {r['c1']['p50_ms']:.2f} / p99 {r['c1']['p99_ms']:.2f} ms, c16 "
                           f"{r['c16']['rps']:.0f} req/s (p99 {r['c16']['p99_ms']:.1f} ms); {r['ready_log']}")  # fmt: skip
     return results
@@ -294,9 +294,11 @@ def quality_study(sizes: list[str], epochs: int, data_dir: str | None, seed: int
         base = per_user_scores(model.rank(split, inference=forms["fp32"]), split, "test", "ndcg@10")
         row = {"train_s": trained_s, "epochs": epochs, "users": len(base),
                "retrieval_only_ndcg@10": evaluate(model.rank(split, "retrieval"), split, "test")["ndcg@10"]}  # fmt: skip
+        row["fp32"] = paired(base, base)
         for name, inference in forms.items():
-            scores = per_user_scores(model.rank(split, inference=inference), split, "test", "ndcg@10")
-            row[name] = paired(scores, base)
+            if name != "fp32":
+                row[name] = paired(per_user_scores(model.rank(split, inference=inference), split, "test", "ndcg@10"),
+                                   base)  # fmt: skip
         # micro-batching and the cache change no arithmetic: one user per call, and vectors from a warm cache
         row["no batching"] = paired(
             per_user_scores(model.rank(split, inference=forms["fp32"]), split, "test", "ndcg@10", batch_size=1),
@@ -508,7 +510,7 @@ def memory_by_rule(report: dict) -> dict:
 
 
 def print_tables(report: dict) -> None:
-    table = Table("size", "remedy", "params M", "artifact MB", "ready s", "RSS MB", "peak MB",
+    table = Table("size", "remedy", "params M", "artifact MB", "ready s", "RSS MiB", "peak MiB",
                   "c1 p50 ms", "c1 p99 ms", "c16 req/s", "c16 p99 ms", "ΔNDCG@10")  # fmt: skip
     for size, rows in report["serving"].items():
         m = report["models"][size]

@@ -2,7 +2,7 @@
 
 For each artifact, in its own child process (so memory figures are that load's alone): seconds for
 ``load_model`` (read, verify, build the modules) and for the serving engine's item side (exact search, or
-with ``--hnsw`` the HNSW index too; fp32, 1 torch thread), RSS after each and peak RSS. Prints one JSON object per artifact. To compare two trees, run
+with ``--hnsw`` the HNSW index too; fp32, 1 torch thread), RSS after each and peak RSS (MiB; the keys say ``mb``). Prints one JSON object per artifact. To compare two trees, run
 the same command with ``PYTHONPATH`` pointing at the other tree's checkout: the child imports ``predictor``
 from there.
 """

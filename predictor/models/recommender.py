@@ -591,6 +591,8 @@ def evaluate_model(
 
 # --- persistence -----------------------------------------------------------------------------------------
 SEARCH_GRAPH = "hnsw.faiss"  # the artifact's HNSW graph, for catalogs above HNSW_THRESHOLD
+
+
 def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
     """Everything needed to rebuild ``model``: weights (tensors only) and the catalog index, no pickles."""
 

@@ -223,17 +223,18 @@ def open_artifact(uri: str, local_paths: bool = False) -> tuple[dict[str, bytes 
         raise ArtifactError(f"{uri}: no {MANIFEST} (incomplete or not an artifact)") from exc
     files = {}
     for name, entry in manifest["files"].items():
-        digest = hashlib.sha256()
-        chunks = []
+        digest, payload = hashlib.sha256(), b""
         try:
             with fs.open(f"{root}/{name}", "rb") as f:
-                while chunk := f.read(HASH_CHUNK):
-                    digest.update(chunk)
-                    if not local:
-                        chunks.append(chunk)
+                if local:  # hashed as it streams by; the loader maps the file itself
+                    while chunk := f.read(HASH_CHUNK):
+                        digest.update(chunk)
+                else:
+                    payload = f.read()
+                    digest.update(payload)
         except FileNotFoundError as exc:
             raise ArtifactError(f"{uri}: {name} is listed in the manifest but missing") from exc
         if digest.hexdigest() != entry["sha256"]:
             raise ArtifactError(f"{uri}: checksum mismatch for {name}")
-        files[name] = Path(root) / name if local else b"".join(chunks)
+        files[name] = Path(root) / name if local else payload
     return files, manifest.get("metadata", {})

@@ -23,6 +23,7 @@ Background tasks (started with the server, see ``server.py``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -184,6 +185,16 @@ class MicroBatcher:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def timed(timings: dict[str, float], stage: str):
+    """Adds the seconds the block took to ``timings[stage]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+
+
 class RecommenderModel(Model):
     """``recsys`` as a KServe model: V1 and V2 REST, top-K recommendations per user."""
 
@@ -242,9 +253,8 @@ class RecommenderModel(Model):
             uri, version_id, version, number = production.artifact_uri, production.id, str(production.version), \
                 production.version  # fmt: skip
         timings: dict[str, float] = {}
-        started = time.perf_counter()
-        model = load_model(uri, self.serve.device)
-        timings["artifact"] = time.perf_counter() - started
+        with timed(timings, "artifact"):
+            model = load_model(uri, self.serve.device)
         if model.config.max_history > self.settings.recent_items:
             raise ValueError(
                 f"model {version} reads max_history={model.config.max_history} items of each user's history, "
@@ -253,21 +263,18 @@ class RecommenderModel(Model):
                 "train with a smaller max_history"
             )
         use_ranker = None if self.serve.ranker == "auto" else self.serve.ranker == "on"
-        started = time.perf_counter()
-        online_items = self._online_item_features(model.catalog.items.ids, as_of=None)
-        timings["item_features"] = time.perf_counter() - started
-        started = time.perf_counter()
-        engine = ServingEngine(model, version, self.serve.device, self.serve.precision, self.serve.candidates,
-                               self.serve.hnsw_threshold, self.serve.search, use_ranker,
-                               self.serve.user_cache_size, online_items[1:] if online_items else None)  # fmt: skip
-        timings["item_side"] = time.perf_counter() - started
+        with timed(timings, "item_features"):
+            online_items = self._online_item_features(model.catalog.items.ids, as_of=None)
+        with timed(timings, "item_side"):
+            engine = ServingEngine(model, version, self.serve.device, self.serve.precision, self.serve.candidates,
+                                   self.serve.hnsw_threshold, self.serve.search, use_ranker,
+                                   self.serve.user_cache_size, online_items[1:] if online_items else None)  # fmt: skip
         if online_items:
             engine.item_features_as_of = online_items[0]
             log.info("model %s: online item features of %d items (materialized until %s)", version,
                      len(online_items[1]), online_items[0])  # fmt: skip
-        started = time.perf_counter()
-        engine.self_check()
-        timings["self_check"] = time.perf_counter() - started
+        with timed(timings, "self_check"):
+            engine.self_check()
         for stage, seconds in timings.items():
             metrics.MODEL_LOAD_SECONDS.labels(stage=stage).set(seconds)
         log.info("model %s loaded in %.2f s (%s)", version, sum(timings.values()),
