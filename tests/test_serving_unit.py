@@ -187,15 +187,19 @@ def test_user_dense_rows_equal_the_dataframe_path():
 
 
 def test_micro_batcher_merges_concurrent_calls_and_keeps_order():
-    calls, gate = [], threading.Event()
+    calls, choices, gate = [], [], threading.Event()
 
-    def run(items):
+    def run(items, choice):
         gate.wait(5)
-        calls.append(list(items))
+        calls.append((list(items), choice))
         return [x * 10 for x in items]
 
+    def choose(batch, waiting, head_wait_s):
+        choices.append((list(batch), list(waiting), head_wait_s))
+        return f"level-{len(choices)}"
+
     async def scenario():
-        batcher = MicroBatcher(run, max_batch=8, max_wait=0)
+        batcher = MicroBatcher(run, max_batch=6, max_wait=0, choose=choose)
         first = asyncio.create_task(batcher.submit([1]))  # starts at once: the worker is idle
         await asyncio.sleep(0.05)
         rest = [asyncio.create_task(batcher.submit([i, i + 100])) for i in range(2, 6)]  # queue while busy
@@ -207,11 +211,15 @@ def test_micro_batcher_merges_concurrent_calls_and_keeps_order():
 
     results = asyncio.run(scenario())
     assert results == [[10], [20, 1020], [30, 1030], [40, 1040], [50, 1050]]
-    assert calls[0] == [1] and calls[1] == [2, 102, 3, 103, 4, 104, 5, 105]
+    assert calls == [([1], "level-1"), ([2, 102, 3, 103, 4, 104], "level-2"), ([5, 105], "level-3")]
+    # each batch's choice saw its own items, the items still queued behind it and its head's wait
+    assert choices[0][:2] == ([1], []) and choices[0][2] < 0.04
+    assert choices[1][:2] == ([2, 102, 3, 103, 4, 104], [5, 105]) and choices[1][2] >= 0.04
+    assert choices[2][:2] == ([5, 105], [])
 
 
 def test_micro_batcher_propagates_failures_to_every_waiter():
-    def run(items):
+    def run(items, choice):
         raise RuntimeError("boom")
 
     async def scenario():

@@ -46,6 +46,9 @@ TOP_K_CHUNK = 128  # columns per chunk of the two-pass top-k
 BF16_UNIT_ROUNDOFF = 2.0**-8  # relative rounding error of bfloat16 (8-bit significand)
 BF16_SCAN_ITEMS = 50_000  # CPU catalogs from this many items try the certified bf16 scan
 ITEM_CHUNK = 8192  # item rows per pass of the towers when the item side is built
+# the quality ladder, best first: the ranker over all candidates, over fewer, retrieval order, popularity
+LEVELS = ("full", "reduced", "retrieval", "popularity")
+REDUCED_SHARE = 4  # the reduced level ranks candidates // REDUCED_SHARE (at least k)
 
 
 @dataclass
@@ -174,9 +177,13 @@ class ItemTables:
 
 
 class TwoStageInference:
-    """The frozen two-stage model for inference: ``recommend(batch, k)`` → item indexes and scores.
+    """The frozen two-stage model for inference: ``recommend(batch, k, level=...)`` → item indexes and scores.
 
-    ``use_ranker`` False serves retrieval order. ``search`` is one of :data:`SEARCH_FORMS`:
+    ``level`` is a rung of the quality ladder (:data:`LEVELS`): "full" ranks ``candidates`` retrieved
+    items, "reduced" ranks ``reduced_candidates``, "retrieval" serves retrieval order, "popularity" the
+    training popularity order (``popularity [n_items + 1]``, event counts); seen items are excluded at
+    every level. A model whose ranker does not serve (``use_ranker`` False) has the ladder
+    ("retrieval", "popularity"): :attr:`levels` lists this model's, best first. ``search`` is one of :data:`SEARCH_FORMS`:
     "exact" forces exact retrieval (training-time validation uses it, since an index per epoch would cost
     more than the epoch), "hnsw" serves the CPU index whatever it measured.
     """
@@ -184,7 +191,8 @@ class TwoStageInference:
     def __init__(self, retrieval, ranker, item_cats: torch.Tensor, item_dense: torch.Tensor, n_items: int,
                  n_categories: int, max_history: int, ranker_history_size: int, candidates: int,
                  use_ranker: bool, search: str = "auto", hnsw_threshold: int = HNSW_THRESHOLD,
-                 precision: str = "fp32", graph: faiss.Index | None = None):  # fmt: skip
+                 precision: str = "fp32", graph: faiss.Index | None = None,
+                 popularity: np.ndarray | None = None, reduced_candidates: int | None = None):  # fmt: skip
         if search not in SEARCH_FORMS:
             raise ValueError(f"search must be one of {', '.join(SEARCH_FORMS)}, not {search!r}")
         if search == "hnsw" and item_cats.device.type != "cpu":
@@ -193,6 +201,11 @@ class TwoStageInference:
         self.n_items, self.n_categories = n_items, n_categories
         self.max_history, self.ranker_history_size = max_history, ranker_history_size
         self.candidates, self.use_ranker = candidates, use_ranker
+        self.reduced_candidates = reduced_candidates or max(1, candidates // REDUCED_SHARE)
+        counts = np.zeros(n_items + 1) if popularity is None else np.asarray(popularity, np.float64)
+        # popularity order of item indexes (most popular first, ties by index) and the counts in that order
+        self.popular_index = (np.argsort(-counts[1 : n_items + 1], kind="stable") + 1).astype(np.int64)
+        self.popular_scores = counts[self.popular_index].astype(np.float32)
         self.device = item_cats.device
         self.precision = precision
         self.forced = search != "auto"
@@ -383,6 +396,21 @@ class TwoStageInference:
         return cand, values
 
     # --- ranking -------------------------------------------------------------------------------------
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The ladder this model serves, best first."""
+        return LEVELS if self.use_ranker else LEVELS[2:]
+
+    def popular(self, batch: UserBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The popularity order without each user's seen items: ``[B, k]`` indexes (0-padded) and counts
+        (-inf-padded)."""
+        depth = min(k + int(batch.seen_counts.max(initial=0)), self.n_items)
+        cand = np.broadcast_to(self.popular_index[:depth], (len(batch), depth))
+        masked = seen_mask(cand, batch.seen, batch.seen_offsets, self.n_items + 1)
+        index, _ = first_unmasked(cand, masked, k, 0)
+        values, _ = first_unmasked(np.broadcast_to(self.popular_scores[:depth], cand.shape), masked, k, -np.inf)
+        return index, values
+
     def rank(self, user: torch.Tensor, window, lengths, udense, cand: np.ndarray, k: int):
         """Ranker scores over ``cand [B, K]`` (0 = no candidate) → top-k indexes and scores."""
         tables = self.tables
@@ -399,21 +427,30 @@ class TwoStageInference:
         return np.where(np.isfinite(values), chosen, 0), values.astype(np.float32)
 
     def recommend(self, batch: UserBatch, k: int, timings: dict | None = None,
-                  user: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """Top-``k`` unseen items per user: indexes ``[B, k']`` int64 (0-padded where fewer exist) and
-        scores ``[B, k']`` float32 (-inf-padded), ``k' = min(k, n_items)``. ``user``: the users' vectors
-        ``[B, D]`` if already known (a cache), else the tower computes them. ``timings``, if given,
-        receives the seconds of ``retrieval`` (user tower + nearest items) and ``ranking``."""
+                  user: torch.Tensor | None = None, level: str | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Top-``k`` unseen items per user at ``level`` (default: the best of :attr:`levels`): indexes
+        ``[B, k']`` int64 (0-padded where fewer exist) and scores ``[B, k']`` float32 (-inf-padded),
+        ``k' = min(k, n_items)``. ``user``: the users' vectors ``[B, D]`` if already known (a cache), else
+        the tower computes them. ``timings``, if given, receives the seconds of ``retrieval`` (user tower +
+        nearest items) and ``ranking``."""
+        level = self.levels[0] if level is None else level
+        if level not in self.levels:
+            raise ValueError(f"level must be one of {', '.join(self.levels)} for this model, not {level!r}")
         timings = {} if timings is None else timings
         started = time.perf_counter()
+        if level == "popularity":
+            cand, scores = self.popular(batch, min(k, self.n_items))
+            timings["retrieval"], timings["ranking"] = time.perf_counter() - started, 0.0
+            return cand, scores
         window, lengths, udense = self.tensors(batch)
         if user is None:
             user = self.user_vectors(window, lengths, udense)
-        n = max(self.candidates, k) if self.use_ranker else k
+        ranked = level in ("full", "reduced")
+        n = max(self.candidates if level == "full" else self.reduced_candidates, k) if ranked else k
         cand, scores = self.retrieve(user, batch, n)
         timings["retrieval"] = time.perf_counter() - started
         started = time.perf_counter()
-        if self.use_ranker and len(batch):
+        if ranked and len(batch):
             cand, scores = self.rank(user, window, lengths, udense, cand, k)
         timings["ranking"] = time.perf_counter() - started
         return cand[:, :k], scores[:, :k]

@@ -376,14 +376,16 @@ class TwoStageRecommender:
 
     # --- inference ---------------------------------------------------------------------------------------
     def inference(self, search: str = "auto", use_ranker: bool | None = None, candidates: int | None = None,
-                  precision: str = "fp32", hnsw_threshold: int = HNSW_THRESHOLD) -> TwoStageInference:  # fmt: skip
+                  precision: str = "fp32", hnsw_threshold: int = HNSW_THRESHOLD,
+                  reduced_candidates: int | None = None) -> TwoStageInference:  # fmt: skip
         """This model frozen for inference: the one path that evaluation and serving both run."""
         self.retrieval.eval()
         self.ranker.eval()
         return TwoStageInference(self.retrieval, self.ranker, self.item_cats, self.item_dense, self.catalog.n_items,
                                  self.catalog.n_categories, self.config.max_history, self.config.ranker_history,
                                  candidates or self.candidates, self.use_ranker if use_ranker is None else use_ranker,
-                                 search, hnsw_threshold, precision, self.search_graph)  # fmt: skip
+                                 search, hnsw_threshold, precision, self.search_graph,
+                                 self.catalog.item_popularity, reduced_candidates)  # fmt: skip
 
     def with_fp16_tables(self) -> TwoStageRecommender:
         """Store the id embedding tables (most of a large model's parameters) in float16, in place: half
@@ -401,19 +403,22 @@ class TwoStageRecommender:
         return np.zeros((len(users), len(USER_DENSE_COLUMNS) + split.n_categories), np.float32)
 
     def rank(self, split: SplitData | None = None, stage: str = "two_stage", search: str = "auto",
-             inference: TwoStageInference | None = None) -> RankFn:  # fmt: skip
+             inference: TwoStageInference | None = None, level: str | None = None) -> RankFn:  # fmt: skip
         """The evaluation question (see ``evaluate.RankFn``) answered by :meth:`inference`: ``stage`` is
         "two_stage" (the ranker where it serves) or "retrieval"; ``search`` as in :meth:`inference`.
-        ``inference``: evaluate that one instead (a serving form of this model: int8 ranker, HNSW, ...)."""
+        ``inference``: evaluate that one instead (a serving form of this model: int8 ranker, HNSW, ...).
+        ``level``: a rung of the serving ladder (``inference.LEVELS``) instead of ``stage``; "full" and
+        "reduced" rank with the ranker whether or not validation chose it."""
         split = split or self.split
         if inference is None:
-            inference = self.inference(search=search, use_ranker=self.use_ranker and stage == "two_stage")
+            use_ranker = level in ("full", "reduced") if level else self.use_ranker and stage == "two_stage"
+            inference = self.inference(search=search, use_ranker=use_ranker)
 
         def rank_fn(users, end, k):
             batch = batch_from_split(
                 split, users, end, self.config.max_history, self._user_dense_at(split, users, end)
             )
-            return inference.recommend(batch, k)[0]
+            return inference.recommend(batch, k, level=level)[0]
 
         return rank_fn
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -31,11 +32,10 @@ from torch import nn
 from predictor.models.data import USER_DENSE_COLUMNS, item_dense_matrix
 from predictor.models.inference import (
     HNSW_THRESHOLD,
+    LEVELS,
     UserBatch,
     drop_unknown,
-    first_unmasked,
     offsets_from_counts,
-    seen_mask,
     windows_from_ragged,
 )
 from predictor.models.recommender import TwoStageRecommender
@@ -157,6 +157,7 @@ class ServingEngine:
         use_ranker: bool | None = None,
         user_cache_size: int = 0,
         item_features: tuple[np.ndarray, pd.DataFrame] | None = None,
+        reduced_candidates: int | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -178,11 +179,6 @@ class ServingEngine:
         self.n_user_dense = len(USER_DENSE_COLUMNS) + catalog.n_categories
         # a model trained without user features saw zeros there: serving real values would shift its inputs
         self.uses_user_features = bool(model.uses_user_features)
-        # popularity order for fallbacks (index space, most popular first)
-        popularity = np.asarray(catalog.item_popularity, np.float64)[1 : self.n_items + 1]
-        self._popular_index = (np.argsort(-popularity, kind="stable") + 1).astype(np.int64)
-        self.popular_scores = popularity[self._popular_index - 1].astype(np.float32)
-
         retrieval = model.retrieval.to(self.device).eval()
         ranker: nn.Module = model.ranker.to(self.device).eval()
         if precision == "int8":
@@ -193,7 +189,8 @@ class ServingEngine:
             model.item_dense, _ = self._dense_with(model.item_dense, *item_features)
         self.inference = model.inference(use_ranker=use_ranker, candidates=candidates,
                                          precision="fp16" if precision == "fp16" else "fp32",
-                                         hnsw_threshold=hnsw_threshold, search=search)  # fmt: skip
+                                         hnsw_threshold=hnsw_threshold, search=search,
+                                         reduced_candidates=reduced_candidates)  # fmt: skip
         self._lock = threading.Lock()
         self.user_cache = UserVectorCache(user_cache_size)
         self.item_features_as_of = (
@@ -264,11 +261,40 @@ class ServingEngine:
         )
         return UserBatch(window, lengths, dense, seen, offsets)
 
-    def recommend(self, users: OnlineUsers, k: int, timings: dict | None = None) -> Recommendations:
-        """Top-``k`` for B users. Users whose history holds no item the model knows get the popularity
-        order instead (their embedding carries no signal), flagged ``cold``; seen items are excluded
-        from both where ``exclude_seen``. ``timings``, if given, receives ``retrieval`` and ``ranking``
-        seconds."""
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The quality ladder this engine serves, best first (``inference.LEVELS``)."""
+        return self.inference.levels
+
+    def nearest_level(self, level: str) -> str:
+        """``level`` if this engine's ladder has it, else the best of its levels not better than it (a
+        model without a ranker serves "full" and "reduced" as "retrieval")."""
+        if level in self.levels:
+            return level
+        worse = [lv for lv in self.levels if LEVELS.index(lv) >= LEVELS.index(level)]
+        return worse[0] if worse else self.levels[-1]
+
+    def probe_users(self, n: int, seed: int = 0) -> OnlineUsers:
+        """``n`` seeded users with full histories of random catalog items (seen = history), for timing."""
+        rng = np.random.default_rng(seed)
+        history = self.item_ids[rng.integers(0, self.n_items, n * self.max_history)]
+        offsets = np.arange(n + 1, dtype=np.int64) * self.max_history
+        return OnlineUsers(history, offsets, history, offsets, np.zeros((n, self.n_user_dense), np.float32),
+                           np.ones(n, bool))  # fmt: skip
+
+    def time_level(self, level: str, users: int, k: int = 10) -> float:
+        """Seconds of one ``recommend`` of ``users`` probe users at ``level`` (the ladder's calibration)."""
+        probe = self.probe_users(users)
+        started = time.perf_counter()
+        self.recommend(probe, k, level=level)
+        return time.perf_counter() - started
+
+    def recommend(self, users: OnlineUsers, k: int, timings: dict | None = None,
+                  level: str | None = None) -> Recommendations:  # fmt: skip
+        """Top-``k`` for B users at ``level`` (default: the best of :attr:`levels`). Users whose history
+        holds no item the model knows get the popularity order instead (their embedding carries no
+        signal), flagged ``cold``; seen items are excluded from both where ``exclude_seen``. ``timings``, if
+        given, receives ``retrieval`` and ``ranking`` seconds."""
         k = min(k, self.n_items)
         batch = self.batch(users)
         cold = batch.lengths == 0
@@ -277,33 +303,24 @@ class ServingEngine:
         warm = np.flatnonzero(~cold)
         if len(warm):
             sub = batch if not cold.any() else batch.subset(warm)
-            user = self.user_cache.vectors(self.inference, sub) if self.user_cache.size else None
-            got, got_scores = self.inference.recommend(sub, k, timings, user)
+            cached = self.user_cache.size and level != "popularity"
+            user = self.user_cache.vectors(self.inference, sub) if cached else None
+            got, got_scores = self.inference.recommend(sub, k, timings, user, level)
             index[warm, : got.shape[1]], scores[warm, : got.shape[1]] = got, got_scores
         if cold.any():
             rows = np.flatnonzero(cold)
-            index[rows], scores[rows] = self._popular(batch.subset(rows), k)
+            index[rows], scores[rows] = self.inference.popular(batch.subset(rows), k)
         counts = (index > 0).sum(axis=1)
         item_ids = np.where(index > 0, self.item_ids[np.clip(index - 1, 0, None)], -1)
         return Recommendations(item_ids, np.where(index > 0, scores, np.nan).astype(np.float32), counts, cold)
-
-    def _popular(self, batch: UserBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Popularity order without each user's seen items: ``[B, k]`` indexes (0-padded), scores."""
-        depth = min(k + int(batch.seen_counts.max(initial=0)), self.n_items)
-        cand = np.broadcast_to(self._popular_index[:depth], (len(batch), depth))
-        masked = seen_mask(cand, batch.seen, batch.seen_offsets, self.n_items + 1)
-        index, _ = first_unmasked(cand, masked, k, 0)
-        values, _ = first_unmasked(
-            np.broadcast_to(self.popular_scores[:depth], cand.shape), masked, k, -np.inf
-        )
-        return index, values
 
     def popular(self, n_users: int, k: int) -> Recommendations:
         """The popularity order for ``n_users`` users the model cannot serve (online store down, model
         error): nothing is known of them, so nothing is excluded."""
         k = min(k, self.n_items)
-        index = np.broadcast_to(self._popular_index[:k], (n_users, k))
-        return Recommendations(self.item_ids[index - 1], np.broadcast_to(self.popular_scores[:k], (n_users, k)),
+        index = np.broadcast_to(self.inference.popular_index[:k], (n_users, k))
+        scores = self.inference.popular_scores[:k]
+        return Recommendations(self.item_ids[index - 1], np.broadcast_to(scores, (n_users, k)),
                                np.full(n_users, k), np.ones(n_users, bool))  # fmt: skip
 
     def self_check(self) -> None:
@@ -311,7 +328,7 @@ class ServingEngine:
         Called before a (new) model may serve."""
         if self.n_items == 0:
             raise ModelValidationError("the model's catalog is empty")
-        probe = self.item_ids[self._popular_index[: min(5, self.n_items)] - 1]
+        probe = self.item_ids[self.inference.popular_index[: min(5, self.n_items)] - 1]
         k = min(10, self.n_items)
         users = OnlineUsers(probe, np.array([0, len(probe)]), probe[:0], np.array([0, 0]),
                             np.zeros((1, self.n_user_dense), np.float32), np.array([False]))  # fmt: skip

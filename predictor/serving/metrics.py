@@ -41,6 +41,18 @@ MODEL_LOAD_SECONDS = Gauge(
     "(online read), item_side (item tables, search index), self_check: most of what a new replica waits for",
     ["stage"],
 )
+SERVED_LEVEL = Counter(
+    "recsys_served_level_total",
+    "Users served through the model, by the quality-ladder level of their batch (full, reduced, retrieval, "
+    "popularity; predictor.serving.ladder): any level below the model's best is degraded",
+    ["level"],
+)
+LEVEL_COST_SECONDS = Gauge(
+    "recsys_level_cost_seconds",
+    "Predicted model seconds of one lone request at each level of the serving model's ladder (calibrated at "
+    "load, scaled by measured times); only the model's own levels are set, best first in LEVELS order",
+    ["level"],
+)
 MODEL_SWAPS = Counter("recsys_model_swaps_total", "Hot swaps to a newly promoted model")
 ITEM_FEATURE_REFRESHES = Counter("recsys_item_feature_refreshes_total",
                                  "Item-feature cache refreshes after materialization advanced")  # fmt: skip

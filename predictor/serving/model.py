@@ -45,11 +45,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from predictor.config import Settings
 from predictor.features.store import open_store
 from predictor.models.data import user_dense_rows
-from predictor.models.inference import HNSW_THRESHOLD, SEARCH_FORMS, offsets_from_counts
+from predictor.models.inference import HNSW_THRESHOLD, LEVELS, SEARCH_FORMS, offsets_from_counts
 from predictor.models.lifecycle import MODEL_NAME, load_model
 from predictor.models.registry import ModelRegistry
 from predictor.serving import metrics
 from predictor.serving.engine import PRECISIONS, OnlineUsers, ServingEngine
+from predictor.serving.ladder import LadderPolicy, LevelCosts, QualityLadder
 from predictor.serving.online import OnlineFeatures, UserOnline, online_features
 from predictor.serving.requests import (
     Answer,
@@ -107,6 +108,23 @@ class ServeSettings(BaseSettings):
         pattern="^(auto|on|off)$",
         description="auto: as validation decided at training; on/off: force",
     )
+    p99_target_ms: float = Field(
+        default=50.0, gt=0,
+        description="this replica's p99 target: the quality ladder steps down before its queue would pass it "
+        "(the chart sets it from the LatencyAutoscaler's p99TargetMs)",
+    )  # fmt: skip
+    level: str = Field(
+        default="auto",
+        pattern=f"^(auto|best|{'|'.join(LEVELS)})$",
+        description="auto: the quality ladder picks each batch's level from queue and latency; best: never "
+        "degrade; or pin one level (the nearest the model has, not better)",
+    )  # fmt: skip
+    reduced_candidates: int | None = Field(
+        default=None, ge=1, le=4096, description="candidates ranked at the reduced level (default: a quarter)"
+    )
+    ladder_hold_seconds: float = Field(
+        default=5.0, ge=0, description="calm time before the ladder steps one level back up"
+    )
 
     @property
     def limits(self) -> Limits:
@@ -120,29 +138,34 @@ class LoadedModel:
     engine: ServingEngine
     version_id: int | None  # registry row id (None: served from a path)
     version: str  # what responses carry
+    ladder: QualityLadder
 
 
 class MicroBatcher:
-    """Merges concurrent calls into one ``run(items)`` on a single worker thread.
+    """Merges concurrent calls into one ``run(items, choice)`` on a single worker thread.
 
     When the worker is idle a call starts at once (after ``max_wait`` if set, to collect company); while
     it is busy, calls queue and the next batch takes up to ``max_batch`` of them. So a lone request pays no
-    added latency and a burst is served in a few large, efficient batches.
+    added latency and a burst is served in a few large, efficient batches. ``choose(batch, waiting,
+    head_wait_s)``, if given, is called on the event loop as each batch starts, with the batch's items, the
+    items still queued behind it and how long the oldest item of the batch has waited; what it returns is
+    ``run``'s second argument (the quality-ladder level).
     """
 
-    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait: float):
-        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
+    def __init__(self, run: Callable[[list, object], list], max_batch: int, max_wait: float,
+                 choose: Callable[[list, list, float], object] | None = None):  # fmt: skip
+        self.run, self.max_batch, self.max_wait, self.choose = run, max_batch, max_wait, choose
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-model")
-        self._pending: list[tuple[list, asyncio.Future]] = []
+        self._pending: list[tuple[list, asyncio.Future, float]] = []
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
 
     async def submit(self, items: list) -> list:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((items, future))
+        self._pending.append((items, future, time.perf_counter()))
         if not self._busy:
-            if self.max_wait > 0 and sum(len(i) for i, _ in self._pending) < self.max_batch:
+            if self.max_wait > 0 and sum(len(i) for i, _, _ in self._pending) < self.max_batch:
                 if self._timer is None:
                     self._timer = loop.call_later(self.max_wait, self._start)
             else:
@@ -157,23 +180,28 @@ class MicroBatcher:
             return
         batch, size = [], 0
         while self._pending and (not batch or size + len(self._pending[0][0]) <= self.max_batch):
-            items, future = self._pending.pop(0)
-            batch.append((items, future))
-            size += len(items)
+            entry = self._pending.pop(0)
+            batch.append(entry)
+            size += len(entry[0])
+        choice = None
+        if self.choose is not None:
+            head_wait = time.perf_counter() - batch[0][2]
+            choice = self.choose([i for items, _, _ in batch for i in items],
+                                 [i for items, _, _ in self._pending for i in items], head_wait)  # fmt: skip
         self._busy = True
-        asyncio.get_running_loop().create_task(self._run(batch))
+        asyncio.get_running_loop().create_task(self._run(batch, choice))
 
-    async def _run(self, batch: list[tuple[list, asyncio.Future]]) -> None:
-        flat = [item for items, _ in batch for item in items]
+    async def _run(self, batch: list[tuple[list, asyncio.Future, float]], choice) -> None:
+        flat = [item for items, _, _ in batch for item in items]
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, flat)
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, flat, choice)
             at = 0
-            for items, future in batch:
+            for items, future, _ in batch:
                 if not future.done():
                     future.set_result(results[at : at + len(items)])
                 at += len(items)
         except Exception as exc:  # noqa: BLE001 - every waiter learns of the failure
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
         finally:
@@ -208,7 +236,7 @@ class RecommenderModel(Model):
         self.registry: ModelRegistry | None = None
         self._failed_versions: set[int] = set()
         self._tasks: list[asyncio.Task] = []
-        self.batcher = MicroBatcher(self._run_engine, serve.max_batch, serve.batch_wait_ms / 1000)
+        self.batcher = MicroBatcher(self._run_engine, serve.max_batch, serve.batch_wait_ms / 1000, self._choose_level)
 
     # --- load ------------------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -232,9 +260,9 @@ class RecommenderModel(Model):
             )
         self.ready = True
         engine = self.current.engine
-        log.info("model %s ready (%d items, device %s, precision %s, retrieval %s, ranker %s)", self.current.version,
-                 engine.n_items, engine.device, engine.precision, engine.inference.retrieval_form,
-                 "on" if engine.use_ranker else "off")  # fmt: skip
+        log.info("model %s ready (%d items, device %s, precision %s, retrieval %s, ranker %s, levels %s)",
+                 self.current.version, engine.n_items, engine.device, engine.precision,
+                 engine.inference.retrieval_form, "on" if engine.use_ranker else "off", self._ladder_text())  # fmt: skip
         return self.ready
 
     def _load_model(self, skip: set[int] = frozenset()) -> LoadedModel | None:
@@ -268,19 +296,41 @@ class RecommenderModel(Model):
         with timed(timings, "item_side"):
             engine = ServingEngine(model, version, self.serve.device, self.serve.precision, self.serve.candidates,
                                    self.serve.hnsw_threshold, self.serve.search, use_ranker,
-                                   self.serve.user_cache_size, online_items[1:] if online_items else None)  # fmt: skip
+                                   self.serve.user_cache_size, online_items[1:] if online_items else None,
+                                   self.serve.reduced_candidates)  # fmt: skip
         if online_items:
             engine.item_features_as_of = online_items[0]
             log.info("model %s: online item features of %d items (materialized until %s)", version,
                      len(online_items[1]), online_items[0])  # fmt: skip
         with timed(timings, "self_check"):
             engine.self_check()
+        with timed(timings, "ladder"):
+            ladder = self._ladder(engine)
         for stage, seconds in timings.items():
             metrics.MODEL_LOAD_SECONDS.labels(stage=stage).set(seconds)
         log.info("model %s loaded in %.2f s (%s)", version, sum(timings.values()),
                  ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in timings.items()))  # fmt: skip
         metrics.MODEL_VERSION.set(number)
-        return LoadedModel(engine, version_id, version)
+        return LoadedModel(engine, version_id, version, ladder)
+
+    def _ladder(self, engine: ServingEngine) -> QualityLadder:
+        """Blocking: the engine's quality ladder, its level costs timed on probe users."""
+        pinned = None
+        if self.serve.level == "best":
+            pinned = engine.levels[0]
+        elif self.serve.level != "auto":
+            pinned = engine.nearest_level(self.serve.level)
+        costs = LevelCosts.calibrate(lambda level, users: engine.time_level(engine.levels[level], users),
+                                     len(engine.levels), large=min(16, self.serve.max_batch))  # fmt: skip
+        policy = LadderPolicy(self.serve.p99_target_ms / 1000, hold_s=self.serve.ladder_hold_seconds)
+        return QualityLadder(engine.levels, costs, policy, self.serve.max_batch, pinned=pinned)
+
+    def _ladder_text(self) -> str:
+        ladder = self.current.ladder
+        costs = ", ".join(f"{lv} {1000 * ladder.costs.batch_s(i, 1):.2f} ms" for i, lv in enumerate(ladder.levels))
+        mode = f"pinned at {ladder.levels[ladder.pinned]}" if ladder.pinned is not None else \
+            f"target p99 {self.serve.p99_target_ms:g} ms"  # fmt: skip
+        return f"{costs}; {mode}"
 
     # --- background tasks ------------------------------------------------------------------------------
     async def start_background(self) -> None:
@@ -395,27 +445,41 @@ class RecommenderModel(Model):
             metrics.ERRORS.labels(kind="bad_request").inc()
             raise
 
-    def _run_engine(self, jobs: list[tuple[ServingEngine, OnlineUsers, int]]) -> list:
+    def _choose_level(self, batch: list, waiting: list, head_wait_s: float) -> str:
+        """Event loop, as a batch starts: its level, from the users queued (it included) and its wait."""
+        users = sum(len(job[1]) for job in batch) + sum(len(job[1]) for job in waiting)
+        return self.current.ladder.choose(users, head_wait_s, time.perf_counter())
+
+    def _run_engine(self, jobs: list[tuple[ServingEngine, OnlineUsers, int]], level: str | None) -> list:
         """Worker thread: one engine call per distinct engine in the batch (two only during a swap), over
-        all requests' users at once; each request gets its own rows back."""
+        all requests' users at once, at the batch's ladder ``level``; each request gets its own rows and
+        the level back."""
         out: list = [None] * len(jobs)
         by_engine: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
             by_engine.setdefault(id(job[0]), []).append(i)
+        ladder = self.current.ladder
         for rows in by_engine.values():
             engine = jobs[rows[0]][0]
             users = OnlineUsers.concat([jobs[r][1] for r in rows])
             metrics.BATCH_SIZE.observe(len(users))
             timings: dict = {}
-            recs = engine.recommend(users, max(jobs[r][2] for r in rows), timings)
+            served = engine.nearest_level(level or engine.levels[0])
+            started = time.perf_counter()
+            recs = engine.recommend(users, max(jobs[r][2] for r in rows), timings, served)
+            if engine is self.current.engine:
+                ladder.observe(served, len(users), time.perf_counter() - started)
+            metrics.SERVED_LEVEL.labels(level=served).inc(len(users))
             # once per model call, so that per-user model time = stage time / batch size
             metrics.STAGE_SECONDS.labels(stage="retrieval").observe(timings.get("retrieval", 0.0))
             metrics.STAGE_SECONDS.labels(stage="ranking").observe(timings.get("ranking", 0.0))
             at = 0
             for r in rows:
                 n = len(jobs[r][1])
-                out[r] = (recs.rows(at, at + n), timings)
+                out[r] = (recs.rows(at, at + n), served)
                 at += n
+        for i, lv in enumerate(ladder.levels):
+            metrics.LEVEL_COST_SECONDS.labels(level=lv).set(ladder.costs.batch_s(i, 1))
         return out
 
     async def _features(self, user_ids: list[int]) -> tuple[list[UserOnline] | None, str | None]:
@@ -455,12 +519,14 @@ class RecommenderModel(Model):
         k = max(r.k for r in requests)
         t0 = time.perf_counter()
         users, store_problem = await self._features(list(dict.fromkeys(r.user_id for r in requests)))
-        metrics.STAGE_SECONDS.labels(stage="features").observe(time.perf_counter() - t0)
+        feature_s = time.perf_counter() - t0
+        metrics.STAGE_SECONDS.labels(stage="features").observe(feature_s)
+        level = "popularity"
         if store_problem is not None:
             recs, reason = engine.popular(len(requests), k), store_problem
         else:
             try:
-                ((recs, _),) = await self.batcher.submit(
+                ((recs, level),) = await self.batcher.submit(
                     [(engine, self._online_users(engine, requests, users), k)]
                 )
                 reason = "cold_start"
@@ -474,7 +540,8 @@ class RecommenderModel(Model):
         if fallbacks:
             metrics.FALLBACKS.labels(reason=reason).inc(fallbacks)
         metrics.STAGE_SECONDS.labels(stage="total").observe(time.perf_counter() - started)
-        return parsed, Answer(recs, reason, loaded.version)
+        loaded.ladder.observe_overhead(feature_s)  # the latency the model queue adds to, in the ladder's forecast
+        return parsed, Answer(recs, reason, loaded.version, level)
 
     async def postprocess(self, result, headers: dict[str, str] | None = None, response_headers=None):
         parsed, answer = result

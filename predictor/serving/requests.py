@@ -4,13 +4,17 @@ V1 ``POST /v1/models/<name>:predict``::
 
     {"instances": [{"user_id": 42, "k": 10, "exclude_seen": true}, ...]}
     → {"predictions": [{"user_id": 42, "item_ids": [...], "scores": [...], "model_version": "3",
-                        "fallback": null}, ...]}
+                        "fallback": null, "level": "full"}, ...]}
 
 V2 ``POST /v2/models/<name>/infer`` (Open Inference Protocol): inputs ``user_id`` INT64 ``[B]``, optional
 ``k`` INT32/INT64 ``[1]`` or ``[B]`` and ``exclude_seen`` BOOL ``[1]`` or ``[B]``; outputs ``item_ids`` INT64
 ``[B, k]`` and ``scores`` FP32 ``[B, k]`` (padded with -1 / NaN where fewer than k items exist) and
-``fallback`` BYTES ``[B]`` ("" when the model served); the model version is the response's
-``model_version``.
+``fallback`` BYTES ``[B]`` ("" when the model served) and ``level`` BYTES ``[B]``; the model version is
+the response's ``model_version``.
+
+``level`` names the rung of the quality ladder that served the request (``full``, ``reduced``,
+``retrieval``, ``popularity``: ``predictor.serving.ladder``); a fallback for the whole request (online
+store down, model error) is served at ``popularity``.
 
 Every problem raises :class:`kserve.errors.InvalidInput` (HTTP 400) with a message that names the field;
 :class:`BadRequest`, its subclass, also carries the reason the client-error counter is labelled with.
@@ -56,11 +60,12 @@ class RecRequest:
 @dataclass
 class Answer:
     """What ``predict`` hands to ``postprocess``: the engine's ``Recommendations`` for the request's users
-    (in request order), why the ``cold`` rows got a fallback, and the model version."""
+    (in request order), why the ``cold`` rows got a fallback, the model version and the ladder level."""
 
     recs: object  # predictor.serving.engine.Recommendations
     fallback_reason: str
     model_version: str
+    level: str = "full"
 
     def fallbacks(self) -> list[str | None]:
         return [self.fallback_reason if cold else None for cold in self.recs.cold.tolist()]
@@ -203,7 +208,7 @@ def v1_response(answer: Answer, parsed: ParsedRequest) -> dict:
     ids, scores = recs.item_ids.tolist(), np.round(recs.scores.astype(np.float64), 6).tolist()
     return {"predictions": [
         {"user_id": r.user_id, "item_ids": i[:n], "scores": s[:n], "model_version": answer.model_version,
-         "fallback": f}
+         "fallback": f, "level": answer.level}
         for r, i, s, n, f in zip(parsed.requests, ids, scores, counts, answer.fallbacks())
     ]}  # fmt: skip
 
@@ -223,6 +228,7 @@ def v2_response(answer: Answer, parsed: ParsedRequest, model_name: str) -> Infer
         InferOutput("item_ids", [B, k], "INT64", ids.reshape(-1).tolist()),
         InferOutput("scores", [B, k], "FP32", flat_scores),
         InferOutput("fallback", [B], "BYTES", [f or "" for f in answer.fallbacks()]),
+        InferOutput("level", [B], "BYTES", [answer.level] * B),
     ]
     return InferResponse(
         response_id=parsed.request_id or str(uuid.uuid4()),

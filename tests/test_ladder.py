@@ -1,0 +1,197 @@
+"""The quality ladder: its control law as a pure function (property tests), the level costs, and each level
+through the serving engine."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from predictor.data.synthetic import generate
+from predictor.models.config import TrainConfig, model_config
+from predictor.models.data import build_split
+from predictor.models.inference import LEVELS
+from predictor.models.recommender import TwoStageRecommender, model_files, model_from_files
+from predictor.serving.engine import OnlineUsers, ServingEngine
+from predictor.serving.ladder import LadderPolicy, LadderState, LevelCosts, QualityLadder, next_level
+
+POLICY = LadderPolicy(target_s=0.05, down_at=0.8, up_at=0.4, hold_s=5.0)
+# predicted seconds per level, best (dearest) first: what a queue costs at each rung
+predictions = st.lists(st.floats(0.0, 0.5), min_size=2, max_size=4).map(lambda xs: sorted(xs, reverse=True))
+
+
+def run(state: LadderState, predicted, times) -> list[int]:
+    levels = []
+    for now in times:
+        state = next_level(state, predicted, now, POLICY)
+        levels.append(state.level)
+    return levels
+
+
+@settings(max_examples=300, deadline=None)
+@given(predicted=predictions, start=st.integers(0, 3), step=st.floats(0.001, 2.0))
+def test_steady_load_never_oscillates(predicted, start, step):
+    """Under a steady load the level moves one way only (down, or up) and then stays: no flapping."""
+    levels = run(LadderState(min(start, len(predicted) - 1), 0.0), predicted, [step * (i + 1) for i in range(400)])
+    changes = np.sign(np.diff([min(start, len(predicted) - 1), *levels]))
+    moves = changes[changes != 0]
+    assert len(set(moves.tolist())) <= 1, levels
+    assert len(set(levels[-50:])) == 1  # settled
+
+
+@settings(max_examples=300, deadline=None)
+@given(predicted=predictions, start=st.integers(0, 3), now=st.floats(0, 1e4), calm=st.floats(-1e4, 1e4))
+def test_overload_steps_down_at_the_next_decision_to_the_best_level_that_fits(predicted, start, now, calm):
+    current = min(start, len(predicted) - 1)
+    ceiling = POLICY.down_at * POLICY.target_s
+    after = next_level(LadderState(current, calm), predicted, now, POLICY)
+    if predicted[current] > ceiling:
+        fits = [lv for lv in range(current + 1, len(predicted)) if predicted[lv] <= ceiling]
+        assert after.level == (fits[0] if fits else len(predicted) - 1)
+        assert after.level > current or current == len(predicted) - 1
+        assert after.calm_since == now  # the way back up starts its hold afresh
+    else:
+        assert after.level <= current  # never down while the current level is predicted on target
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=st.integers(1, 3), step=st.floats(0.01, 1.0), hold=st.floats(0.5, 20.0))
+def test_back_up_one_level_per_hold_time_once_calm(start, step, hold):
+    policy = LadderPolicy(0.05, hold_s=hold)
+    calm = [0.001] * 4  # every level far within up_at × target
+    state, now, ups = LadderState(start, 0.0), 0.0, []
+    while state.level > 0 and now < 1e4:
+        now += step
+        before = state.level
+        state = next_level(state, calm, now, policy)
+        if state.level != before:
+            assert state.level == before - 1  # one level at a time
+            ups.append(now)
+    assert state.level == 0
+    assert ups[0] >= hold  # not before the hold time
+    assert all(b - a >= hold - 1e-9 for a, b in itertools.pairwise(ups))  # each step waits its own hold
+
+
+def test_a_busy_moment_restarts_the_hold():
+    state = LadderState(2, 0.0)
+    state = next_level(state, [0.06, 0.01, 0.001], 4.0, POLICY)  # better level (0.01) calm since 0
+    assert state.level == 2
+    state = next_level(state, [0.06, 0.03, 0.001], 4.5, POLICY)  # 0.03 > up_at × target: not calm
+    assert (state.level, state.calm_since) == (2, 4.5)
+    state = next_level(state, [0.06, 0.01, 0.001], 9.0, POLICY)  # 4.5 s of calm: still waiting
+    assert state.level == 2
+    assert next_level(state, [0.06, 0.01, 0.001], 9.6, POLICY).level == 1
+
+
+def test_policy_rejects_settings_without_hysteresis():
+    with pytest.raises(ValueError, match="up_at < down_at"):
+        LadderPolicy(0.05, down_at=0.5, up_at=0.5)
+    with pytest.raises(ValueError, match="positive"):
+        LadderPolicy(0.0)
+
+
+def test_level_costs_fit_the_timings_and_follow_a_slower_machine():
+    true = {0: (0.002, 0.0005), 1: (0.001, 0.0001)}
+    costs = LevelCosts.calibrate(lambda level, users: true[level][0] + true[level][1] * users, 2)
+    for level, (fixed, per_user) in true.items():
+        assert costs.fixed[level] == pytest.approx(fixed) and costs.per_user[level] == pytest.approx(per_user)
+    # 40 users in batches of 16: 16 + 16 + 8
+    assert costs.drain_s(0, 40, 16) == pytest.approx(2 * (0.002 + 0.008) + (0.002 + 0.004))
+    for _ in range(100):  # the node became twice as slow
+        costs.observe(0, 4, 2 * (0.002 + 0.0005 * 4))
+    assert costs.speed == pytest.approx(2.0, rel=1e-3)
+    assert costs.batch_s(1, 1) == pytest.approx(2 * 0.0011, rel=1e-3)
+
+
+def test_quality_ladder_degrades_under_a_queue_and_pins_when_asked():
+    costs = LevelCosts([0.004, 0.002, 0.001, 0.0001], [0.003, 0.001, 0.0002, 0.00001])
+    ladder = QualityLadder(LEVELS, costs, POLICY, max_batch=32)
+    assert ladder.choose(1, 0.0, now=0.0) == "full"
+    assert ladder.choose(40, 0.0, now=0.1) == "retrieval"  # 40 users: full 0.124 s, reduced 0.042 > 0.04
+    assert ladder.choose(40, 0.5, now=0.2) == "popularity"  # the head already waited past the target
+    pinned = QualityLadder(LEVELS, costs, POLICY, max_batch=32, pinned="reduced")
+    assert pinned.choose(10_000, 10.0, now=0.0) == "reduced"
+    assert QualityLadder(LEVELS, costs, None, max_batch=32).choose(10_000, 10.0, now=0.0) == "full"
+
+
+# --- the levels through the engine ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine():
+    data = generate(n_events=4_000, n_users=150, n_items=200, n_categories=5, seed=11)
+    model = TwoStageRecommender(model_config("tiny"), TrainConfig(epochs=2, ranker_epochs=1, batch_size=32, seed=0))
+    split = build_split(data)
+    model.fit(split, None, progress=False)
+    model.use_ranker = True  # exercise every level whatever validation decided
+    files, _ = model_files(model)
+    return ServingEngine(model_from_files(files, "cpu"), "1", device="cpu", reduced_candidates=20), split, model
+
+
+def users_of(engine: ServingEngine, n: int) -> OnlineUsers:
+    return engine.probe_users(n, seed=3)
+
+
+def test_each_level_serves_what_it_names(engine):
+    engine, _, _ = engine
+    users = users_of(engine, 6)
+    k = 10
+    full = engine.recommend(users, k)
+    assert engine.levels == LEVELS
+    np.testing.assert_array_equal(engine.recommend(users, k, level="full").item_ids, full.item_ids)
+    inference = engine.inference
+    batch = engine.batch(users)
+    window, lengths, dense = inference.tensors(batch)
+    user = inference.user_vectors(window, lengths, dense)
+    # reduced: the ranker's order over only the best reduced_candidates retrieved items
+    retrieved, _ = inference.retrieve(user, batch, inference.reduced_candidates)
+    reduced = engine.recommend(users, k, level="reduced")
+    index = engine.item_index(reduced.item_ids)
+    assert all(set(index[b]) <= set(retrieved[b]) for b in range(len(users)))
+    expected, _ = inference.rank(user, window, lengths, dense, retrieved, k)
+    np.testing.assert_array_equal(index, expected)
+    # retrieval: the retrieval order itself
+    top, _ = inference.retrieve(user, batch, k)
+    np.testing.assert_array_equal(engine.item_index(engine.recommend(users, k, level="retrieval").item_ids), top)
+    # popularity: the training popularity order, each user's seen items left out
+    popular = engine.recommend(users, k, level="popularity")
+    counts = np.asarray(engine.catalog.item_popularity)
+    for b in range(len(users)):
+        seen = set(users.seen[users.seen_offsets[b] : users.seen_offsets[b + 1]].tolist())
+        order = [i for i in engine.item_ids[inference.popular_index - 1].tolist() if i not in seen][:k]
+        assert popular.item_ids[b].tolist() == order
+        assert not seen & set(popular.item_ids[b].tolist())
+        got = counts[engine.item_index(popular.item_ids[b])]
+        assert (np.diff(got) <= 0).all()
+
+
+def test_a_model_without_its_ranker_has_the_short_ladder(engine):
+    engine, _, _ = engine
+    engine.use_ranker = False
+    try:
+        assert engine.levels == ("retrieval", "popularity")
+        assert engine.nearest_level("full") == "retrieval" and engine.nearest_level("popularity") == "popularity"
+        with pytest.raises(ValueError, match="level must be one of retrieval, popularity"):
+            engine.inference.recommend(engine.batch(users_of(engine, 1)), 5, level="full")
+    finally:
+        engine.use_ranker = True
+
+
+def test_offline_evaluation_ranks_each_level_through_the_serving_path(engine):
+    """``TwoStageRecommender.rank(level=...)`` is the same inference call: popularity offline equals the
+    popularity level, and full differs from retrieval only by the ranker."""
+    _, split, model = engine
+    users = np.arange(1, 21)
+    end = split.train_len[users]
+    for level in LEVELS:
+        got = model.rank(split, level=level)(users, end, 10)
+        assert got.shape == (20, 10) and (got > 0).all()
+    pop = model.rank(split, level="popularity")(users, end, 10)
+    order = model.inference().popular_index.tolist()
+    for row, u, e in zip(pop, users, end):
+        seen = set(split.sequences[u, :e].tolist())
+        assert row.tolist() == [i for i in order if i not in seen][:10]
+    full = model.rank(split, level="full")(users, end, 10)
+    retrieval = model.rank(split, level="retrieval")(users, end, 10)
+    assert not np.array_equal(full, retrieval)  # the ranker reorders (a trained one, on 20 users)
