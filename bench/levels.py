@@ -9,7 +9,7 @@ at every level of the ladder (``predictor.models.inference.LEVELS``) through the
 serves: "full" (ranker over the model's candidates), "reduced" (ranker over a quarter of them),
 "retrieval" (retrieval order), "popularity" (training popularity, seen items excluded). "full" and
 "reduced" run the trained ranker whether or not validation chose it; the report says which level the
-model's own ladder starts at. Writes ``bench/results/levels.json``: {"datasets": {NAME: {"levels": {LEVEL:
+model's own ladder starts at. Writes ``bench/results/levels.json`` (a run of some datasets keeps the others'): {"datasets": {NAME: {"command", "levels": {LEVEL:
 {"ndcg@10": {"mean", "sd"}, "recall@10": ...}}, "drop_vs_top": {LEVEL: mean relative NDCG@10 loss against
 the model's top level}, "runs": [...]}}} and the table in ``docs/serving.md`` between its markers.
 """
@@ -85,7 +85,7 @@ def markdown(report: dict) -> str:
 
 def write_doc(table: str, command: str) -> None:
     text = DOC.read_text()
-    block = f"{MARKERS[0]}\n{table}\n\n`{command}`; mean ± sd over seeds, in brackets the change against the level " \
+    block = f"{MARKERS[0]}\n{table}\n\n{command}; mean ± sd over seeds, in brackets the change against the level " \
             f"the model's ladder starts at.\n{MARKERS[1]}"  # fmt: skip
     if MARKERS[0] in text:
         text = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, text, flags=re.DOTALL)
@@ -108,17 +108,18 @@ def main() -> None:
     if args.render:
         report = json.loads(out.read_text())
     else:
-        command = "python bench/levels.py --datasets " + " ".join(args.datasets) + " --seeds " + \
-            " ".join(map(str, args.seeds)) + (f" --epochs {args.epochs}" if args.epochs != 60 else "")  # fmt: skip
-        report = {"command": command, "datasets": {}}
+        # a run of some datasets keeps the others' results from an earlier run
+        report = json.loads(out.read_text()) if out.is_file() else {"datasets": {}}
         for dataset in args.datasets:
+            command = f"python bench/levels.py --datasets {dataset} --seeds " + " ".join(map(str, args.seeds)) + \
+                (f" --epochs {args.epochs}" if args.epochs != 60 else "")  # fmt: skip
             runs = []
             for seed in args.seeds:
                 runs.append(one_run(dataset, seed, args.data_dir, args.epochs))
                 console.print(f"{dataset} seed {seed}: " + ", ".join(
                     f"{lv} {runs[-1]['levels'][lv]['ndcg@10']:.4f}" for lv in LEVELS)
                     + f" (ranker serves: {runs[-1]['uses_ranker']}, fit {runs[-1]['fit_s']:.0f} s)")  # fmt: skip
-            report["datasets"][dataset] = summarise(runs)
+            report["datasets"][dataset] = {"command": command, **summarise(runs)}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2) + "\n")  # after every dataset: a long run keeps its part
     table = Table("dataset", *LEVELS)
@@ -126,7 +127,7 @@ def main() -> None:
         table.add_row(name, *(f"{d['levels'][lv]['ndcg@10']['mean']:.4f} ± {d['levels'][lv]['ndcg@10']['sd']:.4f}"
                               for lv in LEVELS))  # fmt: skip
     console.print(table)
-    write_doc(markdown(report), report["command"])
+    write_doc(markdown(report), "; ".join(f"`{d['command']}`" for d in report["datasets"].values()))
     console.print(f"wrote {out} and the table in {DOC}")
 
 

@@ -21,6 +21,12 @@ the predictor's own Prometheus histograms (deltas over the run).
     python bench/serve.py            # full: 100k items; bench/results/serve.json + docs/img/serve-latency.png
     python bench/serve.py --quick    # 10k items, short runs (< 2 minutes)
     python bench/serve.py --reuse    # keep the previous run's data, features and model (same --items)
+    python bench/serve.py --reuse --ladder-only   # only the quality-ladder section, merged into serve.json
+
+The quality-ladder section (``ladder``) serves each level pinned and then the ladder itself (``auto``),
+at concurrency 1, 16 and 64 (past one replica's capacity at full quality), counting the level each
+response names; the per-level costs are what ``bench/autoscale.py`` simulates with. "ours" above is
+pinned at its best level (``RECSYS_SERVE_LEVEL=best``): the same work as the naive model.
 """
 
 from __future__ import annotations
@@ -133,7 +139,9 @@ SERVE_ENV = {
     "RECSYS_SERVE_MODEL_POLL_SECONDS": "0",
     "RECSYS_SERVE_RANKER": "on",
     "RECSYS_SERVE_CANDIDATES": "100",
-}  # same work as the naive model: the ranker always runs, over 100 retrieval candidates
+    "RECSYS_SERVE_LEVEL": "best",
+}  # same work as the naive model: the ranker always runs, over 100 retrieval candidates, never degraded
+LADDER_LOADS = (("c1", 1), ("c16", 16), ("c64", 64))  # c64: past one replica's capacity at full quality
 
 
 def summary(latencies: np.ndarray, elapsed: float, errors: int) -> dict:
@@ -147,12 +155,15 @@ def request_bodies(users: np.ndarray, requests: int, seed: int) -> list[dict]:
     return [{"instances": [{"user_id": int(u), "k": 10}]} for u in picks]
 
 
-async def load(url: str, users: np.ndarray, concurrency: int, requests: int, seed: int) -> dict:
-    """``requests`` V1 calls from ``concurrency`` workers; returns latencies (ms) and throughput."""
+async def load(url: str, users: np.ndarray, concurrency: int, requests: int, seed: int,
+               count_levels: bool = False) -> dict:  # fmt: skip
+    """``requests`` V1 calls from ``concurrency`` workers; returns latencies (ms) and throughput, and with
+    ``count_levels`` the share of requests served at each quality-ladder level."""
     bodies = [json.dumps(b).encode() for b in request_bodies(users, requests, seed)]
     latencies = np.zeros(requests)
     errors = 0
     next_index = 0
+    levels: dict[str, int] = {}
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal next_index, errors
@@ -162,10 +173,13 @@ async def load(url: str, users: np.ndarray, concurrency: int, requests: int, see
             started = time.perf_counter()
             async with session.post(f"{url}/v1/models/recsys:predict", data=bodies[i],
                                     headers={"content-type": "application/json"}) as response:  # fmt: skip
-                await response.read()
+                body = await response.read()
                 if response.status != 200:
                     errors += 1
             latencies[i] = (time.perf_counter() - started) * 1000
+            if count_levels and response.status == 200:
+                level = json.loads(body)["predictions"][0]["level"]
+                levels[level] = levels.get(level, 0) + 1
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -178,7 +192,48 @@ async def load(url: str, users: np.ndarray, concurrency: int, requests: int, see
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return summary(latencies, elapsed, errors)
+    out = summary(latencies, elapsed, errors)
+    if count_levels:
+        out["level_share"] = {lv: n / max(sum(levels.values()), 1) for lv, n in sorted(levels.items())}
+    return out
+
+
+def measure_ladder(settings: Settings, active: np.ndarray, requests: int) -> dict:
+    """Each level of the quality ladder pinned (``RECSYS_SERVE_LEVEL``), then the ladder itself (auto),
+    each at the ``LADDER_LOADS`` concurrencies: the per-level costs ``bench/autoscale.py`` simulates with,
+    and what the ladder does past capacity. Servers start together and are measured one at a time."""
+    from predictor.models.inference import LEVELS as LADDER
+
+    commands = {lv: recsys_command() for lv in (*LADDER, "auto")}
+    envs = {lv: {**SERVE_ENV, "RECSYS_SERVE_LEVEL": lv} for lv in commands}
+    out: dict = {}
+    procs = {}
+    for name in commands:
+        srv = ServerProcess(settings, env=envs[name], command=commands[name],
+                            log_path=settings.home_dir / f"level-{name}.log")  # fmt: skip
+        while any(srv.port == other.port for other in procs.values()):
+            srv = ServerProcess(settings, env=envs[name], command=commands[name],
+                                log_path=settings.home_dir / f"level-{name}.log")  # fmt: skip
+        procs[name] = srv
+    with ThreadPoolExecutor(len(procs)) as pool:
+        futures = {name: pool.submit(srv.__enter__) for name, srv in procs.items()}
+    try:
+        for name, future in futures.items():
+            if future.exception():
+                out[name] = {"error": str(future.exception())[-1500:]}
+                continue
+            srv, out[name] = procs[name], {}
+            for label, concurrency in LADDER_LOADS:
+                with console.status(f"level {name}: concurrency {concurrency}, {requests:,} requests"):
+                    r = asyncio.run(load(srv.url, active, concurrency, requests, seed=2, count_levels=True))
+                out[name][label] = {k: v for k, v in r.items() if k != "latencies_ms"}
+                console.print(f"level {name} {label}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                              f"{r['rps']:.0f} req/s, errors {r['errors']}, levels {r['level_share']}")  # fmt: skip
+            srv.__exit__(None, None, None)
+    finally:
+        for srv in procs.values():
+            srv.__exit__(None, None, None)
+    return out
 
 
 # --- in-process floor -------------------------------------------------------------------------------------
@@ -464,6 +519,9 @@ def main() -> None:
     )
     parser.add_argument("--home", default=str(ROOT / ".recsys-bench" / "serve"))
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
+    parser.add_argument("--ladder-only", action="store_true",
+                        help="only the quality-ladder section (each level pinned, then auto), merged into --out")
+    parser.add_argument("--ladder-requests", type=int, default=None)
     parser.add_argument("--in-process-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process_child:
@@ -490,6 +548,18 @@ def main() -> None:
         ):
             active, setup_timings = setup(settings, items, users, events)
     console.print(f"setup: {setup_timings}")
+    ladder_n = args.ladder_requests or (300 if args.quick else 3_000)
+    if args.ladder_only:
+        out = Path(args.out)
+        report = json.loads(out.read_text()) if out.is_file() else {}
+        started = time.perf_counter()
+        report["ladder"] = measure_ladder(settings, active, ladder_n)
+        report["ladder_command"] = "python bench/serve.py --ladder-only" + (" --quick" if args.quick else "") + \
+            (" --reuse" if args.reuse else "") + f" ({time.perf_counter() - started:.0f} s)"  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"wrote the ladder section of {out}")
+        return
 
     results: dict = {name: None for name in SERVERS}
     phases: dict = {"setup_s": time.perf_counter() - wall}
@@ -553,6 +623,9 @@ def main() -> None:
         results["in_process_floor"], failures["in_process_floor"] = None, str(exc)
         console.print(f"[red]in_process_floor failed: {str(exc)[-1500:]}[/red]")
     phases["in_process_floor_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    ladder = measure_ladder(settings, active, ladder_n)
+    phases["ladder_s"] = time.perf_counter() - started
 
     plot_path = PLOT if Path(args.out) == RESULTS / "serve.json" else Path(args.out).with_suffix(".png")
     plot(results, plot_path)
@@ -572,6 +645,7 @@ def main() -> None:
         "model_ms_per_user": per_user,
         "ratios": all_ratios,
         "targets": targets(results, all_ratios),
+        "ladder": ladder,
     }  # fmt: skip
 
     table = Table("server", "concurrency", "p50 ms", "p99 ms", "mean ms", "req/s", "errors")

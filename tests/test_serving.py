@@ -92,6 +92,12 @@ class Server(ServerProcess):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(f"{name}{{{want}}} not in /metrics")
 
+    def metric_levels(self) -> set[str]:
+        """The quality-ladder levels this server's model has (those with a cost gauge)."""
+        text = self.client.get("/metrics").text
+        return {line.split('level="')[1].split('"')[0] for line in text.splitlines()
+                if line.startswith("recsys_level_cost_seconds{")}  # fmt: skip
+
     def stop(self) -> None:
         self.__exit__()
 
@@ -415,6 +421,62 @@ def test_hot_swap_under_load_with_zero_failures(stack, tmp_path):
         )
         registry.promote(again.id, registry.production(MODEL_NAME).id)
     assert failures == []
+
+
+def test_overload_degrades_level_by_level_without_5xx_and_recovers(stack):
+    """One predictor, far past its capacity at full quality: responses name cheaper levels, none fails;
+    once the load drops, lone requests climb back to full quality, one level per hold time."""
+    _, data, _, _ = stack
+    # a lone request takes a few ms; 64 concurrent ones queue far past 60 ms at full quality
+    srv = Server(stack[0], RECSYS_SERVE_RANKER="on", RECSYS_SERVE_P99_TARGET_MS="60",
+                 RECSYS_SERVE_LADDER_HOLD_SECONDS="0.5", RECSYS_SERVE_MAX_BATCH="2")  # fmt: skip
+    users = [active_user(data, r) for r in range(40)]
+    try:
+        assert srv.v1([{"user_id": users[0]}]).json()["predictions"][0]["level"] == "full"
+        before = {lv: srv.metric("recsys_served_level_total", level=lv)
+                  for lv in ("full", "reduced", "retrieval", "popularity")}  # fmt: skip
+
+        async def burst(seconds: float, concurrency: int) -> list[tuple[int, str | None]]:
+            out: list[tuple[int, str | None]] = []
+            stop_at = time.monotonic() + seconds
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+                async def worker(w: int) -> None:
+                    i = w
+                    while time.monotonic() < stop_at:
+                        body = {"instances": [{"user_id": users[i % len(users)], "k": 20}]}
+                        r = await client.post("/v1/models/recsys:predict", json=body)
+                        out.append((r.status_code, r.json()["predictions"][0]["level"] if r.status_code == 200
+                                    else None))  # fmt: skip
+                        i += concurrency
+
+                await asyncio.gather(*(worker(w) for w in range(concurrency)))
+            return out
+
+        answers = asyncio.run(burst(4.0, 64))
+        statuses = {code for code, _ in answers}
+        levels = [lv for _, lv in answers]
+        assert statuses == {200}, statuses
+        assert set(levels) - {"full"}, f"no degraded answer under overload: {set(levels)}"
+        after = {lv: srv.metric("recsys_served_level_total", level=lv) for lv in before}
+        assert sum(after[lv] - before[lv] for lv in ("reduced", "retrieval", "popularity")) > 0
+        assert srv.metric("recsys_level_cost_seconds", level="full") > \
+            srv.metric("recsys_level_cost_seconds", level="popularity") > 0  # fmt: skip
+        # load gone: lone requests; three levels up at 0.5 s each at most
+        seen, deadline = [], time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = srv.v1([{"user_id": users[0]}])
+            assert r.status_code == 200
+            seen.append(r.json()["predictions"][0]["level"])
+            if seen[-1] == "full" and len(seen) > 1:
+                break
+            time.sleep(0.05)
+        costs = {lv: srv.metric("recsys_level_cost_seconds", level=lv) for lv in before}
+        assert seen[-1] == "full", (seen, costs)
+        assert len(set(seen)) > 1  # it climbed back from a degraded level
+        v2 = srv.v2({"inputs": [{"name": "user_id", "shape": [1], "datatype": "INT64", "data": [users[0]]}]})
+        assert {o["name"]: o for o in v2.json()["outputs"]}["level"]["data"][0] in srv.metric_levels()
+    finally:
+        srv.stop()
 
 
 def test_async_redis_reads_equal_get_online_features(stack):

@@ -237,6 +237,8 @@ class RecommenderModel(Model):
         self._failed_versions: set[int] = set()
         self._tasks: list[asyncio.Task] = []
         self.batcher = MicroBatcher(self._run_engine, serve.max_batch, serve.batch_wait_ms / 1000, self._choose_level)
+        for level in LEVELS:  # every level's series exists from the start, so a window's increase is defined
+            metrics.SERVED_LEVEL.labels(level=level)
 
     # --- load ------------------------------------------------------------------------------------------
     def load(self) -> bool:
