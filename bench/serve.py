@@ -208,11 +208,11 @@ def measure_ladder(settings: Settings, active: np.ndarray, requests: int) -> dic
     envs = {lv: {**SERVE_ENV, "RECSYS_SERVE_LEVEL": lv} for lv in commands}
     out: dict = {}
     procs = {}
-    for name in commands:
-        srv = ServerProcess(settings, env=envs[name], command=commands[name],
+    for name, command in commands.items():
+        srv = ServerProcess(settings, env=envs[name], command=command,
                             log_path=settings.home_dir / f"level-{name}.log")  # fmt: skip
         while any(srv.port == other.port for other in procs.values()):
-            srv = ServerProcess(settings, env=envs[name], command=commands[name],
+            srv = ServerProcess(settings, env=envs[name], command=command,
                                 log_path=settings.home_dir / f"level-{name}.log")  # fmt: skip
         procs[name] = srv
     with ThreadPoolExecutor(len(procs)) as pool:
