@@ -19,7 +19,11 @@ from operators.policy import (
     EjectionPolicy,
     ScalingPolicy,
     Stabilizer,
-    desired_replicas,
+    best_level,
+    counter_delta,
+    degraded_share,
+    desired_with_ladder,
+    full_quality_demand,
     limit_step,
     merge,
     outliers,
@@ -36,6 +40,7 @@ class Memory:
     costs one period without a window: the policy then holds)."""
 
     last_scrape: dict[str, dict[float, float]] = field(default_factory=dict)
+    last_served: dict[str, dict[str, float]] = field(default_factory=dict)  # cumulative users per level per pod
     stabilizer: Stabilizer = field(default_factory=Stabilizer)
     ejected: dict[str, float] = field(default_factory=dict)
     strikes: dict[str, int] = field(
@@ -66,6 +71,7 @@ def policies(spec: dict) -> tuple[ScalingPolicy, EjectionPolicy]:
             behavior.get("scaleDown", {}).get("stabilizationWindowSeconds", 300)
         ),
         min_requests=int(metrics.get("minRequests", 20)),
+        max_degraded_share=float(spec.get("ladder", {}).get("maxDegradedShare", 0.05)),
     )
     ejection = EjectionPolicy(
         enabled=bool(ej.get("enabled", True)),
@@ -98,20 +104,29 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
     labels = metrics.get("labels", {"stage": "total"})
     name = metrics.get("histogram", "recsys_stage_seconds")
     timeout = float(metrics.get("scrapeTimeoutSeconds", 2))
+    served: dict[str, dict[str, float]] = {}  # users per ladder level in the window, per pod
+    costs: dict[str, dict[str, float]] = {}
     if metrics.get("source", "pods") == "prometheus":
-        windows = await scrape.prometheus_window(metrics["prometheusUrl"], name, labels, [p.name for p in pods],
+        scraped = await scrape.prometheus_window(metrics["prometheusUrl"], name, labels, [p.name for p in pods],
                                                  float(metrics.get("windowSeconds", 60)), timeout)  # fmt: skip
+        windows = {pod: (m.buckets or None) if m else None for pod, m in scraped.items()}
+        served = {pod: m.served for pod, m in scraped.items() if m}
     else:
         port, path = int(metrics.get("port", 8080)), metrics.get("path", "/metrics")
         scraped = await scrape.scrape_pods(
             {p.name: f"http://{p.ip}:{port}{path}" for p in pods}, name, labels, timeout
         )
         windows = {}
-        for pod, buckets in scraped.items():
-            windows[pod] = window_delta(buckets, memory.last_scrape.get(pod)) if buckets else None
-            if buckets:
-                memory.last_scrape[pod] = buckets
+        for pod, m in scraped.items():
+            windows[pod] = window_delta(m.buckets, memory.last_scrape.get(pod)) if m else None
+            if m:
+                memory.last_scrape[pod] = m.buckets
+                if m.served:
+                    served[pod] = counter_delta(m.served, memory.last_served.get(pod))
+                    memory.last_served[pod] = m.served
         memory.last_scrape = {p: b for p, b in memory.last_scrape.items() if p in scraped}
+        memory.last_served = {p: b for p, b in memory.last_served.items() if p in scraped}
+    costs = {pod: m.costs for pod, m in scraped.items() if m and m.costs}
 
     pod_p99 = {p: (quantile(w, 0.99) * 1000 if w and quantile(w, 0.99) is not None else None)
                for p, w in windows.items()}  # fmt: skip
@@ -133,15 +148,25 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
     requests = pooled.get(math.inf, 0.0)
     observed = quantile(pooled, 0.99) if pooled else None
     observed_ms = observed * 1000 if observed is not None else None
-    wanted = desired_replicas(current, observed_ms, requests, scaling)
+    # the quality ladder, pooled over the pods in rotation: users served below the best level, and the work
+    # serving them all at it would take (each pod's level costs weigh its own users)
+    pooled_served: dict[str, float] = {}
+    for pod in in_rotation:
+        for level, n in served.get(pod, {}).items():
+            pooled_served[level] = pooled_served.get(level, 0.0) + n
+    best = next((b for b in (best_level(costs.get(pod, {})) for pod in in_rotation) if b), None)
+    share = degraded_share(pooled_served, best)
+    demand = full_quality_demand([(served.get(pod, {}), costs[pod]) for pod in in_rotation if pod in costs])
+    wanted = desired_with_ladder(current, observed_ms, requests, share, demand, scaling)
     stabilised = memory.stabilizer.recommend(now, current, wanted, scaling)
     new_size = limit_step(current, stabilised, scaling)
     # one line per decision with everything it was made from, so any scale or ejection can be replayed
     log.info(
         "decision %s/%s: p99 %s ms over %d requests (target %g ms) from %d of %d pods; replicas %d, "
-        "wanted %d, stabilised %d, new %d; ejected %s; per-pod p99 %s",
+        "wanted %d, stabilised %d, new %d; degraded share %s, full-quality demand %.2f; ejected %s; per-pod p99 %s",
         namespace, meta["name"], f"{observed_ms:.1f}" if observed_ms is not None else "none", int(requests),
         scaling.target_p99_ms, len(in_rotation), len(pods), current, wanted, stabilised, new_size,
+        f"{share:.3f}" if share is not None else "none", demand,
         sorted(memory.ejected), {p: round(v, 1) if v is not None else None for p, v in sorted(pod_p99.items())},
     )  # fmt: skip
 
@@ -163,8 +188,9 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
         await cluster.set_replicas(namespace, target["kind"], target["name"], new_size)
         memory.last_scale_time = _iso(now)
         p99_text = f"{observed_ms:.1f} ms" if observed_ms is not None else "no data"
+        degraded_text = f", {share:.0%} of users degraded" if share else ""
         events.append(("Normal", "Scaled", f"{target['kind']} {target['name']}: {current} → {new_size} replicas "
-                                           f"(p99 {p99_text}, target {scaling.target_p99_ms:g} ms)"))  # fmt: skip
+                                           f"(p99 {p99_text}, target {scaling.target_p99_ms:g} ms{degraded_text})"))  # fmt: skip
     memory.last_run = now
 
     conditions = [
@@ -174,6 +200,11 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
         {"type": "OnTarget", "status": ("Unknown" if observed_ms is None else
                                         "True" if observed_ms <= scaling.target_p99_ms else "False"),
          "reason": "Observed", "message": f"p99 {observed_ms:.1f} ms" if observed_ms is not None else "no data"},
+        {"type": "FullQuality", "status": ("Unknown" if share is None else
+                                           "True" if share <= scaling.max_degraded_share else "False"),
+         "reason": "Ladder" if share is not None else "NoLadderData",
+         "message": (f"{share:.1%} of users served below {best} (at most {scaling.max_degraded_share:.0%})"
+                     if share is not None else "no quality-ladder series in the window")},
     ]  # fmt: skip
     for c in conditions:
         c["lastTransitionTime"] = _iso(now)
@@ -184,6 +215,9 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
         "currentReplicas": current,
         "desiredReplicas": new_size,
         "lastScaleTime": memory.last_scale_time,
+        "degradedShare": round(share, 4) if share is not None else None,
+        "servedLevels": {lv: pooled_served[lv] for lv in pooled_served},
+        "fullQualityDemand": round(demand, 3),
         "ejectedCount": len(memory.ejected),
         "ejectedPods": [{"name": p, "since": _iso(t)} for p, t in sorted(memory.ejected.items())],
         "pods": [

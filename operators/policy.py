@@ -8,6 +8,12 @@
   max step up/down, min/max clamps; no data or stale data holds the current size and never scales down.
 * :class:`Stabilizer`: HPA-style stabilisation windows over recommendations (scale down to the highest
   recommendation of the window, up to the lowest), so the size changes direction at most once a window.
+* :func:`degraded_share` / :func:`full_quality_demand` / :func:`desired_with_ladder`: the predictor's
+  quality ladder (``predictor/serving/ladder.py``) read off ``recsys_served_level_total``: the share of
+  users served below the best level, and how much more work serving them all at the best level would
+  take. A scale-up also triggers when that share exceeds ``max_degraded_share`` while p99 is on target
+  (p99 held by doing less per request is not healthy), sized by the demand; never a scale-down while any
+  user was degraded.
 * :func:`outliers`: replicas whose p99 exceeds ``ratio ×`` the median of their peers are ejected from
   rotation, never below the minimum share in rotation; re-admitted after a cool-off once they are back
   under a lower ratio (hysteresis).
@@ -20,6 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 Buckets = dict[float, float]  # upper bound ("le") → cumulative count; +inf included
+# the predictor's quality ladder, best first (predictor.models.inference.LEVELS, which a test keeps equal;
+# the operator image has no predictor package to import it from)
+LEVELS = ("full", "reduced", "retrieval", "popularity")
 
 
 # --- histograms ------------------------------------------------------------------------------------------
@@ -82,6 +91,7 @@ class ScalingPolicy:
     scale_up_stabilization_s: float = 0.0
     scale_down_stabilization_s: float = 300.0
     min_requests: int = 20  # fewer observations in the window: too little data to act on
+    max_degraded_share: float = 0.05  # more of the window's users served below the best level: scale up
 
     def __post_init__(self):
         if self.min_replicas < 1 or self.max_replicas < self.min_replicas:
@@ -90,6 +100,8 @@ class ScalingPolicy:
             )
         if self.target_p99_ms <= 0:
             raise ValueError("p99TargetMs must be positive")
+        if not 0 <= self.max_degraded_share <= 1:
+            raise ValueError(f"ladder.maxDegradedShare must be in [0, 1], got {self.max_degraded_share}")
 
 
 def desired_replicas(
@@ -109,6 +121,59 @@ def desired_replicas(
     if abs(ratio - 1.0) <= policy.tolerance:
         return clamp(current)
     return clamp(math.ceil(current * ratio))
+
+
+def counter_delta(now: Mapping[str, float], before: Mapping[str, float] | None) -> dict[str, float]:
+    """Increase of labelled counters between two scrapes of one pod; a reset (the sum went down) counts
+    everything now, as :func:`window_delta`. No earlier scrape: no window (empty)."""
+    if before is None:
+        return {}
+    if sum(now.values()) < sum(before.values()):
+        return dict(now)
+    return {k: max(v - before.get(k, 0.0), 0.0) for k, v in now.items()}
+
+
+def best_level(costs: Mapping[str, float]) -> str | None:
+    """The best level a pod's model has: the first of :data:`LEVELS` among its cost gauges."""
+    return next((lv for lv in LEVELS if lv in costs), None)
+
+
+def degraded_share(served: Mapping[str, float], best: str | None) -> float | None:
+    """Share of the window's users served below ``best``; None without users or without a ladder."""
+    total = sum(served.values())
+    if best is None or total <= 0:
+        return None
+    return 1.0 - served.get(best, 0.0) / total
+
+
+def full_quality_demand(pods: list[tuple[Mapping[str, float], Mapping[str, float]]]) -> float:
+    """How many times the window's model work serving every user at the best level would take (≥ 1),
+    pooled over pods given as ``(served, costs)``: ``Σ n × cost_best / Σ n_l × cost_l``, each pod's users
+    weighed by its own costs. 1 without data."""
+    done = wanted = 0.0
+    for served, costs in pods:
+        best = best_level(costs)
+        if best is None or costs[best] <= 0:
+            continue
+        done += sum(n * costs.get(lv, costs[best]) for lv, n in served.items())
+        wanted += sum(served.values()) * costs[best]
+    return max(wanted / done, 1.0) if done > 0 else 1.0
+
+
+def desired_with_ladder(current: int, observed_p99_ms: float | None, requests: float, share: float | None,
+                        demand: float, policy: ScalingPolicy) -> int:  # fmt: skip
+    """:func:`desired_replicas`, and: while more than ``max_degraded_share`` of the users were degraded,
+    at least ``ceil(current × demand)`` (and one more) even with p99 on target; never fewer than
+    ``current`` while anyone was degraded."""
+    wanted = desired_replicas(current, observed_p99_ms, requests, policy)
+    if share is None or current == 0:
+        return wanted
+    if share > policy.max_degraded_share:
+        grown = max(math.ceil(current * demand - 1e-9), current + 1)
+        wanted = max(wanted, min(policy.max_replicas, grown))
+    if share > 0:
+        wanted = max(wanted, min(current, policy.max_replicas))
+    return wanted
 
 
 def limit_step(current: int, new: int, policy: ScalingPolicy) -> int:

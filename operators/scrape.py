@@ -1,7 +1,10 @@
-"""Read latency histograms: each ready pod's Prometheus endpoint, or a Prometheus server.
+"""Read latency histograms and quality-ladder counters: each ready pod's Prometheus endpoint, or a Prometheus
+server.
 
 Parsing uses prometheus_client's own text parser; only the bucket series of one histogram whose labels
-match are kept, summed over any other labels (e.g. several model names on one pod).
+match are kept, summed over any other labels (e.g. several model names on one pod). The ladder's series are
+``recsys_served_level_total{level}`` (users per level, a counter) and ``recsys_level_cost_seconds{level}``
+(the predictor's cost of a lone request per level, a gauge).
 """
 
 from __future__ import annotations
@@ -9,11 +12,39 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from operators.policy import Buckets
+
+SERVED_LEVEL, LEVEL_COST = "recsys_served_level_total", "recsys_level_cost_seconds"
+
+
+@dataclass
+class PodMetrics:
+    buckets: Buckets  # cumulative latency histogram
+    served: dict[str, float] = field(default_factory=dict)  # cumulative users per ladder level
+    costs: dict[str, float] = field(default_factory=dict)  # seconds of a lone request per level
+
+
+def parse_levels(text: str) -> tuple[dict[str, float], dict[str, float]]:
+    """``(served, costs)`` per ladder level from a predictor's metrics page (empty without a ladder)."""
+    served: dict[str, float] = {}
+    costs: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in ("recsys_served_level", SERVED_LEVEL, LEVEL_COST):
+            continue
+        for sample in family.samples:
+            level = sample.labels.get("level")
+            if level is None:
+                continue
+            if sample.name == SERVED_LEVEL:
+                served[level] = served.get(level, 0.0) + sample.value
+            elif sample.name == LEVEL_COST:
+                costs[level] = sample.value
+    return served, costs
 
 
 def parse_histogram(text: str, name: str, labels: Mapping[str, str]) -> Buckets:
@@ -35,8 +66,9 @@ def parse_histogram(text: str, name: str, labels: Mapping[str, str]) -> Buckets:
 
 
 async def scrape_pod(session: aiohttp.ClientSession, url: str, name: str, labels: Mapping[str, str],
-                     timeout: float) -> Buckets | None:  # fmt: skip
-    """One pod's histogram, or None if it did not answer in time or had no such series."""
+                     timeout: float) -> PodMetrics | None:  # fmt: skip
+    """One pod's histogram and ladder series, or None if it did not answer in time or had no such
+    histogram."""
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             if response.status != 200:
@@ -48,12 +80,14 @@ async def scrape_pod(session: aiohttp.ClientSession, url: str, name: str, labels
         buckets = parse_histogram(text, name, labels)
     except ValueError:
         return None
-    return buckets or None
+    if not buckets:
+        return None
+    return PodMetrics(buckets, *parse_levels(text))
 
 
 async def scrape_pods(urls: Mapping[str, str], name: str, labels: Mapping[str, str],
-                      timeout: float) -> dict[str, Buckets | None]:  # fmt: skip
-    """Every pod concurrently: ``{pod: buckets or None}``."""
+                      timeout: float) -> dict[str, PodMetrics | None]:  # fmt: skip
+    """Every pod concurrently: ``{pod: metrics or None}``."""
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(
             *(scrape_pod(session, u, name, labels, timeout) for u in urls.values())
@@ -61,25 +95,36 @@ async def scrape_pods(urls: Mapping[str, str], name: str, labels: Mapping[str, s
     return dict(zip(urls, results))
 
 
+async def _query(session: aiohttp.ClientSession, base_url: str, query: str, timeout: float) -> list[dict]:
+    async with session.get(f"{base_url.rstrip('/')}/api/v1/query", params={"query": query},
+                           timeout=aiohttp.ClientTimeout(total=timeout)) as response:  # fmt: skip
+        body = await response.json()
+    return body.get("data", {}).get("result", [])
+
+
 async def prometheus_window(base_url: str, name: str, labels: Mapping[str, str], pods: list[str],
-                            window_s: float, timeout: float) -> dict[str, Buckets | None]:  # fmt: skip
-    """Per-pod bucket increases over the window from a Prometheus server (``increase()`` does the reset
-    handling there); keyed by the ``pod`` label."""
+                            window_s: float, timeout: float) -> dict[str, PodMetrics | None]:  # fmt: skip
+    """Per-pod bucket and ladder-counter increases over the window, and the cost gauges, from a
+    Prometheus server (``increase()`` does the reset handling there); keyed by the ``pod`` label."""
     selector = ",".join([f'{k}="{v}"' for k, v in labels.items()])
-    query = f"sum by (pod, le) (increase({name}_bucket{{{selector}}}[{int(window_s)}s]))"
-    out: dict[str, Buckets | None] = dict.fromkeys(pods)
+    window = f"[{int(window_s)}s]"
+    queries = (f"sum by (pod, le) (increase({name}_bucket{{{selector}}}{window}))",
+               f"sum by (pod, level) (increase({SERVED_LEVEL}{window}))", f"max by (pod, level) ({LEVEL_COST})")  # fmt: skip
+    out: dict[str, PodMetrics | None] = dict.fromkeys(pods)
     try:
-        async with aiohttp.ClientSession() as session, session.get(
-            f"{base_url.rstrip('/')}/api/v1/query", params={"query": query},
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as response:  # fmt: skip
-            body = await response.json()
+        async with aiohttp.ClientSession() as session:
+            histogram, served, costs = await asyncio.gather(*(_query(session, base_url, q, timeout) for q in queries))
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
         return out
-    for series in body.get("data", {}).get("result", []):
+    for series in histogram:
         pod = series["metric"].get("pod")
         if pod in out:
-            buckets = out[pod] or {}
-            buckets[float(series["metric"]["le"])] = float(series["value"][1])
-            out[pod] = buckets
+            metrics = out[pod] or PodMetrics({})
+            metrics.buckets[float(series["metric"]["le"])] = float(series["value"][1])
+            out[pod] = metrics
+    for rows, attribute in ((served, "served"), (costs, "costs")):
+        for series in rows:
+            pod, level = series["metric"].get("pod"), series["metric"].get("level")
+            if out.get(pod) is not None and level:
+                getattr(out[pod], attribute)[level] = float(series["value"][1])
     return out

@@ -11,7 +11,7 @@ import socket
 import pytest
 from aiohttp import web
 from kubernetes import client
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from operators.cluster import KubernetesCluster
 from operators.control import Memory, control_step
@@ -33,12 +33,19 @@ class FakePod:
         self.hist = Histogram("recsys_stage_seconds", "stage latency", ["stage"], buckets=LATENCY_BUCKETS,
                               registry=self.registry)  # fmt: skip
         self.hist.labels(stage="total")  # as the predictor does: the series exists, at zero, from the start
+        # the predictor's quality-ladder series, with the same names, labels and kinds
+        self.levels = Counter("recsys_served_level_total", "users per level", ["level"], registry=self.registry)
+        self.costs = Gauge("recsys_level_cost_seconds", "cost per level", ["level"], registry=self.registry)
+        for level, cost in (("full", 0.004), ("reduced", 0.002), ("retrieval", 0.001), ("popularity", 0.0005)):
+            self.levels.labels(level=level)
+            self.costs.labels(level=level).set(cost)
         self.conditions: dict[str, dict] = {}
         self.healthy_metrics = True
 
-    def serve(self, n: int, ms: float) -> None:
+    def serve(self, n: int, ms: float, level: str = "full") -> None:
         for _ in range(n):
             self.hist.labels(stage="total").observe(ms / 1000)
+        self.levels.labels(level=level).inc(n)
 
     def manifest(self) -> dict:
         return {"metadata": {"name": self.name, "namespace": NS, "labels": {"app": "predictor"}},
@@ -251,6 +258,30 @@ def test_kopf_timer_handler_writes_status_and_posts_events(stack):
     assert patch["status"]["desiredReplicas"] > 4
     assert any(e["reason"] == "Scaled" for e in api.events)
     assert api.events[0]["involvedObject"]["kind"] == "LatencyAutoscaler"
+
+
+def test_degraded_share_scales_up_with_p99_on_target_and_shows_in_status(stack):
+    api, pods, cluster, port, loop = stack
+    body = autoscaler(metrics={"port": port}, outlierEjection={"enabled": False}, ladder={"maxDegradedShare": 0.1})
+    memory = Memory()
+    run_step(loop, cluster, body, memory, now=0)
+    for pod in pods:  # p99 4 ms, on target (10 ms) and under the setpoint; 30 % served at popularity
+        pod.serve(70, 4.0)
+        pod.serve(30, 4.0, level="popularity")
+    step = run_step(loop, cluster, body, memory, now=15)
+    assert step.status["degradedShare"] == pytest.approx(0.3)
+    assert step.status["servedLevels"]["popularity"] == 120 and step.status["servedLevels"]["full"] == 280
+    # full-quality work / work done = 100 × 4 / (70 × 4 + 30 × 0.5) per pod
+    assert step.status["fullQualityDemand"] == pytest.approx(400 / 295, abs=1e-3)
+    assert api.scale_patches == [6]  # ceil(4 × 1.356) = 6, although p99 alone would scale down
+    assert {c["type"]: c["status"] for c in step.status["conditions"]}["FullQuality"] == "False"
+    assert any("30% of users degraded" in message for _, _, message in step.events)
+    # a window at full quality and low p99: the plain rule again (hold within the down stabilisation window)
+    for pod in pods:
+        pod.serve(100, 4.0)
+    step = run_step(loop, cluster, body, memory, now=30)
+    assert step.status["degradedShare"] == 0.0
+    assert {c["type"]: c["status"] for c in step.status["conditions"]}["FullQuality"] == "True"
 
 
 def test_run_options_elect_a_leader_through_peering():

@@ -165,3 +165,60 @@ def test_ejection_never_goes_below_minimum_share_and_ignores_thin_data():
 def test_minimum_share_in_rotation_always_holds(p99):
     state = outliers(p99, dict.fromkeys(p99, 100), {}, now=0, policy=EJECT)
     assert len(p99) - len(state) >= math.ceil(EJECT.min_in_rotation * len(p99))
+
+
+# --- the quality ladder ------------------------------------------------------------------------------------
+def test_operator_levels_are_the_predictors():
+    from operators.policy import LEVELS
+    from predictor.models.inference import LEVELS as PREDICTOR_LEVELS
+
+    assert LEVELS == PREDICTOR_LEVELS
+
+
+def test_degraded_share_and_full_quality_demand():
+    from operators.policy import best_level, degraded_share, full_quality_demand
+
+    costs = {"full": 0.004, "reduced": 0.002, "retrieval": 0.001, "popularity": 0.0005}
+    served = {"full": 60.0, "reduced": 20.0, "retrieval": 0.0, "popularity": 20.0}
+    assert best_level(costs) == "full" and best_level({"retrieval": 1, "popularity": 1}) == "retrieval"
+    assert degraded_share(served, "full") == pytest.approx(0.4)
+    assert degraded_share({}, "full") is None and degraded_share(served, None) is None
+    # at full: 100 × 4 ms; done: 60 × 4 + 20 × 2 + 20 × 0.5 = 290 ms
+    assert full_quality_demand([(served, costs)]) == pytest.approx(400 / 290)
+    # a model without a ranker: its best is retrieval, and full-quality work is retrieval work
+    short = {"retrieval": 0.001, "popularity": 0.0005}
+    assert full_quality_demand([({"retrieval": 10.0, "popularity": 10.0}, short)]) == pytest.approx(20 / 15)
+    assert full_quality_demand([]) == 1.0
+
+
+def test_degradation_scales_up_with_p99_on_target_and_blocks_scale_down():
+    from operators.policy import desired_with_ladder
+
+    policy = ScalingPolicy(target_p99_ms=50, min_replicas=2, max_replicas=30, max_degraded_share=0.05)
+    # p99 well under the setpoint (would scale down) but 30 % degraded, twice the work at full quality
+    assert desired_replicas(10, 10.0, 1000, policy) < 10
+    assert desired_with_ladder(10, 10.0, 1000, 0.3, 2.0, policy) == 20
+    # a little degradation, under the threshold: no scale-up, but no scale-down either
+    assert desired_with_ladder(10, 10.0, 1000, 0.01, 1.01, policy) == 10
+    # nothing degraded: the plain rule
+    assert desired_with_ladder(10, 10.0, 1000, 0.0, 1.0, policy) == desired_replicas(10, 10.0, 1000, policy)
+    # no ladder data: the plain rule; over the threshold with demand ~1: still one more replica
+    assert desired_with_ladder(10, 10.0, 1000, None, 1.0, policy) == desired_replicas(10, 10.0, 1000, policy)
+    assert desired_with_ladder(10, 40.0, 1000, 0.5, 1.0, policy) == 11
+    # clamped at max
+    assert desired_with_ladder(20, 40.0, 1000, 0.9, 5.0, policy) == 30
+    with pytest.raises(ValueError, match="maxDegradedShare"):
+        ScalingPolicy(target_p99_ms=50, max_degraded_share=1.5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(current=st.integers(1, 40), p99=st.floats(0.1, 500), share=st.floats(0, 1), demand=st.floats(1, 10))
+def test_never_fewer_replicas_while_degraded(current, p99, share, demand):
+    from operators.policy import desired_with_ladder
+
+    policy = ScalingPolicy(target_p99_ms=50, min_replicas=1, max_replicas=40)
+    wanted = desired_with_ladder(current, p99, 1000, share, demand, policy)
+    if share > 0:
+        assert wanted >= current
+    if share > policy.max_degraded_share:
+        assert wanted >= min(current + 1, policy.max_replicas)
