@@ -30,6 +30,7 @@ bench: $(STAMP) ## Run the benchmarks (needs PostgreSQL, Redis and ../shared/dat
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/quality.py --dataset ml-100k
 	$(BIN)/python bench/quality.py --dataset ml-latest-small
+	$(BIN)/python bench/levels.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/model_sizes.py
 	$(BIN)/python bench/serve.py

@@ -1,11 +1,17 @@
-"""Autoscaling policies compared in simulation (``operators/sim.py``), same traces, same seeds, same run.
+"""Autoscaling policies compared in simulation (``bench/sim.py``), same traces, same seed, same run.
 
-Service times come from the predictor's own benchmark (``bench/results/serve.json``: p50 and p99 of a lone
-request) and a new replica's start-up from the measured time to ready of the chosen model size
-(``bench/results/frontier.json``, ``--size``, default small), so the replica pool behaves like the predictor
-measured on this machine. Writes
-``bench/results/autoscale.json`` (``{TRACE: {POLICY: {"slo_attainment", "replica_seconds",
-"ejection_periods"}}}`` plus the target checks) and ``docs/img/autoscale.png``.
+Service times per quality-ladder level come from the predictor's own benchmark (``bench/results/serve.json``,
+its ``ladder`` section: p50 and p99 of a lone request with each level pinned), each level's price from
+``bench/results/levels.json`` (test NDCG@10 per level on MovieLens, the larger loss of the two datasets,
+a level scoring above full counted as no loss), and a new replica's start-up from the measured time to
+ready of the chosen model size (``bench/results/frontier.json``, ``--size``, default small).
+
+For each trace: every policy at its default setpoint (the table), then each policy's own setpoint swept
+(``sim.SETPOINTS``: ours' headroom, the HPA's CPU target, KEDA's threshold, KPA's concurrency target) for
+the SLO-attainment-vs-replica-seconds plane, where ours with the ladder must lie on or above every
+baseline's curve over their common cost range (the worst gap is reported). Writes
+``bench/results/autoscale.json``, ``docs/img/autoscale.png`` (time series) and
+``docs/img/autoscale-pareto.png``.
 
     python bench/autoscale.py            # 30-minute traces
     python bench/autoscale.py --quick    # 10-minute traces
@@ -16,26 +22,60 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from operators.sim import POLICIES, ServiceTime, SimConfig, simulate, traces
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import itertools
+
+from bench.sim import (
+    DEFAULT_SETPOINT,
+    POLICIES,
+    SETPOINTS,
+    Ladder,
+    ServiceTime,
+    SimConfig,
+    frontier_gap,
+    simulate,
+    traces,
+)
+
 RESULTS = ROOT / "bench" / "results"
 PLOT = ROOT / "docs" / "img" / "autoscale.png"
-console = Console(width=150)
+PARETO_PLOT = ROOT / "docs" / "img" / "autoscale-pareto.png"
+BASELINES = ("ours", "cpu_hpa", "keda_p99", "kpa")
+console = Console(width=160)
 
 
-def service_time() -> tuple[ServiceTime, str]:
-    path = RESULTS / "serve.json"
-    if path.is_file():
-        c1 = json.loads(path.read_text())["ours"]["c1"]
-        return ServiceTime(c1["p50_ms"] / 1000, c1["p99_ms"] / 1000), f"{path.name} (ours, concurrency 1)"
-    return ServiceTime(0.010, 0.015), "default 10 / 15 ms (no bench/results/serve.json yet)"
+def ladder_from_results() -> tuple[Ladder, str]:
+    """The ladder as measured: per-level service times (serve.json's ladder section) and NDCG@10 drops
+    (levels.json); without them, the single full level of serve.json's lone-request latency."""
+    serve_path, levels_path = RESULTS / "serve.json", RESULTS / "levels.json"
+    serve = json.loads(serve_path.read_text()) if serve_path.is_file() else {}
+    measured = {lv: r["c1"] for lv, r in serve.get("ladder", {}).items() if lv != "auto" and "c1" in r}
+    if not measured:
+        c1 = serve.get("ours", {}).get("c1")
+        service = ServiceTime(c1["p50_ms"] / 1000, c1["p99_ms"] / 1000) if c1 else ServiceTime(0.010, 0.015)
+        return Ladder.single(service), "no ladder measured: one level (serve.json's ours at concurrency 1)"
+    order = ("full", "reduced", "retrieval", "popularity")
+    levels = tuple(lv for lv in order if lv in measured)
+    drops = {lv: 0.0 for lv in levels}
+    if levels_path.is_file():
+        for d in json.loads(levels_path.read_text())["datasets"].values():
+            full = d["levels"]["full"]["ndcg@10"]["mean"]
+            for lv in levels:
+                drops[lv] = max(drops[lv], 1.0 - d["levels"][lv]["ndcg@10"]["mean"] / full if full else 0.0)
+    service = tuple(ServiceTime(measured[lv]["p50_ms"] / 1000, measured[lv]["p99_ms"] / 1000) for lv in levels)
+    source = (f"{serve_path.name} ladder (pinned levels, concurrency 1) and {levels_path.name} "
+              f"({'measured' if levels_path.is_file() else 'missing: no quality loss counted'})")  # fmt: skip
+    return Ladder(levels, service, tuple(max(drops[lv], 0.0) for lv in levels)), source
 
 
 def startup(size: str) -> tuple[tuple[float, float], str]:
@@ -59,7 +99,7 @@ def direction_changes_per_window(windows: list[dict], stabilization_s: float, se
     rates = [(w["t"], w["rate"]) for w in windows]
     steady = [all(r == w["rate"] for t, r in rates if w["t"] - settle_s <= t <= w["t"]) for w in windows]
     changes, last = [], 0
-    for (prev, cur), ok in zip(zip(windows, windows[1:]), steady[1:]):
+    for (prev, cur), ok in zip(itertools.pairwise(windows), steady[1:]):
         if not ok:
             last = 0  # a new steady segment starts afresh
             continue
@@ -71,112 +111,87 @@ def direction_changes_per_window(windows: list[dict], stabilization_s: float, se
     return max((sum(1 for u in changes if t <= u < t + stabilization_s) for t in changes), default=0)
 
 
-def checks(results: dict, config: SimConfig) -> dict:
+def issue5_checks(windows_of, slow_at: float, config: SimConfig, policy: str) -> dict:
+    """Issue 5's targets for ``policy``: after the first scale-up under step ×2, ≥ 95 % of windows on
+    target; a 3×-slow replica ejected within 2 periods and p99 back on target within 3; at most one change
+    of direction per stabilisation window under steady load."""
     out = {}
-    ours_step = results["step_x2"]["ours"]["_run"].windows
-    first_up = next((i for i, w in enumerate(ours_step) if w["replicas"] > config.min_replicas), None)
-    after = ours_step[first_up + 1 :] if first_up is not None else []
-    # the windows after the new replicas became ready (the first scale-up's start-up is unavoidable)
+    step = windows_of("step_x2")
+    first_up = next((i for i, w in enumerate(step) if w["replicas"] > step[0]["replicas"]), None)
+    after = step[first_up + 1 :] if first_up is not None else []
     ready_at = next((i for i, w in enumerate(after) if w["ready"] == w["replicas"]), 0)
     settled = after[ready_at:]
-    share = float(np.mean([w["p99_ms"] <= config.target_p99_ms for w in settled])) if settled else 0.0
-    out["step_x2: share of windows on target after the first scale-up >= 0.95"] = {
-        "value": share,
-        "ok": share >= 0.95,
-    }
-
-    slow = results["slow_replica"]["ours"]["_run"].windows
-    slow_at = results["slow_replica"]["_slow_at"]
-    slow_from = next(
-        i for i, w in enumerate(slow) if w["t"] - config.control_period_s >= slow_at
-    )  # first slow period
+    share = float(np.mean([w["p99_ms"] <= config.target_p99_ms for w in settled])) if settled else 1.0
+    out[f"{policy}, step_x2: windows on target after the first scale-up >= 95 %"] = {"value": share, "ok": share >= 0.95}
+    slow = windows_of("slow_replica")
+    slow_from = next(i for i, w in enumerate(slow) if w["t"] - config.control_period_s >= slow_at)
     ejected_at = next((i for i in range(slow_from, len(slow)) if slow[i]["ejected"]), None)
-    periods_to_eject = (ejected_at - slow_from + 1) if ejected_at is not None else math.inf
-    back = next((i for i in range(slow_from, len(slow)) if i > slow_from and slow[i]["p99_ms"] <= config.target_p99_ms),
-                None)  # fmt: skip
-    periods_to_target = (back - slow_from + 1) if back is not None else math.inf
-    out["slow_replica: ejected within 2 control periods"] = {
-        "value": periods_to_eject,
-        "ok": periods_to_eject <= 2,
-    }
-    out["slow_replica: p99 back on target within 3 control periods"] = {"value": periods_to_target,
-                                                                        "ok": periods_to_target <= 3}  # fmt: skip
-    flips = max(direction_changes_per_window(results[t]["ours"]["_run"].windows, config.scale_down_stabilization_s)
+    periods = (ejected_at - slow_from + 1) if ejected_at is not None else math.inf
+    out[f"{policy}, slow_replica: ejected within 2 control periods"] = {"value": periods, "ok": periods <= 2}
+    back = next((i for i in range(slow_from + 1, len(slow)) if slow[i]["p99_ms"] <= config.target_p99_ms), None)
+    back_in = (back - slow_from + 1) if back is not None else math.inf
+    out[f"{policy}, slow_replica: p99 back on target within 3 control periods"] = {"value": back_in, "ok": back_in <= 3}
+    flips = max(direction_changes_per_window(windows_of(t), config.scale_down_stabilization_s)
                 for t in ("step_x2", "spike_x5", "slow_replica"))  # fmt: skip
-    out["steady load: at most one change of direction per stabilisation window"] = {
-        "value": flips,
-        "ok": flips <= 1,
-    }
-    for variant in ("ours", "ours_headroom_0.5"):
-        per_trace = {t: {"slo": [results[t][variant]["slo_attainment"], results[t]["static_max"]["slo_attainment"]],
-                         "replica_seconds": [results[t][variant]["replica_seconds"],
-                                             results[t]["static_max"]["replica_seconds"]],
-                         "ok": results[t][variant]["replica_seconds"] < results[t]["static_max"]["replica_seconds"]
-                         and results[t][variant]["slo_attainment"] >= results[t]["static_max"]["slo_attainment"] - 1e-9}
-                     for t in results}  # fmt: skip
-        out[f"{variant}: fewer replica-seconds than static-at-max at equal or better SLO attainment"] = {
-            "value": {t: v["ok"] for t, v in per_trace.items()}, "detail": per_trace,
-            "ok": all(v["ok"] for v in per_trace.values())}  # fmt: skip
+    out[f"{policy}, steady load: at most one change of direction per stabilisation window"] = {"value": flips,
+                                                                                             "ok": flips <= 1}  # fmt: skip
     return out
 
 
-def smallest_matching_static_pool(trace, service: ServiceTime, config: SimConfig, slo: float, seed: int) -> dict:
-    """The fewest replicas a *static* pool needs to reach ``slo`` (static-at-max's attainment) on ``trace``,
-    by bisection (attainment grows with the pool). When that is ``max_replicas`` itself and the trace's
-    overload comes unannounced and shorter than a pod's start-up, no policy can match static-at-max's SLO
-    with fewer replica-seconds: it must hold that many ready replicas before the overload begins."""
-    import dataclasses
-
-    def static(n: int) -> tuple[float, float]:
-        run = simulate(trace, "static_min", service, dataclasses.replace(config, min_replicas=n, max_replicas=n),
-                       seed=seed)  # fmt: skip
-        return run.slo_attainment, run.replica_seconds
-
-    def ours(floor: int) -> tuple[float, float]:
-        run = simulate(trace, "ours", service, dataclasses.replace(config, min_replicas=floor), seed=seed)
-        return run.slo_attainment, run.replica_seconds
-
-    def smallest(run) -> tuple[int, dict]:
-        lo, hi, tried = config.min_replicas, config.max_replicas, {}
-        while lo < hi:
-            mid = (lo + hi) // 2
-            tried[mid] = run(mid)
-            lo, hi = (lo, mid) if tried[mid][0] >= slo - 1e-9 else (mid + 1, hi)
-        return lo, tried
-
-    n, tried = smallest(static)
-    floor, tried_ours = smallest(ours)
-    ours_at_floor = ours(floor)
-    return {"replicas": n, "replica_seconds": n * trace.duration_s, "equals_static_max": n == config.max_replicas,
-            "slo_of_smaller_pools_tried": {k: a for k, (a, _) in sorted(tried.items()) if k < n},
-            "ours_min_replicas_needed": floor, "ours_at_that_floor": {"slo_attainment": ours_at_floor[0],
-                                                                       "replica_seconds": ours_at_floor[1]}}  # fmt: skip
+def run_one(job: tuple) -> tuple:
+    trace_name, policy, setpoint, base, duration, ladder, config, seed = job
+    trace = next(t for t in traces(base, duration) if t.name == trace_name)
+    run = simulate(trace, policy, ladder, config, seed=seed, setpoint=setpoint)
+    return (trace_name, policy, setpoint), run
 
 
-def plot(results: dict, config: SimConfig, path: Path) -> None:
+def plot_series(runs: dict, names: list[str], config: SimConfig, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 6.5), sharex="col")
+    fig, axes = plt.subplots(3, len(names), figsize=(4.2 * len(names), 8.5), sharex="col")
     for col, trace in enumerate(names):
-        for policy in ("ours", "ours_headroom_0.5", "cpu_hpa", "keda_p99", "static_max"):
-            w = results[trace][policy]["_run"].windows
+        for policy in ("ours_ladder", "ours", "cpu_hpa", "keda_p99", "kpa", "static_max"):
+            w = runs[(trace, policy, DEFAULT_SETPOINT.get(policy))].windows
             t = [x["t"] / 60 for x in w]
-            axes[0, col].plot(t, [x["p99_ms"] for x in w], label=policy, lw=1)
+            axes[0, col].plot(t, [max(x["p99_ms"], 0.1) for x in w], label=policy, lw=1)
             axes[1, col].step(t, [x["replicas"] for x in w], label=policy, lw=1, where="post")
+            if policy == "ours_ladder":
+                axes[2, col].step(t, [100 * x["degraded"] for x in w], color="tab:blue", lw=1, where="post")
         axes[0, col].axhline(config.target_p99_ms, color="k", ls="--", lw=0.8)
         axes[0, col].set_yscale("log")
         axes[0, col].set_title(trace)
-        axes[1, col].set_xlabel("minutes")
+        axes[2, col].set_xlabel("minutes")
     axes[0, 0].set_ylabel("p99 per window (ms)")
     axes[1, 0].set_ylabel("replicas")
+    axes[2, 0].set_ylabel("ours_ladder: % of requests degraded")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Simulated replica pool: p99 (target dashed) and replicas per policy")
+    fig.suptitle("Simulated replica pool at each policy's default setpoint: p99 (target dashed), replicas, degraded share")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def plot_pareto(curves: dict, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4))
+    for col, trace in enumerate(names):
+        for policy, points in curves[trace].items():
+            pts = sorted(points, key=lambda p: p["replica_seconds"])
+            axes[col].plot([p["replica_seconds"] for p in pts], [100 * p["slo_attainment"] for p in pts], marker="o",
+                           ms=3, lw=1, label=policy)  # fmt: skip
+        axes[col].set_title(trace)
+        axes[col].set_xlabel("replica-seconds")
+    axes[0].set_ylabel("% of 15 s windows with p99 on target")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Each policy's setpoint swept: SLO attainment against replica-seconds")
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
@@ -185,63 +200,94 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10-minute traces")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="small", help="model size whose measured time to ready starts a pod")
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "autoscale.json"))
     args = parser.parse_args()
     duration = 600 if args.quick else 1800
-    service, source = service_time()
+    ladder, ladder_source = ladder_from_results()
+    full = ladder.service[0]
     startup_s, startup_source = startup(args.size)
-    config = SimConfig(target_p99_ms=max(50.0, 4 * service.p99_s * 1000), startup_s=startup_s)
-    console.print(f"start-up {startup_s[0]:.1f}–{startup_s[1]:.1f} s, from {startup_source}")
-    capacity = 1.0 / service.mean_s  # requests per second one replica serves at 100 % busy
+    config = SimConfig(target_p99_ms=max(50.0, 4 * full.p99_s * 1000), startup_s=startup_s)
+    capacity = 1.0 / full.mean_s  # requests per second one replica serves at 100 % busy, full quality
     base = 3.0 * capacity  # about six replicas at half load before the trace changes it
-    console.print(f"service time from {source}: p50 {service.p50_s * 1000:.1f} ms, p99 {service.p99_s * 1000:.1f} ms "
-                  f"→ {capacity:.0f} req/s per replica; base load {base:.0f} req/s; target p99 "
+    console.print(f"start-up {startup_s[0]:.1f}–{startup_s[1]:.1f} s, from {startup_source}")
+    console.print(f"ladder from {ladder_source}: " + ", ".join(
+        f"{lv} p50 {s.p50_s * 1000:.2f} / p99 {s.p99_s * 1000:.2f} ms (NDCG@10 −{100 * d:.1f} %)"
+        for lv, s, d in zip(ladder.levels, ladder.service, ladder.drop)))  # fmt: skip
+    console.print(f"→ {capacity:.0f} req/s per replica at full quality; base load {base:.0f} req/s; target p99 "
                   f"{config.target_p99_ms:g} ms")  # fmt: skip
-    results: dict = {}
-    for trace in traces(base, duration):
-        results[trace.name] = {}
-        if trace.slow_replica:
-            results[trace.name]["_slow_at"] = trace.slow_replica[0]
-        for policy in POLICIES:
-            run = simulate(trace, policy, service, config, seed=args.seed)
-            results[trace.name][policy] = {"slo_attainment": run.slo_attainment,
-                                           "replica_seconds": run.replica_seconds,
-                                           "ejection_periods": run.ejection_periods, "_run": run}  # fmt: skip
-    slow_at = results["slow_replica"].pop("_slow_at")
+    names = [t.name for t in traces(base, duration)]
+    jobs = {(trace, policy, setpoint) for trace in names for policy in POLICIES
+            for setpoint in ({DEFAULT_SETPOINT.get(policy)} | set(SETPOINTS.get(policy, ())))}  # fmt: skip
+    runs: dict = {}
+    with console.status(f"simulating {len(jobs)} runs on {args.workers} processes"), \
+            ProcessPoolExecutor(args.workers) as pool:  # fmt: skip
+        for key, run in pool.map(run_one, [(*j, base, duration, ladder, config, args.seed) for j in sorted(
+                jobs, key=lambda j: (j[0], j[1], -1 if j[2] is None else j[2]))]):  # fmt: skip
+            runs[key] = run
+
+    def default(trace, policy):
+        return runs[(trace, policy, DEFAULT_SETPOINT.get(policy))]
+
     table = Table("trace", *(f"{p}\nSLO / replica-s" for p in POLICIES))
-    for trace, per in results.items():
-        table.add_row(
-            trace, *(f"{per[p]['slo_attainment']:.0%} / {per[p]['replica_seconds']:,.0f}" for p in POLICIES)
-        )
+    for trace in names:
+        table.add_row(trace, *(f"{default(trace, p).slo_attainment:.0%} / {default(trace, p).replica_seconds:,.0f}"
+                               + (f"\n{default(trace, p).degraded_share:.1%} degr., NDCG −{100 * default(trace, p).ndcg_loss:.2f} %"
+                                  if p == "ours_ladder" else "") for p in POLICIES))  # fmt: skip
     console.print(table)
-    results["slow_replica"]["_slow_at"] = slow_at
-    verdicts = checks(results, config)
-    results["slow_replica"].pop("_slow_at")
-    for name, v in verdicts.items():
+
+    curves = {trace: {p: [{"setpoint": s, "slo_attainment": runs[(trace, p, s)].slo_attainment,
+                           "replica_seconds": runs[(trace, p, s)].replica_seconds,
+                           "degraded_share": runs[(trace, p, s)].degraded_share,
+                           "ndcg_loss": runs[(trace, p, s)].ndcg_loss} for s in SETPOINTS[p]]
+                      for p in SETPOINTS} for trace in names}  # fmt: skip
+    gaps = {trace: {b: frontier_gap([(c["replica_seconds"], c["slo_attainment"]) for c in curves[trace]["ours_ladder"]],
+                                    [(c["replica_seconds"], c["slo_attainment"]) for c in curves[trace][b]])
+                    for b in BASELINES} for trace in names}  # fmt: skip
+    gap_table = Table("trace", *(f"worst gap vs {b}" for b in BASELINES))
+    for trace in names:
+        gap_table.add_row(trace, *(f"{g['worst_gap']:+.1%} at {g['at']:,.0f}" if g["worst_gap"] is not None
+                                   else "no common range" for g in gaps[trace].values()))  # fmt: skip
+    console.print(gap_table)
+
+    spike, static_max = default("spike_x5", "ours_ladder"), default("spike_x5", "static_max")
+    checks = {
+        "ours_ladder, spike_x5: >= 99 % of windows on target": {"value": spike.slo_attainment,
+                                                              "ok": spike.slo_attainment >= 0.99},
+        "ours_ladder, spike_x5: <= 50 % of static-at-max's replica-seconds": {
+            "value": spike.replica_seconds / static_max.replica_seconds,
+            "ok": spike.replica_seconds <= 0.5 * static_max.replica_seconds},
+        "ours_ladder, spike_x5: expected NDCG@10 loss over the trace <= 2 %": {"value": spike.ndcg_loss,
+                                                                             "ok": spike.ndcg_loss <= 0.02},
+        "ours_ladder on or above every baseline's SLO-vs-cost curve, every trace": {
+            "value": {t: {b: g["worst_gap"] for b, g in per.items()} for t, per in gaps.items()},
+            "ok": all(g["worst_gap"] is None or g["worst_gap"] >= -1e-9 for per in gaps.values() for g in per.values())},
+    }  # fmt: skip
+    slow_at = next(t for t in traces(base, duration) if t.slow_replica).slow_replica[0]
+    for policy in ("ours_ladder", "ours"):
+        checks.update(issue5_checks(lambda tr, p=policy: default(tr, p).windows, slow_at, config, policy))
+    for name, v in checks.items():
         console.print(f"{'[green]ok[/]' if v['ok'] else '[red]NOT MET[/]'}  {name}: {v['value']}")
-    # is "fewer replica-seconds than static-at-max at equal SLO" reachable at all on each trace?
-    floors = {}
-    for trace in traces(base, duration):
-        floors[trace.name] = smallest_matching_static_pool(
-            trace, service, config, results[trace.name]["static_max"]["slo_attainment"], args.seed)
-        f = floors[trace.name]
-        console.print(f"{trace.name}: the smallest static pool at static-at-max's SLO has {f['replicas']} replicas"
-                      f"{' = max_replicas' if f['equals_static_max'] else ''}; smaller pools tried: "
-                      + ", ".join(f"{n}: {a:.1%}" for n, a in f["slo_of_smaller_pools_tried"].items())
-                      + f"; ours needs minReplicas {f['ours_min_replicas_needed']} "
-                      f"({f['ours_at_that_floor']['slo_attainment']:.1%}, "
-                      f"{f['ours_at_that_floor']['replica_seconds']:,.0f} replica-s)")  # fmt: skip
+
     plot_path = PLOT if Path(args.out) == RESULTS / "autoscale.json" else Path(args.out).with_suffix(".png")
-    plot(results, config, plot_path)
-    report = {trace: {p: {k: v for k, v in r.items() if k != "_run"} for p, r in per.items()}
-              for trace, per in results.items()}  # fmt: skip
+    pareto_path = PARETO_PLOT if plot_path == PLOT else plot_path.with_name(plot_path.stem + "-pareto.png")
+    plot_series(runs, names, config, plot_path)
+    plot_pareto(curves, names, pareto_path)
+    report = {trace: {p: {"slo_attainment": default(trace, p).slo_attainment,
+                          "replica_seconds": default(trace, p).replica_seconds,
+                          "ejection_periods": default(trace, p).ejection_periods,
+                          "degraded_share": default(trace, p).degraded_share,
+                          "ndcg_loss": default(trace, p).ndcg_loss} for p in POLICIES} for trace in names}  # fmt: skip
     report["_meta"] = {"command": "python bench/autoscale.py" + (" --quick" if args.quick else ""), "seed": args.seed,
-                       "service_time": {"source": source, "p50_ms": service.p50_s * 1000, "p99_ms": service.p99_s * 1000},
+                       "ladder": {"source": ladder_source, "levels": list(ladder.levels),
+                                  "p50_ms": [s.p50_s * 1000 for s in ladder.service],
+                                  "p99_ms": [s.p99_s * 1000 for s in ladder.service], "ndcg_drop": list(ladder.drop)},
                        "startup": {"source": startup_source, "range_s": list(startup_s)},
-                       "config": config.__dict__, "base_rps": base, "duration_s": duration, "checks": verdicts,
-                       "smallest_static_pool_at_static_max_slo": floors}  # fmt: skip
+                       "config": config.__dict__, "base_rps": base, "duration_s": duration,
+                       "default_setpoints": DEFAULT_SETPOINT, "sweeps": curves, "pareto_gaps": gaps,
+                       "checks": checks}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    console.print(f"wrote {args.out} and {plot_path}")
+    console.print(f"wrote {args.out}, {plot_path} and {pareto_path}")
 
 
 if __name__ == "__main__":

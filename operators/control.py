@@ -65,6 +65,7 @@ def policies(spec: dict) -> tuple[ScalingPolicy, EjectionPolicy]:
         tolerance=float(behavior.get("tolerance", 0.1)),
         headroom=float(behavior.get("headroom", 0.2)),
         max_step_up=int(behavior.get("scaleUp", {}).get("maxStep", 4)),
+        max_step_up_percent=float(behavior.get("scaleUp", {}).get("maxStepPercent", 100)),
         max_step_down=int(behavior.get("scaleDown", {}).get("maxStep", 1)),
         scale_up_stabilization_s=float(behavior.get("scaleUp", {}).get("stabilizationWindowSeconds", 0)),
         scale_down_stabilization_s=float(

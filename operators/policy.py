@@ -86,7 +86,8 @@ class ScalingPolicy:
     headroom: float = (
         0.2  # aim at target × (1 - headroom): a pool held *at* the target misses it half the time
     )
-    max_step_up: int = 4  # replicas added per decision at most
+    max_step_up: int = 4  # replicas added per decision at most: this many ...
+    max_step_up_percent: float = 100.0  # ... or this share of the current size, whichever is more (as HPA)
     max_step_down: int = 1
     scale_up_stabilization_s: float = 0.0
     scale_down_stabilization_s: float = 300.0
@@ -177,8 +178,9 @@ def desired_with_ladder(current: int, observed_p99_ms: float | None, requests: f
 
 
 def limit_step(current: int, new: int, policy: ScalingPolicy) -> int:
-    """At most ``max_step_up`` replicas added or ``max_step_down`` removed per decision, within [min, max]."""
-    new = min(new, current + policy.max_step_up)
+    """At most ``max(max_step_up, max_step_up_percent % of current)`` replicas added or ``max_step_down``
+    removed per decision, within [min, max]."""
+    new = min(new, current + max(policy.max_step_up, math.ceil(current * policy.max_step_up_percent / 100)))
     new = max(new, current - policy.max_step_down)
     return max(policy.min_replicas, min(policy.max_replicas, new))
 

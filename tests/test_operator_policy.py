@@ -76,7 +76,9 @@ def test_desired_replicas_hpa_rule_band_steps_and_clamps():
     assert desired_replicas(4, 20.0, 1000, POLICY) == 8  # ceil(4 × 2)
     assert desired_replicas(4, 10.5, 1000, POLICY) == 4  # inside the tolerance band
     assert desired_replicas(4, 100.0, 1000, POLICY) == 20  # raw: ceil(40), clamped to max
-    assert limit_step(4, 20, POLICY) == 8  # at most +4 per decision
+    assert limit_step(4, 20, POLICY) == 8  # at most +4 (or +100 %) per decision
+    assert limit_step(10, 30, POLICY) == 20  # +100 % is more than +4 from 10 (HPA's default scale-up)
+    assert limit_step(10, 30, ScalingPolicy(10, 2, 40, max_step_up=4, max_step_up_percent=0)) == 14
     assert desired_replicas(4, 1.0, 1000, POLICY) == 2  # raw: ceil(0.4) = 1, clamped to min
     assert limit_step(4, 2, POLICY) == 3  # at most -1 per decision
     assert desired_replicas(2, 1.0, 1000, POLICY) == 2  # never below min

@@ -4,13 +4,14 @@ A replica that falls behind does less per request before its p99 breaks: each ba
 the model's ladder (``predictor.models.inference.LEVELS``: ranker over all candidates, over fewer,
 retrieval order, popularity), chosen here with no Kubernetes call on the request path.
 
-* :func:`next_level` is the decision, a pure function that tests and ``operators/sim.py`` drive
-  directly. Its input is the latency the newest queued request would see at each level: the head of the
-  queue's wait so far plus the time to drain the queue at that level (an upper bound on everyone's).
-  **Down fast**: when that exceeds ``down_at × target`` at the current level, go straight to the best
-  level predicted within it (the lowest when none is). **Up slowly**: one level up only after the
-  better level has been predicted within ``up_at × target`` (``up_at < down_at``: hysteresis) for
-  ``hold_s`` without a break.
+* :func:`next_level` is the decision, a pure function that tests and ``bench/sim.py`` drive directly.
+  Its input is the latency the newest queued request would see at each level: the head of the queue's
+  wait so far plus the time to drain the queue at that level (an upper bound on everyone's). **Down
+  fast**: once that exceeds ``down_at × target`` at the current level, go straight to the best level
+  predicted within it (the lowest when none is): that request, and the queue with it, would miss.
+  **Up slowly**: one level up at the end of a ``hold_s`` window in which at most ``allowance`` (1 %) of
+  the decisions predicted the better level above ``up_at × target`` — the better level would have held
+  the p99, with room (``up_at < down_at``: hysteresis). A window that fails starts the next one.
 * :class:`LevelCosts` predicts a batch's seconds at each level, ``a + b × users``, calibrated by timing
   the engine at load and scaled by a running ratio of measured to predicted times (a slower node, a
   noisy neighbour).
@@ -28,23 +29,26 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class LadderPolicy:
     target_s: float  # the replica's p99 target
-    down_at: float = 0.8  # step down once the newest request is predicted past this share of the target
-    up_at: float = 0.4  # step up once the better level is predicted within this share ...
-    hold_s: float = 5.0  # ... for this long without a break
+    down_at: float = 0.9  # step down once a request is predicted past this share of the target
+    up_at: float = 0.7  # step up once the better level's p99 prediction stays within this share ...
+    hold_s: float = 5.0  # ... over a window this long
+    allowance: float = 0.01  # the share of a window's decisions allowed above up_at (a p99, not a max)
 
     def __post_init__(self):
         if self.target_s <= 0:
             raise ValueError(f"the p99 target must be positive, got {self.target_s} s")
         if not 0 < self.up_at < self.down_at <= 1:
             raise ValueError(f"need 0 < up_at < down_at <= 1, got up_at={self.up_at}, down_at={self.down_at}")
-        if self.hold_s < 0:
-            raise ValueError(f"hold_s must be >= 0, got {self.hold_s}")
+        if self.hold_s < 0 or not 0 <= self.allowance < 1:
+            raise ValueError(f"need hold_s >= 0 and 0 <= allowance < 1, got {self.hold_s}, {self.allowance}")
 
 
 @dataclass(frozen=True)
 class LadderState:
     level: int = 0  # index into the ladder, 0 = best
-    calm_since: float = -math.inf  # since when the better level has been predicted within up_at × target
+    since: float = -math.inf  # start of the current hold window (the last level change)
+    decisions: int = 0  # decisions in the window ...
+    over: int = 0  # ... and how many predicted the better level above up_at × target
 
 
 def next_level(state: LadderState, predicted_s: Sequence[float], now: float, policy: LadderPolicy) -> LadderState:
@@ -56,14 +60,14 @@ def next_level(state: LadderState, predicted_s: Sequence[float], now: float, pol
         fits = [lv for lv in range(current + 1, len(predicted_s)) if predicted_s[lv] <= ceiling]
         return LadderState(fits[0] if fits else len(predicted_s) - 1, now)
     if current == 0:
-        return LadderState(0, state.calm_since)
-    if predicted_s[current - 1] > policy.up_at * policy.target_s:
-        return LadderState(current, now)  # the better level would not be comfortably on target: wait
-    if state.calm_since == -math.inf:
-        return LadderState(current, now)
-    if now - state.calm_since >= policy.hold_s:
-        return LadderState(current - 1, now)  # one level up; the next needs its own hold
-    return LadderState(current, state.calm_since)
+        return state
+    decisions = state.decisions + 1
+    over = state.over + (predicted_s[current - 1] > policy.up_at * policy.target_s)
+    if now - state.since < policy.hold_s:
+        return LadderState(current, state.since, decisions, over)
+    if over <= policy.allowance * decisions:
+        return LadderState(current - 1, now)  # one level up; the next needs a window of its own
+    return LadderState(current, now)  # not calm enough: a new window
 
 
 @dataclass
