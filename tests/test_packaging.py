@@ -56,3 +56,12 @@ def test_dockerignore_keeps_data_and_state_out():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".git", ".venv", ".recsys", "tests", "bench"):
         assert path in ignored
+
+
+def test_operator_package_imports_no_predictor_torch_kserve_or_feast():
+    """The operator image has none of them: importing every operator module must not pull them in."""
+    code = ("import sys, operators.control, operators.handlers, operators.run, operators.__main__; "
+            "print(','.join(m for m in ('predictor', 'torch', 'kserve', 'feast') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert out.stdout.strip() == "", f"the operator package imported {out.stdout.strip()}"
