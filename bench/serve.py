@@ -223,12 +223,16 @@ def measure_ladder(settings: Settings, active: np.ndarray, requests: int) -> dic
                 out[name] = {"error": str(future.exception())[-1500:]}
                 continue
             srv, out[name] = procs[name], {}
-            for label, concurrency in LADDER_LOADS:
-                with console.status(f"level {name}: concurrency {concurrency}, {requests:,} requests"):
-                    r = asyncio.run(load(srv.url, active, concurrency, requests, seed=2, count_levels=True))
-                out[name][label] = {k: v for k, v in r.items() if k != "latencies_ms"}
-                console.print(f"level {name} {label}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
-                              f"{r['rps']:.0f} req/s, errors {r['errors']}, levels {r['level_share']}")  # fmt: skip
+            try:
+                for label, concurrency in LADDER_LOADS:
+                    with console.status(f"level {name}: concurrency {concurrency}, {requests:,} requests"):
+                        r = asyncio.run(load(srv.url, active, concurrency, requests, seed=2, count_levels=True))
+                    out[name][label] = {k: v for k, v in r.items() if k != "latencies_ms"}
+                    console.print(f"level {name} {label}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                                  f"{r['rps']:.0f} req/s, errors {r['errors']}, levels {r['level_share']}")  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - one server down: measure the others, report it
+                out[name]["error"] = str(exc)[-1500:]
+                console.print(f"[red]level {name} failed: {str(exc)[-500:]}[/red]")
             srv.__exit__(None, None, None)
     finally:
         for srv in procs.values():
