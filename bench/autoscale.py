@@ -195,6 +195,36 @@ def plot_pareto(curves: dict, names: list[str], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def reprice(out: Path) -> None:
+    """The expected NDCG@10 losses of a finished run, from its requests per level and today's prices."""
+    report = json.loads(out.read_text())
+    meta = report["_meta"]
+    ladder, source = ladder_from_results()
+    if list(ladder.levels) != meta["ladder"]["levels"]:
+        raise SystemExit(f"the run simulated levels {meta['ladder']['levels']}, the results now have {ladder.levels}")
+    drop = np.asarray(ladder.drop)
+
+    def price(entry: dict) -> None:
+        served = np.asarray(entry["served_by_level"])
+        entry["ndcg_loss"] = float(served @ drop / max(served.sum(), 1))
+
+    for trace, per in report.items():
+        if trace != "_meta":
+            for entry in per.values():
+                price(entry)
+    for per in meta["sweeps"].values():
+        for points in per.values():
+            for entry in points:
+                price(entry)
+    meta["ladder"]["ndcg_drop"], meta["ladder"]["source"] = list(ladder.drop), source
+    loss = report["spike_x5"]["ours_ladder"]["ndcg_loss"]
+    meta["checks"]["ours_ladder, spike_x5: expected NDCG@10 loss over the trace <= 2 %"] = {"value": loss, "ok": loss <= 0.02}
+    meta["repriced"] = True
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    console.print(f"re-priced {out} with {source}: drops " + ", ".join(
+        f"{lv} {100 * d:.1f} %" for lv, d in zip(ladder.levels, ladder.drop)) + f"; spike loss {100 * loss:.2f} %")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10-minute traces")
@@ -202,7 +232,12 @@ def main() -> None:
     parser.add_argument("--size", default="small", help="model size whose measured time to ready starts a pod")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "autoscale.json"))
+    parser.add_argument("--reprice", action="store_true",
+                        help="only recompute the NDCG@10 losses in --out from the current levels.json (no simulation)")
     args = parser.parse_args()
+    if args.reprice:
+        reprice(Path(args.out))
+        return
     duration = 600 if args.quick else 1800
     ladder, ladder_source = ladder_from_results()
     full = ladder.service[0]
@@ -239,7 +274,8 @@ def main() -> None:
     curves = {trace: {p: [{"setpoint": s, "slo_attainment": runs[(trace, p, s)].slo_attainment,
                            "replica_seconds": runs[(trace, p, s)].replica_seconds,
                            "degraded_share": runs[(trace, p, s)].degraded_share,
-                           "ndcg_loss": runs[(trace, p, s)].ndcg_loss} for s in SETPOINTS[p]]
+                           "ndcg_loss": runs[(trace, p, s)].ndcg_loss,
+                           "served_by_level": runs[(trace, p, s)].served} for s in SETPOINTS[p]]
                       for p in SETPOINTS} for trace in names}  # fmt: skip
     gaps = {trace: {b: frontier_gap([(c["replica_seconds"], c["slo_attainment"]) for c in curves[trace]["ours_ladder"]],
                                     [(c["replica_seconds"], c["slo_attainment"]) for c in curves[trace][b]])
@@ -277,7 +313,8 @@ def main() -> None:
                           "replica_seconds": default(trace, p).replica_seconds,
                           "ejection_periods": default(trace, p).ejection_periods,
                           "degraded_share": default(trace, p).degraded_share,
-                          "ndcg_loss": default(trace, p).ndcg_loss} for p in POLICIES} for trace in names}  # fmt: skip
+                          "ndcg_loss": default(trace, p).ndcg_loss,
+                          "served_by_level": default(trace, p).served} for p in POLICIES} for trace in names}  # fmt: skip
     report["_meta"] = {"command": "python bench/autoscale.py" + (" --quick" if args.quick else ""), "seed": args.seed,
                        "ladder": {"source": ladder_source, "levels": list(ladder.levels),
                                   "p50_ms": [s.p50_s * 1000 for s in ladder.service],

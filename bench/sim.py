@@ -148,6 +148,7 @@ class RunResult:
     ejection_periods: int
     degraded_share: float  # of all recorded requests, served below the best level
     ndcg_loss: float  # expected relative NDCG@10 loss over all recorded requests
+    served: list[int]  # recorded requests per level, best first (to re-price them: loss = served · drop / total)
     windows: list[dict]  # per SLO window: t, p99_ms, replicas, ready, ejected, rate, degraded (share)
 
 
@@ -155,6 +156,13 @@ def histogram(latencies_s: np.ndarray) -> dict[float, float]:
     """Cumulative buckets as the predictor's Prometheus histogram would count them."""
     counts = np.searchsorted(np.sort(latencies_s), BOUNDS, side="right").astype(float)
     return dict(zip(BOUNDS.tolist(), counts.tolist()))
+
+
+def pod_levels(rep: Replica, ladder: Ladder) -> tuple[dict[str, float], dict[str, float]]:
+    """What a replica's metrics say of its ladder this period: users per level, and each level's cost
+    (its mean service time on this replica, which the predictor's calibrated costs track)."""
+    served = {lv: float(c) for lv, c in zip(ladder.levels, rep.served)}
+    return served, {lv: s.mean_s * rep.slowness for lv, s in zip(ladder.levels, ladder.service)}
 
 
 def serve_fifo(rep: Replica, arrivals: np.ndarray, ladder: Ladder, samples: list[np.ndarray],
@@ -226,6 +234,7 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
     replica_seconds = ejection_periods = 0.0
     recorded = degraded = 0
     loss = 0.0
+    served_total = np.zeros(n_levels, np.int64)
     drop = np.asarray(ladder.drop)
     period = config.control_period_s
     t = -config.warmup_s
@@ -260,6 +269,7 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
                 window_served += len(a)
                 window_degraded += int(len(a) - counts[0])
                 loss += float(counts @ drop)
+                served_total += counts
         pooled = np.concatenate(second_lat) if second_lat else np.zeros(0)
         now = t + 1.0
         on_period = abs(now / period - round(now / period)) < 1e-9
@@ -291,6 +301,9 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
                     h = histogram(lat)
                     p99s[i] = (quantile(h, 0.99) or 0) * 1000 if h[math.inf] else None
                     reqs[i] = h[math.inf]
+            if uses_ladder:  # judged at full quality, as the operator does (operators/control.py)
+                p99s = {i: v * full_quality_demand([pod_levels(replicas[i], ladder)]) if v is not None else v
+                        for i, v in p99s.items()}  # fmt: skip
             ejected = outliers(p99s, reqs, ejected, now, ejection, strikes, peer_ceiling_ms=config.target_p99_ms)
             ejection_periods += bool(ejected) and t >= 0
             rotation = [i for i in p99s if i not in ejected]
@@ -299,9 +312,7 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
             observed = quantile(pooled_h, 0.99) if pooled_h else None
             observed_ms = observed * 1000 if observed is not None else None
             if uses_ladder:
-                per_pod = [({lv: float(c) for lv, c in zip(ladder.levels, replicas[i].served)},
-                            {lv: s.mean_s * replicas[i].slowness for lv, s in zip(ladder.levels, ladder.service)})
-                           for i in rotation]  # fmt: skip
+                per_pod = [pod_levels(replicas[i], ladder) for i in rotation]
                 served = {lv: sum(p[0][lv] for p in per_pod) for lv in ladder.levels}
                 share = degraded_share(served, ladder.levels[0])
                 wanted = desired_with_ladder(current, observed_ms, pooled_h.get(math.inf, 0), share,
@@ -351,7 +362,7 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
 
     attained = [w["p99_ms"] <= config.target_p99_ms for w in windows]
     return RunResult(float(np.mean(attained)), replica_seconds, int(ejection_periods),
-                     degraded / max(recorded, 1), loss / max(recorded, 1), windows)  # fmt: skip
+                     degraded / max(recorded, 1), loss / max(recorded, 1), served_total.tolist(), windows)  # fmt: skip
 
 
 def traces(base_rps: float, duration_s: int = 1800) -> list[Trace]:

@@ -135,8 +135,12 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
 
     # --- decide: outliers first, then size from the pods in rotation --------------------------------
     before = dict(memory.ejected)
+    # a pod whose ladder holds its p99 by serving cheaper levels hides its slowness there: it is judged on
+    # its p99 at full quality, estimated as p99 × its full-quality demand (1 for a pod at full quality)
+    judged = {p: v * full_quality_demand([(served[p], costs[p])]) if v is not None and p in served and p in costs
+              else v for p, v in pod_p99.items()}  # fmt: skip
     memory.ejected = outliers(
-        pod_p99,
+        judged,
         pod_requests,
         memory.ejected,
         now,

@@ -284,6 +284,21 @@ def test_degraded_share_scales_up_with_p99_on_target_and_shows_in_status(stack):
     assert {c["type"]: c["status"] for c in step.status["conditions"]}["FullQuality"] == "True"
 
 
+def test_a_pod_holding_its_p99_by_degrading_is_judged_at_full_quality(stack):
+    """A slow pod whose ladder serves popularity shows a p99 like its peers'; its full-quality demand (8 ×
+    the work here) gives it away, and it leaves rotation."""
+    api, pods, cluster, port, loop = stack
+    body = autoscaler(metrics={"port": port}, outlierEjection={"cooloffSeconds": 30, "minRequests": 10})
+    memory = Memory()
+    run_step(loop, cluster, body, memory, now=0)
+    for pod in pods[:3]:
+        pod.serve(200, 4.0)
+    pods[3].serve(200, 5.0, level="popularity")  # 1.25 × its peers' p99: not an outlier on p99 alone
+    step = run_step(loop, cluster, body, memory, now=15)
+    assert [p["name"] for p in step.status["ejectedPods"]] == ["predictor-3"]
+    assert {p["name"]: p["p99Ms"] for p in step.status["pods"]}["predictor-3"] <= 5.0  # status shows the real p99
+
+
 def test_run_options_elect_a_leader_through_peering():
     import random
 

@@ -6,12 +6,14 @@ retrieval order, popularity), chosen here with no Kubernetes call on the request
 
 * :func:`next_level` is the decision, a pure function that tests and ``bench/sim.py`` drive directly.
   Its input is the latency the newest queued request would see at each level: the head of the queue's
-  wait so far plus the time to drain the queue at that level (an upper bound on everyone's). **Down
-  fast**: once that exceeds ``down_at × target`` at the current level, go straight to the best level
-  predicted within it (the lowest when none is): that request, and the queue with it, would miss.
-  **Up slowly**: one level up at the end of a ``hold_s`` window in which at most ``allowance`` (1 %) of
-  the decisions predicted the better level above ``up_at × target`` — the better level would have held
-  the p99, with room (``up_at < down_at``: hysteresis). A window that fails starts the next one.
+  wait so far plus the time to drain the queue at that level (an upper bound on everyone's). A forecast
+  past ``down_at × target`` is a *miss*; a p99 target allows 1 % of them, so the controller keeps a
+  running miss rate over about ``memory`` decisions. **Down fast**: at a miss while that rate is over
+  ``allowance``, go straight to the best level forecast within the ceiling (the cheapest when none is);
+  under overload every forecast misses and the rate passes 1 % within a handful of decisions.
+  **Up slowly**: one level up at the end of a ``hold_s`` window in which at most ``allowance`` of the
+  decisions forecast the better level above ``up_at × target`` (``up_at < down_at``: hysteresis); a
+  window that fails starts the next one.
 * :class:`LevelCosts` predicts a batch's seconds at each level, ``a + b × users``, calibrated by timing
   the engine at load and scaled by a running ratio of measured to predicted times (a slower node, a
   noisy neighbour).
@@ -32,15 +34,17 @@ class LadderPolicy:
     down_at: float = 0.9  # step down once a request is predicted past this share of the target
     up_at: float = 0.7  # step up once the better level's p99 prediction stays within this share ...
     hold_s: float = 5.0  # ... over a window this long
-    allowance: float = 0.01  # the share of a window's decisions allowed above up_at (a p99, not a max)
+    allowance: float = 0.01  # the share of forecasts allowed past a ceiling (a p99 target, not a max)
+    memory: int = 500  # decisions the running miss rate remembers (about)
 
     def __post_init__(self):
         if self.target_s <= 0:
             raise ValueError(f"the p99 target must be positive, got {self.target_s} s")
         if not 0 < self.up_at < self.down_at <= 1:
             raise ValueError(f"need 0 < up_at < down_at <= 1, got up_at={self.up_at}, down_at={self.down_at}")
-        if self.hold_s < 0 or not 0 <= self.allowance < 1:
-            raise ValueError(f"need hold_s >= 0 and 0 <= allowance < 1, got {self.hold_s}, {self.allowance}")
+        if self.hold_s < 0 or not 0 <= self.allowance < 1 or self.memory < 1:
+            raise ValueError(f"need hold_s >= 0, 0 <= allowance < 1 and memory >= 1, got {self.hold_s}, "
+                             f"{self.allowance}, {self.memory}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class LadderState:
     since: float = -math.inf  # start of the current hold window (the last level change)
     decisions: int = 0  # decisions in the window ...
     over: int = 0  # ... and how many predicted the better level above up_at × target
+    miss_rate: float = 0.0  # running share of forecasts past down_at × target at the level served
 
 
 def next_level(state: LadderState, predicted_s: Sequence[float], now: float, policy: LadderPolicy) -> LadderState:
@@ -56,18 +61,20 @@ def next_level(state: LadderState, predicted_s: Sequence[float], now: float, pol
     the queue were served at level ``l`` (best first, one entry per level of the ladder)."""
     current = min(state.level, len(predicted_s) - 1)
     ceiling = policy.down_at * policy.target_s
-    if predicted_s[current] > ceiling:  # down fast: straight to the best level that fits
+    miss = predicted_s[current] > ceiling
+    miss_rate = state.miss_rate + (miss - state.miss_rate) / policy.memory
+    if miss and miss_rate > policy.allowance:  # down fast: straight to the best level that fits
         fits = [lv for lv in range(current + 1, len(predicted_s)) if predicted_s[lv] <= ceiling]
-        return LadderState(fits[0] if fits else len(predicted_s) - 1, now)
+        return LadderState(fits[0] if fits else len(predicted_s) - 1, now, miss_rate=miss_rate)
     if current == 0:
-        return state
+        return LadderState(0, state.since, miss_rate=miss_rate)
     decisions = state.decisions + 1
     over = state.over + (predicted_s[current - 1] > policy.up_at * policy.target_s)
     if now - state.since < policy.hold_s:
-        return LadderState(current, state.since, decisions, over)
+        return LadderState(current, state.since, decisions, over, miss_rate)
     if over <= policy.allowance * decisions:
-        return LadderState(current - 1, now)  # one level up; the next needs a window of its own
-    return LadderState(current, now)  # not calm enough: a new window
+        return LadderState(current - 1, now, miss_rate=miss_rate)  # one level up; the next needs its own window
+    return LadderState(current, now, miss_rate=miss_rate)  # not calm enough: a new window
 
 
 @dataclass

@@ -4,7 +4,9 @@ Per request (``predict``):
 
 1. online features of every user in one round trip (``online.py``), bounded by a deadline;
 2. users the model knows something about go through the :class:`~predictor.serving.engine.ServingEngine`
-   on a dedicated worker thread — concurrent requests are merged into one batch by :class:`MicroBatcher`;
+   on a dedicated worker thread — concurrent requests are merged into one batch by :class:`MicroBatcher`,
+   and each batch runs at the level of the quality ladder that ``predictor.serving.ladder`` picks from the
+   queue as it starts (``RECSYS_SERVE_LEVEL``, ``RECSYS_SERVE_P99_TARGET_MS``);
 3. users it knows nothing about (cold start), or everyone when the online store is down or slow, get the
    popularity fallback, flagged in the response and counted in ``recsys_fallbacks_total``.
 
