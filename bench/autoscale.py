@@ -195,6 +195,55 @@ def plot_pareto(curves: dict, names: list[str], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+DOC = ROOT / "docs" / "operator.md"
+MARKERS = ("<!-- autoscale:start -->", "<!-- autoscale:end -->")
+LABELS = {"ours_ladder": "ours, ladder", "ours": "ours, no ladder", "static_min": "static min",
+          "static_max": "static max", "cpu_hpa": "CPU HPA", "keda_p99": "KEDA p99", "kpa": "KPA-like"}  # fmt: skip
+TRACE_LABELS = {"step_x2": "step ×2", "spike_x5": "spike ×5 for 60 s", "diurnal": "diurnal",
+                "slow_replica": "one replica 3× slower"}  # fmt: skip
+
+
+def write_doc(report: dict) -> None:
+    """The results table, the sweep's best points, the frontier gaps and the checks into docs/operator.md."""
+    import re
+
+    meta = report["_meta"]
+    traces_ = [t for t in report if t != "_meta"]
+    lines = ["| trace | " + " | ".join(LABELS[p] for p in POLICIES) + " |", "|---|" + "---|" * len(POLICIES)]
+    for t in traces_:
+        cells = []
+        for p in POLICIES:
+            r = report[t][p]
+            cell = f"{r['slo_attainment']:.0%} / {r['replica_seconds']:,.0f}"
+            if p == "ours_ladder":
+                cell += f" ({r['degraded_share']:.1%} degraded, NDCG −{100 * r['ndcg_loss']:.2f} %)"
+            cells.append(cell)
+        lines.append(f"| {TRACE_LABELS.get(t, t)} | " + " | ".join(cells) + " |")
+    lines += ["", ("Worst gap of ours with the ladder against each baseline's SLO-vs-replica-seconds staircase over "
+              "their common cost range (≥ 0: on or above it; each setpoint swept, `sim.SETPOINTS`):"), "",
+              "| trace | " + " | ".join(LABELS[b] for b in BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
+    for t in traces_:
+        gaps = meta["pareto_gaps"][t]
+        lines.append(f"| {TRACE_LABELS.get(t, t)} | " + " | ".join(
+            f"{g['worst_gap']:+.1%}" if g["worst_gap"] is not None else "no common range"
+            for g in (gaps[b] for b in BASELINES)) + " |")  # fmt: skip
+    spike_max = report["spike_x5"]["static_max"]["replica_seconds"]
+    lines += ["", "Ours with the ladder on the spike, each headroom (share of static-at-max's replica-seconds):", "",
+              "| headroom | SLO | replica-seconds | degraded | NDCG@10 loss |", "|---|---|---|---|---|"]
+    for c in meta["sweeps"]["spike_x5"]["ours_ladder"]:
+        lines.append(f"| {c['setpoint']:g} | {c['slo_attainment']:.1%} | {c['replica_seconds'] / spike_max:.1%} | "
+                     f"{c['degraded_share']:.1%} | {100 * c['ndcg_loss']:.2f} % |")
+    lines += ["", "Targets, as the script checks them (default setpoints):", "", "| target | result |", "|---|---|"]
+    for name, v in meta["checks"].items():
+        value = v["value"]
+        shown = f"{value:.3g}" if isinstance(value, float) else \
+            ("see the gap table" if isinstance(value, dict) else value)  # fmt: skip
+        lines.append(f"| {name} | {'met' if v['ok'] else '**not met**'}: {shown} |")
+    block = MARKERS[0] + "\n" + "\n".join(lines) + "\n" + MARKERS[1]
+    text = DOC.read_text()
+    DOC.write_text(re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, text, flags=re.DOTALL))
+
+
 def reprice(out: Path) -> None:
     """The expected NDCG@10 losses of a finished run, from its requests per level and today's prices."""
     report = json.loads(out.read_text())
@@ -221,6 +270,8 @@ def reprice(out: Path) -> None:
     meta["checks"]["ours_ladder, spike_x5: expected NDCG@10 loss over the trace <= 2 %"] = {"value": loss, "ok": loss <= 0.02}
     meta["repriced"] = True
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if out == RESULTS / "autoscale.json":
+        write_doc(report)
     console.print(f"re-priced {out} with {source}: drops " + ", ".join(
         f"{lv} {100 * d:.1f} %" for lv, d in zip(ladder.levels, ladder.drop)) + f"; spike loss {100 * loss:.2f} %")  # fmt: skip
 
@@ -324,6 +375,8 @@ def main() -> None:
                        "default_setpoints": DEFAULT_SETPOINT, "sweeps": curves, "pareto_gaps": gaps,
                        "checks": checks}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if Path(args.out) == RESULTS / "autoscale.json":
+        write_doc(json.loads(Path(args.out).read_text()))
     console.print(f"wrote {args.out}, {plot_path} and {pareto_path}")
 
 
