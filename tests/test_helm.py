@@ -236,6 +236,16 @@ def test_operator_toggle_sets_external_autoscaler_and_readiness_gate(helm):
     assert on["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
 
 
+def test_predictor_and_autoscaler_aim_at_the_same_p99_target(helm):
+    """The predictor's quality ladder and the LatencyAutoscaler get the one p99 target and the ladder setting."""
+    objects = render(helm, {"operator.p99TargetMs": "80", "operator.maxDegradedShare": "1"})  # --set: no floats
+    (isvc,) = [o for o in objects if o["kind"] == "InferenceService"]
+    (las,) = [o for o in objects if o["kind"] == "LatencyAutoscaler"]
+    env = {e["name"]: e.get("value") for c in containers(isvc) for e in c.get("env", [])}
+    assert env["RECSYS_SERVE_P99_TARGET_MS"] == "80" and las["spec"]["p99TargetMs"] == 80
+    assert las["spec"]["ladder"] == {"maxDegradedShare": 1}
+
+
 def test_operator_replicas_elect_a_leader_through_kopf_peering(helm):
     objects = render(helm, {"operator.replicas": "2"})
     deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "demo-recsys-operator")
@@ -277,6 +287,7 @@ def test_feast_config_map_is_the_production_feature_store_yaml(helm):
     ({"postgres.password": "hunter2"}, "password"),
     ({"retrain.schedule": "daily"}, "retrain.schedule"),
     ({"feast.project": "Bad-Name"}, "feast.project"),
+    ({"operator.maxDegradedShare": "2"}, "maxDegradedShare"),
 ])  # fmt: skip
 def test_values_schema_rejects_bad_values(helm, values, message):
     done = run([helm, "template", "demo", CHART, *sets(values)], check=False)
