@@ -265,8 +265,11 @@ def test_hnsw_retrieval_is_calibrated_and_excludes_seen_like_exact(trained):
     data, files = trained
     exact, auto = engine_for(files), engine_for(files, hnsw_threshold=50)
     assert not exact.inference.use_index and auto.inference.use_index
-    # at 200 items the exact scan measures faster, so "auto" kept it; search="hnsw" serves the index anyway
-    assert auto.inference.tables.index is None
+    # "auto" serves the index only where it measured faster at the required recall (at 200 items the exact
+    # scan usually is; the rule, not the timing, is what is asserted); search="hnsw" serves it anyway
+    chosen = auto.inference.tables.selection
+    faster = chosen["hnsw_recall@100"] >= 0.95 and chosen["hnsw_ms_per_16_users"] < chosen["exact_ms_per_16_users"]
+    assert (auto.inference.tables.index is not None) == faster and chosen["served"] == ("hnsw" if faster else "exact")
     hnsw = engine_for(files, search="hnsw")
     assert hnsw.inference.tables.index is not None and hnsw.index_recall >= 0.95
     counts = data.events["user_id"].value_counts()
