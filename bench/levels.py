@@ -77,16 +77,18 @@ def markdown(report: dict) -> str:
     lines = ["| dataset | " + " | ".join(f"{lv} NDCG@10" for lv in LEVELS) + " | ranker serves (of seeds) |",
              "|---|" + "---|" * (len(LEVELS) + 1)]  # fmt: skip
     for name, d in report["datasets"].items():
-        cells = [f"{d['levels'][lv]['ndcg@10']['mean']:.4f} ± {d['levels'][lv]['ndcg@10']['sd']:.4f}"
-                 f" ({-100 * d['drop_vs_top'][lv]:+.0f} %)" for lv in LEVELS]  # fmt: skip
+        seeds = len(d["runs"])
+        cells = [f"{d['levels'][lv]['ndcg@10']['mean']:.4f}"
+                 + (f" ± {d['levels'][lv]['ndcg@10']['sd']:.4f}" if seeds > 1 else "")
+                 + f" ({-100 * d['drop_vs_top'][lv]:+.0f} %)" for lv in LEVELS]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(d['ranker_serves'])} of {len(d['runs'])} |")
     return "\n".join(lines)
 
 
 def write_doc(table: str, command: str) -> None:
     text = DOC.read_text()
-    block = f"{MARKERS[0]}\n{table}\n\n{command}; mean ± sd over seeds, in brackets the change against the level " \
-            f"the model's ladder starts at.\n{MARKERS[1]}"  # fmt: skip
+    block = f"{MARKERS[0]}\n{table}\n\n{command}; mean ± sd over seeds (one seed: the value), in brackets the " \
+            f"change against the level the model's ladder starts at.\n{MARKERS[1]}"  # fmt: skip
     if MARKERS[0] in text:
         text = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, text, flags=re.DOTALL)
     else:
