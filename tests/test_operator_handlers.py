@@ -287,7 +287,7 @@ def test_degraded_share_scales_up_with_p99_on_target_and_shows_in_status(stack):
 def test_a_pod_holding_its_p99_by_degrading_is_judged_at_full_quality(stack):
     """A slow pod whose ladder serves popularity shows a p99 like its peers'; its full-quality demand (8 ×
     the work here) gives it away, and it leaves rotation."""
-    api, pods, cluster, port, loop = stack
+    _, pods, cluster, port, loop = stack
     body = autoscaler(metrics={"port": port}, outlierEjection={"cooloffSeconds": 30, "minRequests": 10})
     memory = Memory()
     run_step(loop, cluster, body, memory, now=0)
