@@ -46,7 +46,6 @@ from operators.policy import (
     EjectionPolicy,
     ScalingPolicy,
     Stabilizer,
-    degraded_share,
     desired_replicas,
     desired_with_ladder,
     full_quality_demand,
@@ -54,6 +53,7 @@ from operators.policy import (
     merge,
     outliers,
     quantile,
+    read_ladder,
 )
 from predictor.serving.ladder import LadderPolicy, LadderState, next_level
 from predictor.serving.metrics import LATENCY_BUCKETS
@@ -312,11 +312,9 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
             observed = quantile(pooled_h, 0.99) if pooled_h else None
             observed_ms = observed * 1000 if observed is not None else None
             if uses_ladder:
-                per_pod = [pod_levels(replicas[i], ladder) for i in rotation]
-                served = {lv: sum(p[0][lv] for p in per_pod) for lv in ladder.levels}
-                share = degraded_share(served, ladder.levels[0])
-                wanted = desired_with_ladder(current, observed_ms, pooled_h.get(math.inf, 0), share,
-                                             full_quality_demand(per_pod), scaling)  # fmt: skip
+                reading = read_ladder([pod_levels(replicas[i], ladder) for i in rotation])
+                wanted = desired_with_ladder(current, observed_ms, pooled_h.get(math.inf, 0), reading.share,
+                                             reading.demand, scaling)  # fmt: skip
             else:
                 wanted = desired_replicas(current, observed_ms, pooled_h.get(math.inf, 0), scaling)
             new = limit_step(current, stabilizer.recommend(now, current, wanted, scaling), scaling)

@@ -19,15 +19,14 @@ from operators.policy import (
     EjectionPolicy,
     ScalingPolicy,
     Stabilizer,
-    best_level,
     counter_delta,
-    degraded_share,
     desired_with_ladder,
     full_quality_demand,
     limit_step,
     merge,
     outliers,
     quantile,
+    read_ladder,
     window_delta,
 )
 
@@ -106,7 +105,6 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
     name = metrics.get("histogram", "recsys_stage_seconds")
     timeout = float(metrics.get("scrapeTimeoutSeconds", 2))
     served: dict[str, dict[str, float]] = {}  # users per ladder level in the window, per pod
-    costs: dict[str, dict[str, float]] = {}
     if metrics.get("source", "pods") == "prometheus":
         scraped = await scrape.prometheus_window(metrics["prometheusUrl"], name, labels, [p.name for p in pods],
                                                  float(metrics.get("windowSeconds", 60)), timeout)  # fmt: skip
@@ -155,13 +153,8 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
     observed_ms = observed * 1000 if observed is not None else None
     # the quality ladder, pooled over the pods in rotation: users served below the best level, and the work
     # serving them all at it would take (each pod's level costs weigh its own users)
-    pooled_served: dict[str, float] = {}
-    for pod in in_rotation:
-        for level, n in served.get(pod, {}).items():
-            pooled_served[level] = pooled_served.get(level, 0.0) + n
-    best = next((b for b in (best_level(costs.get(pod, {})) for pod in in_rotation) if b), None)
-    share = degraded_share(pooled_served, best)
-    demand = full_quality_demand([(served.get(pod, {}), costs[pod]) for pod in in_rotation if pod in costs])
+    ladder = read_ladder([(served.get(pod, {}), costs[pod]) for pod in in_rotation if pod in costs])
+    share, demand, best = ladder.share, ladder.demand, ladder.best
     wanted = desired_with_ladder(current, observed_ms, requests, share, demand, scaling)
     stabilised = memory.stabilizer.recommend(now, current, wanted, scaling)
     new_size = limit_step(current, stabilised, scaling)
@@ -221,7 +214,7 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
         "desiredReplicas": new_size,
         "lastScaleTime": memory.last_scale_time,
         "degradedShare": round(share, 4) if share is not None else None,
-        "servedLevels": {lv: pooled_served[lv] for lv in pooled_served},
+        "servedLevels": ladder.served,
         "fullQualityDemand": round(demand, 3),
         "ejectedCount": len(memory.ejected),
         "ejectedPods": [{"name": p, "since": _iso(t)} for p, t in sorted(memory.ejected.items())],

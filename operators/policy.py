@@ -161,6 +161,27 @@ def full_quality_demand(pods: list[tuple[Mapping[str, float], Mapping[str, float
     return max(wanted / done, 1.0) if done > 0 else 1.0
 
 
+@dataclass(frozen=True)
+class LadderReading:
+    """A pool's quality ladder over one window: users per level, the best level, the degraded share and
+    the full-quality demand (see :func:`degraded_share`, :func:`full_quality_demand`)."""
+
+    served: dict[str, float]
+    best: str | None
+    share: float | None
+    demand: float
+
+
+def read_ladder(pods: list[tuple[Mapping[str, float], Mapping[str, float]]]) -> LadderReading:
+    """The ladder of the pods given as ``(served in the window, level costs)``, pooled."""
+    served: dict[str, float] = {}
+    for pod_served, _ in pods:
+        for level, n in pod_served.items():
+            served[level] = served.get(level, 0.0) + n
+    best = next((b for b in (best_level(costs) for _, costs in pods) if b), None)
+    return LadderReading(served, best, degraded_share(served, best), full_quality_demand(pods))
+
+
 def desired_with_ladder(current: int, observed_p99_ms: float | None, requests: float, share: float | None,
                         demand: float, policy: ScalingPolicy) -> int:  # fmt: skip
     """:func:`desired_replicas`, and: while more than ``max_degraded_share`` of the users were degraded,

@@ -34,7 +34,7 @@ def parse_levels(text: str) -> tuple[dict[str, float], dict[str, float]]:
     served: dict[str, float] = {}
     costs: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in ("recsys_served_level", SERVED_LEVEL, LEVEL_COST):
+        if family.name not in ("recsys_served_level", LEVEL_COST):  # a counter's family drops its _total
             continue
         for sample in family.samples:
             level = sample.labels.get("level")

@@ -48,6 +48,7 @@ BF16_SCAN_ITEMS = 50_000  # CPU catalogs from this many items try the certified 
 ITEM_CHUNK = 8192  # item rows per pass of the towers when the item side is built
 # the quality ladder, best first: the ranker over all candidates, over fewer, retrieval order, popularity
 LEVELS = ("full", "reduced", "retrieval", "popularity")
+RANKED_LEVELS = LEVELS[:2]  # the levels that run the ranker
 REDUCED_SHARE = 4  # the reduced level ranks candidates // REDUCED_SHARE (at least k)
 
 
@@ -399,7 +400,7 @@ class TwoStageInference:
     @property
     def levels(self) -> tuple[str, ...]:
         """The ladder this model serves, best first."""
-        return LEVELS if self.use_ranker else LEVELS[2:]
+        return LEVELS if self.use_ranker else LEVELS[len(RANKED_LEVELS) :]
 
     def popular(self, batch: UserBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The popularity order without each user's seen items: ``[B, k]`` indexes (0-padded) and counts
@@ -445,7 +446,7 @@ class TwoStageInference:
         window, lengths, udense = self.tensors(batch)
         if user is None:
             user = self.user_vectors(window, lengths, udense)
-        ranked = level in ("full", "reduced")
+        ranked = level in RANKED_LEVELS
         n = max(self.candidates if level == "full" else self.reduced_candidates, k) if ranked else k
         cand, scores = self.retrieve(user, batch, n)
         timings["retrieval"] = time.perf_counter() - started

@@ -45,6 +45,7 @@ from predictor.models.evaluate import (
 )
 from predictor.models.inference import (
     HNSW_THRESHOLD,
+    RANKED_LEVELS,
     TwoStageInference,
     batch_from_split,
     hnsw_graph,
@@ -411,7 +412,7 @@ class TwoStageRecommender:
         "reduced" rank with the ranker whether or not validation chose it."""
         split = split or self.split
         if inference is None:
-            use_ranker = level in ("full", "reduced") if level else self.use_ranker and stage == "two_stage"
+            use_ranker = level in RANKED_LEVELS if level else self.use_ranker and stage == "two_stage"
             inference = self.inference(search=search, use_ranker=use_ranker)
 
         def rank_fn(users, end, k):

@@ -6,7 +6,8 @@ latency policy does exactly that).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008, 0.010, 0.0125, 0.015, 0.02,
@@ -47,12 +48,29 @@ SERVED_LEVEL = Counter(
     "popularity; predictor.serving.ladder): any level below the model's best is degraded",
     ["level"],
 )
-LEVEL_COST_SECONDS = Gauge(
-    "recsys_level_cost_seconds",
-    "Predicted model seconds of one lone request at each level of the serving model's ladder (calibrated at "
-    "load, scaled by measured times); only the model's own levels are set, best first in LEVELS order",
-    ["level"],
-)
+
+
+class LevelCostCollector:
+    """``recsys_level_cost_seconds{level}``: the predicted model seconds of one lone request at each level
+    of the serving model's ladder (calibrated at load, scaled by measured times), read from ``source`` (a
+    ``predictor.serving.ladder.QualityLadder``, set at load and on hot swap) when Prometheus scrapes: only
+    the serving model's levels appear, and the request path does no work for it."""
+
+    def __init__(self):
+        self.source = None
+
+    def collect(self):
+        family = GaugeMetricFamily("recsys_level_cost_seconds", "Predicted model seconds of one lone request at "
+                                   "each level of the serving model's quality ladder", labels=["level"])  # fmt: skip
+        ladder = self.source
+        if ladder is not None:
+            for i, level in enumerate(ladder.levels):
+                family.add_metric([level], ladder.costs.batch_s(i, 1))
+        yield family
+
+
+LEVEL_COSTS = LevelCostCollector()
+REGISTRY.register(LEVEL_COSTS)
 MODEL_SWAPS = Counter("recsys_model_swaps_total", "Hot swaps to a newly promoted model")
 ITEM_FEATURE_REFRESHES = Counter("recsys_item_feature_refreshes_total",
                                  "Item-feature cache refreshes after materialization advanced")  # fmt: skip

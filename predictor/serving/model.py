@@ -263,7 +263,7 @@ class RecommenderModel(Model):
                 "or pass --model-uri"
             )
         self.ready = True
-        self._export_costs(self.current.ladder, fresh=True)
+        metrics.LEVEL_COSTS.source = self.current.ladder
         engine = self.current.engine
         log.info("model %s ready (%d items, device %s, precision %s, retrieval %s, ranker %s, levels %s)",
                  self.current.version, engine.n_items, engine.device, engine.precision,
@@ -389,7 +389,7 @@ class RecommenderModel(Model):
                       production.version, self.current.version, exc)  # fmt: skip
             return False
         previous, self.current = self.current, loaded  # in-flight requests keep their own reference
-        self._export_costs(loaded.ladder, fresh=True)  # a model without a ranker has no full / reduced
+        metrics.LEVEL_COSTS.source = loaded.ladder  # a model without a ranker has no full / reduced
         metrics.MODEL_SWAPS.inc()
         gc.collect()
         gc.freeze()  # the new model's objects join the permanent generation: no gen-2 scans of them
@@ -484,16 +484,7 @@ class RecommenderModel(Model):
                 n = len(jobs[r][1])
                 out[r] = (recs.rows(at, at + n), served)
                 at += n
-        self._export_costs(ladder)
         return out
-
-    @staticmethod
-    def _export_costs(ladder: QualityLadder, fresh: bool = False) -> None:
-        """``recsys_level_cost_seconds`` for the serving model's levels only (``fresh``: drop the others')."""
-        if fresh:
-            metrics.LEVEL_COST_SECONDS.clear()
-        for i, level in enumerate(ladder.levels):
-            metrics.LEVEL_COST_SECONDS.labels(level=level).set(ladder.costs.batch_s(i, 1))
 
     async def _features(self, user_ids: list[int]) -> tuple[list[UserOnline] | None, str | None]:
         try:
