@@ -185,6 +185,42 @@ def events_push(
     console.print(f"[green]pushed[/] {result.events} events for {result.users} users")
 
 
+@events_app.command("serve")
+def events_serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="HTTP port.", envvar="RECSYS_EVENTS_HTTP_PORT")] = 8090,
+) -> None:
+    """Run the event ingestion service: POST /v1/events (a JSON array of events). Production profile:
+    published to NATS JetStream for `recsys events consume`; embedded profile: applied directly."""
+    import uvicorn
+
+    from predictor.events.service import ingest_app
+
+    uvicorn.run(ingest_app(state.settings), host=host, port=port, log_level=(state.log_level or "info").lower(),
+                access_log=False)  # fmt: skip
+
+
+@events_app.command("consume")
+def events_consume(
+    host: Annotated[str, typer.Option(help="Address of the probe and metrics endpoints.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="HTTP port of /healthz, /readyz, /metrics.")] = 8091,
+    fetch_batch: Annotated[
+        int, typer.Option(min=1, max=10_000, help="Stream messages applied per database transaction.")
+    ] = 256,
+) -> None:
+    """Apply events from the JetStream stream to the event log and the online store (a durable pull
+    consumer: run several to scale out; each event is applied once, on its event_id)."""
+    import uvicorn
+
+    from predictor.events.service import consumer_app
+
+    try:
+        app_ = consumer_app(state.settings, fetch_batch)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    uvicorn.run(app_, host=host, port=port, log_level=(state.log_level or "info").lower(), access_log=False)
+
+
 # --- models -----------------------------------------------------------------------------------------
 def _offline_user_profile(settings: Settings):
     from predictor.features.batch import USER_PROFILE

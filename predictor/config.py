@@ -49,6 +49,20 @@ class Settings(BaseSettings):
     redis_port: int = 6379
     redis_db: int = 0
 
+    # the events service's stream (production profile): NATS JetStream
+    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated.")
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_creds: Path | None = Field(default=None, description="NATS credentials file (JWT and NKey seed).")
+    nats_tls_ca: Path | None = Field(default=None, description="CA bundle that signed the NATS server's cert.")
+    events_stream: str = Field(default="RECSYS_EVENTS", pattern=r"^[A-Za-z0-9_-]+$")
+    events_subject: str = Field(default="recsys.events", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    events_consumer: str = Field(default="recsys-events", pattern=r"^[A-Za-z0-9_-]+$")
+    events_max_age_days: float = Field(default=7.0, gt=0, description="How long the stream keeps events.")
+    events_ack_wait_seconds: float = Field(
+        default=30.0, gt=0, description="Unacknowledged messages of a lost consumer are redelivered after this."
+    )
+
     # model artifacts: a local path or any fsspec URI (s3://, gs://, ...); default $RECSYS_HOME/models
     artifacts: str | None = None
 

@@ -1,7 +1,8 @@
 """The event log and item catalog as SQL tables (SQLAlchemy; PostgreSQL in production, SQLite embedded).
 
 The log is the source of truth for interactions: batch features are computed from it, training reads it,
-and real-time events are appended to it before they are pushed to the online store.
+and real-time events are appended to it before they are pushed to the online store. A real-time event
+may carry a client ``event_id``: the column is unique, so an event delivered twice is stored once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from predictor.data.loaders import load_sql
-from predictor.data.schema import Interactions
+from predictor.data.schema import EVENT_ID_MAX_LENGTH, Interactions
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,11 @@ events_table = sa.Table(
     sa.Column("event_type", sa.String(32), nullable=False),
     sa.Column("weight", sa.Float, nullable=False),
     sa.Column("rating", sa.Float, nullable=True),
+    # NULL for bulk-loaded rows; NULLs never collide in a unique index (PostgreSQL and SQLite)
+    sa.Column("event_id", sa.String(EVENT_ID_MAX_LENGTH), nullable=True),
     sa.Index("ix_events_user_time", "user_id", "timestamp"),
     sa.Index("ix_events_time", "timestamp"),
+    sa.Index("ix_events_event_id", "event_id", unique=True),
 )
 
 items_table = sa.Table(
@@ -69,7 +73,14 @@ class EventLog:
             Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
 
     def create_tables(self) -> None:
+        """Create missing tables, and add ``event_id`` to an events table made before it existed."""
         metadata.create_all(self.engine)
+        columns = {c["name"] for c in sa.inspect(self.engine).get_columns("events")}
+        if "event_id" not in columns:
+            with self.begin() as conn:
+                conn.execute(sa.text(f"ALTER TABLE events ADD COLUMN event_id VARCHAR({EVENT_ID_MAX_LENGTH})"))
+                conn.execute(sa.text("CREATE UNIQUE INDEX IF NOT EXISTS ix_events_event_id ON events (event_id)"))
+            log.info("event log: added the event_id column to the events table")
 
     @contextmanager
     def begin(self) -> Iterator[sa.Connection]:
@@ -135,8 +146,13 @@ class EventLog:
             copy.write(buf.getvalue())
 
     # --- real-time append -----------------------------------------------------------------------
-    def append(self, conn: sa.Connection, events: pd.DataFrame) -> None:
-        """Append validated events inside the caller's transaction; unknown items reject the batch."""
+    def append(self, conn: sa.Connection, events: pd.DataFrame) -> int:
+        """Append validated events inside the caller's transaction; returns how many rows were new.
+
+        Unknown items reject the whole batch. Rows whose ``event_id`` is already in the log are skipped
+        (``ON CONFLICT DO NOTHING``), which makes a redelivered batch a no-op; rows without an
+        ``event_id`` column are always appended.
+        """
         item_ids = [int(i) for i in np.unique(events["item_id"].to_numpy())]
         known = {
             row[0]
@@ -145,7 +161,50 @@ class EventLog:
         unknown = sorted(set(item_ids) - known)
         if unknown:
             raise UnknownItemError(unknown)
-        self._insert_events(conn, events)
+        if "event_id" not in events.columns:
+            self._insert_events(conn, events)
+            return len(events)
+        return self._insert_new_events(conn, events)
+
+    @staticmethod
+    def _insert_new_events(conn: sa.Connection, events: pd.DataFrame) -> int:
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        rows = pd.DataFrame(
+            {
+                "user_id": events["user_id"].astype("int64"),
+                "item_id": events["item_id"].astype("int64"),
+                "timestamp": _utc_naive(events["timestamp"]),
+                "event_type": events["event_type"].astype(str),
+                "weight": events["weight"].astype(float),
+                "rating": events["rating"].astype(float).replace({np.nan: None}),
+                "event_id": events["event_id"].astype(str),
+            }
+        ).to_dict("records")
+        statement = insert(events_table).on_conflict_do_nothing(index_elements=["event_id"])
+        # RETURNING lists only the rows that went in, so the count excludes the skipped duplicates
+        return len(conn.execute(statement.returning(events_table.c.event_id), rows).all())
+
+    @staticmethod
+    def lock_users(conn: sa.Connection, user_ids: list[int]) -> None:
+        """Serialise writers per user until the caller's transaction ends (PostgreSQL advisory locks).
+
+        Two consumers applying events of the same user at once would each read back a sequence
+        without the other's uncommitted event and push it; the later push would then hide an event.
+        Locks are taken in ascending order, so two batches never wait on each other in a cycle.
+        SQLite needs none: it has one writer at a time.
+        """
+        if conn.dialect.name != "postgresql" or not user_ids:
+            return
+        conn.execute(
+            sa.text(
+                "SELECT count(pg_advisory_xact_lock(u)) "
+                "FROM (SELECT u FROM unnest(CAST(:users AS bigint[])) AS u ORDER BY u) AS ordered"
+            ),
+            {"users": sorted({int(u) for u in user_ids})},
+        )
 
     def recent_items(self, conn: sa.Connection, user_ids: list[int], n: int) -> pd.DataFrame:
         """Per user: the last ``n`` items, most recent first, and every distinct item, ascending.

@@ -8,6 +8,7 @@ Events (one row per interaction)::
     event_type  str                   e.g. "view", "click", "purchase", "rating"
     weight      float32               >= 0, the implicit-feedback strength
     rating      float32               explicit rating, NaN when the event carries none
+    event_id    str                   only real-time events (``event_ids=True``): the client's idempotency key
 
 Items (item metadata, one row per item)::
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 EVENT_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp", "event_type", "weight", "rating")
 REQUIRED_EVENT_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "categories")
+EVENT_ID_MAX_LENGTH = 128
 
 # implicit-feedback weight per event type when a source gives a type but no weight
 DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "rating": 3.0, "cart": 4.0, "purchase": 5.0}
@@ -149,12 +151,14 @@ def validate_events(
     first_row_number: int = 1,
     timestamp_unit: str | None = None,
     drop_duplicates: bool = True,
+    event_ids: bool = False,
 ) -> tuple[pd.DataFrame, int]:
     """Check and convert raw events to the canonical schema.
 
     ``first_row_number`` is the row number the user sees for ``df``'s first row (2 for a CSV with a
     header line), so errors point at the right line. Returns ``(events, duplicates_dropped)``, sorted
-    by timestamp (stable, so equal timestamps keep file order).
+    by timestamp (stable, so equal timestamps keep file order). With ``event_ids`` the frame must hold
+    an ``event_id`` column of distinct non-empty strings, which is kept.
     """
     missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in df.columns]
     if missing:
@@ -194,6 +198,8 @@ def validate_events(
         )
     out["weight"] = weight.astype("float32")
     out = out[list(EVENT_COLUMNS)]
+    if event_ids:
+        out["event_id"] = _event_ids(df, source, first_row_number)
 
     dropped = 0
     if drop_duplicates:
@@ -204,6 +210,22 @@ def validate_events(
             out = out[~dup.to_numpy()]
     out = out.sort_values("timestamp", kind="stable").reset_index(drop=True)
     return out, dropped
+
+
+def _event_ids(df: pd.DataFrame, source: str, first_row_number: int) -> pd.Series:
+    if "event_id" not in df.columns:
+        raise DataValidationError(source, None, "event_id", "missing required column")
+    ids = df["event_id"]
+    for pos, value in enumerate(ids):
+        if not isinstance(value, str) or not value or len(value) > EVENT_ID_MAX_LENGTH:
+            problem = f"expected a non-empty string of at most {EVENT_ID_MAX_LENGTH} characters, got {value!r}"
+            raise DataValidationError(source, _row_number(pos, first_row_number), "event_id", problem)
+    pos = _first_bad(ids.duplicated().to_numpy())
+    if pos is not None:
+        raise DataValidationError(
+            source, _row_number(pos, first_row_number), "event_id", f"event_id {ids.iloc[pos]!r} appears twice"
+        )
+    return ids.astype(str)
 
 
 def validate_items(df: pd.DataFrame, source: str, first_row_number: int = 1) -> pd.DataFrame:

@@ -4,6 +4,10 @@ full distinct seen set (``recent_items`` and ``seen_items`` of ``user_recent_ite
 The batch is all-or-nothing in the log: it is validated (schema, known items), inserted and the new
 sequences are read back inside one transaction; the transaction commits only after Feast accepted the
 push, so a failed push leaves the log as it was. One Feast push call per batch, not per user.
+
+Events with an ``event_id`` are idempotent: ids already in the log are skipped, and the users' sequences
+are pushed again all the same, so a batch redelivered after its commit but before its acknowledgement
+still leaves the online store equal to the log.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ PUSH_SOURCE = "user_recent_items_push"
 
 @dataclass
 class PushResult:
-    events: int
+    events: int  # in the batch
+    new: int  # appended to the log (fewer when some event_ids were already there)
     users: int
     sequences: pd.DataFrame  # user_id, recent_items, seen_items, event_timestamp, created: what was pushed
 
@@ -43,12 +48,14 @@ def push_events(
 
     ``source`` and ``first_row_number`` only make error messages point at the right file and row.
     """
-    batch, _ = validate_events(events, source, first_row_number=first_row_number, drop_duplicates=False)
+    with_ids = "event_id" in events.columns
+    batch, _ = validate_events(events, source, first_row_number, drop_duplicates=False, event_ids=with_ids)
     if batch.empty:
         raise ValueError(f"{source}: the batch holds no events")
     user_ids = [int(u) for u in batch["user_id"].unique()]
     with event_log.begin() as conn:
-        event_log.append(conn, batch)
+        event_log.lock_users(conn, user_ids)
+        new = event_log.append(conn, batch)
         sequences = event_log.recent_items(conn, user_ids, recent_n)
         now = pd.Timestamp.now(tz="UTC")
         pushed = pd.DataFrame(
@@ -64,8 +71,8 @@ def push_events(
             }
         )
         store.push(PUSH_SOURCE, pushed, to=PushMode.ONLINE)
-    log.info("pushed %d events for %d users", len(batch), len(user_ids))
-    return PushResult(events=len(batch), users=len(user_ids), sequences=pushed)
+    log.info("pushed %d events (%d new) for %d users", len(batch), new, len(user_ids))
+    return PushResult(events=len(batch), new=new, users=len(user_ids), sequences=pushed)
 
 
 def push_events_with_settings(

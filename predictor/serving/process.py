@@ -31,16 +31,19 @@ def recsys_command() -> list[str]:
 
 class ServerProcess:
     """``command --port PORT`` with the settings' stores in its environment (plus ``env``); ``with`` starts
-    it and waits for ``/v2/models/<model>/ready``, leaving stops it. ``log`` holds its output."""
+    it and waits for ``ready_path`` (default ``/v2/models/<model>/ready``) to answer 200, leaving stops it.
+    ``log`` holds its output."""
 
     def __init__(self, settings: Settings, env: dict | None = None, command: list[str] | None = None,
-                 log_path: Path | None = None, model: str = "recsys", timeout: float = 180.0):  # fmt: skip
+                 log_path: Path | None = None, model: str = "recsys", timeout: float = 180.0,
+                 ready_path: str | None = None):  # fmt: skip
         self.settings, self.command, self.model, self.timeout = (
             settings,
             command or recsys_command(),
             model,
             timeout,
         )
+        self.ready_path = ready_path or f"/v2/models/{model}/ready"
         self.env = {k: str(v) for k, v in (env or {}).items()}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,16 +60,16 @@ class ServerProcess:
         while True:
             if self.proc.poll() is not None:
                 self.__exit__()
-                raise RuntimeError(f"the predictor exited ({self.proc.returncode}):\n{self.output()[-3000:]}")
+                raise RuntimeError(f"{self.command} exited ({self.proc.returncode}):\n{self.output()[-3000:]}")
             try:
-                if self.client.get(f"/v2/models/{self.model}/ready").status_code == 200:
+                if self.client.get(self.ready_path).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.perf_counter() - started > self.timeout:
                 self.__exit__()
                 raise RuntimeError(
-                    f"the predictor is not ready after {self.timeout:.0f} s:\n{self.output()[-3000:]}"
+                    f"{self.command} is not ready after {self.timeout:.0f} s:\n{self.output()[-3000:]}"
                 )
             time.sleep(0.2)
         self.startup_seconds = time.perf_counter() - started
