@@ -1,13 +1,16 @@
 """Bad input gets an error naming file, row and column; duplicates are dropped and counted."""
 
 import logging
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from predictor.data.loaders import load_table
-from predictor.data.schema import DataValidationError, validate_events, validate_items
+from predictor.data.schema import DataValidationError, validate_event_rows, validate_events, validate_items
 
 HEADER = "user_id,item_id,timestamp,event_type,weight\n"
 
@@ -113,3 +116,51 @@ def test_item_categories_split():
     raw = pd.DataFrame({"item_id": [1, 2, 3], "categories": ["Drama|Comedy", "(no genres listed)", None]})
     items = validate_items(raw, "items")
     assert items["categories"].tolist() == [["Drama", "Comedy"], [], []]
+
+
+# --- the row-wise validator of the events service keeps the file loader's rules ------------------------
+_GOOD_IDS = st.one_of(st.integers(0, 2**40), st.sampled_from([1.0, "7", "1e2", True]))
+_IDS = st.one_of(_GOOD_IDS, st.sampled_from([-1, 2.5, "x", None, float("nan")]))
+_GOOD_STAMPS = st.one_of(
+    st.datetimes(min_value=datetime(1678, 1, 1), max_value=datetime(2262, 4, 1)).map(lambda d: d.isoformat()),
+    st.sampled_from(["2026-12-01T10:00:00Z", "2026-12-01 10:00", "2026-12-01T10:00:00.123456+02:00"]),
+)
+_STAMPS = st.one_of(_GOOD_STAMPS, st.sampled_from(["soon", None, "2263-01-01", "1600-01-01"]))
+_GOOD_NUMBERS = st.one_of(st.floats(0, 6), st.sampled_from(["3", 2]))
+_NUMBERS = st.one_of(_GOOD_NUMBERS, st.sampled_from([None, -1.0, "x", float("inf"), float("nan")]))
+
+
+def _events(ids, stamps, numbers, types):
+    row = st.fixed_dictionaries({"user_id": ids, "item_id": ids, "timestamp": stamps, "event_type": types,
+                                 "weight": numbers, "rating": numbers})  # fmt: skip
+    return st.lists(row, min_size=1, max_size=3)
+
+
+def _both_validators(rows) -> tuple:
+    rows = [{**row, "event_id": f"e{k}"} for k, row in enumerate(rows)]
+    outcomes = []
+    for check in (lambda: validate_events(pd.DataFrame(rows), "s", 0, drop_duplicates=False, event_ids=True)[0],
+                  lambda: validate_event_rows(rows, "s", 0)):  # fmt: skip
+        try:
+            outcomes.append(check())
+        except DataValidationError as exc:
+            outcomes.append((exc.row, exc.column))
+    return tuple(outcomes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_events(_GOOD_IDS, _GOOD_STAMPS, _GOOD_NUMBERS, st.sampled_from(["view", "click", "purchase"])))
+def test_row_validator_accepts_what_the_file_validator_accepts_with_the_same_values(rows):
+    by_frame, by_rows = _both_validators(rows)
+    assert not isinstance(by_frame, tuple), by_frame
+    pd.testing.assert_frame_equal(by_rows, by_frame)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_events(_IDS, _STAMPS, _NUMBERS, st.sampled_from(["view", "click", None])))
+def test_row_validator_rejects_where_the_file_validator_does_naming_the_same_row_and_column(rows):
+    by_frame, by_rows = _both_validators(rows)
+    if isinstance(by_frame, tuple) or isinstance(by_rows, tuple):
+        assert by_frame == by_rows
+    else:
+        pd.testing.assert_frame_equal(by_rows, by_frame)

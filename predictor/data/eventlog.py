@@ -172,17 +172,15 @@ class EventLog:
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert
-        rows = pd.DataFrame(
-            {
-                "user_id": events["user_id"].astype("int64"),
-                "item_id": events["item_id"].astype("int64"),
-                "timestamp": _utc_naive(events["timestamp"]),
-                "event_type": events["event_type"].astype(str),
-                "weight": events["weight"].astype(float),
-                "rating": events["rating"].astype(float).replace({np.nan: None}),
-                "event_id": events["event_id"].astype(str),
-            }
-        ).to_dict("records")
+        columns = ("user_id", "item_id", "timestamp", "event_type", "weight", "rating", "event_id")
+        values = zip(
+            events["user_id"].astype("int64").tolist(), events["item_id"].astype("int64").tolist(),
+            _utc_naive(events["timestamp"]), events["event_type"].astype(str).tolist(),
+            events["weight"].astype(float).tolist(),
+            [None if r != r else r for r in events["rating"].astype(float).tolist()],  # NaN → NULL
+            events["event_id"].astype(str).tolist(),
+        )  # fmt: skip
+        rows = [dict(zip(columns, row)) for row in values]
         statement = insert(events_table).on_conflict_do_nothing(index_elements=["event_id"])
         # RETURNING lists only the rows that went in, so the count excludes the skipped duplicates
         return len(conn.execute(statement.returning(events_table.c.event_id), rows).all())
@@ -225,8 +223,12 @@ class EventLog:
             .where(ranked.c.rank <= n)
             .order_by(ranked.c.user_id, ranked.c.rank)
         )
-        rows = pd.DataFrame(conn.execute(query).all(), columns=["user_id", "item_id", "timestamp"])
-        if rows.empty:
+        recent: dict[int, list[int]] = {}
+        last_event: dict[int, object] = {}
+        for user, item, stamp in conn.execute(query):
+            recent.setdefault(user, []).append(int(item))
+            last_event.setdefault(user, stamp)  # rank 1 comes first: the newest
+        if not recent:
             return pd.DataFrame(columns=["user_id", "recent_items", "seen_items", "last_event"])
         distinct = (
             sa.select(e.user_id, e.item_id)
@@ -234,16 +236,16 @@ class EventLog:
             .distinct()
             .order_by(e.user_id, e.item_id)
         )
-        seen = pd.DataFrame(conn.execute(distinct).all(), columns=["user_id", "item_id"]).groupby("user_id")
-        rows["timestamp"] = pd.to_datetime(rows["timestamp"], utc=True)
-        grouped = rows.groupby("user_id", sort=True)
+        seen: dict[int, list[int]] = {}
+        for user, item in conn.execute(distinct):
+            seen.setdefault(user, []).append(int(item))
+        users = sorted(recent)
         return pd.DataFrame(
             {
-                "user_id": grouped["item_id"].size().index.astype("int64"),
-                "recent_items": [list(map(int, v)) for v in grouped["item_id"].agg(list)],
-                # the same users (those with an event), in the same order
-                "seen_items": [list(map(int, v)) for v in seen["item_id"].agg(list)],
-                "last_event": grouped["timestamp"].max().to_numpy(),
+                "user_id": np.array(users, dtype=np.int64),
+                "recent_items": [recent[u] for u in users],
+                "seen_items": [seen[u] for u in users],  # the same users: those with an event
+                "last_event": pd.to_datetime([last_event[u] for u in users], utc=True),
             }
         )
 

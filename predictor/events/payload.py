@@ -11,7 +11,7 @@ event (ISO 8601, or epoch seconds); ``event_type`` to ``view``; ``weight`` to th
 log is not applied again, so a retried request is harmless. Events without one get a fresh id here,
 which keeps the stream's own redeliveries idempotent (a client retry of such an event is not).
 
-Validation is the file loader's (``validate_events``), with rows counted from 0: the array index.
+Validation follows the file loader's rules (``validate_event_rows``), rows counted from 0: the array index.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from predictor.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_COLUMNS, DataValidationError, validate_events
+from predictor.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_COLUMNS, DataValidationError, validate_event_rows
 
 SOURCE = "request"
 FIELDS = frozenset((*EVENT_COLUMNS, "event_id"))
+MESSAGE_COLUMNS = ("event_id", "user_id", "item_id", "timestamp", "event_type", "weight", "rating")
 MAX_EVENTS_PER_REQUEST = 10_000
 
 
@@ -78,35 +79,15 @@ def parse_request(body: bytes, received_at: float | None = None) -> EventBatch:
             {
                 "user_id": row["user_id"],
                 "item_id": row["item_id"],
-                "timestamp": _timestamp(row.get("timestamp"), now, row_number),
+                "timestamp": now if row.get("timestamp") is None else row["timestamp"],
                 "event_type": event_type,
                 "weight": row["weight"] if row.get("weight") is not None else _default_weight(event_type),
                 "rating": row.get("rating"),
                 "event_id": row["event_id"] if "event_id" in row else uuid.uuid4().hex,
             }
         )
-    frame = pd.DataFrame(filled)
-    frame["timestamp"] = pd.DatetimeIndex(frame["timestamp"])
-    events, _ = validate_events(frame, SOURCE, first_row_number=0, drop_duplicates=False, event_ids=True)
+    events = validate_event_rows(filled, SOURCE, first_row_number=0)
     return EventBatch(events, received_at, [row["event_id"] for row in filled])
-
-
-def _timestamp(value, now: pd.Timestamp, row_number: int) -> pd.Timestamp:
-    if value is None:
-        return now
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        if isinstance(value, (int, float)):
-            stamp = pd.Timestamp(value, unit="s", tz="UTC")
-        else:
-            stamp = pd.Timestamp(value)
-            stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-    except (TypeError, ValueError, OverflowError):
-        raise DataValidationError(SOURCE, row_number, "timestamp", f"unparsable timestamp {value!r}") from None
-    if pd.isna(stamp):
-        raise DataValidationError(SOURCE, row_number, "timestamp", f"unparsable timestamp {value!r}")
-    return stamp
 
 
 def _default_weight(event_type) -> float:
@@ -138,12 +119,14 @@ def decode_message(data: bytes, source: str = "stream message") -> EventBatch:
     try:
         body = json.loads(data)
         received_at = float(body.pop("received_at"))
-        frame = pd.DataFrame(body)
-        frame["timestamp"] = pd.to_datetime(frame["timestamp"].astype("int64"), unit="ns", utc=True)
-        frame["rating"] = pd.to_numeric(frame["rating"], errors="coerce")
+        columns = [body[name] for name in MESSAGE_COLUMNS]
+        columns[MESSAGE_COLUMNS.index("timestamp")] = [
+            pd.Timestamp(int(ns), unit="ns", tz="UTC") for ns in body["timestamp"]
+        ]
+        rows = [dict(zip(MESSAGE_COLUMNS, values)) for values in zip(*columns, strict=True)]
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DataValidationError(source, None, None, f"not an event batch message: {exc!r}") from None
-    events, _ = validate_events(frame, source, first_row_number=0, drop_duplicates=False, event_ids=True)
+    events = validate_event_rows(rows, source, first_row_number=0)
     return EventBatch(events, received_at, events["event_id"].tolist())
 
 

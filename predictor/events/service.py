@@ -44,9 +44,10 @@ class EventSink:
         self.event_log.create_tables()
 
     def apply(self, batch: EventBatch) -> Applied:
-        from predictor.features.realtime import push_events
+        """Append and write online; the batch was validated when it was parsed or decoded."""
+        from predictor.features.realtime import apply_events
 
-        result = push_events(batch.events, self.store, self.event_log, self.settings.recent_items, "events")
+        result = apply_events(batch.events, self.store, self.event_log, self.settings.recent_items)
         return Applied(events=result.events, new=result.new)
 
     def close(self) -> None:
