@@ -61,7 +61,8 @@ class UnknownItemError(ValueError):
 
 def _utc_naive(ts: pd.Series) -> list:
     """Timestamps as naive UTC datetimes: SQLite has no time zones, so both backends store UTC."""
-    return ts.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy().astype("datetime64[us]").tolist()
+    # a tz-aware column's .values are its UTC instants as datetime64[ns]
+    return ts.dt.tz_convert("UTC").values.astype("datetime64[us]").tolist()
 
 
 class EventLog:

@@ -110,7 +110,7 @@ def apply_events(batch: pd.DataFrame, store: FeatureStore, event_log: EventLog, 
     their users' sequences online, in one transaction."""
     if batch.empty:
         raise ValueError("the batch holds no events")
-    user_ids = [int(u) for u in batch["user_id"].unique()]
+    user_ids = sorted(set(batch["user_id"].tolist()))
     with event_log.begin() as conn:
         event_log.lock_users(conn, user_ids)
         new = event_log.append(conn, batch)
@@ -124,7 +124,7 @@ def apply_events(batch: pd.DataFrame, store: FeatureStore, event_log: EventLog, 
                 # Valid from when we learned it. Online stores keep the row with the newest
                 # event_timestamp, so stamping with the (possibly older) event time could lose the
                 # write to a batch snapshot taken after that event.
-                "event_timestamp": pd.to_datetime(sequences["last_event"], utc=True).clip(lower=now),
+                "event_timestamp": [max(last, now) for last in sequences["last_event"]],
                 "created": now,
             }
         )
