@@ -26,6 +26,7 @@ TOGGLES: dict[str, tuple[dict, dict]] = {  # path → (values when off, values w
     "feast.applyHook": ({}, {}),
     "feast.materialize.enabled": ({}, {}),
     "feast.featureServer.enabled": ({}, {}),
+    "events.enabled": ({}, {"events.nats.existingSecret": "nats-auth", "events.nats.caSecret": "nats-ca"}),
     "models.pvc.enabled": ({"models.artifacts": "s3://models/recsys"}, {}),
     "bundled.redis.enabled": ({}, {}),
     "bundled.postgres.enabled": ({}, {}),
@@ -81,7 +82,7 @@ COMBINATIONS = {
                         "monitoring.serviceMonitor.enabled": "true", "networkPolicy.enabled": "true",
                         "predictor.podDisruptionBudget.enabled": "true", "predictor.gpu.enabled": "true"},
     "minimal": {"operator.enabled": "false", "retrain.enabled": "false", "feast.applyHook": "false",
-                "feast.materialize.enabled": "false", "feast.featureServer.enabled": "false",
+                "feast.materialize.enabled": "false", "feast.featureServer.enabled": "false", "events.enabled": "false",
                 "models.pvc.enabled": "false", "models.artifacts": "s3://models/recsys"},
     **COVERING,
 }  # fmt: skip
@@ -284,6 +285,8 @@ def test_feast_config_map_is_the_production_feature_store_yaml(helm):
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"predictor.port": "0"}, "predictor.port"),
+    ({"events.nats.url": "http://nats:4222"}, "events.nats.url"),
+    ({"events.consumer.fetchBatch": "0"}, "events.consumer.fetchBatch"),
     ({"postgres.password": "hunter2"}, "password"),
     ({"retrain.schedule": "daily"}, "retrain.schedule"),
     ({"feast.project": "Bad-Name"}, "feast.project"),
@@ -336,3 +339,28 @@ def test_predictor_memory_follows_the_measured_rule():
     assert mib(resources["requests"]["memory"]) == memory_request_mib(peak)
     assert mib(resources["limits"]["memory"]) == memory_limit_mib(peak)
     assert memory_request_mib(peak) >= peak  # the rule itself: never below what was measured
+
+
+def test_events_service_and_consumers_reach_jetstream_with_credentials_from_secrets(helm):
+    objects = render(helm, {"events.nats.existingSecret": "nats-auth", "events.nats.caSecret": "nats-ca",
+                            "events.nats.url": "tls://nats.messaging:4222", "events.consumer.replicas": "3"})  # fmt: skip
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "demo-recsys-events")
+    assert service["spec"]["ports"][0]["port"] == 8090
+    assert deployments["demo-recsys-events-consumer"]["spec"]["replicas"] == 3
+    for name, command in (("demo-recsys-events", ["events", "serve"]), ("demo-recsys-events-consumer", ["events", "consume"])):
+        pod = deployments[name]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["args"][:2] == command
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RECSYS_NATS_URL"]["value"] == "tls://nats.messaging:4222"
+        assert env["RECSYS_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "nats-auth", "key": "password"}
+        assert "value" not in env["RECSYS_NATS_PASSWORD"]  # by reference only
+        ca = env["RECSYS_NATS_TLS_CA"]["value"]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "nats-ca")
+        assert ca.startswith(mount["mountPath"])
+        assert {"name": "nats-ca", "secret": {"secretName": "nats-ca"}} in pod["volumes"]
+    assert not any(o["kind"] == "Deployment" and "events" in o["metadata"]["name"]
+                   for o in render(helm, {"events.enabled": "false"}))  # fmt: skip

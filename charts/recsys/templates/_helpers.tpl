@@ -149,22 +149,58 @@ containers:
     ports:
       - {name: http, containerPort: {{ . }}}
     readinessProbe:
-      httpGet: {path: /health, port: http}
+      httpGet: {path: {{ $.readyPath | default "/health" }}, port: http}
       periodSeconds: 10
     livenessProbe:
-      httpGet: {path: /health, port: http}
+      httpGet: {path: {{ $.livePath | default "/health" }}, port: http}
       periodSeconds: 20
     {{- end }}
     env:
       {{- include "recsys.env" .ctx | nindent 6 }}
+      {{- with .extraEnv }}
+      {{- . | nindent 6 }}
+      {{- end }}
     resources:
       {{- toYaml .resources | nindent 6 }}
     securityContext:
       {{- include "recsys.containerSecurityContext" .ctx | nindent 6 }}
     volumeMounts:
       {{- include "recsys.volumeMounts" .ctx | nindent 6 }}
+      {{- with .extraVolumeMounts }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
 volumes:
   {{- include "recsys.volumes" .ctx | nindent 2 }}
+  {{- with .extraVolumes }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* The NATS JetStream connection of the events service and its consumers: url from values, credentials from Secrets. */}}
+{{- define "recsys.natsEnv" -}}
+{{- $nats := .Values.events.nats -}}
+- name: RECSYS_NATS_URL
+  value: {{ $nats.url | quote }}
+- name: RECSYS_EVENTS_STREAM
+  value: {{ $nats.stream | quote }}
+- name: RECSYS_EVENTS_SUBJECT
+  value: {{ $nats.subject | quote }}
+- name: RECSYS_EVENTS_CONSUMER
+  value: {{ $nats.durable | quote }}
+- name: RECSYS_EVENTS_MAX_AGE_DAYS
+  value: {{ $nats.maxAgeDays | quote }}
+{{- if $nats.existingSecret }}
+- name: RECSYS_NATS_USER
+  valueFrom:
+    secretKeyRef: {name: {{ $nats.existingSecret }}, key: {{ $nats.userKey }}}
+- name: RECSYS_NATS_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ $nats.existingSecret }}, key: {{ $nats.passwordKey }}}
+{{- end }}
+{{- if $nats.caSecret }}
+- name: RECSYS_NATS_TLS_CA
+  value: /etc/recsys/nats-ca/{{ $nats.caKey }}
+{{- end }}
 {{- end }}
 
 {{/* Reviewed checkov findings, each with its reason (checkov reads these annotations). */}}
