@@ -46,7 +46,7 @@ from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
-from predictor.features.store import apply, materialize_incremental, open_store
+from predictor.features.store import apply, materialize, open_store
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import train_and_register
 from predictor.models.registry import ModelRegistry
@@ -78,7 +78,7 @@ def setup(settings: Settings, items: int, users: int, events: int) -> np.ndarray
     log.replace(data)
     log.engine.dispose()
     build_features(settings, snapshot_every="14D")
-    materialize_incremental(settings, store=apply(settings))
+    materialize(settings, store=apply(settings))
     train = TrainConfig(epochs=1, min_epochs=1, ranker_epochs=1, ranker_examples_per_epoch=4_000, seed=0)
     registry = ModelRegistry(settings.database_url)
     train_and_register(data, registry, settings.artifacts_uri, model_config("small"), train,

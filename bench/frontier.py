@@ -56,7 +56,7 @@ from predictor.data.synthetic import generate
 from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
-from predictor.features.store import apply, materialize_incremental
+from predictor.features.store import apply, materialize
 from predictor.models.config import SIZES, TrainConfig, model_config
 from predictor.models.data import build_split, user_feature_snapshots
 from predictor.models.evaluate import evaluate, per_user_scores
@@ -131,7 +131,7 @@ def serving_setup(settings: Settings, items: int, users: int, events: int, reuse
     log.replace(data)
     log.engine.dispose()
     build_features(settings, snapshot_every="14D")
-    materialize_incremental(settings, store=apply(settings))
+    materialize(settings, store=apply(settings))
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(params))
     return data, active_users(data)

@@ -56,7 +56,7 @@ from predictor.data.synthetic import generate
 from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
-from predictor.features.store import apply, materialize_incremental
+from predictor.features.store import apply, materialize
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import train_and_register
 from predictor.models.registry import ModelRegistry
@@ -102,7 +102,7 @@ def setup(settings: Settings, items: int, users: int, events: int) -> tuple[np.n
     timings["data_and_features_s"] = time.perf_counter() - started
     started = time.perf_counter()
     store = apply(settings)
-    materialize_incremental(settings, store=store)
+    materialize(settings, store=store)
     timings["materialize_s"] = time.perf_counter() - started
     started = time.perf_counter()
     train = TrainConfig(epochs=1, min_epochs=1, ranker_epochs=1, ranker_examples_per_epoch=4_000, seed=0)

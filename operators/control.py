@@ -24,6 +24,7 @@ from operators.policy import (
     full_quality_demand,
     limit_step,
     merge,
+    online_store_condition,
     outliers,
     quantile,
     read_ladder,
@@ -203,6 +204,7 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
          "reason": "Ladder" if share is not None else "NoLadderData",
          "message": (f"{share:.1%} of users served below {best} (at most {scaling.max_degraded_share:.0%})"
                      if share is not None else "no quality-ladder series in the window")},
+        online_store_condition({pod: m.online_store_lost if m else None for pod, m in scraped.items()}),
     ]  # fmt: skip
     for c in conditions:
         c["lastTransitionTime"] = _iso(now)

@@ -311,3 +311,19 @@ def outliers(
         state[pod] = now
         strikes[pod] = strikes.get(pod, 0) + 1
     return state
+
+
+def online_store_condition(lost: Mapping[str, bool | None]) -> dict:
+    """The ``OnlineStore`` status condition from each pod's ``recsys_online_store_lost`` (None: not exported).
+    False while any pod finds its online store wiped: its users get fallbacks until a materialization."""
+    reported = {pod: v for pod, v in lost.items() if v is not None}
+    losing = sorted(pod for pod, v in reported.items() if v)
+    if not reported:
+        return {"type": "OnlineStore", "status": "Unknown", "reason": "NoData",
+                "message": "no pod exports recsys_online_store_lost"}  # fmt: skip
+    if losing:
+        return {"type": "OnlineStore", "status": "False", "reason": "Lost",
+                "message": f"{len(losing)} of {len(reported)} pods find materialized views missing "
+                           f"({', '.join(losing)}); run `recsys features materialize`"}  # fmt: skip
+    return {"type": "OnlineStore", "status": "True", "reason": "Holds",
+            "message": f"{len(reported)} pods find every materialized view"}  # fmt: skip

@@ -4,7 +4,8 @@ server.
 Parsing uses prometheus_client's own text parser; only the bucket series of one histogram whose labels
 match are kept, summed over any other labels (e.g. several model names on one pod). The ladder's series are
 ``recsys_served_level_total{level}`` (users per level, a counter) and ``recsys_level_cost_seconds{level}``
-(the predictor's cost of a lone request per level, a gauge).
+(the predictor's cost of a lone request per level, a gauge); ``recsys_online_store_lost`` (a gauge, 1 while
+the pod finds its online store wiped) is read alongside.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from operators.policy import Buckets
 
 SERVED_LEVEL, LEVEL_COST = "recsys_served_level_total", "recsys_level_cost_seconds"
+ONLINE_STORE_LOST = "recsys_online_store_lost"
 
 
 @dataclass
@@ -27,6 +29,7 @@ class PodMetrics:
     buckets: Buckets  # cumulative latency histogram
     served: dict[str, float] = field(default_factory=dict)  # cumulative users per ladder level
     costs: dict[str, float] = field(default_factory=dict)  # seconds of a lone request per level
+    online_store_lost: bool | None = None  # None: the pod does not export the gauge
 
 
 def parse_levels(text: str) -> tuple[dict[str, float], dict[str, float]]:
@@ -45,6 +48,13 @@ def parse_levels(text: str) -> tuple[dict[str, float], dict[str, float]]:
             elif sample.name == LEVEL_COST:
                 costs[level] = sample.value
     return served, costs
+
+
+def parse_online_store_lost(text: str) -> bool | None:
+    for family in text_string_to_metric_families(text):
+        if family.name == ONLINE_STORE_LOST:
+            return any(sample.value > 0 for sample in family.samples)
+    return None
 
 
 def parse_histogram(text: str, name: str, labels: Mapping[str, str]) -> Buckets:
@@ -82,7 +92,7 @@ async def scrape_pod(session: aiohttp.ClientSession, url: str, name: str, labels
         return None
     if not buckets:
         return None
-    return PodMetrics(buckets, *parse_levels(text))
+    return PodMetrics(buckets, *parse_levels(text), online_store_lost=parse_online_store_lost(text))
 
 
 async def scrape_pods(urls: Mapping[str, str], name: str, labels: Mapping[str, str],
@@ -109,11 +119,14 @@ async def prometheus_window(base_url: str, name: str, labels: Mapping[str, str],
     selector = ",".join([f'{k}="{v}"' for k, v in labels.items()])
     window = f"[{int(window_s)}s]"
     queries = (f"sum by (pod, le) (increase({name}_bucket{{{selector}}}{window}))",
-               f"sum by (pod, level) (increase({SERVED_LEVEL}{window}))", f"max by (pod, level) ({LEVEL_COST})")  # fmt: skip
+               f"sum by (pod, level) (increase({SERVED_LEVEL}{window}))", f"max by (pod, level) ({LEVEL_COST})",
+               f"max by (pod) ({ONLINE_STORE_LOST})")  # fmt: skip
     out: dict[str, PodMetrics | None] = dict.fromkeys(pods)
     try:
         async with aiohttp.ClientSession() as session:
-            histogram, served, costs = await asyncio.gather(*(_query(session, base_url, q, timeout) for q in queries))
+            histogram, served, costs, lost = await asyncio.gather(
+                *(_query(session, base_url, q, timeout) for q in queries)
+            )
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
         return out
     for series in histogram:
@@ -127,4 +140,8 @@ async def prometheus_window(base_url: str, name: str, labels: Mapping[str, str],
             pod, level = series["metric"].get("pod"), series["metric"].get("level")
             if out.get(pod) is not None and level:
                 getattr(out[pod], attribute)[level] = float(series["value"][1])
+    for series in lost:
+        pod = series["metric"].get("pod")
+        if out.get(pod) is not None:
+            out[pod].online_store_lost = float(series["value"][1]) > 0
     return out

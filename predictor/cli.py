@@ -119,17 +119,24 @@ def features_apply() -> None:
 @features_app.command("materialize")
 def features_materialize(
     end: Annotated[datetime | None, typer.Option(help="End of the interval (UTC); default now.")] = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Load every online view's whole range, not only rows since the last run.")
+    ] = False,
 ) -> None:
-    """Load new offline rows into the online store (feast materialize-incremental)."""
-    from predictor.features.store import materialize_incremental
+    """Load new offline rows into the online store (feast materialize-incremental), or the whole range when
+    --full is given or the online store lost what the registry says it holds (a Redis wiped by a restart)."""
+    from predictor.features.store import materialize
 
     end = (end.replace(tzinfo=timezone.utc) if end and end.tzinfo is None else end) or datetime.now(
         timezone.utc
     )
     started = time.perf_counter()
-    materialize_incremental(state.settings, end)
+    lost = materialize(state.settings, end, full=full)
+    if lost:
+        console.print(f"[yellow]the online store had lost[/] {', '.join(lost)}: reloaded the full range")
     console.print(
-        f"[green]materialized[/] up to {end:%Y-%m-%d %H:%M:%S} in {time.perf_counter() - started:.1f} s"
+        f"[green]materialized[/] up to {end:%Y-%m-%d %H:%M:%S} ({'full' if full or lost else 'incremental'}) "
+        f"in {time.perf_counter() - started:.1f} s"
     )
 
 

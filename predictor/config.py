@@ -14,9 +14,10 @@ import os
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote_plus
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,9 @@ FEATURE_REPO = REPO_ROOT / "feature_repo"
 class Profile(str, Enum):
     embedded = "embedded"
     production = "production"
+
+
+RedisType = Literal["redis", "redis_cluster", "redis_sentinel"]
 
 
 class Settings(BaseSettings):
@@ -48,6 +52,16 @@ class Settings(BaseSettings):
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     redis_db: int = 0
+    # managed Redis: AUTH (password, ACL user), TLS, Redis Cluster or Sentinel; Feast connects with the same
+    redis_type: RedisType = Field(default="redis", description="redis, redis_cluster or redis_sentinel.")
+    redis_nodes: str = Field(
+        default="", description="Cluster or Sentinel nodes, host:port comma-separated; default the host and port."
+    )
+    redis_sentinel_master: str = "mymaster"
+    redis_username: str = ""
+    redis_password: str = ""
+    redis_tls: bool = False
+    redis_ca_file: Path | None = Field(default=None, description="CA bundle that signed the Redis server's cert.")
 
     # the events service's stream (production profile): NATS JetStream
     nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated.")
@@ -68,6 +82,40 @@ class Settings(BaseSettings):
 
     # length of the last-N item sequence kept per user, offline and online
     recent_items: int = Field(default=50, ge=1, le=1000)
+
+    @field_validator("redis_password", "redis_username")
+    @classmethod
+    def _no_separators(cls, value: str) -> str:
+        # Feast's Redis connection string is "host:port,key=value,..." with no quoting
+        if "," in value:
+            raise ValueError("must not contain ',' (Feast's Redis connection string cannot carry it)")
+        return value
+
+    @property
+    def redis_node_list(self) -> list[tuple[str, int]]:
+        if not self.redis_nodes:
+            return [(self.redis_host, self.redis_port)]
+        nodes = []
+        for node in self.redis_nodes.split(","):
+            host, _, port = node.strip().rpartition(":")
+            nodes.append((host, int(port)))
+        return nodes
+
+    @property
+    def redis_connection(self) -> str:
+        """Feast's ``connection_string`` for these settings (what ``feature_store.yaml`` expands)."""
+        parts = [f"{host}:{port}" for host, port in self.redis_node_list]
+        if self.redis_type != "redis_cluster":  # cluster nodes have no SELECT
+            parts.append(f"db={self.redis_db}")
+        if self.redis_username:
+            parts.append(f"username={self.redis_username}")
+        if self.redis_password:
+            parts.append(f"password={self.redis_password}")
+        if self.redis_tls:
+            parts.append("ssl=true")
+            if self.redis_ca_file:
+                parts.append(f"ssl_ca_certs={self.redis_ca_file}")
+        return ",".join(parts)
 
     @cached_property
     def home_dir(self) -> Path:
@@ -120,11 +168,18 @@ class Settings(BaseSettings):
             "RECSYS_PG_PASSWORD": self.pg_password,
             "RECSYS_PG_SSLMODE": self.pg_sslmode,
             "RECSYS_PG_URL": self.postgres_url,
-            "RECSYS_REDIS_CONNECTION": f"{self.redis_host}:{self.redis_port},db={self.redis_db}",
+            "RECSYS_REDIS_CONNECTION": self.redis_connection,
+            "RECSYS_REDIS_TYPE": self.redis_type,
+            "RECSYS_REDIS_SENTINEL_MASTER": self.redis_sentinel_master,
             # child processes (the demo's predictor, benchmarks) build their Settings from these
             "RECSYS_REDIS_HOST": self.redis_host,
             "RECSYS_REDIS_PORT": str(self.redis_port),
             "RECSYS_REDIS_DB": str(self.redis_db),
+            "RECSYS_REDIS_NODES": self.redis_nodes,
+            "RECSYS_REDIS_USERNAME": self.redis_username,
+            "RECSYS_REDIS_PASSWORD": self.redis_password,
+            "RECSYS_REDIS_TLS": str(self.redis_tls).lower(),
+            **({"RECSYS_REDIS_CA_FILE": str(self.redis_ca_file)} if self.redis_ca_file else {}),
             "RECSYS_RECENT_ITEMS": str(self.recent_items),
             "FEAST_FS_YAML_FILE_PATH": str(self.feature_store_yaml),
         }

@@ -22,7 +22,7 @@ from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
-from predictor.features.store import apply, materialize_incremental, online_user_features
+from predictor.features.store import apply, materialize, online_user_features
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import train_and_register
 from predictor.models.registry import ModelRegistry
@@ -61,7 +61,7 @@ def run_demo(settings: Settings, console: Console, n_events: int = 100_000, seed
 
     with _Step(console, "3. feast apply + materialize-incremental → online store"):
         store = apply(settings)
-        materialize_incremental(settings, datetime.now(timezone.utc), store=store)
+        materialize(settings, datetime.now(timezone.utc), store=store)
         console.print(f"project {store.project}: {len(store.list_feature_views())} feature views, "
                       f"{len(store.list_feature_services())} feature services")  # fmt: skip
 

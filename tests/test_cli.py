@@ -10,7 +10,8 @@ from predictor.cli import app
 
 runner = CliRunner()
 SUBCOMMANDS = [[], ["data"], ["data", "load"], ["features"], ["features", "build"], ["features", "apply"],
-               ["features", "materialize"], ["features", "online"], ["events"], ["events", "push"], ["demo"],
+               ["features", "materialize"], ["features", "online"], ["events"], ["events", "push"], ["events", "serve"],
+               ["events", "consume"], ["demo"],
                ["train"], ["evaluate"], ["retrain"], ["serve"], ["operator"], ["operator", "run"]]  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
 from predictor.features.store import (
     apply,
-    materialize_incremental,
+    materialize,
     online_item_features,
     online_user_features,
 )
@@ -36,7 +36,7 @@ def build_and_materialize(settings: Settings, data, snapshot_every=None):
     event_log.replace(data)
     build_features(settings, snapshot_every=snapshot_every)
     store = apply(settings)
-    materialize_incremental(settings, datetime.now(timezone.utc), store=store)
+    materialize(settings, datetime.now(timezone.utc), store=store)
     return store, event_log
 
 

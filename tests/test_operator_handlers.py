@@ -39,6 +39,7 @@ class FakePod:
         for level, cost in (("full", 0.004), ("reduced", 0.002), ("retrieval", 0.001), ("popularity", 0.0005)):
             self.levels.labels(level=level)
             self.costs.labels(level=level).set(cost)
+        self.lost = Gauge("recsys_online_store_lost", "online store wiped", registry=self.registry)
         self.conditions: dict[str, dict] = {}
         self.healthy_metrics = True
 
@@ -282,6 +283,25 @@ def test_degraded_share_scales_up_with_p99_on_target_and_shows_in_status(stack):
     step = run_step(loop, cluster, body, memory, now=30)
     assert step.status["degradedShare"] == 0.0
     assert {c["type"]: c["status"] for c in step.status["conditions"]}["FullQuality"] == "True"
+
+
+def test_a_pod_that_finds_its_online_store_wiped_shows_in_the_status_condition(stack):
+    api, pods, cluster, port, loop = stack
+    body = autoscaler(metrics={"port": port}, outlierEjection={"enabled": False})
+    memory = Memory()
+
+    def online_store(now: float) -> dict:
+        for pod in pods:
+            pod.serve(10, 4.0)
+        step = run_step(loop, cluster, body, memory, now=now)
+        return next(c for c in step.status["conditions"] if c["type"] == "OnlineStore")
+
+    assert online_store(0)["status"] == "True"
+    pods[1].lost.set(1)
+    lost = online_store(15)
+    assert lost["status"] == "False" and lost["reason"] == "Lost" and pods[1].name in lost["message"]
+    pods[1].lost.set(0)
+    assert online_store(30)["status"] == "True"
 
 
 def test_a_pod_holding_its_p99_by_degrading_is_judged_at_full_quality(stack):

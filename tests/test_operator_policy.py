@@ -224,3 +224,14 @@ def test_never_fewer_replicas_while_degraded(current, p99, share, demand):
         assert wanted >= current
     if share > policy.max_degraded_share:
         assert wanted >= min(current + 1, policy.max_replicas)
+
+
+def test_online_store_condition():
+    from operators.policy import online_store_condition
+
+    assert online_store_condition({})["status"] == "Unknown"
+    assert online_store_condition({"a": None})["status"] == "Unknown"  # an old predictor without the gauge
+    assert online_store_condition({"a": False, "b": None})["status"] == "True"
+    lost = online_store_condition({"a": False, "b": True, "c": True})
+    assert (lost["status"], lost["reason"]) == ("False", "Lost")
+    assert "2 of 3 pods" in lost["message"] and "b, c" in lost["message"]

@@ -21,7 +21,7 @@ from predictor.features.batch import USER_RECENT_ITEMS, compute_features, daily_
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
-from predictor.features.store import apply, materialize_incremental, online_user_features
+from predictor.features.store import apply, materialize, online_user_features
 from predictor.serving.online import FeastOnlineFeatures, RedisOnlineFeatures, UserOnline, _user_from_values
 from tests.conftest import events_frame
 
@@ -136,7 +136,7 @@ def build_and_materialize(settings: Settings, data: Interactions):
     event_log.replace(data)
     build_features(settings, snapshot_every="7D")
     store = apply(settings)
-    materialize_incremental(settings, datetime.now(timezone.utc), store=store)
+    materialize(settings, datetime.now(timezone.utc), store=store)
     return store, event_log
 
 

@@ -27,7 +27,7 @@ from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events_with_settings
-from predictor.features.store import apply, materialize_incremental
+from predictor.features.store import apply, materialize
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import MODEL_NAME, train_and_register
 from predictor.models.registry import ModelRegistry
@@ -59,7 +59,7 @@ def _stack(tmp_path_factory, pg_database):
     log.engine.dispose()
     build_features(settings, snapshot_every="7D")
     store = apply(settings)
-    materialize_incremental(settings, store=store)
+    materialize(settings, store=store)
     registry = ModelRegistry(settings.database_url)
     version, _ = train_and_register(data, registry, settings.artifacts_uri, TINY, FAST,
                                     read_offline(USER_PROFILE, settings), progress=False)  # fmt: skip
@@ -519,3 +519,64 @@ def test_serve_help_is_ours_not_kserves():
     )
     assert done.returncode == 0, done.stderr
     assert "--model-uri" in done.stdout and "--http_port" not in done.stdout
+
+
+def test_a_wiped_online_store_is_reported_and_healed_by_the_next_materialize(stack):
+    """Redis loses the project's keys under a running predictor (a restart without persistence): the
+    replica says so (health, gauge, log, flagged fallbacks) without a 5xx, and `materialize` notices the
+    loss, reloads the full range and the log's sequences, and model answers resume."""
+    settings, data, _, _ = stack
+    user = active_user(data, 0)
+    srv = Server(settings, RECSYS_SERVE_ONLINE_CHECK_SECONDS="0.5")
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        with httpx.Client(base_url=srv.url, timeout=10) as client:
+            while not stop.is_set():
+                statuses.append(client.post("/v1/models/recsys:predict",
+                                            json={"instances": [{"user_id": user, "k": 5}]}).status_code)  # fmt: skip
+                time.sleep(0.02)
+
+    def wait_for_lost(value: bool) -> None:
+        deadline = time.monotonic() + 20
+        while srv.client.get("/healthz").json()["online_store"]["lost"] is not value:
+            assert time.monotonic() < deadline, f"/healthz never said lost={value}"
+            time.sleep(0.1)
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    try:
+        before, _ = timed_fallback(srv, user)
+        assert before["fallback"] is None
+        assert srv.client.get("/healthz").json()["online_store"] == {"lost": False, "lost_views": []}
+        with EventLog(settings.database_url).engine.connect() as conn:  # the log's sequence, to compare after
+            want = EventLog(settings.database_url).recent_items(conn, [user], settings.recent_items)
+
+        client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=REDIS_DB)
+        client.delete(*[k for k in client.scan_iter(count=10_000) if settings.feast_project.encode() in k])
+        wait_for_lost(True)
+        assert srv.client.get("/healthz").json()["online_store"]["lost_views"] == \
+            ["item_profile", "user_profile", "user_recent_items"]  # fmt: skip
+        assert srv.metric("recsys_online_store_lost") == 1
+        lost_answer, _ = timed_fallback(srv, user)
+        assert lost_answer["fallback"] == "online_store_lost"
+        assert "the online store lost" in srv.output()
+
+        assert sorted(materialize(settings)) == ["item_profile", "user_profile", "user_recent_items"]
+        wait_for_lost(False)
+        healed, _ = timed_fallback(srv, user)
+        assert healed["fallback"] is None
+        assert srv.metric("recsys_online_store_lost") == 0
+        assert materialize(settings) == []  # nothing lost now: an incremental run
+        online = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=REDIS_DB)
+        assert online.exists(f"recsys:materialized:{settings.feast_project}")
+        from predictor.features.store import online_user_features, open_store
+
+        got = online_user_features(open_store(settings), [user])["recent_items"].iloc[0]
+        assert list(got) == list(want["recent_items"].iloc[0])  # the log's sequence, pushed events included
+    finally:
+        stop.set()
+        asker.join()
+        srv.stop()
+    assert len(statuses) > 20 and set(statuses) == {200}

@@ -23,13 +23,14 @@ import weakref
 from dataclasses import dataclass
 
 import pandas as pd
+import sqlalchemy as sa
 from feast import FeatureStore
 from feast.infra.provider import Provider, get_provider
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Int64List, Value
 
 from predictor.config import Settings
-from predictor.data.eventlog import EventLog
+from predictor.data.eventlog import EventLog, events_table
 from predictor.data.schema import validate_events
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,29 @@ def apply_events(batch: pd.DataFrame, store: FeatureStore, event_log: EventLog, 
         _writer(store).write(written)
     log.info("applied %d events (%d new) for %d users", len(batch), new, len(user_ids))
     return PushResult(events=len(batch), new=new, users=len(user_ids), sequences=written)
+
+
+def rewrite_sequences(store: FeatureStore, event_log: EventLog, recent_n: int, chunk: int = 5_000) -> int:
+    """Write every user's sequence from the event log again (chunks of ``chunk`` users); returns the users.
+
+    After a full materialization, which restores the batch snapshot: events appended since that snapshot
+    are in the log but in no offline table, and only this brings them back online.
+    """
+    if not sa.inspect(event_log.engine).has_table("events"):
+        return 0
+    with event_log.engine.connect() as conn:
+        users = [row[0] for row in conn.execute(sa.select(events_table.c.user_id).distinct())]
+    writer = _writer(store)
+    for at in range(0, len(users), chunk):
+        with event_log.begin() as conn:
+            sequences = event_log.recent_items(conn, users[at : at + chunk], recent_n)
+        now = pd.Timestamp.now(tz="UTC")
+        writer.write(pd.DataFrame({
+            "user_id": sequences["user_id"], "recent_items": sequences["recent_items"],
+            "seen_items": sequences["seen_items"],
+            "event_timestamp": [max(last, now) for last in sequences["last_event"]], "created": now,
+        }))  # fmt: skip
+    return len(users)
 
 
 def push_events_with_settings(

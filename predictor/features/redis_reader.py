@@ -94,14 +94,65 @@ class _FeastRedisLayout:
         return out
 
 
+def _connection_kwargs(settings: Settings, timeout: float) -> dict:
+    # what Feast passes redis-py from the same connection string (Settings.redis_connection), plus deadlines
+    kwargs: dict = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+    if settings.redis_username:
+        kwargs["username"] = settings.redis_username
+    if settings.redis_password:
+        kwargs["password"] = settings.redis_password
+    if settings.redis_tls:
+        kwargs["ssl"] = True
+        if settings.redis_ca_file:
+            kwargs["ssl_ca_certs"] = str(settings.redis_ca_file)
+    return kwargs
+
+
+def redis_client(settings: Settings, timeout: float = 5.0):
+    """A blocking client for the settings' Redis: plain, Cluster or Sentinel, with AUTH and TLS, the way
+    Feast's Redis online store connects (``RedisOnlineStore._get_client``).
+
+    ``timeout`` bounds connecting and each reply: a Redis that accepts connections but never answers must
+    not hang the caller.
+    """
+    kwargs = _connection_kwargs(settings, timeout)
+    nodes = settings.redis_node_list
+    if settings.redis_type == "redis_cluster":
+        from redis.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **kwargs)
+    if settings.redis_type == "redis_sentinel":
+        from redis.sentinel import Sentinel
+
+        return Sentinel(nodes, **kwargs).master_for(settings.redis_sentinel_master, db=settings.redis_db, **kwargs)
+    host, port = nodes[0]
+    return redis.Redis(host=host, port=port, db=settings.redis_db, **kwargs)
+
+
+def async_redis_client(settings: Settings, timeout: float, max_connections: int):
+    """:func:`redis_client` on ``redis.asyncio``."""
+    kwargs = _connection_kwargs(settings, timeout)
+    nodes = settings.redis_node_list
+    if settings.redis_type == "redis_cluster":
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], max_connections=max_connections,
+                            **kwargs)  # fmt: skip
+    if settings.redis_type == "redis_sentinel":
+        from redis.asyncio.sentinel import Sentinel
+
+        return Sentinel(nodes, **kwargs).master_for(settings.redis_sentinel_master, db=settings.redis_db,
+                                                    max_connections=max_connections, **kwargs)  # fmt: skip
+    host, port = nodes[0]
+    return redis.asyncio.Redis(host=host, port=port, db=settings.redis_db, max_connections=max_connections, **kwargs)
+
+
 class RawRedisReader(_FeastRedisLayout):
     """Pipelined HMGETs of named features for entities of one join key (blocking client)."""
 
     def __init__(self, store: FeatureStore, settings: Settings, timeout: float = 5.0):
         super().__init__(store)
-        # a Redis that accepts connections but never answers must not hang the caller
-        self.client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=settings.redis_db,
-                                  socket_connect_timeout=timeout, socket_timeout=timeout)  # fmt: skip
+        self.client = redis_client(settings, timeout)
 
     def read(self, requests: Sequence[tuple[str, Sequence[int], Sequence[str]]]) -> list[list[dict]]:
         """One round trip for several ``(join_key, ids, features)`` groups.
@@ -127,10 +178,7 @@ class AsyncRawRedisReader(_FeastRedisLayout):
         self, store: FeatureStore, settings: Settings, timeout: float = 0.05, max_connections: int = 64
     ):
         super().__init__(store)
-        self.client = redis.asyncio.Redis(
-            host=settings.redis_host, port=settings.redis_port, db=settings.redis_db,
-            socket_connect_timeout=timeout, socket_timeout=timeout, max_connections=max_connections,
-        )  # fmt: skip
+        self.client = async_redis_client(settings, timeout, max_connections)
 
     async def read(self, requests: Sequence[tuple[str, Sequence[int], Sequence[str]]]) -> list[list[dict]]:
         pipe = self.client.pipeline(transaction=False)

@@ -73,11 +73,50 @@ def apply(settings: Settings) -> FeatureStore:
     return store
 
 
-def materialize_incremental(settings: Settings, end: datetime | None = None, store: FeatureStore | None = None) -> None:
-    """``feast materialize-incremental``: load rows newer than the last run into the online store."""
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def materialize(
+    settings: Settings, end: datetime | None = None, store: FeatureStore | None = None, full: bool = False
+) -> list[str]:
+    """Load the offline store's rows into the online store, then mark what was loaded.
+
+    Incremental (``feast materialize-incremental``: rows newer than the last run) unless ``full`` is set
+    or the online store lost views the registry says it holds (their marker is gone: see
+    ``predictor.features.marker``); then every online view is loaded over its whole range (its TTL
+    before ``end``, as Feast's first incremental run does, or everything). Returns the lost views found.
+    """
+    from predictor.features.marker import MaterializationMarker
+
     store = store or open_store(settings)
     end = end or datetime.now(timezone.utc)
-    store.materialize_incremental(end_date=end)
+    marker = MaterializationMarker(store, settings)
+    try:
+        lost = marker.lost_views()
+        views = [fv for fv in store.list_feature_views() if fv.online]
+        if lost or full:
+            if lost:
+                log.warning("the online store lost %s (no materialization marker): loading the full range",
+                            ", ".join(lost))  # fmt: skip
+            for fv in views:
+                start = end - fv.ttl if fv.ttl else EPOCH
+                store.materialize(start_date=start, end_date=end, feature_views=[fv.name])
+            # the snapshot predates the events appended since it was built: bring those back from the log
+            from predictor.data.eventlog import EventLog
+            from predictor.features.realtime import rewrite_sequences
+
+            event_log = EventLog(settings.database_url)
+            try:
+                users = rewrite_sequences(store, event_log, settings.recent_items)
+            finally:
+                event_log.engine.dispose()
+            log.info("rewrote %d users' sequences from the event log", users)
+        else:
+            store.materialize_incremental(end_date=end)
+        marker.write([fv.name for fv in views], end)
+    finally:
+        marker.close()
+    return lost
 
 
 def teardown(settings: Settings) -> None:

@@ -35,6 +35,11 @@ CLIENT_ERRORS = Counter(
 )
 USER_CACHE = Counter("recsys_user_cache_total", "User-vector cache lookups (RECSYS_SERVE_USER_CACHE_SIZE > 0)",
                      ["result"])  # fmt: skip
+ONLINE_STORE_LOST = Gauge(
+    "recsys_online_store_lost",
+    "1 while the online store lacks a feature view the registry says was materialized (wiped: see "
+    "predictor/features/marker.py); users get flagged online_store_lost fallbacks until `recsys features materialize`",
+)
 MODEL_VERSION = Gauge("recsys_model_version", "Registry version number of the model serving now (0: a path)")
 MODEL_LOAD_SECONDS = Gauge(
     "recsys_model_load_seconds",
@@ -78,7 +83,8 @@ ITEM_FEATURE_REFRESHES = Counter("recsys_item_feature_refreshes_total",
 STAGES = ("features", "retrieval", "ranking", "total")
 CLIENT_ERROR_REASONS = ("bad_json", "bad_field", "too_many_users", "validation", "body_too_large", "not_found",
                         "http")  # fmt: skip
-FALLBACK_REASONS = ("cold_start", "online_store_unavailable", "online_store_timeout", "model_error")
+FALLBACK_REASONS = ("cold_start", "online_store_unavailable", "online_store_timeout", "online_store_lost",
+                    "model_error")
 for _stage in STAGES:
     STAGE_SECONDS.labels(stage=_stage)
 for _reason in FALLBACK_REASONS:

@@ -45,6 +45,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from predictor.config import Settings
+from predictor.features.marker import MaterializationMarker
 from predictor.features.store import open_store
 from predictor.models.data import user_dense_rows
 from predictor.models.inference import HNSW_THRESHOLD, LEVELS, SEARCH_FORMS, offsets_from_counts
@@ -90,6 +91,9 @@ class ServeSettings(BaseSettings):
     max_batch: int = Field(default=32, ge=1, description="users per model call (1: no micro-batching)")
     batch_wait_ms: float = Field(default=0.0, ge=0, description="extra wait for more requests when idle")
     model_poll_seconds: float = Field(default=10.0, ge=0, description="registry poll period (0: no hot swap)")
+    online_check_seconds: float = Field(
+        default=15.0, ge=0, description="how often the online store's materialization markers are checked (0: never)"
+    )
     item_refresh_seconds: float = Field(
         default=30.0, ge=0, description="materialization check period (0: off)"
     )
@@ -237,6 +241,7 @@ class RecommenderModel(Model):
         self.store = None
         self.registry: ModelRegistry | None = None
         self._failed_versions: set[int] = set()
+        self.online_lost: list[str] = []
         self._tasks: list[asyncio.Task] = []
         self.batcher = MicroBatcher(self._run_engine, serve.max_batch, serve.batch_wait_ms / 1000, self._choose_level)
         for level in LEVELS:  # every level's series exists from the start, so a window's increase is defined
@@ -256,6 +261,8 @@ class RecommenderModel(Model):
         # the store first: the model's item side is built once, from the online item features
         self.store = open_store(self.settings)
         self.online = online_features(self.store, self.settings, timeout=self.serve.feature_timeout_ms / 1000)
+        self.marker = MaterializationMarker(self.store, self.settings)
+        self.check_online_store()
         self.current = self._load_model()
         if self.current is None:
             raise RuntimeError(
@@ -343,6 +350,10 @@ class RecommenderModel(Model):
             self._tasks.append(
                 asyncio.create_task(self._every(self.serve.model_poll_seconds, self.check_for_new_model))
             )
+        if self.serve.online_check_seconds > 0:
+            self._tasks.append(
+                asyncio.create_task(self._every(self.serve.online_check_seconds, self.watch_online_store))
+            )
         if self.serve.item_refresh_seconds > 0:
             self._tasks.append(
                 asyncio.create_task(self._every(self.serve.item_refresh_seconds, self.refresh_items))
@@ -355,6 +366,8 @@ class RecommenderModel(Model):
         self._tasks.clear()
         if self.online is not None:
             await self.online.close()
+        if getattr(self, "marker", None) is not None:
+            self.marker.close()
         self.batcher.close()
 
     @staticmethod
@@ -395,6 +408,37 @@ class RecommenderModel(Model):
         gc.freeze()  # the new model's objects join the permanent generation: no gen-2 scans of them
         log.info("hot-swapped model %s → %s", previous.version, loaded.version)
         return True
+
+    def check_online_store(self) -> list[str]:
+        """Blocking: which materialized views the online store lost (their marker is gone). Degraded, not
+        unready: the replica keeps answering, with fallbacks flagged ``online_store_lost``, because going
+        unready would turn every degraded answer into an error."""
+        try:
+            lost = self.marker.lost_views()
+        except Exception as exc:  # noqa: BLE001 - store or registry unreachable: the read path reports that
+            log.debug("online store check skipped: %r", exc)
+            return self.online_lost
+        if lost != self.online_lost:
+            if lost:
+                log.warning("the online store lost %s (registry says materialized, marker gone); answering with "
+                            "fallbacks until `recsys features materialize` reloads it", ", ".join(lost))  # fmt: skip
+            else:
+                log.warning("the online store holds every materialized view again")
+        self.online_lost = lost
+        metrics.ONLINE_STORE_LOST.set(1 if lost else 0)
+        return lost
+
+    async def watch_online_store(self) -> None:
+        await asyncio.to_thread(self.check_online_store)
+
+    def health(self) -> dict:
+        """The replica's own account of itself (``GET /healthz``): model, online store, quality level."""
+        loaded = self.current
+        return {
+            "ready": self.ready,
+            "model_version": loaded.version if loaded else None,
+            "online_store": {"lost": bool(self.online_lost), "lost_views": self.online_lost},
+        }
 
     def _item_profile_end(self) -> datetime | None:
         self.store.refresh_registry()
@@ -533,7 +577,7 @@ class RecommenderModel(Model):
                 ((recs, level),) = await self.batcher.submit(
                     [(engine, self._online_users(engine, requests, users), k)]
                 )
-                reason = "cold_start"
+                reason = "online_store_lost" if self.online_lost else "cold_start"
             except Exception:
                 log.exception(
                     "model failed on %d users; answering with the popularity fallback", len(requests)

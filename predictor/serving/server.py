@@ -135,6 +135,11 @@ def prepare_app(model: RecommenderModel, serve: ServeSettings):
     rest_server.invalid_input_handler = handlers[InvalidInput]
     rest_server.model_not_found_handler = handlers[ModelNotFound]
 
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness with details (the model version, a lost online store); KServe's /v2/health/* stay the probes."""
+        return model.health()
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         await model.start_background()

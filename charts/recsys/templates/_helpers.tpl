@@ -89,6 +89,10 @@ capabilities:
   value: {{ .Values.redis.port | quote }}
 - name: RECSYS_REDIS_DB
   value: {{ .Values.redis.db | quote }}
+- name: RECSYS_REDIS_TYPE
+  value: {{ .Values.redis.type | quote }}
+- name: RECSYS_REDIS_SENTINEL_MASTER
+  value: {{ .Values.redis.sentinelMaster | quote }}
 # the Feast CLI (feast serve, feast materialize-incremental) expands these in feature_store.yaml;
 # `recsys` commands compute them itself. $(VAR) is Kubernetes' expansion of the variables above.
 - name: RECSYS_PG_URL
