@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     pg_user: str = "postgres"
     pg_password: str = ""
     pg_sslmode: str = "disable"
+    pg_sslrootcert: Path | None = Field(
+        default=None, description="CA bundle for sslmode verify-ca / verify-full (managed PostgreSQL)."
+    )
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     redis_db: int = 0
@@ -136,6 +139,7 @@ class Settings(BaseSettings):
         return (
             f"postgresql+psycopg://{quote_plus(self.pg_user)}{password}@{self.pg_host}:{self.pg_port}"
             f"/{self.pg_database}?sslmode={self.pg_sslmode}"
+            + (f"&sslrootcert={self.pg_sslrootcert}" if self.pg_sslrootcert else "")
         )
 
     @property
@@ -167,6 +171,8 @@ class Settings(BaseSettings):
             "RECSYS_PG_USER": self.pg_user,
             "RECSYS_PG_PASSWORD": self.pg_password,
             "RECSYS_PG_SSLMODE": self.pg_sslmode,
+            # empty: libpq's default, as if unset
+            "RECSYS_PG_SSLROOTCERT": str(self.pg_sslrootcert) if self.pg_sslrootcert else "",
             "RECSYS_PG_URL": self.postgres_url,
             "RECSYS_REDIS_CONNECTION": self.redis_connection,
             "RECSYS_REDIS_TYPE": self.redis_type,

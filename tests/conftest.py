@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -100,3 +101,19 @@ def events_frame(rows: list[tuple]) -> pd.DataFrame:
             "rating": [r[4] if len(r) > 4 else None for r in rows],
         }
     )
+
+
+def make_tls_files(directory: Path) -> dict[str, Path]:
+    """A self-signed CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
+    paths = {k: directory / f"{k}.pem" for k in ("ca", "ca_key", "cert", "key")}
+    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=recsys-test-ca",
+        "-keyout", paths["ca_key"], "-out", paths["ca"])  # fmt: skip
+    csr = directory / "server.csr"
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", paths["key"],
+        "-out", csr)  # fmt: skip
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("openssl", "x509", "-req", "-in", csr, "-CA", paths["ca"], "-CAkey", paths["ca_key"], "-CAcreateserial",
+        "-days", "2", "-extfile", ext, "-out", paths["cert"])  # fmt: skip
+    return paths

@@ -27,6 +27,7 @@ TOGGLES: dict[str, tuple[dict, dict]] = {  # path → (values when off, values w
     "feast.materialize.enabled": ({}, {}),
     "feast.featureServer.enabled": ({}, {}),
     "events.enabled": ({}, {"events.nats.existingSecret": "nats-auth", "events.nats.caSecret": "nats-ca"}),
+    "redis.tls.enabled": ({}, {"redis.tls.caSecret": "redis-ca", "redis.existingSecret": "redis-auth"}),
     "models.pvc.enabled": ({"models.artifacts": "s3://models/recsys"}, {}),
     "bundled.redis.enabled": ({}, {}),
     "bundled.postgres.enabled": ({}, {}),
@@ -364,3 +365,31 @@ def test_events_service_and_consumers_reach_jetstream_with_credentials_from_secr
         assert {"name": "nats-ca", "secret": {"secretName": "nats-ca"}} in pod["volumes"]
     assert not any(o["kind"] == "Deployment" and "events" in o["metadata"]["name"]
                    for o in render(helm, {"events.enabled": "false"}))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{}, {"redis.db": "2", "redis.existingSecret": "redis-auth"},
+     {"redis.type": "redis_cluster", "redis.nodes": "r1:7000\\,r2:7001", "redis.existingSecret": "redis-auth",
+      "redis.usernameKey": "user", "redis.tls.enabled": "true", "redis.tls.caSecret": "redis-ca"},
+     {"redis.type": "redis_sentinel", "redis.nodes": "s1:26379", "redis.tls.enabled": "true"}],
+    ids=["plain", "auth", "cluster-tls", "sentinel"],
+)  # fmt: skip
+def test_chart_redis_connection_is_the_one_recsys_builds(helm, values):
+    """Feast CLI pods (feast serve, apply) read RECSYS_REDIS_CONNECTION from the chart; recsys commands build it
+    from RECSYS_REDIS_*: both must be the same string for the same values."""
+    from predictor.config import Settings
+
+    objects = render(helm, values)
+    isvc = next(o for o in objects if o["kind"] == "InferenceService")
+    env = {e["name"]: e for e in containers(isvc)[0]["env"]}
+    value = lambda name: env[name].get("value")  # noqa: E731
+    secret = lambda name: f"$({name})" if name in env else ""  # noqa: E731  # what Kubernetes expands there
+    settings = Settings(redis_host=value("RECSYS_REDIS_HOST"), redis_port=int(value("RECSYS_REDIS_PORT")),
+                        redis_db=int(value("RECSYS_REDIS_DB")), redis_type=value("RECSYS_REDIS_TYPE"),
+                        redis_nodes=value("RECSYS_REDIS_NODES"), redis_username=secret("RECSYS_REDIS_USERNAME"),
+                        redis_password=secret("RECSYS_REDIS_PASSWORD"), redis_tls=value("RECSYS_REDIS_TLS") == "true",
+                        redis_ca_file=value("RECSYS_REDIS_CA_FILE") if "RECSYS_REDIS_CA_FILE" in env else None)  # fmt: skip
+    assert value("RECSYS_REDIS_CONNECTION") == settings.redis_connection
+    if "RECSYS_REDIS_PASSWORD" in env:
+        assert "value" not in env["RECSYS_REDIS_PASSWORD"]  # from the Secret only

@@ -25,7 +25,7 @@ from predictor.features.realtime import push_events
 from predictor.features.redis_reader import AsyncRawRedisReader, RawRedisReader, redis_client
 from predictor.features.store import ITEM_FEATURES, USER_FEATURES, apply, materialize, online_item_features, online_user_features
 from predictor.serving.process import free_port
-from tests.conftest import events_frame
+from tests.conftest import events_frame, make_tls_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")]
 
@@ -45,6 +45,13 @@ def _wait(check, what: str, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+def cluster_ok(info) -> bool:
+    """CLUSTER INFO as redis-py hands it back (a dict, or the raw text)."""
+    if isinstance(info, dict):
+        return str(info.get("cluster_state")) == "ok"
+    return b"cluster_state:ok" in info
+
+
 class RedisServers:
     """redis-server processes in a scratch directory, all stopped on close."""
 
@@ -53,6 +60,8 @@ class RedisServers:
 
     def start(self, name: str, *args: str) -> int:
         port = free_port()
+        while "--cluster-enabled" in args and port > 55_535:  # the cluster bus listens on port + 10000
+            port = free_port()
         workdir = self.root / name
         workdir.mkdir(parents=True, exist_ok=True)
         if "--tls-port" in args:  # the TLS port replaces the plain one
@@ -70,22 +79,6 @@ class RedisServers:
             proc.terminate()
             proc.wait(10)
             log.close()
-
-
-def make_tls_files(directory: Path) -> dict[str, Path]:
-    """A self-signed CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
-    paths = {k: directory / f"{k}.pem" for k in ("ca", "ca_key", "cert", "key")}
-    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=recsys-test-ca",
-        "-keyout", paths["ca_key"], "-out", paths["ca"])  # fmt: skip
-    csr = directory / "server.csr"
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", paths["key"],
-        "-out", csr)  # fmt: skip
-    ext = directory / "san.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("openssl", "x509", "-req", "-in", csr, "-CA", paths["ca"], "-CAkey", paths["ca_key"], "-CAcreateserial",
-        "-days", "2", "-extfile", ext, "-out", paths["cert"])  # fmt: skip
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +108,8 @@ def servers(tmp_path_factory):
             _wait(lambda p=p: redis.Redis(port=p).ping(), f"cluster node {p}")
         subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in nodes],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)  # fmt: skip
-        _wait(lambda: all(b"cluster_state:ok" in redis.Redis(port=p).execute_command("CLUSTER INFO")
-                          for p in nodes), "the cluster")  # fmt: skip
+        _wait(lambda: all(cluster_ok(redis.Redis(port=p).execute_command("CLUSTER INFO")) for p in nodes),
+              "the cluster")
         out["cluster"] = {"redis_type": "redis_cluster", "redis_nodes": ",".join(f"127.0.0.1:{p}" for p in nodes)}
 
         master = procs.start("sentinel-master")

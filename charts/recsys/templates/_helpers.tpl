@@ -73,6 +73,8 @@ capabilities:
   value: {{ .Values.postgres.database | quote }}
 - name: RECSYS_PG_SSLMODE
   value: {{ .Values.postgres.sslmode | quote }}
+- name: RECSYS_PG_SSLROOTCERT
+  value: {{ if .Values.postgres.caSecret }}/etc/recsys/pg-ca/{{ .Values.postgres.caKey }}{{ end }}
 - name: RECSYS_PG_USER
   valueFrom:
     secretKeyRef:
@@ -93,16 +95,43 @@ capabilities:
   value: {{ .Values.redis.type | quote }}
 - name: RECSYS_REDIS_SENTINEL_MASTER
   value: {{ .Values.redis.sentinelMaster | quote }}
+- name: RECSYS_REDIS_NODES
+  value: {{ .Values.redis.nodes | quote }}
+{{- with .Values.redis.existingSecret }}
+- name: RECSYS_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: {{ $.Values.redis.passwordKey }}}
+{{- if $.Values.redis.usernameKey }}
+- name: RECSYS_REDIS_USERNAME
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: {{ $.Values.redis.usernameKey }}}
+{{- end }}
+{{- end }}
+- name: RECSYS_REDIS_TLS
+  value: {{ .Values.redis.tls.enabled | quote }}
+{{- if and .Values.redis.tls.enabled .Values.redis.tls.caSecret }}
+- name: RECSYS_REDIS_CA_FILE
+  value: /etc/recsys/redis-ca/{{ .Values.redis.tls.caKey }}
+{{- end }}
 # the Feast CLI (feast serve, feast materialize-incremental) expands these in feature_store.yaml;
 # `recsys` commands compute them itself. $(VAR) is Kubernetes' expansion of the variables above.
 - name: RECSYS_PG_URL
-  value: "postgresql+psycopg://$(RECSYS_PG_USER):$(RECSYS_PG_PASSWORD)@$(RECSYS_PG_HOST):$(RECSYS_PG_PORT)/$(RECSYS_PG_DATABASE)?sslmode=$(RECSYS_PG_SSLMODE)"
+  value: "postgresql+psycopg://$(RECSYS_PG_USER):$(RECSYS_PG_PASSWORD)@$(RECSYS_PG_HOST):$(RECSYS_PG_PORT)/$(RECSYS_PG_DATABASE)?sslmode=$(RECSYS_PG_SSLMODE){{ if .Values.postgres.caSecret }}&sslrootcert=$(RECSYS_PG_SSLROOTCERT){{ end }}"
 - name: RECSYS_REDIS_CONNECTION
-  value: "$(RECSYS_REDIS_HOST):$(RECSYS_REDIS_PORT),db=$(RECSYS_REDIS_DB)"
+  value: {{ include "recsys.redisConnection" . | quote }}
 - name: RECSYS_ARTIFACTS
   value: {{ .Values.models.artifacts | quote }}
 - name: FEAST_FS_YAML_FILE_PATH
   value: /etc/recsys/feast/feature_store.yaml
+{{- end }}
+
+{{/* Feast's Redis connection string, as predictor.config.Settings.redis_connection builds it; secrets by $(VAR). */}}
+{{- define "recsys.redisConnection" -}}
+{{- $r := .Values.redis -}}
+{{- $r.nodes | default (printf "%s:%v" $r.host $r.port) | replace " " "" -}}
+{{- if ne $r.type "redis_cluster" }},db={{ $r.db }}{{ end -}}
+{{- if $r.existingSecret }}{{ if $r.usernameKey }},username=$(RECSYS_REDIS_USERNAME){{ end }},password=$(RECSYS_REDIS_PASSWORD){{ end -}}
+{{- if $r.tls.enabled }},ssl=true{{ if $r.tls.caSecret }},ssl_ca_certs=/etc/recsys/redis-ca/{{ $r.tls.caKey }}{{ end }}{{ end -}}
 {{- end }}
 
 {{- define "recsys.volumeMounts" -}}
@@ -111,6 +140,16 @@ capabilities:
 - name: feast-config
   mountPath: /etc/recsys/feast
   readOnly: true
+{{- if and .Values.redis.tls.enabled .Values.redis.tls.caSecret }}
+- name: redis-ca
+  mountPath: /etc/recsys/redis-ca
+  readOnly: true
+{{- end }}
+{{- if .Values.postgres.caSecret }}
+- name: pg-ca
+  mountPath: /etc/recsys/pg-ca
+  readOnly: true
+{{- end }}
 {{- if .Values.models.pvc.enabled }}
 - name: models
   mountPath: {{ .Values.models.artifacts }}
@@ -123,6 +162,16 @@ capabilities:
 - name: feast-config
   configMap:
     name: {{ include "recsys.fullname" . }}-feast
+{{- if and .Values.redis.tls.enabled .Values.redis.tls.caSecret }}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.redis.tls.caSecret }}
+{{- end }}
+{{- if .Values.postgres.caSecret }}
+- name: pg-ca
+  secret:
+    secretName: {{ .Values.postgres.caSecret }}
+{{- end }}
 {{- if .Values.models.pvc.enabled }}
 - name: models
   persistentVolumeClaim:
