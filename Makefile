@@ -26,8 +26,10 @@ demo: $(STAMP) ## Run the end-to-end demo on the embedded profile (no servers ne
 test: $(STAMP) ## Run the test suite (needs PostgreSQL and Redis on 127.0.0.1)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP) ## Run the benchmarks (needs PostgreSQL, Redis and ../shared/data), writing bench/results/*.json
+bench: $(STAMP) ## Run the benchmarks (needs PostgreSQL, Redis, NATS and ../shared/data), writing bench/results/*.json
 	$(BIN)/python bench/features.py
+	$(BIN)/python bench/materialize.py
+	$(BIN)/python bench/events.py
 	$(BIN)/python bench/quality.py --dataset ml-100k
 	$(BIN)/python bench/quality.py --dataset ml-latest-small
 	$(BIN)/python bench/levels.py

@@ -9,7 +9,8 @@ on the same 2 cores as the load generator, against the machine's nats-server (Je
   item (seen items are excluded, so the event is visible), the predictor polled back to back.
   In the same run, two floors on the same users: one predictor response (freshness cannot be faster)
   and the direct path of ``recsys events push`` (``push_events``: log append + online push, no stream and
-  no HTTP) followed by the same poll.
+  no HTTP) followed by the same poll; and the stream alone: from the POST until a raw read of the online store
+  shows the event.
 * **Throughput**: ``--concurrency`` clients POST for ``--seconds``, one event per request and then
   ``--batch`` events per request; accepted events/s at the service, and applied events/s: until the
   consumer's log holds every accepted event.
@@ -46,6 +47,7 @@ from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
+from predictor.features.redis_reader import AsyncRawRedisReader
 from predictor.features.store import apply, materialize, open_store
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import train_and_register
@@ -95,7 +97,7 @@ def stream_env(settings: Settings) -> dict:
 def percentiles(samples_ms) -> dict:
     arr = np.asarray(samples_ms, dtype=float)
     return {"p50_ms": round(float(np.percentile(arr, 50)), 2), "p99_ms": round(float(np.percentile(arr, 99)), 2),
-            "n": int(len(arr))}  # fmt: skip
+            "n": len(arr)}  # fmt: skip
 
 
 class Predictor:
@@ -118,10 +120,11 @@ class Predictor:
 async def freshness(settings: Settings, predictor_url: str, ingest_url: str, users: np.ndarray, n: int,
                     rate: float, seed: int) -> dict:  # fmt: skip
     rng = np.random.default_rng(seed)
-    picks = rng.choice(users, size=2 * n, replace=False if len(users) >= 2 * n else True)
+    picks = rng.choice(users, size=3 * n, replace=len(users) < 3 * n)
     store = open_store(settings)
     log = EventLog(settings.database_url)
-    response_ms, stream_ms, direct_ms = [], [], []
+    online = AsyncRawRedisReader(store, settings, timeout=1.0)
+    response_ms, stream_ms, direct_ms, to_online_ms = [], [], [], []
     async with aiohttp.ClientSession() as session:
         predictor = Predictor(session, predictor_url)
         for user in picks[:20]:  # warm-up: connections, first calls
@@ -145,10 +148,21 @@ async def freshness(settings: Settings, predictor_url: str, ingest_url: str, use
             frame = pd.DataFrame({"user_id": [user], "item_id": [item], "timestamp": [pd.Timestamp.now(tz="UTC")]})
             await asyncio.to_thread(push_events, frame, store, log, settings.recent_items)
             direct_ms.append(await predictor.until_gone(user, item, started))
+            # the stream alone: from the POST until the online store holds the event (raw reads, no predictor)
+            user = int(picks[2 * n + k])
+            started = time.perf_counter()
+            async with session.post(f"{ingest_url}/v1/events", json=[{"user_id": user, "item_id": item}]) as r:
+                await r.read()
+            while True:
+                ((row,),) = await online.read([("user_id", [user], ["user_recent_items:recent_items"])])
+                if row["recent_items"] and row["recent_items"][0] == item:
+                    break
+            to_online_ms.append((time.perf_counter() - started) * 1000)
             await asyncio.sleep(max(0.0, period - (time.perf_counter() - tick)))
+    await online.close()
     log.engine.dispose()
     return {"events": n, "rate_per_s": rate, "stream": percentiles(stream_ms), "direct_push": percentiles(direct_ms),
-            "predictor_response": percentiles(response_ms)}  # fmt: skip
+            "stream_to_online_store": percentiles(to_online_ms), "predictor_response": percentiles(response_ms)}  # fmt: skip
 
 
 def logged_events(settings: Settings) -> int:
@@ -203,8 +217,8 @@ def render(results: dict) -> str:
     lines = [
         f"Measured {results['measured_at']} with `{results['command']}` (2 cores, load generator included).",
         "",
-        f"Freshness, {f['events']} single events at {f['rate_per_s']:g}/s: from the POST until the predictor's "
-        "next response reflects the event (ms)",
+        (f"Freshness, {f['events']} single events at {f['rate_per_s']:g}/s: from the POST until the predictor's "
+         "next response reflects the event (ms)"),
         "",
         "| path | p50 | p99 | p99 / floor |",
         "|---|---|---|---|",
@@ -212,6 +226,7 @@ def render(results: dict) -> str:
     floor = f["predictor_response"]["p99_ms"]
     for name, label in (("stream", "POST → JetStream → consumer → online store → predictor"),
                         ("direct_push", "direct push (`recsys events push`'s path, no stream, no HTTP)"),
+                        ("stream_to_online_store", "POST → JetStream → consumer → online store (raw reads, no predictor)"),
                         ("predictor_response", "floor: one predictor response")):  # fmt: skip
         p = f[name]
         lines.append(f"| {label} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['p99_ms'] / floor:.2f} |")
@@ -279,6 +294,8 @@ def main() -> None:
     out.add_column("value", justify="right")
     out.add_row("stream freshness p50 / p99 ms", f"{fresh['stream']['p50_ms']} / {fresh['stream']['p99_ms']}")
     out.add_row("direct push p50 / p99 ms", f"{fresh['direct_push']['p50_ms']} / {fresh['direct_push']['p99_ms']}")
+    to_online = fresh["stream_to_online_store"]
+    out.add_row("POST to online store p50 / p99 ms", f"{to_online['p50_ms']} / {to_online['p99_ms']}")
     out.add_row("predictor response p50 / p99 ms",
                 f"{fresh['predictor_response']['p50_ms']} / {fresh['predictor_response']['p99_ms']}")
     for t in rates:

@@ -106,7 +106,10 @@ def events_frame(rows: list[tuple]) -> pd.DataFrame:
 def make_tls_files(directory: Path) -> dict[str, Path]:
     """A self-signed CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
     paths = {k: directory / f"{k}.pem" for k in ("ca", "ca_key", "cert", "key")}
-    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+
+    def run(*cmd):
+        subprocess.run(cmd, check=True, capture_output=True)
+
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=recsys-test-ca",
         "-keyout", paths["ca_key"], "-out", paths["ca"])  # fmt: skip
     csr = directory / "server.csr"

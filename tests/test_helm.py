@@ -383,8 +383,13 @@ def test_chart_redis_connection_is_the_one_recsys_builds(helm, values):
     objects = render(helm, values)
     isvc = next(o for o in objects if o["kind"] == "InferenceService")
     env = {e["name"]: e for e in containers(isvc)[0]["env"]}
-    value = lambda name: env[name].get("value")  # noqa: E731
-    secret = lambda name: f"$({name})" if name in env else ""  # noqa: E731  # what Kubernetes expands there
+
+    def value(name: str) -> str | None:
+        return env[name].get("value")
+
+    def secret(name: str) -> str:  # what Kubernetes expands for a variable from a Secret
+        return f"$({name})" if name in env else ""
+
     settings = Settings(redis_host=value("RECSYS_REDIS_HOST"), redis_port=int(value("RECSYS_REDIS_PORT")),
                         redis_db=int(value("RECSYS_REDIS_DB")), redis_type=value("RECSYS_REDIS_TYPE"),
                         redis_nodes=value("RECSYS_REDIS_NODES"), redis_username=secret("RECSYS_REDIS_USERNAME"),

@@ -23,7 +23,14 @@ from predictor.features.marker import MaterializationMarker
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
 from predictor.features.redis_reader import AsyncRawRedisReader, RawRedisReader, redis_client
-from predictor.features.store import ITEM_FEATURES, USER_FEATURES, apply, materialize, online_item_features, online_user_features
+from predictor.features.store import (
+    ITEM_FEATURES,
+    USER_FEATURES,
+    apply,
+    materialize,
+    online_item_features,
+    online_user_features,
+)
 from predictor.serving.process import free_port
 from tests.conftest import events_frame, make_tls_files
 
@@ -70,7 +77,7 @@ class RedisServers:
         else:
             command = ["redis-server", "--port", str(port), *args]
         command += ["--save", "", "--appendonly", "no", "--dir", str(workdir), "--bind", "127.0.0.1"]
-        log = open(workdir / "redis.log", "w")  # closed with the process
+        log = open(workdir / "redis.log", "w")  # noqa: SIM115 - lives as long as the server; closed in close()
         self.procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
         return port
 
@@ -117,7 +124,7 @@ def servers(tmp_path_factory):
         conf = root / "sentinel.conf"
         sentinel_port = free_port()
         conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor recsys 127.0.0.1 {master} 1\n")
-        log = open(root / "sentinel.log", "w")
+        log = open(root / "sentinel.log", "w")  # noqa: SIM115 - closed with the servers
         procs.procs.append((subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=log,
                                              stderr=subprocess.STDOUT), log))  # fmt: skip
         _wait(lambda: redis.Redis(port=sentinel_port).execute_command("SENTINEL", "get-master-addr-by-name",

@@ -286,7 +286,7 @@ def test_degraded_share_scales_up_with_p99_on_target_and_shows_in_status(stack):
 
 
 def test_a_pod_that_finds_its_online_store_wiped_shows_in_the_status_condition(stack):
-    api, pods, cluster, port, loop = stack
+    _, pods, cluster, port, loop = stack
     body = autoscaler(metrics={"port": port}, outlierEjection={"enabled": False})
     memory = Memory()
 

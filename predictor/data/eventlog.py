@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,7 +179,7 @@ class EventLog:
             events["user_id"].astype("int64").tolist(), events["item_id"].astype("int64").tolist(),
             _utc_naive(events["timestamp"]), events["event_type"].astype(str).tolist(),
             events["weight"].astype(float).tolist(),
-            [None if r != r else r for r in events["rating"].astype(float).tolist()],  # NaN → NULL
+            [None if math.isnan(r) else r for r in events["rating"].astype(float).tolist()],  # NaN → NULL
             events["event_id"].astype(str).tolist(),
         )  # fmt: skip
         rows = [dict(zip(columns, row)) for row in values]

@@ -24,7 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from predictor.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_COLUMNS, DataValidationError, validate_event_rows
+from predictor.data.schema import (
+    DEFAULT_EVENT_WEIGHTS,
+    EVENT_COLUMNS,
+    DataValidationError,
+    validate_event_rows,
+)
 
 SOURCE = "request"
 FIELDS = frozenset((*EVENT_COLUMNS, "event_id"))

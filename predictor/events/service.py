@@ -115,7 +115,7 @@ def ingest_app(settings: Settings) -> FastAPI:
                 log.info("publishing events to JetStream stream %s at %s", settings.events_stream,
                          settings.nats_url)  # fmt: skip
                 return
-            except Exception as exc:  # NATS not up yet: stay unready and try again
+            except Exception as exc:  # noqa: BLE001 - NATS not up yet: stay unready and try again
                 log.warning("JetStream at %s not reachable (%r); retrying", settings.nats_url, exc)
                 await asyncio.sleep(RETRY_SECONDS)
 
@@ -168,7 +168,7 @@ def ingest_app(settings: Settings) -> FastAPI:
             return JSONResponse({"error": "the event stream is not reachable; retry"}, status_code=503)
         try:
             await publisher.publish(batch)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever JetStream said, the client must retry: 503
             log.warning("publishing %d events failed: %r", len(batch), exc)
             return JSONResponse({"error": f"the event stream did not store the batch: {exc!r}; retry"},
                                 status_code=503)  # fmt: skip
@@ -181,7 +181,7 @@ def ingest_app(settings: Settings) -> FastAPI:
                 applied = await asyncio.to_thread(state["sink"].apply, batch)
         except UnknownItemError as exc:
             return _error(400, exc, "unknown_item", batch)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the log or the online store is down: 503, retry
             log.warning("applying %d events failed: %r", len(batch), exc)
             return JSONResponse({"error": f"the event log did not take the batch: {exc!r}; retry"},
                                 status_code=503)  # fmt: skip
@@ -211,7 +211,7 @@ def consumer_app(settings: Settings, fetch_batch: int = 256) -> FastAPI:
             consumer = EventConsumer(settings, sink.apply, fetch_batch=fetch_batch)
             try:
                 await consumer.start()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - NATS not up yet: unready, try again
                 log.warning("JetStream at %s not reachable (%r); retrying", settings.nats_url, exc)
                 await asyncio.sleep(RETRY_SECONDS)
                 continue

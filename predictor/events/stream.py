@@ -165,7 +165,7 @@ class EventConsumer:
     async def _measure_lag(self) -> None:
         try:
             info = await self.subscription.consumer_info()
-        except Exception as exc:  # a lag reading is not worth stopping for
+        except Exception as exc:  # noqa: BLE001 - a lag reading is not worth stopping for
             log.debug("consumer info unavailable: %r", exc)
             return
         metrics.CONSUMER_LAG.set(info.num_pending + info.num_ack_pending)
@@ -196,7 +196,7 @@ class EventConsumer:
             await self._apply(decoded[:half])
             await self._apply(decoded[half:])
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a store is down: leave the messages for a redelivery
             delivered = max(msg.metadata.num_delivered for msg, _ in decoded)
             delay = min(30.0, 2.0 ** (delivered - 1))
             log.warning("applying %d messages failed (%r); redelivery in %.0f s", len(decoded), exc, delay)
@@ -217,7 +217,7 @@ class EventConsumer:
         try:
             await self.js.publish(dead_subject(self.settings), msg.data, timeout=5.0,
                                   headers={DEAD_REASON: reason[:4000], DEAD_SEQUENCE: sequence})  # fmt: skip
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - not stored in the dead-letter stream: redeliver, try again
             log.warning("dead-lettering stream message %s failed (%r); it will be redelivered", sequence, exc)
             await msg.nak(delay=5.0)
             return
@@ -230,7 +230,7 @@ class EventConsumer:
         if self.nc is not None and not self.nc.is_closed:
             try:
                 await self.nc.flush(timeout=2)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - closing anyway; unacknowledged messages come back
                 log.warning("flushing acknowledgements failed (%r); those messages will be redelivered", exc)
             await self.nc.close()
 
