@@ -11,13 +11,13 @@ on the same 2 cores as the load generator, against the machine's nats-server (Je
   and the direct path of ``recsys events push`` (``push_events``: log append + online push, no stream and
   no HTTP) followed by the same poll; and the stream alone: from the POST until a raw read of the online store
   shows the event.
-* **Throughput**: ``--concurrency`` clients POST for ``--seconds``, one event per request and then
-  ``--batch`` events per request; accepted events/s at the service, and applied events/s: until the
-  consumer's log holds every accepted event.
+* **Throughput**: ``--concurrency`` clients POST for ``--seconds``, with each of ``--sizes`` events per
+  request (1, 10 and 100); accepted events/s at the service, and applied events/s: until the consumer's log
+  holds every accepted event.
 
 Writes ``bench/results/events.json`` and the table in ``docs/features.md`` (between markers).
 
-    python bench/events.py            # 1,000 events at 50/s; 16 clients for 20 s per body size
+    python bench/events.py            # 1,000 events at 50/s; 16 clients for 20 s per body size (1, 10, 100)
     python bench/events.py --quick    # 200 events, 5 s
 """
 
@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="freshness events per second")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--batch", type=int, default=10, help="events per request in the second throughput run")
+    parser.add_argument("--sizes", default="1,10,100", help="events per request of each throughput run")
     parser.add_argument("--items", type=int, default=5_000)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--home", type=Path, default=ROOT / ".recsys-bench" / "events")
@@ -280,7 +280,7 @@ def main() -> None:
         fresh = asyncio.run(freshness(settings, predictor.url, ingest.url, users, args.events, args.rate, seed=1))
         rates = [asyncio.run(throughput(settings, ingest.url, users, items, args.concurrency, args.seconds, size,
                                         seed=2 + size))
-                 for size in (1, args.batch)]  # fmt: skip
+                 for size in map(int, args.sizes.split(","))]  # fmt: skip
     results = {"measured_at": time.strftime("%Y-%m-%d"), "command": "python bench/events.py" + (" --quick" * args.quick),
                "freshness": fresh, "throughput": rates,
                "targets": {"stream_p99_le_20ms": fresh["stream"]["p99_ms"] <= 20.0,

@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
 
 import pandas as pd
 import sqlalchemy as sa
@@ -45,7 +47,12 @@ class PushResult:
     events: int  # in the batch
     new: int  # appended to the log (fewer when some event_ids were already there)
     users: int
-    sequences: pd.DataFrame  # user_id, recent_items, seen_items, event_timestamp, created: what was written
+    written: dict = field(repr=False)  # the columns written online
+
+    @cached_property
+    def sequences(self) -> pd.DataFrame:
+        """user_id, recent_items, seen_items, event_timestamp, created: what was written."""
+        return pd.DataFrame(self.written)
 
 
 class SequenceWriter:
@@ -62,21 +69,30 @@ class SequenceWriter:
             self._view_read = time.monotonic()
         return self._view
 
-    def write(self, sequences: pd.DataFrame) -> None:
+    def write(self, users: list[int], recent: list[list[int]], seen: list[list[int]], last_event: list) -> dict:
+        """Write the sequences, each stamped with the later of its last event and now; returns the columns.
+
+        Valid from when we learned it: online stores keep the row with the newest event_timestamp, so
+        stamping with the (possibly older) event time could lose the write to a batch snapshot taken after
+        that event.
+        """
+        now = datetime.now(timezone.utc)
+        stamps = [max(_aware(last), now) for last in last_event]
         rows = [
-            (
-                EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=int(user))]),
-                {"recent_items": Value(int64_list_val=Int64List(val=recent)),
-                 "seen_items": Value(int64_list_val=Int64List(val=seen))},
-                stamp.to_pydatetime(),
-                created.to_pydatetime(),
-            )
-            for user, recent, seen, stamp, created in zip(
-                sequences["user_id"], sequences["recent_items"], sequences["seen_items"],
-                sequences["event_timestamp"], sequences["created"],
-            )
+            (EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=int(user))]),
+             {"recent_items": Value(int64_list_val=Int64List(val=r)), "seen_items": Value(int64_list_val=Int64List(val=s))},
+             stamp, now)
+            for user, r, s, stamp in zip(users, recent, seen, stamps)
         ]  # fmt: skip
         self.provider.online_write_batch(self.store.config, self.view(), rows, progress=None)
+        return {"user_id": users, "recent_items": recent, "seen_items": seen, "event_timestamp": stamps,
+                "created": [now] * len(users)}  # fmt: skip
+
+
+def _aware(stamp) -> datetime:
+    """A log timestamp as an aware UTC datetime (SQLite hands them back naive, in UTC)."""
+    stamp = pd.Timestamp(stamp).to_pydatetime()
+    return stamp.replace(tzinfo=timezone.utc) if stamp.tzinfo is None else stamp.astimezone(timezone.utc)
 
 
 _WRITERS: weakref.WeakKeyDictionary[FeatureStore, SequenceWriter] = weakref.WeakKeyDictionary()
@@ -115,23 +131,9 @@ def apply_events(batch: pd.DataFrame, store: FeatureStore, event_log: EventLog, 
     with event_log.begin() as conn:
         event_log.lock_users(conn, user_ids)
         new = event_log.append(conn, batch)
-        sequences = event_log.recent_items(conn, user_ids, recent_n)
-        now = pd.Timestamp.now(tz="UTC")
-        written = pd.DataFrame(
-            {
-                "user_id": sequences["user_id"].astype("int64"),
-                "recent_items": sequences["recent_items"],
-                "seen_items": sequences["seen_items"],
-                # Valid from when we learned it. Online stores keep the row with the newest
-                # event_timestamp, so stamping with the (possibly older) event time could lose the
-                # write to a batch snapshot taken after that event.
-                "event_timestamp": [max(last, now) for last in sequences["last_event"]],
-                "created": now,
-            }
-        )
-        _writer(store).write(written)
+        written = _writer(store).write(*event_log.sequences(conn, user_ids, recent_n))
     log.info("applied %d events (%d new) for %d users", len(batch), new, len(user_ids))
-    return PushResult(events=len(batch), new=new, users=len(user_ids), sequences=written)
+    return PushResult(events=len(batch), new=new, users=len(user_ids), written=written)
 
 
 def rewrite_sequences(store: FeatureStore, event_log: EventLog, recent_n: int, chunk: int = 5_000) -> int:
@@ -147,13 +149,8 @@ def rewrite_sequences(store: FeatureStore, event_log: EventLog, recent_n: int, c
     writer = _writer(store)
     for at in range(0, len(users), chunk):
         with event_log.begin() as conn:
-            sequences = event_log.recent_items(conn, users[at : at + chunk], recent_n)
-        now = pd.Timestamp.now(tz="UTC")
-        writer.write(pd.DataFrame({
-            "user_id": sequences["user_id"], "recent_items": sequences["recent_items"],
-            "seen_items": sequences["seen_items"],
-            "event_timestamp": [max(last, now) for last in sequences["last_event"]], "created": now,
-        }))  # fmt: skip
+            sequences = event_log.sequences(conn, users[at : at + chunk], recent_n)
+        writer.write(*sequences)
     return len(users)
 
 
