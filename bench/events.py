@@ -33,9 +33,12 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pandas as pd
-import psycopg
-import redis
 import sqlalchemy as sa
+from common import (  # bench/common.py (this script runs from bench/)
+    fresh_database,
+    log_with_features,
+    write_between_markers,
+)
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
@@ -45,10 +48,9 @@ from predictor.data.eventlog import EventLog, events_table
 from predictor.data.synthetic import generate
 from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
-from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
 from predictor.features.redis_reader import AsyncRawRedisReader
-from predictor.features.store import apply, materialize, open_store
+from predictor.features.store import open_store
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import train_and_register
 from predictor.models.registry import ModelRegistry
@@ -57,17 +59,13 @@ from predictor.serving.process import ServerProcess, recsys_command
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "events.json"
 DOCS = ROOT / "docs" / "features.md"
-MARKERS = ("<!-- events:start -->", "<!-- events:end -->")
 DATABASE, PROJECT, REDIS_DB = "recsys_bench_events", "bench_events", 7
 SERVE_ENV = {"RECSYS_SERVE_ITEM_REFRESH_SECONDS": "0", "RECSYS_SERVE_MODEL_POLL_SECONDS": "0"}
 console = Console()
 
 
 def bench_settings(home: Path) -> Settings:
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    redis.Redis(db=REDIS_DB).flushdb()
+    fresh_database(DATABASE, REDIS_DB)
     tag = uuid.uuid4().hex[:8]
     return Settings(profile=Profile.production, home=home, pg_database=DATABASE, feast_project=PROJECT,
                     redis_db=REDIS_DB, events_stream=f"BENCH_{tag}", events_subject=f"bench.{tag}",
@@ -76,11 +74,7 @@ def bench_settings(home: Path) -> Settings:
 
 def setup(settings: Settings, items: int, users: int, events: int) -> np.ndarray:
     data = generate(n_events=events, n_users=users, n_items=items, seed=0)
-    log = EventLog(settings.database_url)
-    log.replace(data)
-    log.engine.dispose()
-    build_features(settings, snapshot_every="14D")
-    materialize(settings, store=apply(settings))
+    log_with_features(settings, data)
     train = TrainConfig(epochs=1, min_epochs=1, ranker_epochs=1, ranker_examples_per_epoch=4_000, seed=0)
     registry = ModelRegistry(settings.database_url)
     train_and_register(data, registry, settings.artifacts_uri, model_config("small"), train,
@@ -240,17 +234,6 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(table: str) -> None:
-    text = DOCS.read_text()
-    start, end = MARKERS
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + f"\n\n{start}\n{table}\n{end}\n"
-    DOCS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1000)
@@ -288,7 +271,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     table = render(results)
-    write_docs(table)
+    write_between_markers(DOCS, "events", table)
     out = Table(title="events")
     out.add_column("measure")
     out.add_column("value", justify="right")

@@ -40,9 +40,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import redis
 import torch
+from common import fresh_database, log_with_features  # bench/common.py
 from memory_rule import memory_limit_mib, memory_request_mib, size_peak_mib  # bench/memory_rule.py
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
@@ -55,8 +55,6 @@ from predictor.data.loaders import load_dataset
 from predictor.data.synthetic import generate
 from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
-from predictor.features.pipeline import build_features
-from predictor.features.store import apply, materialize
 from predictor.models.config import SIZES, TrainConfig, model_config
 from predictor.models.data import build_split, user_feature_snapshots
 from predictor.models.evaluate import evaluate, per_user_scores
@@ -122,16 +120,9 @@ def serving_setup(settings: Settings, items: int, users: int, events: int, reuse
             console.print(f"--reuse: {type(exc).__name__}: {exc}"[:200])
         console.print(f"--reuse: no complete previous set-up with {params}; setting up afresh")
     marker.unlink(missing_ok=True)
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    redis.Redis(db=REDIS_DB).flushdb()
+    fresh_database(DATABASE, REDIS_DB)
     data = generate(n_events=events, n_users=users, n_items=items, seed=0)
-    log = EventLog(settings.database_url)
-    log.replace(data)
-    log.engine.dispose()
-    build_features(settings, snapshot_every="14D")
-    materialize(settings, store=apply(settings))
+    log_with_features(settings, data)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(params))
     return data, active_users(data)

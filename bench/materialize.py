@@ -30,8 +30,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import psycopg
 import redis
+from common import fresh_database, write_between_markers  # bench/common.py (this script runs from bench/)
 from rich.console import Console
 from rich.table import Table
 
@@ -44,16 +44,13 @@ from predictor.features.store import apply
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "materialize.json"
 DOCS = ROOT / "docs" / "features.md"
-MARKERS = ("<!-- materialize:start -->", "<!-- materialize:end -->")
 DATABASE, PROJECT, REDIS_DB = "recsys_bench_materialize", "bench_mat", 8
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 console = Console()
 
 
 def settings_for(home: Path) -> Settings:
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{DATABASE}"')
+    fresh_database(DATABASE)
     return Settings(profile=Profile.production, home=home, pg_database=DATABASE, feast_project=PROJECT,
                     redis_db=REDIS_DB, recent_items=50)  # fmt: skip
 
@@ -143,15 +140,7 @@ def main() -> None:
     }  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    table = render(results)
-    text = DOCS.read_text()
-    start, end = MARKERS
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + f"\n\n{start}\n{table}\n{end}\n"
-    DOCS.write_text(text)
+    write_between_markers(DOCS, "materialize", render(results))
     out = Table(title=f"materialize {rows:,} rows")
     for column in ("variant", "median s", "rows/s", "× floor"):
         out.add_column(column, justify="right")
