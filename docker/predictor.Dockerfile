@@ -24,7 +24,7 @@ COPY predictor ./predictor
 COPY operators ./operators
 COPY feature_repo ./feature_repo
 # hadolint ignore=DL3013
-RUN pip install ".[serve,train]"  # the project itself: its dependencies are pinned to ranges in pyproject.toml
+RUN pip install ".[serve,events,train]"  # the project itself (predictor, events service, jobs): its dependencies are pinned to ranges in pyproject.toml
 
 FROM ${BASE} AS predictor
 LABEL org.opencontainers.image.title="recsys predictor" \
