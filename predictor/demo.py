@@ -1,6 +1,6 @@
 """``recsys demo``: the whole product on the active profile, narrated.
 
-synthetic data → event log → batch features → ``feast apply`` → ``materialize-incremental`` → online reads →
+synthetic data → event log → batch features → ``feast apply`` → full ``materialize`` → online reads →
 train the two-stage model → start the KServe predictor → recommendations over REST and their latency →
 real-time events pushed → the user's next recommendations change → the predictor stops.
 """
@@ -59,9 +59,11 @@ def run_demo(settings: Settings, console: Console, n_events: int = 100_000, seed
         written = build_features(settings, snapshot_every="7D", progress=True)
         console.print(", ".join(f"{name}: {rows:,} rows" for name, rows in written.items()))
 
-    with _Step(console, "3. feast apply + materialize-incremental → online store"):
+    with _Step(console, "3. feast apply + materialize → online store"):
         store = apply(settings)
-        materialize(settings, datetime.now(timezone.utc), store=store)
+        # step 1 replaced the whole log: a full load, or rows a previous run pushed (stamped later than
+        # this run's snapshots) would outlive it and the events of step 8 would already be in place
+        materialize(settings, datetime.now(timezone.utc), store=store, full=True)
         console.print(f"project {store.project}: {len(store.list_feature_views())} feature views, "
                       f"{len(store.list_feature_services())} feature services")  # fmt: skip
 
