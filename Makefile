@@ -30,6 +30,7 @@ bench: $(STAMP) ## Run the benchmarks (needs PostgreSQL, Redis, NATS and ../shar
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/materialize.py
 	$(BIN)/python bench/events.py
+	$(BIN)/python bench/event_path.py
 	$(BIN)/python bench/quality.py --dataset ml-100k
 	$(BIN)/python bench/quality.py --dataset ml-latest-small
 	$(BIN)/python bench/levels.py

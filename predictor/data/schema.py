@@ -252,7 +252,7 @@ def validate_event_rows(rows: list[dict], source: str, first_row_number: int = 0
     event_id = _check_event_ids([r["event_id"] for r in rows], source, first_row_number)
     nanos = np.array([t.value for t in timestamp], dtype=np.int64)
     order = np.argsort(nanos, kind="stable")  # the file validator's stable sort by time
-    out = pd.DataFrame(
+    return pd.DataFrame(
         {
             "user_id": np.array(user_id, dtype=np.int64)[order],
             "item_id": np.array(item_id, dtype=np.int64)[order],
@@ -263,7 +263,6 @@ def validate_event_rows(rows: list[dict], source: str, first_row_number: int = 0
             "event_id": np.array(event_id, dtype=object)[order],
         }
     )
-    return out
 
 
 def _missing(value) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 ACCEPTED = Counter("recsys_events_accepted", "Events accepted by POST /v1/events.")
@@ -16,6 +18,15 @@ ONLINE_LATENCY = Histogram(
     "From the service receiving an event to its user's sequence in the online store.",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60),
 )
+def count_applied(events: int, new: int, received_at: list[float]) -> None:
+    """An applied batch: new events, skipped duplicates, and receipt-to-online latency per request."""
+    APPLIED.inc(new)
+    DUPLICATES.inc(events - new)
+    now = time.time()
+    for at in received_at:
+        ONLINE_LATENCY.observe(max(0.0, now - at))
+
+
 REQUEST_SECONDS = Histogram(
     "recsys_events_request_seconds", "POST /v1/events handling time.",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5),

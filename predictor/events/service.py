@@ -21,11 +21,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from predictor.config import Profile, Settings
-from predictor.data.eventlog import EventLog, UnknownItemError, items_table
+from predictor.data.eventlog import EventLog, UnknownItemError
 from predictor.data.schema import DataValidationError
 from predictor.events import metrics
 from predictor.events.payload import EventBatch, TooManyEventsError, parse_request
-from predictor.events.stream import Applied, EventConsumer, EventPublisher
+from predictor.events.stream import EventConsumer, EventPublisher
+from predictor.features.realtime import PushResult, apply_events
+from predictor.features.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +38,14 @@ class EventSink:
     """Applies batches to the event log and the online store: blocking, one call per batch."""
 
     def __init__(self, settings: Settings):
-        from predictor.features.store import open_store
-
         self.settings = settings
         self.store = open_store(settings)
         self.event_log = EventLog(settings.database_url)
         self.event_log.create_tables()
 
-    def apply(self, batch: EventBatch) -> Applied:
+    def apply(self, batch: EventBatch) -> PushResult:
         """Append and write online; the batch was validated when it was parsed or decoded."""
-        from predictor.features.realtime import apply_events
-
-        result = apply_events(batch.events, self.store, self.event_log, self.settings.recent_items)
-        return Applied(events=result.events, new=result.new)
+        return apply_events(batch.events, self.store, self.event_log, self.settings.recent_items)
 
     def close(self) -> None:
         self.event_log.engine.dispose()
@@ -62,11 +59,12 @@ class KnownItems:
 
     def unknown(self, item_ids: list[int]) -> list[int]:
         missing = sorted(set(item_ids) - self.known)
-        if missing:
-            with self.engine.connect() as conn:
-                query = sa.select(items_table.c.item_id).where(items_table.c.item_id.in_(missing))
-                self.known.update(row[0] for row in conn.execute(query))
-        return [i for i in missing if i not in self.known]
+        if not missing:
+            return []
+        with self.engine.connect() as conn:
+            unknown = EventLog.unknown_items(conn, missing)
+        self.known.update(set(missing) - set(unknown))
+        return unknown
 
 
 def _error(status: int, exc: Exception, reason: str, batch: EventBatch | None = None) -> JSONResponse:
@@ -83,8 +81,9 @@ def _error(status: int, exc: Exception, reason: str, batch: EventBatch | None = 
 def _first_row_with(batch: EventBatch, item_ids: list[int]) -> int:
     """The request's first row (array index) naming one of ``item_ids``."""
     position = {event_id: row for row, event_id in enumerate(batch.event_ids)}
+    wanted = set(item_ids)
     events = batch.events
-    return min(position[e] for e, i in zip(events["event_id"], events["item_id"]) if int(i) in set(item_ids))
+    return min(position[e] for e, i in zip(events["event_id"], events["item_id"]) if int(i) in wanted)
 
 
 def _probes(app: FastAPI, ready) -> None:
@@ -186,9 +185,7 @@ def ingest_app(settings: Settings) -> FastAPI:
             return JSONResponse({"error": f"the event log did not take the batch: {exc!r}; retry"},
                                 status_code=503)  # fmt: skip
         metrics.ACCEPTED.inc(len(batch))
-        metrics.APPLIED.inc(applied.new)
-        metrics.DUPLICATES.inc(applied.events - applied.new)
-        metrics.ONLINE_LATENCY.observe(max(0.0, time.time() - batch.received_at))
+        metrics.count_applied(applied.events, applied.new, [batch.received_at])
         body = {"accepted": len(batch), "applied": applied.new, "event_ids": batch.event_ids}
         return JSONResponse(body, status_code=200)
 

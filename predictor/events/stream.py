@@ -22,7 +22,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import nats
 import pandas as pd
@@ -36,6 +36,9 @@ from predictor.data.eventlog import UnknownItemError
 from predictor.data.schema import DataValidationError
 from predictor.events import metrics
 from predictor.events.payload import EventBatch, decode_message, encode_message, message_id
+
+if TYPE_CHECKING:
+    from predictor.features.realtime import PushResult
 
 log = logging.getLogger(__name__)
 
@@ -97,37 +100,29 @@ class EventPublisher:
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
 
-    async def publish(self, batch: EventBatch) -> bool:
-        """Store one batch in the stream; False when JetStream had it already (a retried request)."""
-        ack = await self.js.publish(
+    async def publish(self, batch: EventBatch) -> None:
+        """Store one batch in the stream (JetStream drops a re-publish of the same ids: a retried request)."""
+        await self.js.publish(
             self.settings.events_subject, encode_message(batch), timeout=5.0,
             headers={"Nats-Msg-Id": message_id(batch)},
         )  # fmt: skip
-        return not ack.duplicate
 
     async def close(self) -> None:
         if self.nc is not None:
             await self.nc.drain()
 
 
-@dataclass
-class Applied:
-    """What one application of a batch did (``push_events``' answer, reduced to what is counted)."""
-
-    events: int
-    new: int
-
-
 class EventConsumer:
-    """The durable pull consumer loop; ``apply`` writes one batch (blocking, run in a thread)."""
+    """The durable pull consumer loop; ``apply`` writes one batch (blocking, run in a thread) and answers
+    with its ``events`` and ``new`` counts (``predictor.features.realtime.PushResult``)."""
 
-    def __init__(self, settings: Settings, apply: Callable[[EventBatch], Applied], fetch_batch: int = 256,
+    def __init__(self, settings: Settings, apply: Callable[[EventBatch], PushResult], fetch_batch: int = 256,
                  fetch_timeout: float = 1.0):  # fmt: skip
         self.settings, self.apply = settings, apply
         self.fetch_batch, self.fetch_timeout = fetch_batch, fetch_timeout
         self.nc: nats.NATS | None = None
+        self.js: JetStreamContext | None = None
         self.subscription: JetStreamContext.PullSubscription | None = None
-        self.batches = 0
 
     async def start(self) -> None:
         self.nc = await connect(self.settings, "recsys-events-consume")
@@ -180,7 +175,6 @@ class EventConsumer:
                 await self._dead_letter(msg, str(exc))
         if decoded:
             await self._apply(decoded)
-        self.batches += 1
 
     async def _apply(self, decoded: list[tuple[Msg, EventBatch]]) -> None:
         batch = EventBatch(
@@ -206,11 +200,7 @@ class EventConsumer:
             return
         for msg, _ in decoded:
             await msg.ack()
-        now = time.time()
-        for _, b in decoded:
-            metrics.ONLINE_LATENCY.observe(max(0.0, now - b.received_at))
-        metrics.APPLIED.inc(applied.new)
-        metrics.DUPLICATES.inc(applied.events - applied.new)
+        metrics.count_applied(applied.events, applied.new, [b.received_at for _, b in decoded])
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         sequence = str(msg.metadata.sequence.stream)

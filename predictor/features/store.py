@@ -19,6 +19,9 @@ from feast.entity import Entity
 from feast.feature_service import FeatureService
 
 from predictor.config import Settings
+from predictor.data.eventlog import EventLog
+from predictor.features.marker import MaterializationMarker
+from predictor.features.realtime import rewrite_sequences
 
 log = logging.getLogger(__name__)
 
@@ -83,50 +86,49 @@ def materialize(
 
     Incremental (``feast materialize-incremental``: rows newer than the last run) unless ``full`` is set
     or the online store lost views the registry says it holds (their marker is gone: see
-    ``predictor.features.marker``); then every online view is loaded over its whole range (its TTL
-    before ``end``, as Feast's first incremental run does, or everything). Returns the lost views found.
+    ``predictor.features.marker``); then :func:`_reload` loads everything. Returns the lost views found.
     """
-    from predictor.features.marker import MaterializationMarker
-
     store = store or open_store(settings)
     end = end or datetime.now(timezone.utc)
     marker = MaterializationMarker(store, settings)
     try:
         lost = marker.lost_views()
         views = [fv for fv in store.list_feature_views() if fv.online]
+        if lost:
+            log.warning("the online store lost %s (no materialization marker): loading the full range",
+                        ", ".join(lost))  # fmt: skip
         if lost or full:
-            if lost:
-                log.warning("the online store lost %s (no materialization marker): loading the full range",
-                            ", ".join(lost))  # fmt: skip
-            # one write pipeline, no read of stored timestamps (1.1x faster in bench/materialize.py):
-            # the rows written are the newest snapshot, and the sequences are rewritten from the log below
-            online = store.config.online_store
-            dedup_was = getattr(online, "skip_dedup", None)
-            if dedup_was is not None:
-                online.skip_dedup = True
-            try:
-                for fv in views:
-                    start = end - fv.ttl if fv.ttl else EPOCH
-                    store.materialize(start_date=start, end_date=end, feature_views=[fv.name])
-            finally:
-                if dedup_was is not None:
-                    online.skip_dedup = dedup_was
-            # the snapshot predates the events appended since it was built: bring those back from the log
-            from predictor.data.eventlog import EventLog
-            from predictor.features.realtime import rewrite_sequences
-
-            event_log = EventLog(settings.database_url)
-            try:
-                users = rewrite_sequences(store, event_log, settings.recent_items)
-            finally:
-                event_log.engine.dispose()
-            log.info("rewrote %d users' sequences from the event log", users)
+            _reload(settings, store, views, end)
         else:
             store.materialize_incremental(end_date=end)
         marker.write([fv.name for fv in views], end)
     finally:
         marker.close()
     return lost
+
+
+def _reload(settings: Settings, store: FeatureStore, views: list, end: datetime) -> None:
+    """Every online view over its whole range (its TTL before ``end``, as Feast's first incremental run
+    does, or everything), then every user's sequence from the event log: the snapshot predates the events
+    appended since it was built."""
+    # one write pipeline, no read of stored timestamps (1.1x faster in bench/materialize.py): safe here,
+    # the rows are the newest snapshot and the sequences are rewritten from the log right after
+    online = store.config.online_store
+    dedup_was = getattr(online, "skip_dedup", None)  # a Redis-only option
+    if dedup_was is not None:
+        online.skip_dedup = True
+    try:
+        for fv in views:
+            store.materialize(start_date=end - fv.ttl if fv.ttl else EPOCH, end_date=end, feature_views=[fv.name])
+    finally:
+        if dedup_was is not None:
+            online.skip_dedup = dedup_was
+    event_log = EventLog(settings.database_url)
+    try:
+        users = rewrite_sequences(store, event_log, settings.recent_items)
+    finally:
+        event_log.engine.dispose()
+    log.info("rewrote %d users' sequences from the event log", users)
 
 
 def teardown(settings: Settings) -> None:

@@ -241,6 +241,7 @@ class RecommenderModel(Model):
         self.store = None
         self.registry: ModelRegistry | None = None
         self._failed_versions: set[int] = set()
+        self.marker: MaterializationMarker | None = None
         self.online_lost: list[str] = []
         self._tasks: list[asyncio.Task] = []
         self.batcher = MicroBatcher(self._run_engine, serve.max_batch, serve.batch_wait_ms / 1000, self._choose_level)
@@ -366,7 +367,7 @@ class RecommenderModel(Model):
         self._tasks.clear()
         if self.online is not None:
             await self.online.close()
-        if getattr(self, "marker", None) is not None:
+        if self.marker is not None:
             self.marker.close()
         self.batcher.close()
 
@@ -409,7 +410,7 @@ class RecommenderModel(Model):
         log.info("hot-swapped model %s → %s", previous.version, loaded.version)
         return True
 
-    def check_online_store(self) -> list[str]:
+    def check_online_store(self) -> None:
         """Blocking: which materialized views the online store lost (their marker is gone). Degraded, not
         unready: the replica keeps answering, with fallbacks flagged ``online_store_lost``, because going
         unready would turn every degraded answer into an error."""
@@ -417,7 +418,7 @@ class RecommenderModel(Model):
             lost = self.marker.lost_views()
         except Exception as exc:  # noqa: BLE001 - store or registry unreachable: the read path reports that
             log.debug("online store check skipped: %r", exc)
-            return self.online_lost
+            return
         if lost != self.online_lost:
             if lost:
                 log.warning("the online store lost %s (registry says materialized, marker gone); answering with "
@@ -426,13 +427,12 @@ class RecommenderModel(Model):
                 log.warning("the online store holds every materialized view again")
         self.online_lost = lost
         metrics.ONLINE_STORE_LOST.set(1 if lost else 0)
-        return lost
 
     async def watch_online_store(self) -> None:
         await asyncio.to_thread(self.check_online_store)
 
     def health(self) -> dict:
-        """The replica's own account of itself (``GET /healthz``): model, online store, quality level."""
+        """The replica's own account of itself (``GET /healthz``): readiness, model version, online store."""
         loaded = self.current
         return {
             "ready": self.ready,
