@@ -116,11 +116,14 @@ def compute_floor() -> dict:
             "best_matmul_gflops": peak, "labels_per_s_ceiling": peak * 1e9 / flops_per_label}  # fmt: skip
 
 
-def run_probes(package_root: Path) -> dict:
-    """Every probe, each in a fresh process importing ``predictor`` from ``package_root``."""
+PROBES = ("ml-100k", "synthetic-200k")
+
+
+def run_probes(package_root: Path, probes: tuple[str, ...] = PROBES) -> dict:
+    """Each of ``probes``, each in a fresh process importing ``predictor`` from ``package_root``."""
     env = {**os.environ, "PYTHONPATH": str(package_root), "RECSYS_DATA_DIR": str(data_dir())}
     out = {}
-    for name in ("ml-100k", "synthetic-200k"):
+    for name in probes:
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
             done = subprocess.run([sys.executable, __file__, "--probe", name, "--probe-out", result.name],
                                   env=env, cwd=package_root, capture_output=True, text=True, check=False)  # fmt: skip
@@ -128,6 +131,62 @@ def run_probes(package_root: Path) -> dict:
                 raise RuntimeError(f"probe {name} at {package_root} failed:\n{done.stderr[-3000:]}")
             out[name] = json.loads(Path(result.name).read_text())
     return out
+
+
+def median_probes(rounds: list[dict]) -> dict:
+    """Per probe, the median over rounds of each number (lists, such as the validation curve, from round 1),
+    and the per-round values of the numbers under ``per_round``."""
+    out = {}
+    for name in rounds[0]:
+        runs = [r[name] for r in rounds]
+        merged = {k: (float(np.median([r[k] for r in runs])) if isinstance(v, int | float) else v)
+                  for k, v in runs[0].items()}  # fmt: skip
+        merged["per_round"] = {k: [r[k] for r in runs] for k, v in runs[0].items() if isinstance(v, float)}
+        out[name] = merged
+    return out
+
+
+def kernels() -> dict:
+    """The training step's two hand-written kernels against what they replace, same run, medians of 7:
+    the blocked softmax cross-entropy (``two_tower.exact_softmax_loss``) against ``F.cross_entropy`` over the
+    written-out logits, forward and backward, at latest-small's exact-softmax shape (5,699 labels of a
+    128-window batch × 9,742 items, dim 128); and ``MaskDropout`` against a ``torch.rand`` mask and
+    torch's bernoulli kernel (``F.dropout``) on a ``[128, 50, 256]`` feed-forward activation, forward and
+    backward."""
+    import torch
+    import torch.nn.functional as F
+
+    from predictor.models.two_tower import MaskDropout, exact_softmax_loss
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    g = torch.Generator().manual_seed(0)
+    users = F.normalize(torch.randn(5_699, 128, generator=g), dim=1).requires_grad_()
+    items = F.normalize(torch.randn(9_742, 128, generator=g), dim=1).requires_grad_()
+    labels = torch.randint(0, 9_742, (5_699,), generator=g)
+    x = torch.randn(128, 50, 256, requires_grad=True)
+    drop = MaskDropout(0.2).train()
+
+    def median_ms(fn, repeats: int = 7) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return float(np.median(times)) * 1000
+
+    def step(loss_fn):
+        torch.autograd.grad(loss_fn(), (users, items))
+
+    written_out = median_ms(lambda: step(lambda: F.cross_entropy(users @ items.T / 0.1, labels)))
+    blocked = median_ms(lambda: step(lambda: exact_softmax_loss(users, items, labels, 0.1)))
+    ones = torch.ones_like(x)
+    ours = median_ms(lambda: drop(x).backward(ones), 30)
+    rand = median_ms(lambda: (x * (torch.rand_like(x) >= 0.2) * 1.25).backward(ones), 30)
+    bernoulli = median_ms(lambda: F.dropout(x, 0.2, training=True).backward(ones), 30)
+    return {"exact_loss_ms": {"F.cross_entropy": written_out, "blocked": blocked, "ratio": written_out / blocked},
+            "dropout_ms": {"torch.rand": rand, "bernoulli (F.dropout)": bernoulli, "MaskDropout": ours,
+                           "rand_ratio": rand / ours, "bernoulli_ratio": bernoulli / ours}}  # fmt: skip
 
 
 def data_dir() -> Path:
@@ -217,6 +276,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", help="git revision whose speed probes run in the same run")
     parser.add_argument("--skip-curve", action="store_true", help="speed probes only")
+    parser.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES), help="speed probes to run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the probes this many times, alternating the trees; medians are reported")  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"), help="result file")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
@@ -237,10 +299,13 @@ def main() -> None:
                        check=True, capture_output=True)  # fmt: skip
         trees[f"baseline {args.baseline}"] = worktree
     try:
-        speed = {}
-        for label, root in trees.items():
-            with console.status(f"speed probes: {label}"):
-                speed[label] = run_probes(root)
+        # alternating the trees round by round spreads the machine's drifts over both
+        rounds: dict[str, list[dict]] = {label: [] for label in trees}
+        for round_ in range(args.rounds):
+            for label, root in trees.items():
+                with console.status(f"speed probes: {label}, round {round_ + 1} of {args.rounds}"):
+                    rounds[label].append(run_probes(root, tuple(args.probes)))
+        speed = {label: median_probes(runs) for label, runs in rounds.items()}
     finally:
         if worktree:
             subprocess.run(
@@ -248,11 +313,14 @@ def main() -> None:
             )
     with console.status("compute floor"):
         floor = compute_floor()
+    with console.status("kernels"):
+        kernel = kernels()
     table = Table("probe", *trees, *(["ratio"] if args.baseline else []), title="training speed, same run")
     rows = [("ml-100k retrieval labels/s", "ml-100k", "retrieval_labels_per_s", True),
             ("ml-100k fit s (3 + 1 epochs)", "ml-100k", "fit_s", False),
             ("synthetic 200k fit s (2 + 1 epochs)", "synthetic-200k", "fit_s", False),
             ("synthetic 200k peak RSS MB", "synthetic-200k", "peak_rss_mb", False)]  # fmt: skip
+    rows = [row for row in rows if row[1] in args.probes]
     ratios = {}
     for label, probe, key, higher_better in rows:
         values = [speed[t][probe][key] for t in trees]
@@ -262,14 +330,21 @@ def main() -> None:
             cells.append(f"{ratios[label]:.2f} ×")
         table.add_row(label, *cells)
     console.print(table)
-    measured = speed["this tree"]["ml-100k"]["retrieval_labels_per_s"]
-    floor["this_tree_share_of_ceiling"] = measured / floor["labels_per_s_ceiling"]
-    console.print(f"ml-100k small: {floor['matmul_flops_per_label'] / 1e6:.2f} MFLOP (matmul) per label, best "
-                  f"matmul {floor['best_matmul_gflops']:.0f} GFLOP/s → ceiling {floor['labels_per_s_ceiling']:,.0f} "
-                  f"labels/s; this tree {measured:,.0f} = {floor['this_tree_share_of_ceiling']:.0%} of it")  # fmt: skip
-    report = {"command": "python bench/train.py" + (f" --baseline {args.baseline}" if args.baseline else "")
-                         + (" --skip-curve" if args.skip_curve else ""),
-              "machine": f"{os.cpu_count()} cores", "speed": speed, "compute_ceiling": floor,
+    loss, dropout = kernel["exact_loss_ms"], kernel["dropout_ms"]
+    console.print(f"exact softmax loss, forward + backward: F.cross_entropy {loss['F.cross_entropy']:.0f} ms, blocked "
+                  f"{loss['blocked']:.0f} ms ({loss['ratio']:.2f} ×); dropout mask: torch.rand "
+                  f"{dropout['torch.rand']:.2f} ms, bernoulli {dropout['bernoulli (F.dropout)']:.2f} ms, MaskDropout "
+                  f"{dropout['MaskDropout']:.2f} ms")  # fmt: skip
+    if "ml-100k" not in speed["this tree"]:
+        floor["this_tree_share_of_ceiling"] = None
+    else:
+        measured = speed["this tree"]["ml-100k"]["retrieval_labels_per_s"]
+        floor["this_tree_share_of_ceiling"] = measured / floor["labels_per_s_ceiling"]
+        console.print(f"ml-100k small: {floor['matmul_flops_per_label'] / 1e6:.2f} MFLOP (matmul) per label, best "
+                      f"matmul {floor['best_matmul_gflops']:.0f} GFLOP/s → ceiling {floor['labels_per_s_ceiling']:,.0f} "
+                      f"labels/s; this tree {measured:,.0f} = {floor['this_tree_share_of_ceiling']:.0%} of it")  # fmt: skip
+    report = {"command": " ".join(["python", "bench/train.py", *sys.argv[1:]]), "rounds": args.rounds,
+              "machine": f"{os.cpu_count()} cores", "speed": speed, "compute_ceiling": floor, "kernels": kernel,
               "speedup_over_baseline": ratios or None}  # fmt: skip
     if not args.skip_curve:
         report.update(curve_and_wall(console))

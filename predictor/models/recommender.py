@@ -53,7 +53,12 @@ from predictor.models.inference import (
     ranker_inputs,
 )
 from predictor.models.ranker import Ranker
-from predictor.models.two_tower import TwoTower, all_items_softmax_loss, sampled_softmax_loss
+from predictor.models.two_tower import (
+    TwoTower,
+    all_items_softmax_loss,
+    exact_softmax_loss,
+    sampled_softmax_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +375,7 @@ class TwoStageRecommender:
         if exact:
             # the sampled loss with every item a negative and the label's own column masked and scored as
             # the positive is this cross-entropy over the catalog, without the [P, N] mask and copy
-            return F.cross_entropy(states[valid] @ neg.T / cfg.temperature, labelled - 1)
+            return exact_softmax_loss(states[valid], neg, labelled - 1, cfg.temperature)
         return sampled_softmax_loss(
             states[valid], positive[valid], labelled, neg, negatives, log_q, cfg.temperature
         )
