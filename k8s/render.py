@@ -5,11 +5,17 @@ The chart is the one source: ``helm template`` with the chart's defaults (releas
 hook becomes a plain Job that runs on every apply), one file per object, and a kustomization.yaml listing
 them. The overlays (``k8s/overlays/cpu`` and ``k8s/overlays/gpu``) are hand-written patches on that base.
 
-    python k8s/render.py          # rewrite k8s/base (tests/test_kustomize.py fails when it is stale)
+    python k8s/render.py                  # rewrite k8s/base with the helm on PATH
+    python k8s/render.py --helm PATH      # ... or that helm (`make test` caches one in .recsys-tools/helm/helm)
+
+tests/test_kustomize.py fails when k8s/base is stale.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +23,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.k8s_tools import ensure_tools
-
 BASE = ROOT / "k8s" / "base"
 RELEASE, NAMESPACE = "recsys", "recsys"
 
@@ -47,8 +49,20 @@ def file_name(obj: dict) -> str:
     return f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
 
 
+def find_helm(given: str | None) -> Path:
+    """``--helm``, else ``$HELM``, else ``helm`` on PATH, else the copy ``make test`` caches."""
+    cached = ROOT / ".recsys-tools" / "helm" / "helm"
+    found = given or os.environ.get("HELM") or shutil.which("helm") or (str(cached) if cached.exists() else None)
+    if not found:
+        sys.exit("helm not found: pass --helm PATH, set $HELM or put helm on PATH (`make test` caches one in "
+                 ".recsys-tools/helm/helm)")  # fmt: skip
+    return Path(found)
+
+
 def main() -> None:
-    objects = rendered_base(ensure_tools()["helm"])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--helm", help="the helm binary (default: $HELM, then PATH)")
+    objects = rendered_base(find_helm(parser.parse_args().helm))
     # Helm leaves the namespace to `--create-namespace`; kubectl apply -k creates it
     objects.insert(0, {"apiVersion": "v1", "kind": "Namespace",
                        "metadata": {"name": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "recsys"}}})  # fmt: skip

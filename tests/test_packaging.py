@@ -65,3 +65,19 @@ def test_operator_package_imports_no_predictor_torch_kserve_or_feast():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
     assert out.stdout.strip() == "", f"the operator package imported {out.stdout.strip()}"
+
+
+def test_shipped_code_never_imports_the_tests_or_the_benchmarks():
+    """``tests/`` and ``bench/`` are harness: no image ships them, so nothing that ships (the packages,
+    the Feast repo, the kustomize renderer) may import from them."""
+    import ast
+
+    shipped = [p for folder in ("predictor", "operators", "feature_repo", "k8s") for p in (ROOT / folder).rglob("*.py")]
+    assert len(shipped) > 20
+    offenders = []
+    for path in shipped:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []  # fmt: skip
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("tests", "bench")]
+    assert not offenders, offenders
