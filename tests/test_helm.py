@@ -398,3 +398,43 @@ def test_chart_redis_connection_is_the_one_recsys_builds(helm, values):
     assert value("RECSYS_REDIS_CONNECTION") == settings.redis_connection
     if "RECSYS_REDIS_PASSWORD" in env:
         assert "value" not in env["RECSYS_REDIS_PASSWORD"]  # from the Secret only
+
+
+def test_chart_readme_lists_every_value():
+    """charts/recsys/README.md's table is the one made from values.yaml (`python -m tests.chart_readme`), and
+    every value has a `# --` description there."""
+    from tests.chart_readme import chart_values, readme_with_table
+
+    values = chart_values((CHART / "values.yaml").read_text())
+    assert len(values) > 100
+    assert [v.key for v in values if not v.description] == [], "values without a `# --` description"
+    flat = set()
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict) and value and f"{prefix}{key}" not in {v.key for v in values}:
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat.add(f"{prefix}{key}")
+
+    walk(yaml.safe_load((CHART / "values.yaml").read_text()))
+    assert flat == {v.key for v in values}  # the comment scan found every leaf YAML has
+    readme = (CHART / "README.md").read_text()
+    assert readme == readme_with_table(readme, values), "charts/recsys/README.md is stale: python -m tests.chart_readme"
+
+
+def test_one_template_per_kind(helm):
+    """Each template renders objects of one kind (the external-dns chart's layout), with every switch on."""
+    on = {"predictor.podDisruptionBudget.enabled": "true", "networkPolicy.enabled": "true",
+          "bootstrap.enabled": "true", "monitoring.serviceMonitor.enabled": "true",
+          "bundled.redis.enabled": "true", "bundled.postgres.enabled": "true"}  # fmt: skip
+    rendered = run([helm, "template", "recsys", CHART, *sets(on)]).stdout
+    kinds: dict[str, set[str]] = {}
+    source = None
+    for line in rendered.splitlines():
+        if line.startswith("# Source: "):
+            source = line.removeprefix("# Source: ")
+        elif line.startswith("kind: ") and source:
+            kinds.setdefault(source, set()).add(line.removeprefix("kind: "))
+    assert len(kinds) >= 20
+    assert {source: k for source, k in kinds.items() if len(k) > 1} == {}
