@@ -23,8 +23,16 @@ install: $(STAMP) ## Create .venv and install torch + the project with all extra
 demo: $(STAMP) ## Run the end-to-end demo on the embedded profile (no servers needed)
 	$(BIN)/recsys demo
 
-test: $(STAMP) ## Run the test suite (needs PostgreSQL and Redis on 127.0.0.1)
+test: $(STAMP) lint ## Lint, then run the test suite (needs PostgreSQL, Redis and NATS on 127.0.0.1)
 	$(BIN)/python -m pytest
+
+lint: $(STAMP) ## ruff check and ruff format --check over the whole tree (the pinned ruff of the test extra)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: $(STAMP) ## Run the benchmarks (needs PostgreSQL, Redis, NATS and ../shared/data), writing bench/results/*.json
 	$(BIN)/python bench/features.py
@@ -43,4 +51,4 @@ bench: $(STAMP) ## Run the benchmarks (needs PostgreSQL, Redis, NATS and ../shar
 clean: ## Remove local state (embedded stores, caches), keep .venv
 	rm -rf .recsys .recsys-bench .pytest_cache
 
-.PHONY: help install demo test bench clean
+.PHONY: help install demo test lint format bench clean

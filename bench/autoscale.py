@@ -72,9 +72,13 @@ def ladder_from_results() -> tuple[Ladder, str]:
             full = d["levels"]["full"]["ndcg@10"]["mean"]
             for lv in levels:
                 drops[lv] = max(drops[lv], 1.0 - d["levels"][lv]["ndcg@10"]["mean"] / full if full else 0.0)
-    service = tuple(ServiceTime(measured[lv]["p50_ms"] / 1000, measured[lv]["p99_ms"] / 1000) for lv in levels)
-    source = (f"{serve_path.name} ladder (pinned levels, concurrency 1) and {levels_path.name} "
-              f"({'measured' if levels_path.is_file() else 'missing: no quality loss counted'})")  # fmt: skip
+    service = tuple(
+        ServiceTime(measured[lv]["p50_ms"] / 1000, measured[lv]["p99_ms"] / 1000) for lv in levels
+    )
+    source = (
+        f"{serve_path.name} ladder (pinned levels, concurrency 1) and {levels_path.name} "
+        f"({'measured' if levels_path.is_file() else 'missing: no quality loss counted'})"
+    )
     return Ladder(levels, service, tuple(max(drops[lv], 0.0) for lv in levels)), source
 
 
@@ -83,8 +87,11 @@ def startup(size: str) -> tuple[tuple[float, float], str]:
     measured for ``size`` over its replica starts (every remedy's), or the old assumption without it."""
     path = RESULTS / "frontier.json"
     if path.is_file():
-        starts = [r["time_to_ready_s"] for r in json.loads(path.read_text()).get("serving", {}).get(size, {}).values()
-                  if "time_to_ready_s" in r]  # fmt: skip
+        starts = [
+            r["time_to_ready_s"]
+            for r in json.loads(path.read_text()).get("serving", {}).get(size, {}).values()
+            if "time_to_ready_s" in r
+        ]
         if starts:
             return (min(starts), max(starts)), (
                 f"{path.name}: {size}'s time to ready over {len(starts)} replica starts (process start to ready; "
@@ -122,19 +129,31 @@ def issue5_checks(windows_of, slow_at: float, config: SimConfig, policy: str) ->
     ready_at = next((i for i, w in enumerate(after) if w["ready"] == w["replicas"]), 0)
     settled = after[ready_at:]
     share = float(np.mean([w["p99_ms"] <= config.target_p99_ms for w in settled])) if settled else 1.0
-    out[f"{policy}, step_x2: windows on target after the first scale-up >= 95 %"] = {"value": share, "ok": share >= 0.95}
+    out[f"{policy}, step_x2: windows on target after the first scale-up >= 95 %"] = {
+        "value": share,
+        "ok": share >= 0.95,
+    }
     slow = windows_of("slow_replica")
     slow_from = next(i for i, w in enumerate(slow) if w["t"] - config.control_period_s >= slow_at)
     ejected_at = next((i for i in range(slow_from, len(slow)) if slow[i]["ejected"]), None)
     periods = (ejected_at - slow_from + 1) if ejected_at is not None else math.inf
     out[f"{policy}, slow_replica: ejected within 2 control periods"] = {"value": periods, "ok": periods <= 2}
-    back = next((i for i in range(slow_from + 1, len(slow)) if slow[i]["p99_ms"] <= config.target_p99_ms), None)
+    back = next(
+        (i for i in range(slow_from + 1, len(slow)) if slow[i]["p99_ms"] <= config.target_p99_ms), None
+    )
     back_in = (back - slow_from + 1) if back is not None else math.inf
-    out[f"{policy}, slow_replica: p99 back on target within 3 control periods"] = {"value": back_in, "ok": back_in <= 3}
-    flips = max(direction_changes_per_window(windows_of(t), config.scale_down_stabilization_s)
-                for t in ("step_x2", "spike_x5", "slow_replica"))  # fmt: skip
-    out[f"{policy}, steady load: at most one change of direction per stabilisation window"] = {"value": flips,
-                                                                                             "ok": flips <= 1}  # fmt: skip
+    out[f"{policy}, slow_replica: p99 back on target within 3 control periods"] = {
+        "value": back_in,
+        "ok": back_in <= 3,
+    }
+    flips = max(
+        direction_changes_per_window(windows_of(t), config.scale_down_stabilization_s)
+        for t in ("step_x2", "spike_x5", "slow_replica")
+    )
+    out[f"{policy}, steady load: at most one change of direction per stabilisation window"] = {
+        "value": flips,
+        "ok": flips <= 1,
+    }
     return out
 
 
@@ -168,7 +187,9 @@ def plot_series(runs: dict, names: list[str], config: SimConfig, path: Path) -> 
     axes[1, 0].set_ylabel("replicas")
     axes[2, 0].set_ylabel("ours_ladder: % of requests degraded")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Simulated replica pool at each policy's default setpoint: p99 (target dashed), replicas, degraded share")
+    fig.suptitle(
+        "Simulated replica pool at each policy's default setpoint: p99 (target dashed), replicas, degraded share"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -184,8 +205,14 @@ def plot_pareto(curves: dict, names: list[str], path: Path) -> None:
     for col, trace in enumerate(names):
         for policy, points in curves[trace].items():
             pts = sorted(points, key=lambda p: p["replica_seconds"])
-            axes[col].plot([p["replica_seconds"] for p in pts], [100 * p["slo_attainment"] for p in pts], marker="o",
-                           ms=3, lw=1, label=policy)  # fmt: skip
+            axes[col].plot(
+                [p["replica_seconds"] for p in pts],
+                [100 * p["slo_attainment"] for p in pts],
+                marker="o",
+                ms=3,
+                lw=1,
+                label=policy,
+            )
         axes[col].set_title(trace)
         axes[col].set_xlabel("replica-seconds")
     axes[0].set_ylabel("% of 15 s windows with p99 on target")
@@ -197,10 +224,21 @@ def plot_pareto(curves: dict, names: list[str], path: Path) -> None:
 
 DOC = ROOT / "docs" / "operator.md"
 MARKERS = ("<!-- autoscale:start -->", "<!-- autoscale:end -->")
-LABELS = {"ours_ladder": "ours, ladder", "ours": "ours, no ladder", "static_min": "static min",
-          "static_max": "static max", "cpu_hpa": "CPU HPA", "keda_p99": "KEDA p99", "kpa": "KPA-like"}  # fmt: skip
-TRACE_LABELS = {"step_x2": "step ×2", "spike_x5": "spike ×5 for 60 s", "diurnal": "diurnal",
-                "slow_replica": "one replica 3× slower"}  # fmt: skip
+LABELS = {
+    "ours_ladder": "ours, ladder",
+    "ours": "ours, no ladder",
+    "static_min": "static min",
+    "static_max": "static max",
+    "cpu_hpa": "CPU HPA",
+    "keda_p99": "KEDA p99",
+    "kpa": "KPA-like",
+}
+TRACE_LABELS = {
+    "step_x2": "step ×2",
+    "spike_x5": "spike ×5 for 60 s",
+    "diurnal": "diurnal",
+    "slow_replica": "one replica 3× slower",
+}
 
 
 def write_doc(report: dict) -> None:
@@ -219,29 +257,59 @@ def write_doc(report: dict) -> None:
                 cell += f" ({r['degraded_share']:.1%} degraded, NDCG −{100 * r['ndcg_loss']:.2f} %)"
             cells.append(cell)
         lines.append(f"| {TRACE_LABELS.get(t, t)} | " + " | ".join(cells) + " |")
-    lines += ["", ("Worst gap of ours with the ladder against each baseline's SLO-vs-replica-seconds staircase over "
-              "their common cost range (≥ 0: on or above it; each setpoint swept, `sim.SETPOINTS`):"), "",
-              "| trace | " + " | ".join(LABELS[b] for b in BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
+    lines += [
+        "",
+        (
+            "Worst gap of ours with the ladder against each baseline's SLO-vs-replica-seconds staircase over "
+            "their common cost range (≥ 0: on or above it; each setpoint swept, `sim.SETPOINTS`):"
+        ),
+        "",
+        "| trace | " + " | ".join(LABELS[b] for b in BASELINES) + " |",
+        "|---|" + "---|" * len(BASELINES),
+    ]
     for t in traces_:
         gaps = meta["pareto_gaps"][t]
-        lines.append(f"| {TRACE_LABELS.get(t, t)} | " + " | ".join(
-            f"{g['worst_gap']:+.1%}" if g["worst_gap"] is not None else "no common range"
-            for g in (gaps[b] for b in BASELINES)) + " |")  # fmt: skip
+        lines.append(
+            f"| {TRACE_LABELS.get(t, t)} | "
+            + " | ".join(
+                f"{g['worst_gap']:+.1%}" if g["worst_gap"] is not None else "no common range"
+                for g in (gaps[b] for b in BASELINES)
+            )
+            + " |"
+        )
     spike_max = report["spike_x5"]["static_max"]["replica_seconds"]
-    lines += ["", "Ours with the ladder on the spike, each headroom (share of static-at-max's replica-seconds):", "",
-              "| headroom | SLO | replica-seconds | degraded | NDCG@10 loss |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Ours with the ladder on the spike, each headroom (share of static-at-max's replica-seconds):",
+        "",
+        "| headroom | SLO | replica-seconds | degraded | NDCG@10 loss |",
+        "|---|---|---|---|---|",
+    ]
     for c in meta["sweeps"]["spike_x5"]["ours_ladder"]:
-        lines.append(f"| {c['setpoint']:g} | {c['slo_attainment']:.1%} | {c['replica_seconds'] / spike_max:.1%} | "
-                     f"{c['degraded_share']:.1%} | {100 * c['ndcg_loss']:.2f} % |")
-    lines += ["", "Targets, as the script checks them (default setpoints):", "", "| target | result |", "|---|---|"]
+        lines.append(
+            f"| {c['setpoint']:g} | {c['slo_attainment']:.1%} | {c['replica_seconds'] / spike_max:.1%} | "
+            f"{c['degraded_share']:.1%} | {100 * c['ndcg_loss']:.2f} % |"
+        )
+    lines += [
+        "",
+        "Targets, as the script checks them (default setpoints):",
+        "",
+        "| target | result |",
+        "|---|---|",
+    ]
     for name, v in meta["checks"].items():
         value = v["value"]
-        shown = f"{value:.3g}" if isinstance(value, float) else \
-            ("see the gap table" if isinstance(value, dict) else value)  # fmt: skip
+        shown = (
+            f"{value:.3g}"
+            if isinstance(value, float)
+            else ("see the gap table" if isinstance(value, dict) else value)
+        )
         lines.append(f"| {name} | {'met' if v['ok'] else '**not met**'}: {shown} |")
     block = MARKERS[0] + "\n" + "\n".join(lines) + "\n" + MARKERS[1]
     text = DOC.read_text()
-    DOC.write_text(re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, text, flags=re.DOTALL))
+    DOC.write_text(
+        re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, text, flags=re.DOTALL)
+    )
 
 
 def reprice(out: Path) -> None:
@@ -250,7 +318,9 @@ def reprice(out: Path) -> None:
     meta = report["_meta"]
     ladder, source = ladder_from_results()
     if list(ladder.levels) != meta["ladder"]["levels"]:
-        raise SystemExit(f"the run simulated levels {meta['ladder']['levels']}, the results now have {ladder.levels}")
+        raise SystemExit(
+            f"the run simulated levels {meta['ladder']['levels']}, the results now have {ladder.levels}"
+        )
     drop = np.asarray(ladder.drop)
 
     def price(entry: dict) -> None:
@@ -267,24 +337,35 @@ def reprice(out: Path) -> None:
                 price(entry)
     meta["ladder"]["ndcg_drop"], meta["ladder"]["source"] = list(ladder.drop), source
     loss = report["spike_x5"]["ours_ladder"]["ndcg_loss"]
-    meta["checks"]["ours_ladder, spike_x5: expected NDCG@10 loss over the trace <= 2 %"] = {"value": loss, "ok": loss <= 0.02}
+    meta["checks"]["ours_ladder, spike_x5: expected NDCG@10 loss over the trace <= 2 %"] = {
+        "value": loss,
+        "ok": loss <= 0.02,
+    }
     meta["repriced"] = True
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     if out == RESULTS / "autoscale.json":
         write_doc(report)
-    console.print(f"re-priced {out} with {source}: drops " + ", ".join(
-        f"{lv} {100 * d:.1f} %" for lv, d in zip(ladder.levels, ladder.drop)) + f"; spike loss {100 * loss:.2f} %")  # fmt: skip
+    console.print(
+        f"re-priced {out} with {source}: drops "
+        + ", ".join(f"{lv} {100 * d:.1f} %" for lv, d in zip(ladder.levels, ladder.drop))
+        + f"; spike loss {100 * loss:.2f} %"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10-minute traces")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", default="small", help="model size whose measured time to ready starts a pod")
+    parser.add_argument(
+        "--size", default="small", help="model size whose measured time to ready starts a pod"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "autoscale.json"))
-    parser.add_argument("--reprice", action="store_true",
-                        help="only recompute the NDCG@10 losses in --out from the current levels.json (no simulation)")
+    parser.add_argument(
+        "--reprice",
+        action="store_true",
+        help="only recompute the NDCG@10 losses in --out from the current levels.json (no simulation)",
+    )
     args = parser.parse_args()
     if args.reprice:
         reprice(Path(args.out))
@@ -297,19 +378,36 @@ def main() -> None:
     capacity = 1.0 / full.mean_s  # requests per second one replica serves at 100 % busy, full quality
     base = 3.0 * capacity  # about six replicas at half load before the trace changes it
     console.print(f"start-up {startup_s[0]:.1f}–{startup_s[1]:.1f} s, from {startup_source}")
-    console.print(f"ladder from {ladder_source}: " + ", ".join(
-        f"{lv} p50 {s.p50_s * 1000:.2f} / p99 {s.p99_s * 1000:.2f} ms (NDCG@10 −{100 * d:.1f} %)"
-        for lv, s, d in zip(ladder.levels, ladder.service, ladder.drop)))  # fmt: skip
-    console.print(f"→ {capacity:.0f} req/s per replica at full quality; base load {base:.0f} req/s; target p99 "
-                  f"{config.target_p99_ms:g} ms")  # fmt: skip
+    console.print(
+        f"ladder from {ladder_source}: "
+        + ", ".join(
+            f"{lv} p50 {s.p50_s * 1000:.2f} / p99 {s.p99_s * 1000:.2f} ms (NDCG@10 −{100 * d:.1f} %)"
+            for lv, s, d in zip(ladder.levels, ladder.service, ladder.drop)
+        )
+    )
+    console.print(
+        f"→ {capacity:.0f} req/s per replica at full quality; base load {base:.0f} req/s; target p99 "
+        f"{config.target_p99_ms:g} ms"
+    )
     names = [t.name for t in traces(base, duration)]
-    jobs = {(trace, policy, setpoint) for trace in names for policy in POLICIES
-            for setpoint in ({DEFAULT_SETPOINT.get(policy)} | set(SETPOINTS.get(policy, ())))}  # fmt: skip
+    jobs = {
+        (trace, policy, setpoint)
+        for trace in names
+        for policy in POLICIES
+        for setpoint in ({DEFAULT_SETPOINT.get(policy)} | set(SETPOINTS.get(policy, ())))
+    }
     runs: dict = {}
-    with console.status(f"simulating {len(jobs)} runs on {args.workers} processes"), \
-            ProcessPoolExecutor(args.workers) as pool:  # fmt: skip
-        for key, run in pool.map(run_one, [(*j, base, duration, ladder, config, args.seed) for j in sorted(
-                jobs, key=lambda j: (j[0], j[1], -1 if j[2] is None else j[2]))]):  # fmt: skip
+    with (
+        console.status(f"simulating {len(jobs)} runs on {args.workers} processes"),
+        ProcessPoolExecutor(args.workers) as pool,
+    ):
+        for key, run in pool.map(
+            run_one,
+            [
+                (*j, base, duration, ladder, config, args.seed)
+                for j in sorted(jobs, key=lambda j: (j[0], j[1], -1 if j[2] is None else j[2]))
+            ],
+        ):
             runs[key] = run
 
     def default(trace, policy):
@@ -317,39 +415,83 @@ def main() -> None:
 
     table = Table("trace", *(f"{p}\nSLO / replica-s" for p in POLICIES))
     for trace in names:
-        table.add_row(trace, *(f"{default(trace, p).slo_attainment:.0%} / {default(trace, p).replica_seconds:,.0f}"
-                               + (f"\n{default(trace, p).degraded_share:.1%} degr., NDCG −{100 * default(trace, p).ndcg_loss:.2f} %"
-                                  if p == "ours_ladder" else "") for p in POLICIES))  # fmt: skip
+        table.add_row(
+            trace,
+            *(
+                f"{default(trace, p).slo_attainment:.0%} / {default(trace, p).replica_seconds:,.0f}"
+                + (
+                    f"\n{default(trace, p).degraded_share:.1%} degr., NDCG −{100 * default(trace, p).ndcg_loss:.2f} %"
+                    if p == "ours_ladder"
+                    else ""
+                )
+                for p in POLICIES
+            ),
+        )
     console.print(table)
 
-    curves = {trace: {p: [{"setpoint": s, "slo_attainment": runs[(trace, p, s)].slo_attainment,
-                           "replica_seconds": runs[(trace, p, s)].replica_seconds,
-                           "degraded_share": runs[(trace, p, s)].degraded_share,
-                           "ndcg_loss": runs[(trace, p, s)].ndcg_loss,
-                           "served_by_level": runs[(trace, p, s)].served} for s in SETPOINTS[p]]
-                      for p in SETPOINTS} for trace in names}  # fmt: skip
-    gaps = {trace: {b: frontier_gap([(c["replica_seconds"], c["slo_attainment"]) for c in curves[trace]["ours_ladder"]],
-                                    [(c["replica_seconds"], c["slo_attainment"]) for c in curves[trace][b]])
-                    for b in BASELINES} for trace in names}  # fmt: skip
+    curves = {
+        trace: {
+            p: [
+                {
+                    "setpoint": s,
+                    "slo_attainment": runs[(trace, p, s)].slo_attainment,
+                    "replica_seconds": runs[(trace, p, s)].replica_seconds,
+                    "degraded_share": runs[(trace, p, s)].degraded_share,
+                    "ndcg_loss": runs[(trace, p, s)].ndcg_loss,
+                    "served_by_level": runs[(trace, p, s)].served,
+                }
+                for s in SETPOINTS[p]
+            ]
+            for p in SETPOINTS
+        }
+        for trace in names
+    }
+    gaps = {
+        trace: {
+            b: frontier_gap(
+                [(c["replica_seconds"], c["slo_attainment"]) for c in curves[trace]["ours_ladder"]],
+                [(c["replica_seconds"], c["slo_attainment"]) for c in curves[trace][b]],
+            )
+            for b in BASELINES
+        }
+        for trace in names
+    }
     gap_table = Table("trace", *(f"worst gap vs {b}" for b in BASELINES))
     for trace in names:
-        gap_table.add_row(trace, *(f"{g['worst_gap']:+.1%} at {g['at']:,.0f}" if g["worst_gap"] is not None
-                                   else "no common range" for g in gaps[trace].values()))  # fmt: skip
+        gap_table.add_row(
+            trace,
+            *(
+                f"{g['worst_gap']:+.1%} at {g['at']:,.0f}"
+                if g["worst_gap"] is not None
+                else "no common range"
+                for g in gaps[trace].values()
+            ),
+        )
     console.print(gap_table)
 
     spike, static_max = default("spike_x5", "ours_ladder"), default("spike_x5", "static_max")
     checks = {
-        "ours_ladder, spike_x5: >= 99 % of windows on target": {"value": spike.slo_attainment,
-                                                              "ok": spike.slo_attainment >= 0.99},
+        "ours_ladder, spike_x5: >= 99 % of windows on target": {
+            "value": spike.slo_attainment,
+            "ok": spike.slo_attainment >= 0.99,
+        },
         "ours_ladder, spike_x5: <= 50 % of static-at-max's replica-seconds": {
             "value": spike.replica_seconds / static_max.replica_seconds,
-            "ok": spike.replica_seconds <= 0.5 * static_max.replica_seconds},
-        "ours_ladder, spike_x5: expected NDCG@10 loss over the trace <= 2 %": {"value": spike.ndcg_loss,
-                                                                             "ok": spike.ndcg_loss <= 0.02},
+            "ok": spike.replica_seconds <= 0.5 * static_max.replica_seconds,
+        },
+        "ours_ladder, spike_x5: expected NDCG@10 loss over the trace <= 2 %": {
+            "value": spike.ndcg_loss,
+            "ok": spike.ndcg_loss <= 0.02,
+        },
         "ours_ladder on or above every baseline's SLO-vs-cost curve, every trace": {
             "value": {t: {b: g["worst_gap"] for b, g in per.items()} for t, per in gaps.items()},
-            "ok": all(g["worst_gap"] is None or g["worst_gap"] >= -1e-9 for per in gaps.values() for g in per.values())},
-    }  # fmt: skip
+            "ok": all(
+                g["worst_gap"] is None or g["worst_gap"] >= -1e-9
+                for per in gaps.values()
+                for g in per.values()
+            ),
+        },
+    }
     slow_at = next(t for t in traces(base, duration) if t.slow_replica).slow_replica[0]
     for policy in ("ours_ladder", "ours"):
         checks.update(issue5_checks(lambda tr, p=policy: default(tr, p).windows, slow_at, config, policy))
@@ -360,20 +502,39 @@ def main() -> None:
     pareto_path = PARETO_PLOT if plot_path == PLOT else plot_path.with_name(plot_path.stem + "-pareto.png")
     plot_series(runs, names, config, plot_path)
     plot_pareto(curves, names, pareto_path)
-    report = {trace: {p: {"slo_attainment": default(trace, p).slo_attainment,
-                          "replica_seconds": default(trace, p).replica_seconds,
-                          "ejection_periods": default(trace, p).ejection_periods,
-                          "degraded_share": default(trace, p).degraded_share,
-                          "ndcg_loss": default(trace, p).ndcg_loss,
-                          "served_by_level": default(trace, p).served} for p in POLICIES} for trace in names}  # fmt: skip
-    report["_meta"] = {"command": "python bench/autoscale.py" + (" --quick" if args.quick else ""), "seed": args.seed,
-                       "ladder": {"source": ladder_source, "levels": list(ladder.levels),
-                                  "p50_ms": [s.p50_s * 1000 for s in ladder.service],
-                                  "p99_ms": [s.p99_s * 1000 for s in ladder.service], "ndcg_drop": list(ladder.drop)},
-                       "startup": {"source": startup_source, "range_s": list(startup_s)},
-                       "config": config.__dict__, "base_rps": base, "duration_s": duration,
-                       "default_setpoints": DEFAULT_SETPOINT, "sweeps": curves, "pareto_gaps": gaps,
-                       "checks": checks}  # fmt: skip
+    report = {
+        trace: {
+            p: {
+                "slo_attainment": default(trace, p).slo_attainment,
+                "replica_seconds": default(trace, p).replica_seconds,
+                "ejection_periods": default(trace, p).ejection_periods,
+                "degraded_share": default(trace, p).degraded_share,
+                "ndcg_loss": default(trace, p).ndcg_loss,
+                "served_by_level": default(trace, p).served,
+            }
+            for p in POLICIES
+        }
+        for trace in names
+    }
+    report["_meta"] = {
+        "command": "python bench/autoscale.py" + (" --quick" if args.quick else ""),
+        "seed": args.seed,
+        "ladder": {
+            "source": ladder_source,
+            "levels": list(ladder.levels),
+            "p50_ms": [s.p50_s * 1000 for s in ladder.service],
+            "p99_ms": [s.p99_s * 1000 for s in ladder.service],
+            "ndcg_drop": list(ladder.drop),
+        },
+        "startup": {"source": startup_source, "range_s": list(startup_s)},
+        "config": config.__dict__,
+        "base_rps": base,
+        "duration_s": duration,
+        "default_setpoints": DEFAULT_SETPOINT,
+        "sweeps": curves,
+        "pareto_gaps": gaps,
+        "checks": checks,
+    }
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
     if Path(args.out) == RESULTS / "autoscale.json":
         write_doc(json.loads(Path(args.out).read_text()))

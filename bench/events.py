@@ -67,9 +67,16 @@ console = Console()
 def bench_settings(home: Path) -> Settings:
     fresh_database(DATABASE, REDIS_DB)
     tag = uuid.uuid4().hex[:8]
-    return Settings(profile=Profile.production, home=home, pg_database=DATABASE, feast_project=PROJECT,
-                    redis_db=REDIS_DB, events_stream=f"BENCH_{tag}", events_subject=f"bench.{tag}",
-                    events_consumer=f"bench-{tag}")  # fmt: skip
+    return Settings(
+        profile=Profile.production,
+        home=home,
+        pg_database=DATABASE,
+        feast_project=PROJECT,
+        redis_db=REDIS_DB,
+        events_stream=f"BENCH_{tag}",
+        events_subject=f"bench.{tag}",
+        events_consumer=f"bench-{tag}",
+    )
 
 
 def setup(settings: Settings, items: int, users: int, events: int) -> np.ndarray:
@@ -77,21 +84,35 @@ def setup(settings: Settings, items: int, users: int, events: int) -> np.ndarray
     log_with_features(settings, data)
     train = TrainConfig(epochs=1, min_epochs=1, ranker_epochs=1, ranker_examples_per_epoch=4_000, seed=0)
     registry = ModelRegistry(settings.database_url)
-    train_and_register(data, registry, settings.artifacts_uri, model_config("small"), train,
-                       read_offline(USER_PROFILE, settings), progress=False)  # fmt: skip
+    train_and_register(
+        data,
+        registry,
+        settings.artifacts_uri,
+        model_config("small"),
+        train,
+        read_offline(USER_PROFILE, settings),
+        progress=False,
+    )
     registry.engine.dispose()
     return data.events["user_id"].unique().astype(np.int64)
 
 
 def stream_env(settings: Settings) -> dict:
-    return {"RECSYS_EVENTS_STREAM": settings.events_stream, "RECSYS_EVENTS_SUBJECT": settings.events_subject,
-            "RECSYS_EVENTS_CONSUMER": settings.events_consumer, "RECSYS_NATS_URL": settings.nats_url}  # fmt: skip
+    return {
+        "RECSYS_EVENTS_STREAM": settings.events_stream,
+        "RECSYS_EVENTS_SUBJECT": settings.events_subject,
+        "RECSYS_EVENTS_CONSUMER": settings.events_consumer,
+        "RECSYS_NATS_URL": settings.nats_url,
+    }
 
 
 def percentiles(samples_ms) -> dict:
     arr = np.asarray(samples_ms, dtype=float)
-    return {"p50_ms": round(float(np.percentile(arr, 50)), 2), "p99_ms": round(float(np.percentile(arr, 99)), 2),
-            "n": len(arr)}  # fmt: skip
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 2),
+        "p99_ms": round(float(np.percentile(arr, 99)), 2),
+        "n": len(arr),
+    }
 
 
 class Predictor:
@@ -111,8 +132,9 @@ class Predictor:
         return (time.perf_counter() - started) * 1000
 
 
-async def freshness(settings: Settings, predictor_url: str, ingest_url: str, users: np.ndarray, n: int,
-                    rate: float, seed: int) -> dict:  # fmt: skip
+async def freshness(
+    settings: Settings, predictor_url: str, ingest_url: str, users: np.ndarray, n: int, rate: float, seed: int
+) -> dict:
     rng = np.random.default_rng(seed)
     picks = rng.choice(users, size=3 * n, replace=len(users) < 3 * n)
     store = open_store(settings)
@@ -131,7 +153,9 @@ async def freshness(settings: Settings, predictor_url: str, ingest_url: str, use
             item = await predictor.top(user)
             response_ms.append((time.perf_counter() - started) * 1000)
             started = time.perf_counter()
-            async with session.post(f"{ingest_url}/v1/events", json=[{"user_id": user, "item_id": item}]) as r:
+            async with session.post(
+                f"{ingest_url}/v1/events", json=[{"user_id": user, "item_id": item}]
+            ) as r:
                 if r.status != 202:
                     raise RuntimeError(f"POST /v1/events answered {r.status}: {await r.text()}")
             stream_ms.append(await predictor.until_gone(user, item, started))
@@ -139,13 +163,17 @@ async def freshness(settings: Settings, predictor_url: str, ingest_url: str, use
             user = int(picks[n + k])
             item = await predictor.top(user)
             started = time.perf_counter()
-            frame = pd.DataFrame({"user_id": [user], "item_id": [item], "timestamp": [pd.Timestamp.now(tz="UTC")]})
+            frame = pd.DataFrame(
+                {"user_id": [user], "item_id": [item], "timestamp": [pd.Timestamp.now(tz="UTC")]}
+            )
             await asyncio.to_thread(push_events, frame, store, log, settings.recent_items)
             direct_ms.append(await predictor.until_gone(user, item, started))
             # the stream alone: from the POST until the online store holds the event (raw reads, no predictor)
             user = int(picks[2 * n + k])
             started = time.perf_counter()
-            async with session.post(f"{ingest_url}/v1/events", json=[{"user_id": user, "item_id": item}]) as r:
+            async with session.post(
+                f"{ingest_url}/v1/events", json=[{"user_id": user, "item_id": item}]
+            ) as r:
                 await r.read()
             while True:
                 ((row,),) = await online.read([("user_id", [user], ["user_recent_items:recent_items"])])
@@ -155,20 +183,36 @@ async def freshness(settings: Settings, predictor_url: str, ingest_url: str, use
             await asyncio.sleep(max(0.0, period - (time.perf_counter() - tick)))
     await online.close()
     log.engine.dispose()
-    return {"events": n, "rate_per_s": rate, "stream": percentiles(stream_ms), "direct_push": percentiles(direct_ms),
-            "stream_to_online_store": percentiles(to_online_ms), "predictor_response": percentiles(response_ms)}  # fmt: skip
+    return {
+        "events": n,
+        "rate_per_s": rate,
+        "stream": percentiles(stream_ms),
+        "direct_push": percentiles(direct_ms),
+        "stream_to_online_store": percentiles(to_online_ms),
+        "predictor_response": percentiles(response_ms),
+    }
 
 
 def logged_events(settings: Settings) -> int:
     engine = sa.create_engine(settings.database_url)
     with engine.connect() as conn:
-        count = conn.execute(sa.select(sa.func.count()).where(events_table.c.event_id.is_not(None))).scalar_one()
+        count = conn.execute(
+            sa.select(sa.func.count()).where(events_table.c.event_id.is_not(None))
+        ).scalar_one()
     engine.dispose()
     return int(count)
 
 
-async def throughput(settings: Settings, ingest_url: str, users: np.ndarray, items: np.ndarray, concurrency: int,
-                     seconds: float, per_request: int, seed: int) -> dict:  # fmt: skip
+async def throughput(
+    settings: Settings,
+    ingest_url: str,
+    users: np.ndarray,
+    items: np.ndarray,
+    concurrency: int,
+    seconds: float,
+    per_request: int,
+    seed: int,
+) -> dict:
     rng = np.random.default_rng(seed)
     before = await asyncio.to_thread(logged_events, settings)
     accepted = errors = 0
@@ -179,8 +223,10 @@ async def throughput(settings: Settings, ingest_url: str, users: np.ndarray, ite
         nonlocal accepted, errors
         local = np.random.default_rng(seed * 1000 + worker)
         while time.perf_counter() < deadline:
-            body = [{"user_id": int(local.choice(users)), "item_id": int(local.choice(items))}
-                    for _ in range(per_request)]  # fmt: skip
+            body = [
+                {"user_id": int(local.choice(users)), "item_id": int(local.choice(items))}
+                for _ in range(per_request)
+            ]
             started = time.perf_counter()
             async with session.post(f"{ingest_url}/v1/events", json=body) as response:
                 await response.read()
@@ -201,9 +247,15 @@ async def throughput(settings: Settings, ingest_url: str, users: np.ndarray, ite
             raise TimeoutError("the consumer did not catch up within 5 minutes")
         await asyncio.sleep(0.05)
     applied_after = time.perf_counter() - started
-    return {"events_per_request": per_request, "concurrency": concurrency, "accepted_events": accepted,
-            "errors": errors, "ingest_events_per_s": round(accepted / posting, 1),
-            "applied_events_per_s": round(accepted / applied_after, 1), "request": percentiles(latencies)}  # fmt: skip
+    return {
+        "events_per_request": per_request,
+        "concurrency": concurrency,
+        "accepted_events": accepted,
+        "errors": errors,
+        "ingest_events_per_s": round(accepted / posting, 1),
+        "applied_events_per_s": round(accepted / applied_after, 1),
+        "request": percentiles(latencies),
+    }
 
 
 def render(results: dict) -> str:
@@ -211,31 +263,43 @@ def render(results: dict) -> str:
     lines = [
         f"Measured {results['measured_at']} with `{results['command']}` (2 cores, load generator included).",
         "",
-        (f"Freshness, {f['events']} single events at {f['rate_per_s']:g}/s: from the POST until the predictor's "
-         "next response reflects the event (ms)"),
+        (
+            f"Freshness, {f['events']} single events at {f['rate_per_s']:g}/s: from the POST until the predictor's "
+            "next response reflects the event (ms)"
+        ),
         "",
         "| path | p50 | p99 | p99 / floor |",
         "|---|---|---|---|",
     ]
     floor = f["predictor_response"]["p99_ms"]
-    for name, label in (("stream", "POST → JetStream → consumer → online store → predictor"),
-                        ("direct_push", "direct push (`recsys events push`'s path, no stream, no HTTP)"),
-                        ("stream_to_online_store", "POST → JetStream → consumer → online store (raw reads, no predictor)"),
-                        ("predictor_response", "floor: one predictor response")):  # fmt: skip
+    for name, label in (
+        ("stream", "POST → JetStream → consumer → online store → predictor"),
+        ("direct_push", "direct push (`recsys events push`'s path, no stream, no HTTP)"),
+        ("stream_to_online_store", "POST → JetStream → consumer → online store (raw reads, no predictor)"),
+        ("predictor_response", "floor: one predictor response"),
+    ):
         p = f[name]
         lines.append(f"| {label} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['p99_ms'] / floor:.2f} |")
-    lines += ["", "Ingestion throughput (events/s):", "",
-              "| events per request | clients | accepted /s | applied /s | request p50 / p99 ms | errors |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Ingestion throughput (events/s):",
+        "",
+        "| events per request | clients | accepted /s | applied /s | request p50 / p99 ms | errors |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in results["throughput"]:
-        lines.append(f"| {t['events_per_request']} | {t['concurrency']} | {t['ingest_events_per_s']:,.0f} | "
-                     f"{t['applied_events_per_s']:,.0f} | {t['request']['p50_ms']:.1f} / {t['request']['p99_ms']:.1f} | "
-                     f"{t['errors']} |")  # fmt: skip
+        lines.append(
+            f"| {t['events_per_request']} | {t['concurrency']} | {t['ingest_events_per_s']:,.0f} | "
+            f"{t['applied_events_per_s']:,.0f} | {t['request']['p50_ms']:.1f} / {t['request']['p99_ms']:.1f} | "
+            f"{t['errors']} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=50.0, help="freshness events per second")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -255,19 +319,44 @@ def main() -> None:
     items = np.arange(args.items, dtype=np.int64)  # the synthetic catalog's ids
     recsys = recsys_command()[0]
     env = stream_env(settings)
-    with ServerProcess(settings, env=SERVE_ENV, log_path=settings.home_dir / "predictor.log") as predictor, \
-         ServerProcess(settings, env=env, command=[recsys, "events", "serve"], ready_path="/readyz",
-                       log_path=settings.home_dir / "events-serve.log") as ingest, \
-         ServerProcess(settings, env=env, command=[recsys, "events", "consume"], ready_path="/readyz",
-                       log_path=settings.home_dir / "events-consume.log"):  # fmt: skip
-        fresh = asyncio.run(freshness(settings, predictor.url, ingest.url, users, args.events, args.rate, seed=1))
-        rates = [asyncio.run(throughput(settings, ingest.url, users, items, args.concurrency, args.seconds, size,
-                                        seed=2 + size))
-                 for size in map(int, args.sizes.split(","))]  # fmt: skip
-    results = {"measured_at": time.strftime("%Y-%m-%d"), "command": "python bench/events.py" + (" --quick" * args.quick),
-               "freshness": fresh, "throughput": rates,
-               "targets": {"stream_p99_le_20ms": fresh["stream"]["p99_ms"] <= 20.0,
-                           "events_per_s_ge_2000": max(t["applied_events_per_s"] for t in rates) >= 2000}}  # fmt: skip
+    with (
+        ServerProcess(settings, env=SERVE_ENV, log_path=settings.home_dir / "predictor.log") as predictor,
+        ServerProcess(
+            settings,
+            env=env,
+            command=[recsys, "events", "serve"],
+            ready_path="/readyz",
+            log_path=settings.home_dir / "events-serve.log",
+        ) as ingest,
+        ServerProcess(
+            settings,
+            env=env,
+            command=[recsys, "events", "consume"],
+            ready_path="/readyz",
+            log_path=settings.home_dir / "events-consume.log",
+        ),
+    ):
+        fresh = asyncio.run(
+            freshness(settings, predictor.url, ingest.url, users, args.events, args.rate, seed=1)
+        )
+        rates = [
+            asyncio.run(
+                throughput(
+                    settings, ingest.url, users, items, args.concurrency, args.seconds, size, seed=2 + size
+                )
+            )
+            for size in map(int, args.sizes.split(","))
+        ]
+    results = {
+        "measured_at": time.strftime("%Y-%m-%d"),
+        "command": "python bench/events.py" + (" --quick" * args.quick),
+        "freshness": fresh,
+        "throughput": rates,
+        "targets": {
+            "stream_p99_le_20ms": fresh["stream"]["p99_ms"] <= 20.0,
+            "events_per_s_ge_2000": max(t["applied_events_per_s"] for t in rates) >= 2000,
+        },
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     table = render(results)
@@ -276,14 +365,20 @@ def main() -> None:
     out.add_column("measure")
     out.add_column("value", justify="right")
     out.add_row("stream freshness p50 / p99 ms", f"{fresh['stream']['p50_ms']} / {fresh['stream']['p99_ms']}")
-    out.add_row("direct push p50 / p99 ms", f"{fresh['direct_push']['p50_ms']} / {fresh['direct_push']['p99_ms']}")
+    out.add_row(
+        "direct push p50 / p99 ms", f"{fresh['direct_push']['p50_ms']} / {fresh['direct_push']['p99_ms']}"
+    )
     to_online = fresh["stream_to_online_store"]
     out.add_row("POST to online store p50 / p99 ms", f"{to_online['p50_ms']} / {to_online['p99_ms']}")
-    out.add_row("predictor response p50 / p99 ms",
-                f"{fresh['predictor_response']['p50_ms']} / {fresh['predictor_response']['p99_ms']}")
+    out.add_row(
+        "predictor response p50 / p99 ms",
+        f"{fresh['predictor_response']['p50_ms']} / {fresh['predictor_response']['p99_ms']}",
+    )
     for t in rates:
-        out.add_row(f"{t['events_per_request']}/request: accepted, applied /s",
-                    f"{t['ingest_events_per_s']:,.0f}, {t['applied_events_per_s']:,.0f}")  # fmt: skip
+        out.add_row(
+            f"{t['events_per_request']}/request: accepted, applied /s",
+            f"{t['ingest_events_per_s']:,.0f}, {t['applied_events_per_s']:,.0f}",
+        )
     console.print(out)
     console.print(results["targets"])
 

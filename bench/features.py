@@ -48,8 +48,11 @@ console = Console()
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     arr = np.asarray(samples_ms)
-    return {"p50_ms": round(float(np.percentile(arr, 50)), 3), "p99_ms": round(float(np.percentile(arr, 99)), 3),
-            "n": len(arr)}  # fmt: skip
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 3),
+        "p99_ms": round(float(np.percentile(arr, 99)), 3),
+        "n": len(arr),
+    }
 
 
 def ensure_database(name: str) -> None:
@@ -69,8 +72,14 @@ def main() -> None:
     if args.quick:
         args.events, args.reps, args.push_reps = 100_000, 200, 100
 
-    settings = Settings(profile=Profile.production, pg_database="recsys_bench", redis_db=2,
-                        feast_project="bench", home=Path(".recsys-bench"), recent_items=50)  # fmt: skip
+    settings = Settings(
+        profile=Profile.production,
+        pg_database="recsys_bench",
+        redis_db=2,
+        feast_project="bench",
+        home=Path(".recsys-bench"),
+        recent_items=50,
+    )
     ensure_database(settings.pg_database)
     redis.Redis(host=settings.redis_host, port=settings.redis_port, db=settings.redis_db).flushdb()
     rng = np.random.default_rng(args.seed)
@@ -97,8 +106,9 @@ def main() -> None:
     reader = RawRedisReader(store, settings)
     users = data.events["user_id"].unique()
     item_ids = data.items["item_id"].to_numpy()
-    samples: dict[tuple[str, str], list[float]] = {(s, v): [] for s in ("feast", "raw_redis")
-                                                   for v in ("user", "user_plus_100_items")}  # fmt: skip
+    samples: dict[tuple[str, str], list[float]] = {
+        (s, v): [] for s in ("feast", "raw_redis") for v in ("user", "user_plus_100_items")
+    }
     for _ in range(20):  # warm connections and caches
         online_user_features(store, [int(users[0])])
         reader.read([("user_id", [int(users[0])], USER_FEATURES)])
@@ -124,8 +134,14 @@ def main() -> None:
     push_ms = []
     for _ in tqdm(range(args.push_reps), desc="pushes"):
         user, item = int(rng.choice(users)), int(rng.choice(item_ids))
-        event = pd.DataFrame({"user_id": [user], "item_id": [item], "timestamp": [pd.Timestamp.now(tz="UTC")],
-                              "event_type": ["click"]})  # fmt: skip
+        event = pd.DataFrame(
+            {
+                "user_id": [user],
+                "item_id": [item],
+                "timestamp": [pd.Timestamp.now(tz="UTC")],
+                "event_type": ["click"],
+            }
+        )
         t0 = time.perf_counter()
         push_events(event, store, event_log, settings.recent_items, source="bench")
         while online_user_features(store, [user])["recent_items"].iloc[0][0] != item:
@@ -152,12 +168,18 @@ def main() -> None:
     table = Table("read", "feast p50 / p99 ms", "raw redis p50 / p99 ms", "feast / raw (p50)")
     for variant in ("user", "user_plus_100_items"):
         f, r = result["online_read"]["feast"][variant], result["online_read"]["raw_redis"][variant]
-        table.add_row(variant, f"{f['p50_ms']:.2f} / {f['p99_ms']:.2f}", f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}",
-                      f"{f['p50_ms'] / r['p50_ms']:.1f}x")  # fmt: skip
+        table.add_row(
+            variant,
+            f"{f['p50_ms']:.2f} / {f['p99_ms']:.2f}",
+            f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}",
+            f"{f['p50_ms'] / r['p50_ms']:.1f}x",
+        )
     console.print(table)
     p = result["push_to_visible"]
-    console.print(f"materialize: {result['materialize_rows_per_s']:,.0f} rows/s; "
-                  f"push to visible: p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms")  # fmt: skip
+    console.print(
+        f"materialize: {result['materialize_rows_per_s']:,.0f} rows/s; "
+        f"push to visible: p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms"
+    )
     console.print(f"wrote {RESULTS}")
     reader.close()
     event_log.engine.dispose()

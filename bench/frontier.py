@@ -92,7 +92,10 @@ REMEDIES: dict[str, tuple[str, dict]] = {
     "cache": ("fp32", CACHE_ENV),
     "all": ("fp16", {"RECSYS_SERVE_PRECISION": "int8", "RECSYS_SERVE_SEARCH": "hnsw", **CACHE_ENV}),
 }
-GPU = ("fp32", {"RECSYS_SERVE_DEVICE": "cuda", "RECSYS_SERVE_PRECISION": "fp16", "RECSYS_SERVE_SEARCH": "auto"})
+GPU = (
+    "fp32",
+    {"RECSYS_SERVE_DEVICE": "cuda", "RECSYS_SERVE_PRECISION": "fp16", "RECSYS_SERVE_SEARCH": "auto"},
+)
 console = Console(width=180)
 
 
@@ -100,8 +103,14 @@ console = Console(width=180)
 def serving_settings(home: Path) -> Settings:
     # the online store keeps as many recent items as the largest size reads (large: max_history 200)
     recent = max(cfg.max_history for cfg in SIZES.values())
-    return Settings(profile=Profile.production, home=home, pg_database=DATABASE, feast_project=PROJECT,
-                    redis_db=REDIS_DB, recent_items=recent)  # fmt: skip
+    return Settings(
+        profile=Profile.production,
+        home=home,
+        pg_database=DATABASE,
+        feast_project=PROJECT,
+        redis_db=REDIS_DB,
+        recent_items=recent,
+    )
 
 
 def serving_setup(settings: Settings, items: int, users: int, events: int, reuse: bool):
@@ -147,8 +156,14 @@ def serving_models(settings: Settings, data, sizes: list[str], examples: int, re
             continue
         info_path.unlink(missing_ok=True)
         started = time.perf_counter()
-        train = TrainConfig(epochs=1, min_epochs=1, max_examples_per_epoch=examples, ranker_epochs=1,
-                            ranker_examples_per_epoch=2_000, seed=0)  # fmt: skip
+        train = TrainConfig(
+            epochs=1,
+            min_epochs=1,
+            max_examples_per_epoch=examples,
+            ranker_epochs=1,
+            ranker_examples_per_epoch=2_000,
+            seed=0,
+        )
         model = TwoStageRecommender(model_config(size, embedding_fp16=False), train)
         model.fit(split, profile, progress=False)
         trained_s = time.perf_counter() - started
@@ -164,8 +179,10 @@ def serving_models(settings: Settings, data, sizes: list[str], examples: int, re
         info["examples"] = examples
         info_path.write_text(json.dumps(info))
         out[size] = info
-        console.print(f"{size}: {info['parameters'] / 1e6:.1f} M parameters, trained in {trained_s:.0f} s, "
-                      f"artifacts {info['artifact_mb']['fp32']:.0f} / {info['artifact_mb']['fp16']:.0f} MB")  # fmt: skip
+        console.print(
+            f"{size}: {info['parameters'] / 1e6:.1f} M parameters, trained in {trained_s:.0f} s, "
+            f"artifacts {info['artifact_mb']['fp32']:.0f} / {info['artifact_mb']['fp16']:.0f} MB"
+        )
     return out
 
 
@@ -210,13 +227,24 @@ def ready_line(output: str) -> str:
     return ""
 
 
-def measure_replica(settings: Settings, artifact: str, env: dict, users: np.ndarray, c1: int, c16: int,
-                    warm_cache: bool, log_path: Path) -> dict:  # fmt: skip
+def measure_replica(
+    settings: Settings,
+    artifact: str,
+    env: dict,
+    users: np.ndarray,
+    c1: int,
+    c16: int,
+    warm_cache: bool,
+    log_path: Path,
+) -> dict:
     """Start one replica serving ``artifact`` with ``env`` over BASE_ENV, measure, stop it."""
     environ = {**BASE_ENV, **env, "RECSYS_SERVE_MODEL_URI": artifact}
     with ServerProcess(settings, env=environ, log_path=log_path, timeout=600) as srv:
-        out = {"time_to_ready_s": srv.startup_seconds, "load_stages_s": load_stages(srv.url),
-               **{f"loaded_{k}": v for k, v in rss_mb(srv.proc.pid).items()}}  # fmt: skip
+        out = {
+            "time_to_ready_s": srv.startup_seconds,
+            "load_stages_s": load_stages(srv.url),
+            **{f"loaded_{k}": v for k, v in rss_mb(srv.proc.pid).items()},
+        }
         if warm_cache:  # every user seen once: the cache's steady state for returning users
             asyncio.run(load(srv.url, users, 16, len(users), seed=2))
         for level, concurrency, n in (("c1", 1, c1), ("c16", 16, c16)):
@@ -231,14 +259,18 @@ def platform_floor(settings: Settings, users: np.ndarray, c1: int, c16: int) -> 
     """``bench/platform_floor.py`` (the same KServe server, a fixed answer of the same shape) measured like a
     replica: what HTTP + KServe alone cost on these cores in this run, the floor every row is read against."""
     command = [sys.executable, str(ROOT / "bench" / "platform_floor.py")]
-    with ServerProcess(settings, env=BASE_ENV, command=command, log_path=settings.home_dir / "floor.log") as srv:
+    with ServerProcess(
+        settings, env=BASE_ENV, command=command, log_path=settings.home_dir / "floor.log"
+    ) as srv:
         out = {"time_to_ready_s": srv.startup_seconds}
         for level, concurrency, n in (("c1", 1, c1), ("c16", 16, c16)):
             r = asyncio.run(load(srv.url, users, concurrency, n, seed=1))
             out[level] = {k: v for k, v in r.items() if k != "latencies_ms"}
         out.update(rss_mb(srv.proc.pid))
-    console.print(f"platform floor: ready in {out['time_to_ready_s']:.1f} s, RSS {out['rss_mb']:.0f} MiB, c1 p50 "
-                  f"{out['c1']['p50_ms']:.2f} / p99 {out['c1']['p99_ms']:.2f} ms, c16 {out['c16']['rps']:.0f} req/s")  # fmt: skip
+    console.print(
+        f"platform floor: ready in {out['time_to_ready_s']:.1f} s, RSS {out['rss_mb']:.0f} MiB, c1 p50 "
+        f"{out['c1']['p50_ms']:.2f} / p99 {out['c1']['p99_ms']:.2f} ms, c16 {out['c16']['rps']:.0f} req/s"
+    )
     return out
 
 
@@ -250,9 +282,16 @@ def serving_study(settings, models, users, c1, c16, remedies: dict) -> dict:
             started = time.perf_counter()
             with console.status(f"{size} / {name}: start a replica, {c1:,} requests at c1, {c16:,} at c16"):
                 try:
-                    r = measure_replica(settings, info["artifacts"][tables], env, users, c1, c16,
-                                        warm_cache=env.get("RECSYS_SERVE_USER_CACHE_SIZE", "0") != "0",
-                                        log_path=settings.home_dir / f"replica-{size}-{name.replace(' ', '-')}.log")  # fmt: skip
+                    r = measure_replica(
+                        settings,
+                        info["artifacts"][tables],
+                        env,
+                        users,
+                        c1,
+                        c16,
+                        warm_cache=env.get("RECSYS_SERVE_USER_CACHE_SIZE", "0") != "0",
+                        log_path=settings.home_dir / f"replica-{size}-{name.replace(' ', '-')}.log",
+                    )
                 except Exception as exc:  # noqa: BLE001 - one failed configuration is reported, not fatal
                     r = {"error": str(exc)[-2000:]}
             r["wall_s"] = time.perf_counter() - started
@@ -260,9 +299,11 @@ def serving_study(settings, models, users, c1, c16, remedies: dict) -> dict:
             if "error" in r:
                 console.print(f"[red]{size} / {name} failed: {r['error'][-500:]}[/red]")
                 continue
-            console.print(f"{size} / {name}: ready in {r['time_to_ready_s']:.1f} s, RSS {r['rss_mb']:.0f} MiB, "
-                          f"c1 p50 {r['c1']['p50_ms']:.2f} / p99 {r['c1']['p99_ms']:.2f} ms, c16 "
-                          f"{r['c16']['rps']:.0f} req/s (p99 {r['c16']['p99_ms']:.1f} ms); {r['ready_log']}")  # fmt: skip
+            console.print(
+                f"{size} / {name}: ready in {r['time_to_ready_s']:.1f} s, RSS {r['rss_mb']:.0f} MiB, "
+                f"c1 p50 {r['c1']['p50_ms']:.2f} / p99 {r['c1']['p99_ms']:.2f} ms, c16 "
+                f"{r['c16']['rps']:.0f} req/s (p99 {r['c16']['p99_ms']:.1f} ms); {r['ready_log']}"
+            )
     return results
 
 
@@ -275,30 +316,43 @@ def quality_study(sizes: list[str], epochs: int, data_dir: str | None, seed: int
     out = {}
     for size in sizes:
         started = time.perf_counter()
-        train = TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=2, ranker_examples_per_epoch=5_000,
-                            seed=seed)
-        model = TwoStageRecommender(model_config(size, embedding_fp16=False), train).fit(split, profile,
-                                                                                         progress=True)  # fmt: skip
+        train = TrainConfig(
+            epochs=epochs, min_epochs=epochs, ranker_epochs=2, ranker_examples_per_epoch=5_000, seed=seed
+        )
+        model = TwoStageRecommender(model_config(size, embedding_fp16=False), train).fit(
+            split, profile, progress=True
+        )
         trained_s = time.perf_counter() - started
         model.use_ranker = True  # the ranker over 100 candidates, as the serving study runs it
         forms = remedy_forms(model)
         base = per_user_scores(model.rank(split, inference=forms["fp32"]), split, "test", "ndcg@10")
-        row = {"train_s": trained_s, "epochs": epochs, "users": len(base),
-               "retrieval_only_ndcg@10": evaluate(model.rank(split, "retrieval"), split, "test")["ndcg@10"]}  # fmt: skip
+        row = {
+            "train_s": trained_s,
+            "epochs": epochs,
+            "users": len(base),
+            "retrieval_only_ndcg@10": evaluate(model.rank(split, "retrieval"), split, "test")["ndcg@10"],
+        }
         row["fp32"] = paired(base, base)
         for name, inference in forms.items():
             if name != "fp32":
-                row[name] = paired(per_user_scores(model.rank(split, inference=inference), split, "test", "ndcg@10"),
-                                   base)  # fmt: skip
+                row[name] = paired(
+                    per_user_scores(model.rank(split, inference=inference), split, "test", "ndcg@10"), base
+                )
         # micro-batching and the cache change no arithmetic: one user per call, and vectors from a warm cache
         row["no batching"] = paired(
-            per_user_scores(model.rank(split, inference=forms["fp32"]), split, "test", "ndcg@10", batch_size=1),
+            per_user_scores(
+                model.rank(split, inference=forms["fp32"]), split, "test", "ndcg@10", batch_size=1
+            ),
             base,
         )
-        row["cache"] = paired(per_user_scores(cached_rank(model, split, forms["fp32"]), split, "test", "ndcg@10"), base)
+        row["cache"] = paired(
+            per_user_scores(cached_rank(model, split, forms["fp32"]), split, "test", "ndcg@10"), base
+        )
         out[size] = row
-        console.print(f"quality {size}: fp32 NDCG@10 {row['fp32']['ndcg@10']:.4f}; "
-                      + ", ".join(f"{k} {v['change']:+.4f}" for k, v in row.items() if isinstance(v, dict)))  # fmt: skip
+        console.print(
+            f"quality {size}: fp32 NDCG@10 {row['fp32']['ndcg@10']:.4f}; "
+            + ", ".join(f"{k} {v['change']:+.4f}" for k, v in row.items() if isinstance(v, dict))
+        )
     return out
 
 
@@ -324,7 +378,9 @@ def cached_rank(model: TwoStageRecommender, split, inference):
     cache = UserVectorCache(1_000_000)
 
     def rank_fn(users, end, k):
-        batch = batch_from_split(split, users, end, model.config.max_history, model._user_dense_at(split, users, end))
+        batch = batch_from_split(
+            split, users, end, model.config.max_history, model._user_dense_at(split, users, end)
+        )
         cache.vectors(inference, batch)  # fills the cache
         return inference.recommend(batch, k, user=cache.vectors(inference, batch))[0]
 
@@ -333,14 +389,25 @@ def cached_rank(model: TwoStageRecommender, split, inference):
 
 def paired(scores: np.ndarray, base: np.ndarray) -> dict:
     diff = scores - base
-    return {"ndcg@10": float(scores.mean()), "change": float(diff.mean()),
-            "relative_change": float(diff.mean() / base.mean()) if base.mean() else math.nan,
-            "paired_se": float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan}  # fmt: skip
+    return {
+        "ndcg@10": float(scores.mean()),
+        "change": float(diff.mean()),
+        "relative_change": float(diff.mean() / base.mean()) if base.mean() else math.nan,
+        "paired_se": float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan,
+    }
 
 
 # --- report -------------------------------------------------------------------------------------------------
-COLORS = {"fp32": "black", "fp16 tables": "tab:blue", "int8 ranker": "tab:orange", "hnsw": "tab:green",
-          "no batching": "tab:red", "cache": "tab:purple", "all": "tab:brown", "gpu": "tab:gray"}  # fmt: skip
+COLORS = {
+    "fp32": "black",
+    "fp16 tables": "tab:blue",
+    "int8 ranker": "tab:orange",
+    "hnsw": "tab:green",
+    "no batching": "tab:red",
+    "cache": "tab:purple",
+    "all": "tab:brown",
+    "gpu": "tab:gray",
+}
 
 
 def plots(report: dict) -> list[str]:
@@ -353,7 +420,9 @@ def plots(report: dict) -> list[str]:
     serving, models, quality = report["serving"], report["models"], report.get("quality", {})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, color in COLORS.items():
-        pts = [(models[s]["parameters"], serving[s][name]) for s in serving if "c1" in serving[s].get(name, {})]
+        pts = [
+            (models[s]["parameters"], serving[s][name]) for s in serving if "c1" in serving[s].get(name, {})
+        ]
         if not pts:
             continue
         x = [p for p, _ in pts]
@@ -364,8 +433,9 @@ def plots(report: dict) -> list[str]:
         ax.set_xlabel("parameters")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
-    fig.suptitle(f"latency against model size per remedy ({report['catalog_items']:,} items, "
-                 f"{report['cores']} cores)")  # fmt: skip
+    fig.suptitle(
+        f"latency against model size per remedy ({report['catalog_items']:,} items, {report['cores']} cores)"
+    )
     fig.tight_layout()
     path = IMG / "frontier-latency.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -379,8 +449,14 @@ def plots(report: dict) -> list[str]:
                     continue
                 ax.scatter(r["c1"]["p99_ms"], quality[size][name]["ndcg@10"], color=COLORS[name], s=30)
                 ax.annotate(f"{size} {name}", (r["c1"]["p99_ms"], quality[size][name]["ndcg@10"]), fontsize=6)
-        front = pareto([(r["c1"]["p99_ms"], quality[s][n]["ndcg@10"]) for s in serving
-                        for n, r in serving[s].items() if "c1" in r and n in quality.get(s, {})])  # fmt: skip
+        front = pareto(
+            [
+                (r["c1"]["p99_ms"], quality[s][n]["ndcg@10"])
+                for s in serving
+                for n, r in serving[s].items()
+                if "c1" in r and n in quality.get(s, {})
+            ]
+        )
         ax.plot(*zip(*front), "k--", lw=1, label="frontier")
         ax.set_xscale("log")
         ax.set_xlabel(f"p99 at concurrency 1, ms ({report['catalog_items']:,}-item catalog)")
@@ -418,39 +494,59 @@ def recommendations(report: dict) -> list[dict]:
     NDCG@10 (changes within noise counted as none: :func:`settled_quality`), ties broken by req/s at 16 —
     the frontier read off for a user choosing what to run."""
     quality = report.get("quality", {})
-    rows = [(size, name, r) for size, per in report["serving"].items() for name, r in per.items()
-            if "c1" in r and name in quality.get(size, {})]  # fmt: skip
+    rows = [
+        (size, name, r)
+        for size, per in report["serving"].items()
+        for name, r in per.items()
+        if "c1" in r and name in quality.get(size, {})
+    ]
     out = []
     for target in P99_TARGETS_MS:
-        fits = [(settled_quality(quality[s][n], quality[s]["fp32"]["ndcg@10"]), r["c16"]["rps"], s, n, r)
-                for s, n, r in rows if r["c1"]["p99_ms"] <= target]  # fmt: skip
+        fits = [
+            (settled_quality(quality[s][n], quality[s]["fp32"]["ndcg@10"]), r["c16"]["rps"], s, n, r)
+            for s, n, r in rows
+            if r["c1"]["p99_ms"] <= target
+        ]
         if not fits:
             out.append({"p99_target_ms": target, "choice": None})
             continue
         _, _, size, name, r = max(fits)
         ndcg = quality[size][name]["ndcg@10"]
-        out.append({"p99_target_ms": target, "choice": f"{size} / {name}", "ndcg@10": ndcg,
-                    "c1_p99_ms": r["c1"]["p99_ms"], "c16_rps": r["c16"]["rps"]})  # fmt: skip
+        out.append(
+            {
+                "p99_target_ms": target,
+                "choice": f"{size} / {name}",
+                "ndcg@10": ndcg,
+                "c1_p99_ms": r["c1"]["p99_ms"],
+                "c16_rps": r["c16"]["rps"],
+            }
+        )
     return out
 
 
 def markdown(report: dict) -> str:
     """The tables of ``docs/performance.md``, as this run measured them."""
     quality = report.get("quality", {})
-    header = ("| size | remedy | parameters | artifact MB | time to ready s (load stages) | RSS / peak MiB | "
-              "c1 p50 / p99 ms | c16 req/s (p99 ms) | NDCG@10 (latest-small) | change vs fp32 ± paired se |")
+    header = (
+        "| size | remedy | parameters | artifact MB | time to ready s (load stages) | RSS / peak MiB | "
+        "c1 p50 / p99 ms | c16 req/s (p99 ms) | NDCG@10 (latest-small) | change vs fp32 ± paired se |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     floor = report.get("platform_floor")
     if floor:
-        lines.append(f"| platform floor | KServe, fixed answer | — | — | {floor['time_to_ready_s']:.1f} | "
-                     f"{floor['rss_mb']:,.0f} / {floor['peak_rss_mb']:,.0f} | {floor['c1']['p50_ms']:.2f} / "
-                     f"{floor['c1']['p99_ms']:.2f} | {floor['c16']['rps']:,.0f} ({floor['c16']['p99_ms']:.0f}) | — | — |")  # fmt: skip
+        lines.append(
+            f"| platform floor | KServe, fixed answer | — | — | {floor['time_to_ready_s']:.1f} | "
+            f"{floor['rss_mb']:,.0f} / {floor['peak_rss_mb']:,.0f} | {floor['c1']['p50_ms']:.2f} / "
+            f"{floor['c1']['p99_ms']:.2f} | {floor['c16']['rps']:,.0f} ({floor['c16']['p99_ms']:.0f}) | — | — |"
+        )
     for size, per in report["serving"].items():
         m = report["models"][size]
         for name, r in per.items():
             tables = (GPU if name == "gpu" else REMEDIES[name])[0]
             q = quality.get(size, {}).get(name)
-            qual = (f"{q['ndcg@10']:.4f} | {q['change']:+.4f} ± {q['paired_se']:.4f}" if q else "not measured | —")
+            qual = (
+                f"{q['ndcg@10']:.4f} | {q['change']:+.4f} ± {q['paired_se']:.4f}" if q else "not measured | —"
+            )
             if "c1" not in r:
                 lines.append(f"| {size} | {name} | | | failed: {r.get('error', '')[-80:]} | | | | {qual} |")
                 continue
@@ -459,21 +555,30 @@ def markdown(report: dict) -> str:
                 name = f"{name} (recall@100 {recall.group(1)})"
             stages = r["load_stages_s"]
             load = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in stages.items())
-            lines.append(f"| {size} | {name} | {m['parameters'] / 1e6:.1f} M | {m['artifact_mb'][tables]:,.0f} | "
-                         f"{r['time_to_ready_s']:.1f} ({load}) | {r['rss_mb']:,.0f} / {r['peak_rss_mb']:,.0f} | "
-                         f"{r['c1']['p50_ms']:.2f} / {r['c1']['p99_ms']:.2f} | {r['c16']['rps']:,.0f} "
-                         f"({r['c16']['p99_ms']:.0f}) | {qual} |")  # fmt: skip
+            lines.append(
+                f"| {size} | {name} | {m['parameters'] / 1e6:.1f} M | {m['artifact_mb'][tables]:,.0f} | "
+                f"{r['time_to_ready_s']:.1f} ({load}) | {r['rss_mb']:,.0f} / {r['peak_rss_mb']:,.0f} | "
+                f"{r['c1']['p50_ms']:.2f} / {r['c1']['p99_ms']:.2f} | {r['c16']['rps']:,.0f} "
+                f"({r['c16']['p99_ms']:.0f}) | {qual} |"
+            )
         if "gpu" not in per:
-            lines.append(f"| {size} | GPU (fp16 towers, table and top-N on the GPU) | | | not measured | | "
-                         "not measured | not measured | | |")  # fmt: skip
-    lines += ["", "| p99 target at concurrency 1 | best measured choice | NDCG@10 | p99 ms | req/s at 16 |",
-              "|---|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {size} | GPU (fp16 towers, table and top-N on the GPU) | | | not measured | | "
+                "not measured | not measured | | |"
+            )
+    lines += [
+        "",
+        "| p99 target at concurrency 1 | best measured choice | NDCG@10 | p99 ms | req/s at 16 |",
+        "|---|---|---|---|---|",
+    ]
     for rec in report.get("recommendations", []):
         if rec["choice"] is None:
             lines.append(f"| ≤ {rec['p99_target_ms']} ms | nothing measured meets it | | | |")
         else:
-            lines.append(f"| ≤ {rec['p99_target_ms']} ms | {rec['choice']} | {rec['ndcg@10']:.4f} | "
-                         f"{rec['c1_p99_ms']:.2f} | {rec['c16_rps']:,.0f} |")  # fmt: skip
+            lines.append(
+                f"| ≤ {rec['p99_target_ms']} ms | {rec['choice']} | {rec['ndcg@10']:.4f} | "
+                f"{rec['c1_p99_ms']:.2f} | {rec['c16_rps']:,.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -496,13 +601,29 @@ def memory_by_rule(report: dict) -> dict:
             peak = size_peak_mib(report, size)
         except ValueError:
             continue
-        out[size] = {"peak_rss_mib": peak, "request_mib": memory_request_mib(peak), "limit_mib": memory_limit_mib(peak)}
+        out[size] = {
+            "peak_rss_mib": peak,
+            "request_mib": memory_request_mib(peak),
+            "limit_mib": memory_limit_mib(peak),
+        }
     return out
 
 
 def print_tables(report: dict) -> None:
-    table = Table("size", "remedy", "params M", "artifact MB", "ready s", "RSS MiB", "peak MiB",
-                  "c1 p50 ms", "c1 p99 ms", "c16 req/s", "c16 p99 ms", "ΔNDCG@10")  # fmt: skip
+    table = Table(
+        "size",
+        "remedy",
+        "params M",
+        "artifact MB",
+        "ready s",
+        "RSS MiB",
+        "peak MiB",
+        "c1 p50 ms",
+        "c1 p99 ms",
+        "c16 req/s",
+        "c16 p99 ms",
+        "ΔNDCG@10",
+    )
     for size, rows in report["serving"].items():
         m = report["models"][size]
         for name, r in rows.items():
@@ -512,10 +633,20 @@ def print_tables(report: dict) -> None:
             if "c1" not in r:
                 table.add_row(size, name, "", "", "failed", "", "", "", "", "", "", dq)
                 continue
-            table.add_row(size, name, f"{m['parameters'] / 1e6:.1f}", f"{m['artifact_mb'][tables]:.0f}",
-                          f"{r['time_to_ready_s']:.1f}", f"{r['rss_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
-                          f"{r['c1']['p50_ms']:.2f}", f"{r['c1']['p99_ms']:.2f}", f"{r['c16']['rps']:.0f}",
-                          f"{r['c16']['p99_ms']:.1f}", dq)  # fmt: skip
+            table.add_row(
+                size,
+                name,
+                f"{m['parameters'] / 1e6:.1f}",
+                f"{m['artifact_mb'][tables]:.0f}",
+                f"{r['time_to_ready_s']:.1f}",
+                f"{r['rss_mb']:.0f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r['c1']['p50_ms']:.2f}",
+                f"{r['c1']['p99_ms']:.2f}",
+                f"{r['c16']['rps']:.0f}",
+                f"{r['c16']['p99_ms']:.1f}",
+                dq,
+            )
     console.print(table)
 
 
@@ -525,7 +656,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=None, help="serving catalog (default 100,000)")
     parser.add_argument("--c1-requests", type=int, default=None)
     parser.add_argument("--c16-requests", type=int, default=None)
-    parser.add_argument("--quality-epochs", type=int, default=None, help="retrieval epochs per size (default 8)")
+    parser.add_argument(
+        "--quality-epochs", type=int, default=None, help="retrieval epochs per size (default 8)"
+    )
     parser.add_argument("--remedies", nargs="+", default=None, choices=list(REMEDIES))
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-serving", action="store_true")
@@ -534,8 +667,11 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="folder holding ml-latest-small/")
     parser.add_argument("--home", default=str(ROOT / ".recsys-bench" / "frontier"))
     parser.add_argument("--out", default=str(RESULTS / "frontier.json"))
-    parser.add_argument("--render", action="store_true",
-                        help="measure nothing: redo the derived figures, tables, plots and docs from --out")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: redo the derived figures, tables, plots and docs from --out",
+    )
     args = parser.parse_args()
     if args.render:
         report = json.loads(Path(args.out).read_text())
@@ -550,14 +686,18 @@ def main() -> None:
     users, events = (1_000, 20_000) if args.quick else (5_000, 200_000)
     report: dict = {
         "command": " ".join(["python bench/frontier.py", *sys.argv[1:]]),
-        "cores": os.cpu_count(), "catalog_items": items, "users": users, "events": events,
+        "cores": os.cpu_count(),
+        "catalog_items": items,
+        "users": users,
+        "events": events,
         "baseline": "fp32 id tables, exact search (certified bf16 scan where faster), micro-batching (32), no "
-                    "user cache, ranker over 100 candidates, 1 torch thread",
+        "user cache, ranker over 100 candidates, 1 torch thread",
         "remedies": {name: {"tables": t, "env": env} for name, (t, env) in REMEDIES.items()},
-        "requests": {"c1": c1, "c16": c16}, "gpu": "measured" if torch.cuda.is_available() else "not measured",
+        "requests": {"c1": c1, "c16": c16},
+        "gpu": "measured" if torch.cuda.is_available() else "not measured",
         "time_to_ready": "process start to /ready on this machine: interpreter, imports, artifact read and "
-                         "verify, online item features, item side and index, self-check; image pull aside",
-    }  # fmt: skip
+        "verify, online item features, item side and index, self-check; image pull aside",
+    }
     settings = serving_settings(Path(args.home))
     if not args.skip_serving:
         started = time.perf_counter()
@@ -565,8 +705,9 @@ def main() -> None:
             data, active = serving_setup(settings, items, users, events, args.reuse)
         report["setup_s"] = time.perf_counter() - started
         with console.status("training each size briefly on the serving log"):
-            report["models"] = serving_models(settings, data, sizes, SERVING_EXAMPLES if not args.quick else 2_000,
-                                              args.reuse)
+            report["models"] = serving_models(
+                settings, data, sizes, SERVING_EXAMPLES if not args.quick else 2_000, args.reuse
+            )
         remedies = {name: REMEDIES[name] for name in args.remedies or REMEDIES}
         if torch.cuda.is_available():
             remedies["gpu"] = GPU

@@ -53,14 +53,22 @@ def one_run(dataset: str, seed: int, data_dir: str | None, epochs: int) -> dict:
     for level in LEVELS:
         metrics = evaluate(model.rank(split, level=level), split, "test")
         results[level] = {m: float(metrics[m]) for m in METRICS}
-    return {"seed": seed, "fit_s": round(fit_s, 1), "uses_ranker": bool(model.use_ranker),
-            "candidates": model.candidates, "reduced_candidates": model.inference().reduced_candidates,
-            "levels": results}  # fmt: skip
+    return {
+        "seed": seed,
+        "fit_s": round(fit_s, 1),
+        "uses_ranker": bool(model.use_ranker),
+        "candidates": model.candidates,
+        "reduced_candidates": model.inference().reduced_candidates,
+        "levels": results,
+    }
 
 
 def summarise(runs: list[dict]) -> dict:
     def stats(values):
-        return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+        return {
+            "mean": float(np.mean(values)),
+            "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        }
 
     levels = {lv: {m: stats([r["levels"][lv][m] for r in runs]) for m in METRICS} for lv in LEVELS}
     # the loss against the level the model's own ladder starts at (full where the ranker serves)
@@ -69,28 +77,43 @@ def summarise(runs: list[dict]) -> dict:
         top = r["levels"]["full" if r["uses_ranker"] else "retrieval"]["ndcg@10"]
         for lv in LEVELS:
             drops[lv].append(1.0 - r["levels"][lv]["ndcg@10"] / top if top else 0.0)
-    return {"levels": levels, "drop_vs_top": {lv: float(np.mean(v)) for lv, v in drops.items()},
-            "ranker_serves": [r["uses_ranker"] for r in runs], "runs": runs}  # fmt: skip
+    return {
+        "levels": levels,
+        "drop_vs_top": {lv: float(np.mean(v)) for lv, v in drops.items()},
+        "ranker_serves": [r["uses_ranker"] for r in runs],
+        "runs": runs,
+    }
 
 
 def markdown(report: dict) -> str:
-    lines = ["| dataset | " + " | ".join(f"{lv} NDCG@10" for lv in LEVELS) + " | ranker serves (of seeds) |",
-             "|---|" + "---|" * (len(LEVELS) + 1)]  # fmt: skip
+    lines = [
+        "| dataset | " + " | ".join(f"{lv} NDCG@10" for lv in LEVELS) + " | ranker serves (of seeds) |",
+        "|---|" + "---|" * (len(LEVELS) + 1),
+    ]
     for name, d in report["datasets"].items():
         seeds = len(d["runs"])
-        cells = [f"{d['levels'][lv]['ndcg@10']['mean']:.4f}"
-                 + (f" ± {d['levels'][lv]['ndcg@10']['sd']:.4f}" if seeds > 1 else "")
-                 + f" ({-100 * d['drop_vs_top'][lv]:+.0f} %)" for lv in LEVELS]  # fmt: skip
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(d['ranker_serves'])} of {len(d['runs'])} |")
+        cells = [
+            f"{d['levels'][lv]['ndcg@10']['mean']:.4f}"
+            + (f" ± {d['levels'][lv]['ndcg@10']['sd']:.4f}" if seeds > 1 else "")
+            + f" ({-100 * d['drop_vs_top'][lv]:+.0f} %)"
+            for lv in LEVELS
+        ]
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {sum(d['ranker_serves'])} of {len(d['runs'])} |"
+        )
     return "\n".join(lines)
 
 
 def write_doc(table: str, command: str) -> None:
     text = DOC.read_text()
-    block = f"{MARKERS[0]}\n{table}\n\n{command}; mean ± sd over seeds (one seed: the value), in brackets the " \
-            f"change against the level the model's ladder starts at.\n{MARKERS[1]}"  # fmt: skip
+    block = (
+        f"{MARKERS[0]}\n{table}\n\n{command}; mean ± sd over seeds (one seed: the value), in brackets the "
+        f"change against the level the model's ladder starts at.\n{MARKERS[1]}"
+    )
     if MARKERS[0] in text:
-        text = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, text, flags=re.DOTALL)
+        text = re.sub(
+            re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, text, flags=re.DOTALL
+        )
     else:
         text += "\n" + block + "\n"
     DOC.write_text(text)
@@ -101,7 +124,9 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["ml-100k", "ml-latest-small"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--epochs", type=int, default=60, help="maximum retrieval epochs (recsys train's default)")
+    parser.add_argument(
+        "--epochs", type=int, default=60, help="maximum retrieval epochs (recsys train's default)"
+    )
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--render", action="store_true", help="only rewrite the docs table from --out")
     args = parser.parse_args()
@@ -113,21 +138,33 @@ def main() -> None:
         # a run of some datasets keeps the others' results from an earlier run
         report = json.loads(out.read_text()) if out.is_file() else {"datasets": {}}
         for dataset in args.datasets:
-            command = f"python bench/levels.py --datasets {dataset} --seeds " + " ".join(map(str, args.seeds)) + \
-                (f" --epochs {args.epochs}" if args.epochs != 60 else "")  # fmt: skip
+            command = (
+                f"python bench/levels.py --datasets {dataset} --seeds "
+                + " ".join(map(str, args.seeds))
+                + (f" --epochs {args.epochs}" if args.epochs != 60 else "")
+            )
             runs = []
             for seed in args.seeds:
                 runs.append(one_run(dataset, seed, args.data_dir, args.epochs))
-                console.print(f"{dataset} seed {seed}: " + ", ".join(
-                    f"{lv} {runs[-1]['levels'][lv]['ndcg@10']:.4f}" for lv in LEVELS)
-                    + f" (ranker serves: {runs[-1]['uses_ranker']}, fit {runs[-1]['fit_s']:.0f} s)")  # fmt: skip
+                console.print(
+                    f"{dataset} seed {seed}: "
+                    + ", ".join(f"{lv} {runs[-1]['levels'][lv]['ndcg@10']:.4f}" for lv in LEVELS)
+                    + f" (ranker serves: {runs[-1]['uses_ranker']}, fit {runs[-1]['fit_s']:.0f} s)"
+                )
             report["datasets"][dataset] = {"command": command, **summarise(runs)}
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2) + "\n")  # after every dataset: a long run keeps its part
+            out.write_text(
+                json.dumps(report, indent=2) + "\n"
+            )  # after every dataset: a long run keeps its part
     table = Table("dataset", *LEVELS)
     for name, d in report["datasets"].items():
-        table.add_row(name, *(f"{d['levels'][lv]['ndcg@10']['mean']:.4f} ± {d['levels'][lv]['ndcg@10']['sd']:.4f}"
-                              for lv in LEVELS))  # fmt: skip
+        table.add_row(
+            name,
+            *(
+                f"{d['levels'][lv]['ndcg@10']['mean']:.4f} ± {d['levels'][lv]['ndcg@10']['sd']:.4f}"
+                for lv in LEVELS
+            ),
+        )
     console.print(table)
     write_doc(markdown(report), "; ".join(f"`{d['command']}`" for d in report["datasets"].values()))
     console.print(f"wrote {out} and the table in {DOC}")

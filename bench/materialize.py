@@ -51,11 +51,19 @@ console = Console()
 
 def settings_for(home: Path) -> Settings:
     fresh_database(DATABASE)
-    return Settings(profile=Profile.production, home=home, pg_database=DATABASE, feast_project=PROJECT,
-                    redis_db=REDIS_DB, recent_items=50)  # fmt: skip
+    return Settings(
+        profile=Profile.production,
+        home=home,
+        pg_database=DATABASE,
+        feast_project=PROJECT,
+        redis_db=REDIS_DB,
+        recent_items=50,
+    )
 
 
-def feast_run(store, skip_dedup: bool = False, backend: str | None = None, write_batch: int | None = None) -> float:
+def feast_run(
+    store, skip_dedup: bool = False, backend: str | None = None, write_batch: int | None = None
+) -> float:
     redis.Redis(db=REDIS_DB).flushdb()
     config = store.config
     config.online_store.skip_dedup = skip_dedup
@@ -105,7 +113,9 @@ def profile_split(store) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--home", type=Path, default=ROOT / ".recsys-bench" / "materialize")
@@ -117,8 +127,11 @@ def main() -> None:
     store = apply(settings)
     console.print(f"{data.summary()}; offline rows {written}")
 
-    variants = {"feast": lambda: feast_run(store), "feast_skip_dedup": lambda: feast_run(store, skip_dedup=True),
-                "feast_write_batch_10k": lambda: feast_run(store, write_batch=10_000)}
+    variants = {
+        "feast": lambda: feast_run(store),
+        "feast_skip_dedup": lambda: feast_run(store, skip_dedup=True),
+        "feast_write_batch_10k": lambda: feast_run(store, write_batch=10_000),
+    }
     if importlib.util.find_spec("polars") is not None:
         variants["feast_polars"] = lambda: feast_run(store, backend="polars")
     seconds: dict[str, list[float]] = {name: [] for name in [*variants, "redis_floor"]}
@@ -130,14 +143,23 @@ def main() -> None:
     split = profile_split(store)
     floor = statistics.median(seconds["redis_floor"])
     results = {
-        "measured_at": time.strftime("%Y-%m-%d"), "command": f"python bench/materialize.py --events {args.events}",
-        "events": args.events, "rows": rows, "rows_by_view": written, "reps": args.reps,
+        "measured_at": time.strftime("%Y-%m-%d"),
+        "command": f"python bench/materialize.py --events {args.events}",
+        "events": args.events,
+        "rows": rows,
+        "rows_by_view": written,
+        "reps": args.reps,
         "polars": "feast_polars" in variants,
-        "variants": {name: {"median_s": round(statistics.median(v), 3),
-                            "rows_per_s": round(rows / statistics.median(v)),
-                            "vs_floor": round(statistics.median(v) / floor, 1)} for name, v in seconds.items()},
+        "variants": {
+            name: {
+                "median_s": round(statistics.median(v), 3),
+                "rows_per_s": round(rows / statistics.median(v)),
+                "vs_floor": round(statistics.median(v) / floor, 1),
+            }
+            for name, v in seconds.items()
+        },
         "feast_time_split": split,
-    }  # fmt: skip
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     write_between_markers(DOCS, "materialize", render(results))
@@ -151,22 +173,36 @@ def main() -> None:
 
 
 def render(results: dict) -> str:
-    lines = [(f"Measured {results['measured_at']} with `{results['command']}` on 2 cores: {results['rows']:,} rows "
-              f"({', '.join(f'{k} {v:,}' for k, v in results['rows_by_view'].items())}), median of "
-              f"{results['reps']}, into an emptied Redis database."), "",
-             "| path | median s | rows/s | time / floor |", "|---|---|---|---|"]  # fmt: skip
-    labels = {"feast": "Feast `materialize` (local engine, pandas)",
-              "feast_skip_dedup": "Feast, Redis `skip_dedup` (the full reload of `recsys features materialize`)",
-              "feast_write_batch_10k": "Feast, `materialization.online_write_batch_size: 10000`",
-              "feast_polars": "Feast, local engine on polars",
-              "redis_floor": "floor: the same hashes as plain pipelined HSETs"}  # fmt: skip
+    lines = [
+        (
+            f"Measured {results['measured_at']} with `{results['command']}` on 2 cores: {results['rows']:,} rows "
+            f"({', '.join(f'{k} {v:,}' for k, v in results['rows_by_view'].items())}), median of "
+            f"{results['reps']}, into an emptied Redis database."
+        ),
+        "",
+        "| path | median s | rows/s | time / floor |",
+        "|---|---|---|---|",
+    ]
+    labels = {
+        "feast": "Feast `materialize` (local engine, pandas)",
+        "feast_skip_dedup": "Feast, Redis `skip_dedup` (the full reload of `recsys features materialize`)",
+        "feast_write_batch_10k": "Feast, `materialization.online_write_batch_size: 10000`",
+        "feast_polars": "Feast, local engine on polars",
+        "redis_floor": "floor: the same hashes as plain pipelined HSETs",
+    }
     for name, v in results["variants"].items():
         lines.append(f"| {labels[name]} | {v['median_s']:.2f} | {v['rows_per_s']:,} | {v['vs_floor']:.1f} |")
     if not results["polars"]:
         lines.append("")
         lines.append("The polars backend was not measured: polars is not installed (it is not a dependency).")
-    lines += ["", ("Where a Feast run spends its time (share of a profiled run; the parts overlap where one calls "
-                   "another):"), ""]  # fmt: skip
+    lines += [
+        "",
+        (
+            "Where a Feast run spends its time (share of a profiled run; the parts overlap where one calls "
+            "another):"
+        ),
+        "",
+    ]
     lines += [f"- {part}: {share:.0%}" for part, share in results["feast_time_split"].items()]
     return "\n".join(lines)
 

@@ -27,7 +27,11 @@ def memory_limit_mib(peak_rss_mib: float) -> int:
 
 def size_peak_mib(frontier: dict, size: str) -> float:
     """The largest peak RSS (MiB) measured for ``size`` over its CPU configurations in a frontier report."""
-    peaks = [r["peak_rss_mb"] for name, r in frontier["serving"][size].items() if name != "gpu" and "peak_rss_mb" in r]
+    peaks = [
+        r["peak_rss_mb"]
+        for name, r in frontier["serving"][size].items()
+        if name != "gpu" and "peak_rss_mb" in r
+    ]
     if not peaks:
         raise ValueError(f"no measured replica of size {size!r} in the frontier report")
     return max(peaks)

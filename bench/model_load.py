@@ -48,8 +48,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("uris", nargs="+")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per artifact")
-    parser.add_argument("--hnsw", action="store_true",
-                        help="build the item side with HNSW (hnsw_threshold 0: the graph is built or reused)")
+    parser.add_argument(
+        "--hnsw",
+        action="store_true",
+        help="build the item side with HNSW (hnsw_threshold 0: the graph is built or reused)",
+    )
     args = parser.parse_args()
     for uri in args.uris:
         uri = str(Path(uri).resolve()) if Path(uri).exists() else uri
@@ -58,14 +61,26 @@ def main() -> None:
             # from a neutral directory: the child imports predictor from PYTHONPATH or the installed tree,
             # never from the current directory
             threshold = "0" if args.hnsw else str(10**9)
-            done = subprocess.run([sys.executable, "-c", CHILD, uri, threshold], capture_output=True, text=True, check=False,
-                                  cwd=tempfile.gettempdir())  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, uri, threshold],
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=tempfile.gettempdir(),
+            )
             if done.returncode != 0:
                 sys.exit(f"{uri}: the loader exited {done.returncode}:\n{done.stderr[-3000:]}")
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         keys = [k for k in runs[0] if k != "uri"]
-        print(json.dumps({"uri": uri, "runs": len(runs),
-                          **{k: sorted(r[k] for r in runs)[len(runs) // 2] for k in keys}}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "uri": uri,
+                    "runs": len(runs),
+                    **{k: sorted(r[k] for r in runs)[len(runs) // 2] for k in keys},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -78,11 +78,21 @@ class NaiveModel(kserve.Model):
             item_dense = self.model.item_dense.clone()
             item_dense[cand[0]] = torch.from_numpy(item_dense_matrix(item_frame))
             hist = ranker_history(window, lengths, self.model.config.ranker_history)
-            ranked = self.model.ranker(*ranker_inputs(self.items, self.model.item_cats, item_dense, self.n_cat, hist,
-                                                      udense, user_vec, cand))  # fmt: skip
+            ranked = self.model.ranker(
+                *ranker_inputs(
+                    self.items, self.model.item_cats, item_dense, self.n_cat, hist, udense, user_vec, cand
+                )
+            )
             order = torch.argsort(ranked, dim=1, descending=True)[0, :k]
-        return {"predictions": [{"user_id": user, "item_ids": raw[order.numpy()].tolist(),
-                                 "scores": ranked[0, order].tolist()}]}  # fmt: skip
+        return {
+            "predictions": [
+                {
+                    "user_id": user,
+                    "item_ids": raw[order.numpy()].tolist(),
+                    "scores": ranked[0, order].tolist(),
+                }
+            ]
+        }
 
 
 def main() -> None:

@@ -53,10 +53,18 @@ class FloorModel(kserve.Model):
         return parsed
 
     async def postprocess(self, parsed: ParsedRequest, headers=None, response_headers=None) -> dict:
-        return {"predictions": [
-            {"user_id": r.user_id, "item_ids": ITEM_IDS, "scores": SCORES, "model_version": "floor", "fallback": None}
-            for r in parsed.requests
-        ]}  # fmt: skip
+        return {
+            "predictions": [
+                {
+                    "user_id": r.user_id,
+                    "item_ids": ITEM_IDS,
+                    "scores": SCORES,
+                    "model_version": "floor",
+                    "fallback": None,
+                }
+                for r in parsed.requests
+            ]
+        }
 
 
 def main() -> None:
@@ -79,8 +87,9 @@ def main() -> None:
         asyncio.set_event_loop(asyncio.new_event_loop())
     except ImportError:
         pass
-    kserve.ModelServer(http_port=args.port, enable_grpc=False, enable_docs_url=False,
-                       enable_latency_logging=False, workers=1).start([model])  # fmt: skip
+    kserve.ModelServer(
+        http_port=args.port, enable_grpc=False, enable_docs_url=False, enable_latency_logging=False, workers=1
+    ).start([model])
 
 
 if __name__ == "__main__":

@@ -45,8 +45,12 @@ def main() -> None:
     parser.add_argument(
         "--test", help="the matching test file; with --train, --dataset only names the output"
     )
-    parser.add_argument("--split", choices=["temporal", "random"], default="temporal",
-                        help="with --dataset: temporal leave-last-out, or a random 80/20 one-line-per-user split")
+    parser.add_argument(
+        "--split",
+        choices=["temporal", "random"],
+        default="temporal",
+        help="with --dataset: temporal leave-last-out, or a random 80/20 one-line-per-user split",
+    )
     parser.add_argument("--data-dir", default=None, help="folder holding ml-100k/ and ml-latest-small/")
     parser.add_argument("--size", default="small", help="model size: tiny, small, base, large")
     parser.add_argument("--epochs", type=int, default=60)
@@ -91,7 +95,10 @@ def main() -> None:
     protocol = "temporal"
     if train_path:
         given_train, given_test = load_any(train_path), load_any(test_path)
-        n_items, protocol = len(complete_items(given_test.events, given_train.items)), split_protocol(given_train, given_test)
+        n_items, protocol = (
+            len(complete_items(given_test.events, given_train.items)),
+            split_protocol(given_train, given_test),
+        )
     else:
         data = load_dataset(args.dataset, args.data_dir)
         console.print(data.summary())
@@ -108,17 +115,26 @@ def main() -> None:
         runs.append({"seed": seed, **report})
         print_report(report, console, title=f"{name or args.dataset}, seed {seed}: test metrics")
     metric = "recall@20" if train_path else "ndcg@10"
-    command = (f"python bench/quality.py --dataset {args.dataset}" if args.dataset else "python bench/quality.py") \
-        + (f" --split {args.split}" if args.split != "temporal" else "") \
-        + (f" --train {args.train} --test {args.test}" if args.train else "") \
-        + f" --size {args.size} --epochs {args.epochs} --seeds {' '.join(map(str, args.seeds))}" \
-        + (" --no-features" if args.no_features else "") \
-        + "".join(f" --model-option {o}" for o in args.model_option) \
-        + "".join(f" --train-option {o}" for o in args.train_option)  # fmt: skip
-    report = {"dataset": name or args.dataset, "seeds": args.seeds, "command": command,
-              "split": runs[0]["split"], "users": runs[0]["users"], "items": runs[0]["items"],
-              "settings_chosen": explained(config, train, chosen),
-              **summarise(runs, metric), "runs": runs}  # fmt: skip
+    command = (
+        (f"python bench/quality.py --dataset {args.dataset}" if args.dataset else "python bench/quality.py")
+        + (f" --split {args.split}" if args.split != "temporal" else "")
+        + (f" --train {args.train} --test {args.test}" if args.train else "")
+        + f" --size {args.size} --epochs {args.epochs} --seeds {' '.join(map(str, args.seeds))}"
+        + (" --no-features" if args.no_features else "")
+        + "".join(f" --model-option {o}" for o in args.model_option)
+        + "".join(f" --train-option {o}" for o in args.train_option)
+    )
+    report = {
+        "dataset": name or args.dataset,
+        "seeds": args.seeds,
+        "command": command,
+        "split": runs[0]["split"],
+        "users": runs[0]["users"],
+        "items": runs[0]["items"],
+        "settings_chosen": explained(config, train, chosen),
+        **summarise(runs, metric),
+        "runs": runs,
+    }
     print_summary(report, console)
     out = Path(args.out) if args.out else RESULTS / f"quality-{name or args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,13 +142,17 @@ def main() -> None:
     console.print(f"wrote {out}")
 
 
-def write_random_split(dataset: str, data_dir: str | None, folder: Path, console: Console) -> tuple[Path, Path]:
+def write_random_split(
+    dataset: str, data_dir: str | None, folder: Path, console: Console
+) -> tuple[Path, Path]:
     """A random 80/20 split of ``dataset`` (seed 0) as ``folder/train.txt`` and ``folder/test.txt``."""
     data = load_dataset(dataset, data_dir)
     train, test = random_user_split(data, test_share=0.2, seed=0)
     paths = write_user_lines(train, folder / "train.txt"), write_user_lines(test, folder / "test.txt")
-    console.print(f"random 80/20 split of {data.summary()}: {len(train.events):,} train and "
-                  f"{len(test.events):,} test events in {folder}")  # fmt: skip
+    console.print(
+        f"random 80/20 split of {data.summary()}: {len(train.events):,} train and "
+        f"{len(test.events):,} test events in {folder}"
+    )
     return paths
 
 
@@ -147,15 +167,21 @@ def summarise(runs: list[dict], metric: str = "ndcg@10") -> dict:
         return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
 
     models = list(runs[0]["results"])
-    summary = {model: {metric: stats([r["results"][model][metric] for r in runs]) for metric in METRICS}
-               for model in models}  # fmt: skip
+    summary = {
+        model: {metric: stats([r["results"][model][metric] for r in runs]) for metric in METRICS}
+        for model in models
+    }
     seconds = {model: stats([r["seconds"].get(model, 0.0) for r in runs]) for model in runs[0]["seconds"]}
     two_stage, als = summary["two_stage"][metric], summary["implicit_als"][metric]["mean"]
-    ratios = {"two_stage_mean_over_als_mean": two_stage["mean"] / als if als else None,
-              "two_stage_mean_minus_sd_over_als_mean": (two_stage["mean"] - two_stage["sd"]) / als if als else None}  # fmt: skip
+    ratios = {
+        "two_stage_mean_over_als_mean": two_stage["mean"] / als if als else None,
+        "two_stage_mean_minus_sd_over_als_mean": (two_stage["mean"] - two_stage["sd"]) / als if als else None,
+    }
     if metric == "ndcg@10":
-        bar = {"mean>=1.25x_als": bool(als and ratios["two_stage_mean_over_als_mean"] >= 1.25),
-               "mean_minus_sd>=1.1x_als": bool(als and ratios["two_stage_mean_minus_sd_over_als_mean"] >= 1.1)}  # fmt: skip
+        bar = {
+            "mean>=1.25x_als": bool(als and ratios["two_stage_mean_over_als_mean"] >= 1.25),
+            "mean_minus_sd>=1.1x_als": bool(als and ratios["two_stage_mean_minus_sd_over_als_mean"] >= 1.1),
+        }
     else:
         bar = {"mean>=als": bool(als and ratios["two_stage_mean_over_als_mean"] >= 1.0)}
     ranker = {str(r["seed"]): r["two_stage"]["uses_ranker"] for r in runs}
@@ -169,16 +195,26 @@ def summarise(runs: list[dict], metric: str = "ndcg@10") -> dict:
 
 
 def print_summary(report: dict, console: Console) -> None:
-    table = Table("model", *METRICS, "seconds", title=f"{report['dataset']}: test metrics, mean ± sd over seeds "
-                                                       f"{', '.join(map(str, report['seeds']))}")  # fmt: skip
+    table = Table(
+        "model",
+        *METRICS,
+        "seconds",
+        title=f"{report['dataset']}: test metrics, mean ± sd over seeds "
+        f"{', '.join(map(str, report['seeds']))}",
+    )
     for model, metrics in report["summary"].items():
         seconds = report["seconds"].get(model)
-        table.add_row(model, *(f"{metrics[m]['mean']:.4f} ± {metrics[m]['sd']:.4f}" for m in METRICS),
-                      f"{seconds['mean']:.0f}" if seconds else "")  # fmt: skip
+        table.add_row(
+            model,
+            *(f"{metrics[m]['mean']:.4f} ± {metrics[m]['sd']:.4f}" for m in METRICS),
+            f"{seconds['mean']:.0f}" if seconds else "",
+        )
     console.print(table)
     ratios = next(v for k, v in report.items() if k.startswith("ratios_"))
-    console.print(f"two-stage / tuned ALS: {ratios}; bar {report['bar']}; "
-                  f"ranker served per seed {report['ranker_served']}")  # fmt: skip
+    console.print(
+        f"two-stage / tuned ALS: {ratios}; bar {report['bar']}; "
+        f"ranker served per seed {report['ranker_served']}"
+    )
 
 
 if __name__ == "__main__":

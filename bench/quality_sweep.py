@@ -41,8 +41,9 @@ def _prepared(dataset: str, data_dir: str | None):
     return _SPLIT_CACHE[key]
 
 
-def run_trial(dataset: str, data_dir: str | None, size: str, epochs: int, variant: dict, seed: int,
-              threads: int) -> dict:  # fmt: skip
+def run_trial(
+    dataset: str, data_dir: str | None, size: str, epochs: int, variant: dict, seed: int, threads: int
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -59,12 +60,20 @@ def run_trial(dataset: str, data_dir: str | None, size: str, epochs: int, varian
     retrieval_test = evaluate(model.rank(split, "retrieval"), split, "test")
     curve = [round(e["validation_ndcg@10"], 5) for e in model.history.retrieval]
     epoch_seconds = [e["seconds"] for e in model.history.retrieval]
-    return {"variant": variant["name"], "seed": seed, "device": str(model.device),
-            "validation_ndcg@10": float(model.validation_ndcg), "uses_ranker": model.use_ranker,
-            "epochs": len(curve), "best_epoch": int(np.argmax(curve)) + 1 if curve else 0,
-            "test": test, "retrieval_test": retrieval_test, "validation_curve": curve,
-            "median_epoch_seconds": float(np.median(epoch_seconds)) if epoch_seconds else 0.0,
-            "seconds": time.perf_counter() - started}  # fmt: skip
+    return {
+        "variant": variant["name"],
+        "seed": seed,
+        "device": str(model.device),
+        "validation_ndcg@10": float(model.validation_ndcg),
+        "uses_ranker": model.use_ranker,
+        "epochs": len(curve),
+        "best_epoch": int(np.argmax(curve)) + 1 if curve else 0,
+        "test": test,
+        "retrieval_test": retrieval_test,
+        "validation_curve": curve,
+        "median_epoch_seconds": float(np.median(epoch_seconds)) if epoch_seconds else 0.0,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def summarise(trials: list[dict]) -> list[dict]:
@@ -75,9 +84,17 @@ def summarise(trials: list[dict]) -> list[dict]:
     for name, ts in by_variant.items():
         val = [t["validation_ndcg@10"] for t in ts]
         test = [t["test"]["ndcg@10"] for t in ts]
-        rows.append({"variant": name, "seeds": len(ts), "validation_ndcg@10": float(np.mean(val)),
-                     "validation_std": float(np.std(val)), "test_ndcg@10": float(np.mean(test)),
-                     "test_std": float(np.std(test)), "seconds": float(np.mean([t["seconds"] for t in ts]))})  # fmt: skip
+        rows.append(
+            {
+                "variant": name,
+                "seeds": len(ts),
+                "validation_ndcg@10": float(np.mean(val)),
+                "validation_std": float(np.std(val)),
+                "test_ndcg@10": float(np.mean(test)),
+                "test_std": float(np.std(test)),
+                "seconds": float(np.mean([t["seconds"] for t in ts])),
+            }
+        )
     return sorted(rows, key=lambda r: -r["validation_ndcg@10"])
 
 
@@ -94,10 +111,22 @@ def plot(results_file: Path, image: Path, als_ndcg: float | None = None) -> None
     rows = sorted(rows, key=lambda r: r["validation_ndcg@10"])
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
-    ax.barh(y + 0.2, [r["validation_ndcg@10"] for r in rows], 0.4, xerr=[r["validation_std"] for r in rows],
-            label="validation (selects)", color="#9ecae1")  # fmt: skip
-    ax.barh(y - 0.2, [r["test_ndcg@10"] for r in rows], 0.4, xerr=[r["test_std"] for r in rows],
-            label="test", color="#3182bd")  # fmt: skip
+    ax.barh(
+        y + 0.2,
+        [r["validation_ndcg@10"] for r in rows],
+        0.4,
+        xerr=[r["validation_std"] for r in rows],
+        label="validation (selects)",
+        color="#9ecae1",
+    )
+    ax.barh(
+        y - 0.2,
+        [r["test_ndcg@10"] for r in rows],
+        0.4,
+        xerr=[r["test_std"] for r in rows],
+        label="test",
+        color="#3182bd",
+    )
     if als_ndcg:
         ax.axvline(als_ndcg, color="#d62728", ls="--", label=f"tuned ALS, test ({als_ndcg:.4f})")
         ax.axvline(1.1 * als_ndcg, color="#d62728", ls=":", label="1.1 × ALS (the bar)")
@@ -123,7 +152,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--out", default=None, help="default: bench/results/sweep-DATASET.json")
-    parser.add_argument("--plot-only", action="store_true", help="only redraw docs/img/sweep-DATASET.png from --out")
+    parser.add_argument(
+        "--plot-only", action="store_true", help="only redraw docs/img/sweep-DATASET.png from --out"
+    )
     args = parser.parse_args()
     out = Path(args.out) if args.out else RESULTS / f"sweep-{args.dataset}.json"
     image = RESULTS.parent.parent / "docs" / "img" / f"sweep-{args.dataset}.png"
@@ -144,30 +175,50 @@ def main() -> None:
     trials: list[dict] = []
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_trial, args.dataset, args.data_dir, args.size, args.epochs, v, s,
-                               args.threads): (v["name"], s) for v, s in jobs}  # fmt: skip
+        futures = {
+            pool.submit(run_trial, args.dataset, args.data_dir, args.size, args.epochs, v, s, args.threads): (
+                v["name"],
+                s,
+            )
+            for v, s in jobs
+        }
         for future in as_completed(futures):
             name, seed = futures[future]
             try:
                 trials.append(future.result())
-            except Exception as exc:  # a broken variant must not lose the others' results
+            except Exception as exc:  # noqa: BLE001 - a broken variant must not lose the others' results
                 trials.append({"variant": name, "seed": seed, "error": repr(exc)})
                 print(f"{name} seed {seed}: FAILED {exc!r}", flush=True)
                 continue
             t = trials[-1]
-            print(f"[{len(trials)}/{len(jobs)} {time.perf_counter() - started:.0f}s] {name} seed {seed}: "
-                  f"val {t['validation_ndcg@10']:.4f} test {t['test']['ndcg@10']:.4f} "
-                  f"(best epoch {t['best_epoch']}/{t['epochs']}, ranker {t['uses_ranker']}, {t['seconds']:.0f}s, "
-                  f"{t['median_epoch_seconds']:.1f}s/epoch)",
-                  flush=True)  # fmt: skip
+            print(
+                f"[{len(trials)}/{len(jobs)} {time.perf_counter() - started:.0f}s] {name} seed {seed}: "
+                f"val {t['validation_ndcg@10']:.4f} test {t['test']['ndcg@10']:.4f} "
+                f"(best epoch {t['best_epoch']}/{t['epochs']}, ranker {t['uses_ranker']}, {t['seconds']:.0f}s, "
+                f"{t['median_epoch_seconds']:.1f}s/epoch)",
+                flush=True,
+            )
             ok = [t for t in trials if "error" not in t]
-            out.write_text(json.dumps({"dataset": args.dataset, "size": args.size, "epochs": args.epochs,
-                                       "variants": variants, "summary": summarise(ok), "trials": trials},
-                                      indent=1) + "\n")  # fmt: skip
+            out.write_text(
+                json.dumps(
+                    {
+                        "dataset": args.dataset,
+                        "size": args.size,
+                        "epochs": args.epochs,
+                        "variants": variants,
+                        "summary": summarise(ok),
+                        "trials": trials,
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
     print(f"{'variant':32s} {'seeds':>5s} {'val ndcg@10':>12s} {'test ndcg@10':>13s} {'s':>6s}")
     for r in summarise([t for t in trials if "error" not in t]):
-        print(f"{r['variant']:32s} {r['seeds']:5d} {r['validation_ndcg@10']:8.4f}±{r['validation_std']:.4f} "
-              f"{r['test_ndcg@10']:8.4f}±{r['test_std']:.4f} {r['seconds']:6.0f}")
+        print(
+            f"{r['variant']:32s} {r['seeds']:5d} {r['validation_ndcg@10']:8.4f}±{r['validation_std']:.4f} "
+            f"{r['test_ndcg@10']:8.4f}±{r['test_std']:.4f} {r['seconds']:6.0f}"
+        )
     plot(out, image, als)
     print(f"wrote {out} and {image}")
 

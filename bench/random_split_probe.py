@@ -38,13 +38,28 @@ def main() -> None:
     share = len(test.events) / (len(train.events) + len(test.events))
     data = Interactions(train.events, complete_items(test.events, train.items))
     split = build_split(data, holdout=1, protocol="random", validation_share=share, seed=0)
-    config, train_config, _ = choose(split.n_items, "small", parse_overrides(args.model_option, ModelConfig),
-                                     parse_overrides(args.train_option, TrainConfig), protocol="random")  # fmt: skip
-    model = TwoStageRecommender(config, replace(train_config, ranker_epochs=0)).fit(split, None, progress=False)
+    config, train_config, _ = choose(
+        split.n_items,
+        "small",
+        parse_overrides(args.model_option, ModelConfig),
+        parse_overrides(args.train_option, TrainConfig),
+        protocol="random",
+    )
+    model = TwoStageRecommender(config, replace(train_config, ranker_epochs=0)).fit(
+        split, None, progress=False
+    )
     curve = [round(e["validation_recall@20"], 4) for e in model.history.retrieval]
-    print(json.dumps({"options": args.model_option + args.train_option, "best": max(curve),
-                      "epoch": model.best_epochs["retrieval"], "seconds": round(time.perf_counter() - started),
-                      "curve": curve}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "options": args.model_option + args.train_option,
+                "best": max(curve),
+                "epoch": model.best_epochs["retrieval"],
+                "seconds": round(time.perf_counter() - started),
+                "curve": curve,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,10 +70,17 @@ LEVELS = ("c1", "c16")
 SERVERS = {  # name → (label, plot colour, what it is)
     "ours": ("ours", "tab:blue", "recsys serve over HTTP"),
     "naive": ("naive", "tab:red", "bench/naive_predictor.py over HTTP"),
-    "platform_floor": ("platform floor", "tab:green", "bench/platform_floor.py over HTTP: KServe, fixed answer"),
-    "in_process_floor": ("in-process floor", "tab:gray",
-                         "RecommenderModel in a child process, preprocess/predict/postprocess, no HTTP"),
-}  # fmt: skip
+    "platform_floor": (
+        "platform floor",
+        "tab:green",
+        "bench/platform_floor.py over HTTP: KServe, fixed answer",
+    ),
+    "in_process_floor": (
+        "in-process floor",
+        "tab:gray",
+        "RecommenderModel in a child process, preprocess/predict/postprocess, no HTTP",
+    ),
+}
 STAGE_METRIC = "recsys_stage_seconds"
 BATCH_METRIC = "recsys_batch_users"  # users per model call
 console = Console()
@@ -87,8 +94,9 @@ def bench_settings(home: Path, fresh: bool = True) -> Settings:
             conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{DATABASE}"')
         redis.Redis(db=REDIS_DB).flushdb()
-    return Settings(profile=Profile.production, home=home, pg_database=DATABASE, feast_project=PROJECT,
-                    redis_db=REDIS_DB)  # fmt: skip
+    return Settings(
+        profile=Profile.production, home=home, pg_database=DATABASE, feast_project=PROJECT, redis_db=REDIS_DB
+    )
 
 
 def setup(settings: Settings, items: int, users: int, events: int) -> tuple[np.ndarray, dict]:
@@ -107,8 +115,15 @@ def setup(settings: Settings, items: int, users: int, events: int) -> tuple[np.n
     started = time.perf_counter()
     train = TrainConfig(epochs=1, min_epochs=1, ranker_epochs=1, ranker_examples_per_epoch=4_000, seed=0)
     registry = ModelRegistry(settings.database_url)
-    train_and_register(data, registry, settings.artifacts_uri, model_config("small"), train,
-                       read_offline(USER_PROFILE, settings), progress=False)  # fmt: skip
+    train_and_register(
+        data,
+        registry,
+        settings.artifacts_uri,
+        model_config("small"),
+        train,
+        read_offline(USER_PROFILE, settings),
+        progress=False,
+    )
     registry.engine.dispose()
     timings["train_s"] = time.perf_counter() - started
     counts = data.events["user_id"].value_counts()
@@ -145,9 +160,15 @@ LADDER_LOADS = (("c1", 1), ("c16", 16), ("c64", 64))  # c64: past one replica's 
 
 
 def summary(latencies: np.ndarray, elapsed: float, errors: int) -> dict:
-    return {"p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
-            "mean_ms": float(latencies.mean()), "rps": len(latencies) / elapsed, "requests": len(latencies),
-            "errors": errors, "latencies_ms": latencies}  # fmt: skip
+    return {
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "mean_ms": float(latencies.mean()),
+        "rps": len(latencies) / elapsed,
+        "requests": len(latencies),
+        "errors": errors,
+        "latencies_ms": latencies,
+    }
 
 
 def request_bodies(users: np.ndarray, requests: int, seed: int) -> list[dict]:
@@ -155,8 +176,9 @@ def request_bodies(users: np.ndarray, requests: int, seed: int) -> list[dict]:
     return [{"instances": [{"user_id": int(u), "k": 10}]} for u in picks]
 
 
-async def load(url: str, users: np.ndarray, concurrency: int, requests: int, seed: int,
-               count_levels: bool = False) -> dict:  # fmt: skip
+async def load(
+    url: str, users: np.ndarray, concurrency: int, requests: int, seed: int, count_levels: bool = False
+) -> dict:
     """``requests`` V1 calls from ``concurrency`` workers; returns latencies (ms) and throughput, and with
     ``count_levels`` the share of requests served at each quality-ladder level."""
     bodies = [json.dumps(b).encode() for b in request_bodies(users, requests, seed)]
@@ -171,8 +193,11 @@ async def load(url: str, users: np.ndarray, concurrency: int, requests: int, see
             i = next_index
             next_index += 1
             started = time.perf_counter()
-            async with session.post(f"{url}/v1/models/recsys:predict", data=bodies[i],
-                                    headers={"content-type": "application/json"}) as response:  # fmt: skip
+            async with session.post(
+                f"{url}/v1/models/recsys:predict",
+                data=bodies[i],
+                headers={"content-type": "application/json"},
+            ) as response:
                 body = await response.read()
                 if response.status != 200:
                     errors += 1
@@ -209,11 +234,13 @@ def measure_ladder(settings: Settings, active: np.ndarray, requests: int) -> dic
     out: dict = {}
     procs = {}
     for name, command in commands.items():
-        srv = ServerProcess(settings, env=envs[name], command=command,
-                            log_path=settings.home_dir / f"level-{name}.log")  # fmt: skip
+        srv = ServerProcess(
+            settings, env=envs[name], command=command, log_path=settings.home_dir / f"level-{name}.log"
+        )
         while any(srv.port == other.port for other in procs.values()):
-            srv = ServerProcess(settings, env=envs[name], command=command,
-                                log_path=settings.home_dir / f"level-{name}.log")  # fmt: skip
+            srv = ServerProcess(
+                settings, env=envs[name], command=command, log_path=settings.home_dir / f"level-{name}.log"
+            )
         procs[name] = srv
     with ThreadPoolExecutor(len(procs)) as pool:
         futures = {name: pool.submit(srv.__enter__) for name, srv in procs.items()}
@@ -226,10 +253,14 @@ def measure_ladder(settings: Settings, active: np.ndarray, requests: int) -> dic
             try:
                 for label, concurrency in LADDER_LOADS:
                     with console.status(f"level {name}: concurrency {concurrency}, {requests:,} requests"):
-                        r = asyncio.run(load(srv.url, active, concurrency, requests, seed=2, count_levels=True))
+                        r = asyncio.run(
+                            load(srv.url, active, concurrency, requests, seed=2, count_levels=True)
+                        )
                     out[name][label] = {k: v for k, v in r.items() if k != "latencies_ms"}
-                    console.print(f"level {name} {label}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
-                                  f"{r['rps']:.0f} req/s, errors {r['errors']}, levels {r['level_share']}")  # fmt: skip
+                    console.print(
+                        f"level {name} {label}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                        f"{r['rps']:.0f} req/s, errors {r['errors']}, levels {r['level_share']}"
+                    )
             except Exception as exc:  # noqa: BLE001 - one server down: measure the others, report it
                 out[name]["error"] = str(exc)[-1500:]
                 console.print(f"[red]level {name} failed: {str(exc)[-500:]}[/red]")
@@ -323,8 +354,9 @@ def in_process_floor(
     environ = {**os.environ, **settings.feast_environment(), **SERVE_ENV}
     with open(settings.home_dir / "in_process_floor.log", "w") as log:
         command = [sys.executable, __file__, "--in-process-child", str(work / "spec.json")]
-        done = subprocess.run(command, env=environ, stdout=log, stderr=subprocess.STDOUT, timeout=900,
-                              check=False)  # fmt: skip
+        done = subprocess.run(
+            command, env=environ, stdout=log, stderr=subprocess.STDOUT, timeout=900, check=False
+        )
     if done.returncode != 0:
         tail = (settings.home_dir / "in_process_floor.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"the in-process floor exited ({done.returncode}):\n{tail}")
@@ -382,9 +414,12 @@ def stage_breakdown(before: dict, after: dict) -> dict:
     for stage, buckets in after.items():
         d = delta(before.get(stage, {}), buckets)
         count = d.get(float("inf"), 0.0)
-        out[stage] = {"mean_ms": 1000 * d.get(-1.0, float("nan")) / count if count else float("nan"),
-                      "p50_ms": 1000 * quantile_from_buckets(d, 0.50),
-                      "p99_ms": 1000 * quantile_from_buckets(d, 0.99), "observations": int(count)}  # fmt: skip
+        out[stage] = {
+            "mean_ms": 1000 * d.get(-1.0, float("nan")) / count if count else float("nan"),
+            "p50_ms": 1000 * quantile_from_buckets(d, 0.50),
+            "p99_ms": 1000 * quantile_from_buckets(d, 0.99),
+            "observations": int(count),
+        }
     return out
 
 
@@ -397,8 +432,15 @@ def batch_histogram(snapshot: dict) -> tuple[str | None, dict[float, float]]:
 def model_per_user(stages: dict, batches: dict) -> dict:
     """(retrieval + ranking mean per observation) / mean batch size, per level; None and a note where a
     metric is missing."""
-    out: dict = {"c1": None, "c16": None, "mean_batch_size": {}, "stage_observations": {}, "batches": {},
-                 "batch_metric": batches.get("metric"), "notes": []}  # fmt: skip
+    out: dict = {
+        "c1": None,
+        "c16": None,
+        "mean_batch_size": {},
+        "stage_observations": {},
+        "batches": {},
+        "batch_metric": batches.get("metric"),
+        "notes": [],
+    }
     for level in LEVELS:
         per_level = stages.get(level, {})
         means = {s: per_level.get(s, {}).get("mean_ms", math.nan) for s in ("retrieval", "ranking")}
@@ -444,8 +486,10 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("requests")
         ax.set_title(f"concurrency {level[1:]}")
         ax.legend(fontsize=7)
-    fig.suptitle("recsys predictor vs naive KServe model and the platform / in-process floors, same machine "
-                 f"({os.cpu_count()} cores)")  # fmt: skip
+    fig.suptitle(
+        "recsys predictor vs naive KServe model and the platform / in-process floors, same machine "
+        f"({os.cpu_count()} cores)"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -504,8 +548,9 @@ def start_servers(settings: Settings, commands: dict[str, list[str]]) -> dict[st
             settings, env=SERVE_ENV, command=command, log_path=settings.home_dir / f"{name}.log"
         )
         while any(srv.port == other.port for other in procs.values()):  # free_port() twice in a row
-            srv = ServerProcess(settings, env=SERVE_ENV, command=command,
-                                log_path=settings.home_dir / f"{name}.log")  # fmt: skip
+            srv = ServerProcess(
+                settings, env=SERVE_ENV, command=command, log_path=settings.home_dir / f"{name}.log"
+            )
         procs[name] = srv
     with ThreadPoolExecutor(len(procs)) as pool:
         futures = {name: pool.submit(srv.__enter__) for name, srv in procs.items()}
@@ -523,8 +568,11 @@ def main() -> None:
     )
     parser.add_argument("--home", default=str(ROOT / ".recsys-bench" / "serve"))
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
-    parser.add_argument("--ladder-only", action="store_true",
-                        help="only the quality-ladder section (each level pinned, then auto), merged into --out")
+    parser.add_argument(
+        "--ladder-only",
+        action="store_true",
+        help="only the quality-ladder section (each level pinned, then auto), merged into --out",
+    )
     parser.add_argument("--ladder-requests", type=int, default=None)
     parser.add_argument("--in-process-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -558,8 +606,12 @@ def main() -> None:
         report = json.loads(out.read_text()) if out.is_file() else {}
         started = time.perf_counter()
         report["ladder"] = measure_ladder(settings, active, ladder_n)
-        report["ladder_command"] = "python bench/serve.py --ladder-only" + (" --quick" if args.quick else "") + \
-            (" --reuse" if args.reuse else "") + f" ({time.perf_counter() - started:.0f} s)"  # fmt: skip
+        report["ladder_command"] = (
+            "python bench/serve.py --ladder-only"
+            + (" --quick" if args.quick else "")
+            + (" --reuse" if args.reuse else "")
+            + f" ({time.perf_counter() - started:.0f} s)"
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote the ladder section of {out}")
@@ -600,8 +652,10 @@ def main() -> None:
                         batches["metric"] = metric
                         batches[level] = delta(batch_histogram(before)[1], buckets) if metric else None
                     r = results[name][level]
-                    console.print(f"{name} {level}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
-                                  f"{r['rps']:.0f} req/s, errors {r['errors']}")  # fmt: skip
+                    console.print(
+                        f"{name} {level}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                        f"{r['rps']:.0f} req/s, errors {r['errors']}"
+                    )
             except Exception as exc:  # noqa: BLE001 - one server down: measure the others, report it, exit 1
                 results[name], failures[name] = None, str(exc)
                 console.print(f"[red]{name} failed: {str(exc)[-1500:]}[/red]")
@@ -621,8 +675,10 @@ def main() -> None:
             results["in_process_floor"], in_process_settings = in_process_floor(settings, active, levels)
         for level in LEVELS:
             r = results["in_process_floor"][level]
-            console.print(f"in_process_floor {level}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
-                          f"{r['rps']:.0f} req/s, errors {r['errors']}")  # fmt: skip
+            console.print(
+                f"in_process_floor {level}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                f"{r['rps']:.0f} req/s, errors {r['errors']}"
+            )
     except Exception as exc:  # noqa: BLE001 - as for a server
         results["in_process_floor"], failures["in_process_floor"] = None, str(exc)
         console.print(f"[red]in_process_floor failed: {str(exc)[-1500:]}[/red]")
@@ -636,21 +692,31 @@ def main() -> None:
     all_ratios = ratios(results)
     per_user = model_per_user(stages, batches)
     report = {
-        "command": "python bench/serve.py" + (" --quick" if args.quick else "") + (" --reuse" if args.reuse else ""),
+        "command": "python bench/serve.py"
+        + (" --quick" if args.quick else "")
+        + (" --reuse" if args.reuse else ""),
         "machine": f"{os.cpu_count()} cores; load generator on the same machine",
-        "catalog_items": items, "users": users, "events": events, "setup_seconds": setup_timings,
+        "catalog_items": items,
+        "users": users,
+        "events": events,
+        "setup_seconds": setup_timings,
         "wall_seconds": {**phases, "total_s": time.perf_counter() - wall},
         "servers": {name: what for name, (_, _, what) in SERVERS.items()},
-        **{name: ({level: {k: v for k, v in r.items() if k != "latencies_ms"} for level, r in per.items()}
-                  if per else {"error": failures.get(name, "not run")[-3000:]})
-           for name, per in results.items()},
+        **{
+            name: (
+                {level: {k: v for k, v in r.items() if k != "latencies_ms"} for level, r in per.items()}
+                if per
+                else {"error": failures.get(name, "not run")[-3000:]}
+            )
+            for name, per in results.items()
+        },
         "in_process_floor_serve_settings": in_process_settings,
         "stages": stages,
         "model_ms_per_user": per_user,
         "ratios": all_ratios,
         "targets": targets(results, all_ratios),
         "ladder": ladder,
-    }  # fmt: skip
+    }
 
     table = Table("server", "concurrency", "p50 ms", "p99 ms", "mean ms", "req/s", "errors")
     for name, (label, _, _) in SERVERS.items():
@@ -659,8 +725,15 @@ def main() -> None:
             if r is None:
                 table.add_row(label, level[1:], "failed", "", "", "", "")
                 continue
-            table.add_row(label, level[1:], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}",
-                          f"{r['rps']:.0f}", str(r["errors"]))  # fmt: skip
+            table.add_row(
+                label,
+                level[1:],
+                f"{r['p50_ms']:.2f}",
+                f"{r['p99_ms']:.2f}",
+                f"{r['mean_ms']:.2f}",
+                f"{r['rps']:.0f}",
+                str(r["errors"]),
+            )
     console.print(table)
     ratio_table = Table("ratio", "c1", "c16")
     for key in all_ratios["c1"]:
@@ -671,14 +744,18 @@ def main() -> None:
         a, b = stages.get("c1", {}).get(stage, {}), stages.get("c16", {}).get(stage, {})
         stage_table.add_row(stage, *(fmt(x.get(k)) for x in (a, b) for k in ("mean_ms", "p99_ms")))
     console.print(stage_table)
-    console.print(f"model ms per user: c1 {fmt(per_user['c1'], 3)}, c16 {fmt(per_user['c16'], 3)} "
-                  f"(mean batch {per_user['mean_batch_size']}) {' '.join(per_user['notes'])}")  # fmt: skip
+    console.print(
+        f"model ms per user: c1 {fmt(per_user['c1'], 3)}, c16 {fmt(per_user['c16'], 3)} "
+        f"(mean batch {per_user['mean_batch_size']}) {' '.join(per_user['notes'])}"
+    )
     console.print(f"targets: {report['targets']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out} and {plot_path} in {time.perf_counter() - wall:.0f} s "
-                  "(the setup stays for --reuse; `make clean` removes it)")  # fmt: skip
+    console.print(
+        f"wrote {out} and {plot_path} in {time.perf_counter() - wall:.0f} s "
+        "(the setup stays for --reuse; `make clean` removes it)"
+    )
     if failures:
         console.print(f"[red]failed: {', '.join(failures)}[/red]")
         sys.exit(1)

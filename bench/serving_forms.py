@@ -78,8 +78,20 @@ def main() -> None:
     )
     startup["item tables (exact)"] = time.perf_counter() - started
     started = time.perf_counter()
-    hnsw = TwoStageInference(tower, ranker, cats, dense, N, C, cfg.max_history, cfg.ranker_history, 100, True,
-                             "auto", hnsw_threshold=0)  # fmt: skip
+    hnsw = TwoStageInference(
+        tower,
+        ranker,
+        cats,
+        dense,
+        N,
+        C,
+        cfg.max_history,
+        cfg.ranker_history,
+        100,
+        True,
+        "auto",
+        hnsw_threshold=0,
+    )
     startup["item tables + HNSW build and calibration"] = time.perf_counter() - started
     results["retrieval_selection"] = hnsw.tables.selection  # HNSW serves only where it measures faster
 
@@ -101,8 +113,11 @@ def main() -> None:
             rows["user tower: eager, full width"] = median_ms(static, (window, lengths, udense), args.repeats)
             if exported is None:
                 started = time.perf_counter()
-                exported = torch.export.export(static, (window[:2], lengths[:2], udense[:2]),
-                                               dynamic_shapes=({0: batch_dim}, {0: batch_dim}, {0: batch_dim})).module()  # fmt: skip
+                exported = torch.export.export(
+                    static,
+                    (window[:2], lengths[:2], udense[:2]),
+                    dynamic_shapes=({0: batch_dim}, {0: batch_dim}, {0: batch_dim}),
+                ).module()
                 startup["user tower: torch.export"] = time.perf_counter() - started
             rows["user tower: torch.export"] = median_ms(exported, (window, lengths, udense), args.repeats)
             try:
@@ -120,10 +135,16 @@ def main() -> None:
                     f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
                 )
             user = program(window, lengths, udense)
-            batch = UserBatch(window.numpy(), lengths.numpy(), udense.numpy(), np.zeros(0, np.int64),
-                              np.zeros(B + 1, np.int64))  # fmt: skip
-            rows["retrieval top-100: exact product + top-k"] = median_ms(exact.retrieve, (user, batch, 100),
-                                                                       args.repeats)  # fmt: skip
+            batch = UserBatch(
+                window.numpy(),
+                lengths.numpy(),
+                udense.numpy(),
+                np.zeros(0, np.int64),
+                np.zeros(B + 1, np.int64),
+            )
+            rows["retrieval top-100: exact product + top-k"] = median_ms(
+                exact.retrieve, (user, batch, 100), args.repeats
+            )
             rows[f"retrieval top-100: {hnsw.tables.selection['served']} (as selected)"] = median_ms(
                 hnsw.retrieve, (user, batch, 100), args.repeats
             )
@@ -138,11 +159,19 @@ def main() -> None:
             if exported_ranker is None:
                 started = time.perf_counter()
                 cand_dim = torch.export.Dim("candidates", min=2, max=4096)
-                shapes = ({0: batch_dim}, {0: batch_dim}, {0: batch_dim}, {0: batch_dim, 1: cand_dim},
-                          {0: batch_dim, 1: cand_dim}, {0: batch_dim, 1: cand_dim}, {0: batch_dim, 1: cand_dim},
-                          {0: batch_dim})  # fmt: skip
-                exported_ranker = torch.export.export(ranker, tuple(x[:2] for x in inputs),
-                                                      dynamic_shapes=shapes).module()  # fmt: skip
+                shapes = (
+                    {0: batch_dim},
+                    {0: batch_dim},
+                    {0: batch_dim},
+                    {0: batch_dim, 1: cand_dim},
+                    {0: batch_dim, 1: cand_dim},
+                    {0: batch_dim, 1: cand_dim},
+                    {0: batch_dim, 1: cand_dim},
+                    {0: batch_dim},
+                )
+                exported_ranker = torch.export.export(
+                    ranker, tuple(x[:2] for x in inputs), dynamic_shapes=shapes
+                ).module()
                 startup["ranker: torch.export"] = time.perf_counter() - started
             rows["ranker x100: torch.export"] = median_ms(exported_ranker, inputs, args.repeats)
 

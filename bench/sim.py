@@ -108,7 +108,9 @@ class Trace:
     name: str
     duration_s: int
     rate: Callable[[float], float]  # requests per second at time t
-    slow_replica: tuple[float, float] | None = None  # (from time, factor): one replica becomes this much slower
+    slow_replica: tuple[float, float] | None = (
+        None  # (from time, factor): one replica becomes this much slower
+    )
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,9 @@ class RunResult:
     ejection_periods: int
     degraded_share: float  # of all recorded requests, served below the best level
     ndcg_loss: float  # expected relative NDCG@10 loss over all recorded requests
-    served: list[int]  # recorded requests per level, best first (to re-price them: loss = served · drop / total)
+    served: list[
+        int
+    ]  # recorded requests per level, best first (to re-price them: loss = served · drop / total)
     windows: list[dict]  # per SLO window: t, p99_ms, replicas, ready, ejected, rate, degraded (share)
 
 
@@ -165,8 +169,9 @@ def pod_levels(rep: Replica, ladder: Ladder) -> tuple[dict[str, float], dict[str
     return served, {lv: s.mean_s * rep.slowness for lv, s in zip(ladder.levels, ladder.service)}
 
 
-def serve_fifo(rep: Replica, arrivals: np.ndarray, ladder: Ladder, samples: list[np.ndarray],
-               policy: LadderPolicy | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def serve_fifo(
+    rep: Replica, arrivals: np.ndarray, ladder: Ladder, samples: list[np.ndarray], policy: LadderPolicy | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Serve ``arrivals`` (sorted) on ``rep``; returns latencies (s) and the level index of each request.
     ``samples[l]``: one unit service time per arrival at level l. Without ``policy``: all at level 0."""
     n = len(arrivals)
@@ -204,8 +209,9 @@ def _serve_with_ladder(rep, arrivals, ladder, samples, policy, free) -> tuple[np
     return departures, levels
 
 
-def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed: int = 0,
-             setpoint: float | None = None) -> RunResult:  # fmt: skip
+def simulate(
+    trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed: int = 0, setpoint: float | None = None
+) -> RunResult:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}")
     rng = np.random.default_rng(seed)
@@ -213,15 +219,30 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
     uses_ladder = policy == "ours_ladder" and len(ladder.levels) > 1
     full = ladder.service[0]
     headroom = setpoint if policy.startswith("ours") else 0.2
-    scaling = ScalingPolicy(config.target_p99_ms, config.min_replicas, config.max_replicas, tolerance=0.1, headroom=headroom,
-                            max_step_up=4, max_step_down=1, scale_down_stabilization_s=config.scale_down_stabilization_s,
-                            min_requests=20, max_degraded_share=config.max_degraded_share)  # fmt: skip
-    ejection = EjectionPolicy(ratio=2.0, readmit_ratio=1.3, cooloff_s=30, min_in_rotation=0.5, min_requests=10)
-    ladder_policy = LadderPolicy(config.target_p99_ms / 1000, hold_s=config.ladder_hold_s) if uses_ladder else None
+    scaling = ScalingPolicy(
+        config.target_p99_ms,
+        config.min_replicas,
+        config.max_replicas,
+        tolerance=0.1,
+        headroom=headroom,
+        max_step_up=4,
+        max_step_down=1,
+        scale_down_stabilization_s=config.scale_down_stabilization_s,
+        min_requests=20,
+        max_degraded_share=config.max_degraded_share,
+    )
+    ejection = EjectionPolicy(
+        ratio=2.0, readmit_ratio=1.3, cooloff_s=30, min_in_rotation=0.5, min_requests=10
+    )
+    ladder_policy = (
+        LadderPolicy(config.target_p99_ms / 1000, hold_s=config.ladder_hold_s) if uses_ladder else None
+    )
     if policy in ("static_min", "static_max"):
         start = config.max_replicas if policy == "static_max" else config.min_replicas
     else:  # the dynamic policies start near their steady state (half load); the warm-up settles them
-        start = max(config.min_replicas, min(config.max_replicas, math.ceil(trace.rate(0) * full.mean_s / 0.5)))
+        start = max(
+            config.min_replicas, min(config.max_replicas, math.ceil(trace.rate(0) * full.mean_s / 0.5))
+        )
     n_levels = len(ladder.levels)
     replicas = [Replica(ready_at=-math.inf, served=np.zeros(n_levels)) for _ in range(start)]
     stabilizer, ejected, strikes = Stabilizer(), {}, {}
@@ -259,7 +280,9 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
             lat, levels = serve_fifo(rep, a, ladder, samples, ladder_policy)
             counts = np.bincount(levels, minlength=n_levels)
             rep.latencies.append(lat)
-            rep.busy_s += float(sum(samples[lv][levels == lv].sum() for lv in range(len(samples)))) * rep.slowness
+            rep.busy_s += (
+                float(sum(samples[lv][levels == lv].sum() for lv in range(len(samples)))) * rep.slowness
+            )
             rep.served += counts
             second_lat.append(lat)
             in_flight += float(lat.sum())
@@ -278,10 +301,17 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
             window_lat.append(pooled)
             if on_period:  # an SLO window closes
                 lat = np.concatenate(window_lat) if window_lat else np.zeros(0)
-                windows.append({"t": now, "p99_ms": float(np.quantile(lat, 0.99)) * 1000 if len(lat) else 0.0,
-                                "replicas": len(replicas), "rate": trace.rate(t),
-                                "ready": sum(r.ready_at <= t for r in replicas), "ejected": len(ejected),
-                                "degraded": window_degraded / max(window_served, 1)})  # fmt: skip
+                windows.append(
+                    {
+                        "t": now,
+                        "p99_ms": float(np.quantile(lat, 0.99)) * 1000 if len(lat) else 0.0,
+                        "replicas": len(replicas),
+                        "rate": trace.rate(t),
+                        "ready": sum(r.ready_at <= t for r in replicas),
+                        "ejected": len(ejected),
+                        "degraded": window_degraded / max(window_served, 1),
+                    }
+                )
                 window_lat, window_served, window_degraded = [], 0, 0
         pooled_recent.append((now, pooled))
         while pooled_recent and now - pooled_recent[0][0] >= config.keda_window_s:
@@ -302,37 +332,53 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
                     p99s[i] = (quantile(h, 0.99) or 0) * 1000 if h[math.inf] else None
                     reqs[i] = h[math.inf]
             if uses_ladder:  # judged at full quality, as the operator does (operators/control.py)
-                p99s = {i: v * full_quality_demand([pod_levels(replicas[i], ladder)]) if v is not None else v
-                        for i, v in p99s.items()}  # fmt: skip
-            ejected = outliers(p99s, reqs, ejected, now, ejection, strikes, peer_ceiling_ms=config.target_p99_ms)
+                p99s = {
+                    i: v * full_quality_demand([pod_levels(replicas[i], ladder)]) if v is not None else v
+                    for i, v in p99s.items()
+                }
+            ejected = outliers(
+                p99s, reqs, ejected, now, ejection, strikes, peer_ceiling_ms=config.target_p99_ms
+            )
             ejection_periods += bool(ejected) and t >= 0
             rotation = [i for i in p99s if i not in ejected]
-            pooled_h = merge([histogram(np.concatenate(replicas[i].latencies)) for i in rotation
-                              if replicas[i].latencies])  # fmt: skip
+            pooled_h = merge(
+                [histogram(np.concatenate(replicas[i].latencies)) for i in rotation if replicas[i].latencies]
+            )
             observed = quantile(pooled_h, 0.99) if pooled_h else None
             observed_ms = observed * 1000 if observed is not None else None
             if uses_ladder:
                 reading = read_ladder([pod_levels(replicas[i], ladder) for i in rotation])
-                wanted = desired_with_ladder(current, observed_ms, pooled_h.get(math.inf, 0), reading.share,
-                                             reading.demand, scaling)  # fmt: skip
+                wanted = desired_with_ladder(
+                    current, observed_ms, pooled_h.get(math.inf, 0), reading.share, reading.demand, scaling
+                )
             else:
                 wanted = desired_replicas(current, observed_ms, pooled_h.get(math.inf, 0), scaling)
             new = limit_step(current, stabilizer.recommend(now, current, wanted, scaling), scaling)
         elif policy == "cpu_hpa" and on_period:
             ready = [r for r in replicas if r.ready_at <= t]  # HPA ignores unready pods' CPU
             util = float(np.mean([min(r.busy_s / period, 1.0) for r in ready])) if ready else None
-            wanted = current if util is None or abs(util / setpoint - 1) <= 0.1 else \
-                max(config.min_replicas, min(config.max_replicas, math.ceil(len(ready) * util / setpoint)))  # fmt: skip
+            wanted = (
+                current
+                if util is None or abs(util / setpoint - 1) <= 0.1
+                else max(
+                    config.min_replicas, min(config.max_replicas, math.ceil(len(ready) * util / setpoint))
+                )
+            )
             wanted = min(wanted, max(2 * current, current + 4))  # HPA default: +100% or +4 pods per period
             new = stabilizer.recommend(now, current, wanted, scaling)
-        elif policy == "keda_p99" and abs(now / config.keda_polling_s - round(now / config.keda_polling_s)) < 1e-9:
+        elif (
+            policy == "keda_p99"
+            and abs(now / config.keda_polling_s - round(now / config.keda_polling_s)) < 1e-9
+        ):
             window = np.concatenate([lat for _, lat in pooled_recent]) if pooled_recent else np.zeros(0)
             value = quantile(histogram(window), 0.99) if len(window) else None
             threshold = setpoint * config.target_p99_ms
             wanted = current
             if value is not None and abs(value * 1000 / threshold - 1) > 0.1:
-                wanted = max(config.min_replicas, min(config.max_replicas,
-                                                      math.ceil(current * value * 1000 / threshold)))  # fmt: skip
+                wanted = max(
+                    config.min_replicas,
+                    min(config.max_replicas, math.ceil(current * value * 1000 / threshold)),
+                )
             wanted = min(wanted, max(2 * current, current + 4))
             new = stabilizer.recommend(now, current, wanted, scaling)
         elif policy == "kpa" and abs(now / config.kpa_tick_s - round(now / config.kpa_tick_s)) < 1e-9:
@@ -350,7 +396,9 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
                 rep.served = np.zeros(n_levels)
         if new > current:
             for _ in range(new - current):
-                replicas.append(Replica(ready_at=now + rng.uniform(*config.startup_s), served=np.zeros(n_levels)))
+                replicas.append(
+                    Replica(ready_at=now + rng.uniform(*config.startup_s), served=np.zeros(n_levels))
+                )
         elif new < current:
             for _ in range(current - new):  # the newest go first (ReplicaSet picks unready / newest)
                 gone = len(replicas) - 1
@@ -359,8 +407,15 @@ def simulate(trace: Trace, policy: str, ladder: Ladder, config: SimConfig, seed:
         t = now
 
     attained = [w["p99_ms"] <= config.target_p99_ms for w in windows]
-    return RunResult(float(np.mean(attained)), replica_seconds, int(ejection_periods),
-                     degraded / max(recorded, 1), loss / max(recorded, 1), served_total.tolist(), windows)  # fmt: skip
+    return RunResult(
+        float(np.mean(attained)),
+        replica_seconds,
+        int(ejection_periods),
+        degraded / max(recorded, 1),
+        loss / max(recorded, 1),
+        served_total.tolist(),
+        windows,
+    )
 
 
 def traces(base_rps: float, duration_s: int = 1800) -> list[Trace]:
@@ -371,10 +426,12 @@ def traces(base_rps: float, duration_s: int = 1800) -> list[Trace]:
         Trace("spike_x5", d, lambda t: base_rps * (5.0 if d / 2 <= t < d / 2 + 60 else 1.0)),
         Trace("diurnal", d, lambda t: base_rps * (1.0 + 0.8 * math.sin(2 * math.pi * t / d - math.pi / 2))),
         Trace("slow_replica", d, lambda t: base_rps, slow_replica=(d / 3, 3.0)),
-    ]  # fmt: skip
+    ]
 
 
-def frontier_gap(ours: list[tuple[float, float]], baseline: list[tuple[float, float]], points: int = 200) -> dict:
+def frontier_gap(
+    ours: list[tuple[float, float]], baseline: list[tuple[float, float]], points: int = 200
+) -> dict:
     """How far ``ours`` lies above ``baseline`` on the SLO-attainment-vs-replica-seconds plane over their
     common cost range: each curve is its Pareto staircase (the best attainment at no more than a cost);
     the worst gap is the least of ours' minus the baseline's over the range (≥ 0: on or above)."""

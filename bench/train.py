@@ -58,18 +58,28 @@ def speed_probe(name: str) -> dict:
     split = build_split(data)
     profile = user_feature_snapshots(data)
     prepared = time.perf_counter() - started
-    model = TwoStageRecommender(model_config("small"),
-                                TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=1, seed=0))  # fmt: skip
+    model = TwoStageRecommender(
+        model_config("small"), TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=1, seed=0)
+    )
     started = time.perf_counter()
     model.fit(split, profile, progress=False)
     fit_s = time.perf_counter() - started
     history = model.history.retrieval
     labels = sum(e["examples"] for e in history)
     seconds = sum(e["seconds"] for e in history)
-    return {"probe": name, "events": len(data.events), "items": split.n_items, "retrieval_epochs": epochs,
-            "ranker_epochs": 1, "split_and_features_s": prepared, "fit_s": fit_s,
-            "retrieval_labels_per_s": labels / seconds, "retrieval_train_s": seconds,
-            "validation_ndcg@10": [e["validation_ndcg@10"] for e in history], "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+    return {
+        "probe": name,
+        "events": len(data.events),
+        "items": split.n_items,
+        "retrieval_epochs": epochs,
+        "ranker_epochs": 1,
+        "split_and_features_s": prepared,
+        "fit_s": fit_s,
+        "retrieval_labels_per_s": labels / seconds,
+        "retrieval_train_s": seconds,
+        "validation_ndcg@10": [e["validation_ndcg@10"] for e in history],
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def compute_floor() -> dict:
@@ -88,8 +98,10 @@ def compute_floor() -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     split = build_split(load_dataset("ml-100k"))
-    model = TwoStageRecommender(model_config("small"), TrainConfig(epochs=1, min_epochs=1, ranker_epochs=0,
-                                                                   max_examples_per_epoch=256))  # fmt: skip
+    model = TwoStageRecommender(
+        model_config("small"),
+        TrainConfig(epochs=1, min_epochs=1, ranker_epochs=0, max_examples_per_epoch=256),
+    )
     model.fit(split, None, progress=False)  # builds the tables a step reads
     users, ends = training_windows(split, model.config.max_history)
     rows = np.random.default_rng(0).permutation(len(users))[: model.train_config.batch_size]
@@ -112,8 +124,12 @@ def compute_floor() -> dict:
 
     tokens = labels if labels else window.numel()
     peak = max(best_gflops(tokens, 64, 256), best_gflops(1024, 1024, 1024))
-    return {"matmul_flops_per_label": flops_per_label, "labels_per_step": labels,
-            "best_matmul_gflops": peak, "labels_per_s_ceiling": peak * 1e9 / flops_per_label}  # fmt: skip
+    return {
+        "matmul_flops_per_label": flops_per_label,
+        "labels_per_step": labels,
+        "best_matmul_gflops": peak,
+        "labels_per_s_ceiling": peak * 1e9 / flops_per_label,
+    }
 
 
 PROBES = ("ml-100k", "synthetic-200k")
@@ -125,8 +141,14 @@ def run_probes(package_root: Path, probes: tuple[str, ...] = PROBES) -> dict:
     out = {}
     for name in probes:
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
-            done = subprocess.run([sys.executable, __file__, "--probe", name, "--probe-out", result.name],
-                                  env=env, cwd=package_root, capture_output=True, text=True, check=False)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, __file__, "--probe", name, "--probe-out", result.name],
+                env=env,
+                cwd=package_root,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if done.returncode != 0:
                 raise RuntimeError(f"probe {name} at {package_root} failed:\n{done.stderr[-3000:]}")
             out[name] = json.loads(Path(result.name).read_text())
@@ -139,8 +161,10 @@ def median_probes(rounds: list[dict]) -> dict:
     out = {}
     for name in rounds[0]:
         runs = [r[name] for r in rounds]
-        merged = {k: (float(np.median([r[k] for r in runs])) if isinstance(v, int | float) else v)
-                  for k, v in runs[0].items()}  # fmt: skip
+        merged = {
+            k: (float(np.median([r[k] for r in runs])) if isinstance(v, int | float) else v)
+            for k, v in runs[0].items()
+        }
         merged["per_round"] = {k: [r[k] for r in runs] for k, v in runs[0].items() if isinstance(v, float)}
         out[name] = merged
     return out
@@ -184,9 +208,16 @@ def kernels() -> dict:
     ours = median_ms(lambda: drop(x).backward(ones), 30)
     rand = median_ms(lambda: (x * (torch.rand_like(x) >= 0.2) * 1.25).backward(ones), 30)
     bernoulli = median_ms(lambda: F.dropout(x, 0.2, training=True).backward(ones), 30)
-    return {"exact_loss_ms": {"F.cross_entropy": written_out, "blocked": blocked, "ratio": written_out / blocked},
-            "dropout_ms": {"torch.rand": rand, "bernoulli (F.dropout)": bernoulli, "MaskDropout": ours,
-                           "rand_ratio": rand / ours, "bernoulli_ratio": bernoulli / ours}}  # fmt: skip
+    return {
+        "exact_loss_ms": {"F.cross_entropy": written_out, "blocked": blocked, "ratio": written_out / blocked},
+        "dropout_ms": {
+            "torch.rand": rand,
+            "bernoulli (F.dropout)": bernoulli,
+            "MaskDropout": ours,
+            "rand_ratio": rand / ours,
+            "bernoulli_ratio": bernoulli / ours,
+        },
+    }
 
 
 def data_dir() -> Path:
@@ -234,15 +265,29 @@ def curve_and_wall(console) -> dict:
         )
         if time_to_bar is None and epoch["validation_ndcg@10"] >= bar:
             time_to_bar = elapsed
-    ml100k = {"fit_s": fit_s, "retrieval_epochs": len(curve), "time_to_quality_bar_s": time_to_bar,
-              "quality_bar_validation_ndcg@10": bar,
-              "implicit_als": {"params": als_params, "fit_seconds": als_fit_s, "validation_ndcg@10": als_validation},
-              "two_stage_test": evaluate(model.rank(split), split, "test"), "settings_chosen": model.settings_chosen,
-              "curve": curve}  # fmt: skip
+    ml100k = {
+        "fit_s": fit_s,
+        "retrieval_epochs": len(curve),
+        "time_to_quality_bar_s": time_to_bar,
+        "quality_bar_validation_ndcg@10": bar,
+        "implicit_als": {
+            "params": als_params,
+            "fit_seconds": als_fit_s,
+            "validation_ndcg@10": als_validation,
+        },
+        "two_stage_test": evaluate(model.rank(split), split, "test"),
+        "settings_chosen": model.settings_chosen,
+        "curve": curve,
+    }
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([c["seconds"] for c in curve], [c["validation_ndcg@10"] for c in curve], marker="o", ms=3,
-            label="two-tower retrieval (validation)")  # fmt: skip
+    ax.plot(
+        [c["seconds"] for c in curve],
+        [c["validation_ndcg@10"] for c in curve],
+        marker="o",
+        ms=3,
+        label="two-tower retrieval (validation)",
+    )
     ax.axhline(als_validation, color="grey", ls="--", label=f"tuned implicit ALS ({als_fit_s:.1f} s fit)")
     ax.axhline(bar, color="red", ls=":", label="quality bar (1.1 × ALS)")
     ax.set_xlabel(f"training seconds ({os.cpu_count()} CPU cores)")
@@ -266,19 +311,31 @@ def curve_and_wall(console) -> dict:
     test = evaluate(model.rank(split), split, "test")
     wall = time.perf_counter() - started
     console.print(f"ml-latest-small default train end to end: {wall:.0f} s")
-    return {"ml-100k_default_fit": ml100k,
-            "ml-latest-small_default_train": {"wall_s": wall, "retrieval_epochs": len(model.history.retrieval),
-                                              "settings_chosen": model.settings_chosen,
-                                              "ranker_served": model.use_ranker, "test": test}}  # fmt: skip
+    return {
+        "ml-100k_default_fit": ml100k,
+        "ml-latest-small_default_train": {
+            "wall_s": wall,
+            "retrieval_epochs": len(model.history.retrieval),
+            "settings_chosen": model.settings_chosen,
+            "ranker_served": model.use_ranker,
+            "test": test,
+        },
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", help="git revision whose speed probes run in the same run")
     parser.add_argument("--skip-curve", action="store_true", help="speed probes only")
-    parser.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES), help="speed probes to run")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run the probes this many times, alternating the trees; medians are reported")  # fmt: skip
+    parser.add_argument(
+        "--probes", nargs="+", choices=PROBES, default=list(PROBES), help="speed probes to run"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the probes this many times, alternating the trees; medians are reported",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"), help="result file")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
@@ -295,8 +352,11 @@ def main() -> None:
     worktree = None
     if args.baseline:
         worktree = Path(tempfile.mkdtemp(prefix="recsys-baseline-"))
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.baseline],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.baseline],
+            check=True,
+            capture_output=True,
+        )
         trees[f"baseline {args.baseline}"] = worktree
     try:
         # alternating the trees round by round spreads the machine's drifts over both
@@ -316,10 +376,12 @@ def main() -> None:
     with console.status("kernels"):
         kernel = kernels()
     table = Table("probe", *trees, *(["ratio"] if args.baseline else []), title="training speed, same run")
-    rows = [("ml-100k retrieval labels/s", "ml-100k", "retrieval_labels_per_s", True),
-            ("ml-100k fit s (3 + 1 epochs)", "ml-100k", "fit_s", False),
-            ("synthetic 200k fit s (2 + 1 epochs)", "synthetic-200k", "fit_s", False),
-            ("synthetic 200k peak RSS MB", "synthetic-200k", "peak_rss_mb", False)]  # fmt: skip
+    rows = [
+        ("ml-100k retrieval labels/s", "ml-100k", "retrieval_labels_per_s", True),
+        ("ml-100k fit s (3 + 1 epochs)", "ml-100k", "fit_s", False),
+        ("synthetic 200k fit s (2 + 1 epochs)", "synthetic-200k", "fit_s", False),
+        ("synthetic 200k peak RSS MB", "synthetic-200k", "peak_rss_mb", False),
+    ]
     rows = [row for row in rows if row[1] in args.probes]
     ratios = {}
     for label, probe, key, higher_better in rows:
@@ -331,21 +393,31 @@ def main() -> None:
         table.add_row(label, *cells)
     console.print(table)
     loss, dropout = kernel["exact_loss_ms"], kernel["dropout_ms"]
-    console.print(f"exact softmax loss, forward + backward: F.cross_entropy {loss['F.cross_entropy']:.0f} ms, blocked "
-                  f"{loss['blocked']:.0f} ms ({loss['ratio']:.2f} ×); dropout mask: torch.rand "
-                  f"{dropout['torch.rand']:.2f} ms, bernoulli {dropout['bernoulli (F.dropout)']:.2f} ms, MaskDropout "
-                  f"{dropout['MaskDropout']:.2f} ms")  # fmt: skip
+    console.print(
+        f"exact softmax loss, forward + backward: F.cross_entropy {loss['F.cross_entropy']:.0f} ms, blocked "
+        f"{loss['blocked']:.0f} ms ({loss['ratio']:.2f} ×); dropout mask: torch.rand "
+        f"{dropout['torch.rand']:.2f} ms, bernoulli {dropout['bernoulli (F.dropout)']:.2f} ms, MaskDropout "
+        f"{dropout['MaskDropout']:.2f} ms"
+    )
     if "ml-100k" not in speed["this tree"]:
         floor["this_tree_share_of_ceiling"] = None
     else:
         measured = speed["this tree"]["ml-100k"]["retrieval_labels_per_s"]
         floor["this_tree_share_of_ceiling"] = measured / floor["labels_per_s_ceiling"]
-        console.print(f"ml-100k small: {floor['matmul_flops_per_label'] / 1e6:.2f} MFLOP (matmul) per label, best "
-                      f"matmul {floor['best_matmul_gflops']:.0f} GFLOP/s → ceiling {floor['labels_per_s_ceiling']:,.0f} "
-                      f"labels/s; this tree {measured:,.0f} = {floor['this_tree_share_of_ceiling']:.0%} of it")  # fmt: skip
-    report = {"command": " ".join(["python", "bench/train.py", *sys.argv[1:]]), "rounds": args.rounds,
-              "machine": f"{os.cpu_count()} cores", "speed": speed, "compute_ceiling": floor, "kernels": kernel,
-              "speedup_over_baseline": ratios or None}  # fmt: skip
+        console.print(
+            f"ml-100k small: {floor['matmul_flops_per_label'] / 1e6:.2f} MFLOP (matmul) per label, best "
+            f"matmul {floor['best_matmul_gflops']:.0f} GFLOP/s → ceiling {floor['labels_per_s_ceiling']:,.0f} "
+            f"labels/s; this tree {measured:,.0f} = {floor['this_tree_share_of_ceiling']:.0%} of it"
+        )
+    report = {
+        "command": " ".join(["python", "bench/train.py", *sys.argv[1:]]),
+        "rounds": args.rounds,
+        "machine": f"{os.cpu_count()} cores",
+        "speed": speed,
+        "compute_ceiling": floor,
+        "kernels": kernel,
+        "speedup_over_baseline": ratios or None,
+    }
     if not args.skip_curve:
         report.update(curve_and_wall(console))
     report["wall_s"] = time.perf_counter() - wall

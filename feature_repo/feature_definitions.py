@@ -65,7 +65,9 @@ user_profile = FeatureView(
         Field(name="events_30d", dtype=Int64, description="Events in the 30 days before the snapshot"),
         Field(name="events_total", dtype=Int64, description="All events up to the snapshot"),
         Field(name="seconds_since_last_event", dtype=Float32, description="Recency at the snapshot"),
-        Field(name="mean_rating", dtype=Float32, description="Mean explicit rating; 0 when rating_count is 0"),
+        Field(
+            name="mean_rating", dtype=Float32, description="Mean explicit rating; 0 when rating_count is 0"
+        ),
         Field(name="rating_count", dtype=Int64, description="Number of rated events"),
         Field(
             name="category_affinity",
@@ -104,7 +106,9 @@ item_profile = FeatureView(
         Field(name="popularity_7d", dtype=Int64, description="Events on the item in the last 7 days"),
         Field(name="popularity_30d", dtype=Int64, description="Events on the item in the last 30 days"),
         Field(name="popularity_total", dtype=Int64, description="All events on the item"),
-        Field(name="mean_rating", dtype=Float32, description="Mean explicit rating; 0 when rating_count is 0"),
+        Field(
+            name="mean_rating", dtype=Float32, description="Mean explicit rating; 0 when rating_count is 0"
+        ),
         Field(name="rating_count", dtype=Int64, description="Number of rated events"),
         Field(name="age_seconds", dtype=Float32, description="Time since the item's first event"),
         Field(name="categories", dtype=Array(Int64), description="Category ids of the item"),

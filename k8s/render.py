@@ -28,8 +28,20 @@ RELEASE, NAMESPACE = "recsys", "recsys"
 
 
 def rendered_base(helm: Path) -> list[dict]:
-    out = subprocess.run([str(helm), "template", RELEASE, str(ROOT / "charts" / "recsys"), "--namespace", NAMESPACE,
-                          "--include-crds"], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [
+            str(helm),
+            "template",
+            RELEASE,
+            str(ROOT / "charts" / "recsys"),
+            "--namespace",
+            NAMESPACE,
+            "--include-crds",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     objects = []
     for obj in (d for d in yaml.safe_load_all(out) if d):
         meta = obj["metadata"]
@@ -52,10 +64,14 @@ def file_name(obj: dict) -> str:
 def find_helm(given: str | None) -> Path:
     """``--helm``, else ``$HELM``, else ``helm`` on PATH, else the copy ``make test`` caches."""
     cached = ROOT / ".recsys-tools" / "helm" / "helm"
-    found = given or os.environ.get("HELM") or shutil.which("helm") or (str(cached) if cached.exists() else None)
+    found = (
+        given or os.environ.get("HELM") or shutil.which("helm") or (str(cached) if cached.exists() else None)
+    )
     if not found:
-        sys.exit("helm not found: pass --helm PATH, set $HELM or put helm on PATH (`make test` caches one in "
-                 ".recsys-tools/helm/helm)")  # fmt: skip
+        sys.exit(
+            "helm not found: pass --helm PATH, set $HELM or put helm on PATH (`make test` caches one in "
+            ".recsys-tools/helm/helm)"
+        )
     return Path(found)
 
 
@@ -64,8 +80,14 @@ def main() -> None:
     parser.add_argument("--helm", help="the helm binary (default: $HELM, then PATH)")
     objects = rendered_base(find_helm(parser.parse_args().helm))
     # Helm leaves the namespace to `--create-namespace`; kubectl apply -k creates it
-    objects.insert(0, {"apiVersion": "v1", "kind": "Namespace",
-                       "metadata": {"name": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "recsys"}}})  # fmt: skip
+    objects.insert(
+        0,
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "recsys"}},
+        },
+    )
     BASE.mkdir(parents=True, exist_ok=True)
     for old in BASE.glob("*.yaml"):
         old.unlink()
@@ -75,8 +97,12 @@ def main() -> None:
         name = file_name(obj)
         (BASE / name).write_text(header + yaml.safe_dump(obj, sort_keys=False))
         names.append(name)
-    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                     "namespace": NAMESPACE, "resources": sorted(names)}  # fmt: skip
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": NAMESPACE,
+        "resources": sorted(names),
+    }
     (BASE / "kustomization.yaml").write_text(header + yaml.safe_dump(kustomization, sort_keys=False))
     print(f"wrote {len(names)} objects to {BASE.relative_to(ROOT)}")
 

@@ -13,7 +13,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m operators", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("run", help="run the LatencyAutoscaler operator until stopped")
-    start.add_argument("--namespace", action="append", default=[], help="watch only this namespace (repeatable)")
+    start.add_argument(
+        "--namespace", action="append", default=[], help="watch only this namespace (repeatable)"
+    )
     start.add_argument("--peering", default="recsys-operator", help="kopf peering object (leader election)")
     start.add_argument("--standalone", action="store_true", help="no peering: the only operator instance")
     start.add_argument("--priority", type=int, default=None, help="peering priority (default: random)")

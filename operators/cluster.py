@@ -45,23 +45,43 @@ class KubernetesCluster:
         if kind == "Deployment":
             scale = await asyncio.to_thread(self.apps.read_namespaced_deployment_scale, name, namespace)
             return int(scale.spec.replicas or 0), scale.status.selector or ""
-        isvc = await asyncio.to_thread(self.custom.get_namespaced_custom_object, KSERVE_GROUP, KSERVE_VERSION,
-                                       namespace, KSERVE_PLURAL, name)  # fmt: skip
+        isvc = await asyncio.to_thread(
+            self.custom.get_namespaced_custom_object,
+            KSERVE_GROUP,
+            KSERVE_VERSION,
+            namespace,
+            KSERVE_PLURAL,
+            name,
+        )
         predictor = isvc.get("spec", {}).get("predictor", {})
         return int(predictor.get("minReplicas") or 1), f"{ISVC_POD_LABEL}={name}"
 
     async def set_replicas(self, namespace: str, kind: str, name: str, replicas: int) -> None:
         if kind == "Deployment":
-            await asyncio.to_thread(self.apps.patch_namespaced_deployment_scale, name, namespace,
-                                    {"spec": {"replicas": replicas}})  # fmt: skip
+            await asyncio.to_thread(
+                self.apps.patch_namespaced_deployment_scale, name, namespace, {"spec": {"replicas": replicas}}
+            )
             return
-        isvc = await asyncio.to_thread(self.custom.get_namespaced_custom_object, KSERVE_GROUP, KSERVE_VERSION,
-                                       namespace, KSERVE_PLURAL, name)  # fmt: skip
+        isvc = await asyncio.to_thread(
+            self.custom.get_namespaced_custom_object,
+            KSERVE_GROUP,
+            KSERVE_VERSION,
+            namespace,
+            KSERVE_PLURAL,
+            name,
+        )
         predictor = {"minReplicas": replicas}
         if int(isvc.get("spec", {}).get("predictor", {}).get("maxReplicas") or 0) < replicas:
             predictor["maxReplicas"] = replicas
-        await asyncio.to_thread(self.custom.patch_namespaced_custom_object, KSERVE_GROUP, KSERVE_VERSION, namespace,
-                                KSERVE_PLURAL, name, {"spec": {"predictor": predictor}})  # fmt: skip
+        await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object,
+            KSERVE_GROUP,
+            KSERVE_VERSION,
+            namespace,
+            KSERVE_PLURAL,
+            name,
+            {"spec": {"predictor": predictor}},
+        )
 
     # --- pods -------------------------------------------------------------------------------------
     async def list_pods(self, namespace: str, selector: str) -> list[Pod]:
@@ -72,15 +92,32 @@ class KubernetesCluster:
                 continue
             statuses = p.status.container_statuses or []
             conditions = {c.type: c.status for c in (p.status.conditions or [])}
-            out.append(Pod(p.metadata.name, p.status.pod_ip, bool(statuses) and all(s.ready for s in statuses),
-                           conditions))  # fmt: skip
+            out.append(
+                Pod(
+                    p.metadata.name,
+                    p.status.pod_ip,
+                    bool(statuses) and all(s.ready for s in statuses),
+                    conditions,
+                )
+            )
         return out
 
-    async def set_pod_condition(self, namespace: str, pod: str, condition: str, ok: bool, reason: str,
-                                message: str) -> None:  # fmt: skip
-        body = {"status": {"conditions": [{"type": condition, "status": "True" if ok else "False",
-                                           "reason": reason, "message": message,
-                                           "lastTransitionTime": _now()}]}}  # fmt: skip
+    async def set_pod_condition(
+        self, namespace: str, pod: str, condition: str, ok: bool, reason: str, message: str
+    ) -> None:
+        body = {
+            "status": {
+                "conditions": [
+                    {
+                        "type": condition,
+                        "status": "True" if ok else "False",
+                        "reason": reason,
+                        "message": message,
+                        "lastTransitionTime": _now(),
+                    }
+                ]
+            }
+        }
         await asyncio.to_thread(self.core.patch_namespaced_pod_status, pod, namespace, body)
 
     # --- events -----------------------------------------------------------------------------------
@@ -88,10 +125,19 @@ class KubernetesCluster:
         meta = owner["metadata"]
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
-            involved_object=client.V1ObjectReference(api_version=owner["apiVersion"], kind=owner["kind"],
-                                                     name=meta["name"], namespace=meta["namespace"],
-                                                     uid=meta.get("uid")),  # fmt: skip
-            reason=reason, message=message, type=kind, first_timestamp=_now(), last_timestamp=_now(), count=1,
+            involved_object=client.V1ObjectReference(
+                api_version=owner["apiVersion"],
+                kind=owner["kind"],
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+            ),
+            reason=reason,
+            message=message,
+            type=kind,
+            first_timestamp=_now(),
+            last_timestamp=_now(),
+            count=1,
             source=client.V1EventSource(component="recsys-operator"),
-        )  # fmt: skip
+        )
         await asyncio.to_thread(self.core.create_namespaced_event, meta["namespace"], body)

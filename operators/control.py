@@ -40,7 +40,9 @@ class Memory:
     costs one period without a window: the policy then holds)."""
 
     last_scrape: dict[str, dict[float, float]] = field(default_factory=dict)
-    last_served: dict[str, dict[str, float]] = field(default_factory=dict)  # cumulative users per level per pod
+    last_served: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # cumulative users per level per pod
     stabilizer: Stabilizer = field(default_factory=Stabilizer)
     ejected: dict[str, float] = field(default_factory=dict)
     strikes: dict[str, int] = field(
@@ -107,8 +109,14 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
     timeout = float(metrics.get("scrapeTimeoutSeconds", 2))
     served: dict[str, dict[str, float]] = {}  # users per ladder level in the window, per pod
     if metrics.get("source", "pods") == "prometheus":
-        scraped = await scrape.prometheus_window(metrics["prometheusUrl"], name, labels, [p.name for p in pods],
-                                                 float(metrics.get("windowSeconds", 60)), timeout)  # fmt: skip
+        scraped = await scrape.prometheus_window(
+            metrics["prometheusUrl"],
+            name,
+            labels,
+            [p.name for p in pods],
+            float(metrics.get("windowSeconds", 60)),
+            timeout,
+        )
         windows = {pod: (m.buckets or None) if m else None for pod, m in scraped.items()}
         served = {pod: m.served for pod, m in scraped.items() if m}
     else:
@@ -128,16 +136,22 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
         memory.last_served = {p: b for p, b in memory.last_served.items() if p in scraped}
     costs = {pod: m.costs for pod, m in scraped.items() if m and m.costs}
 
-    pod_p99 = {p: (quantile(w, 0.99) * 1000 if w and quantile(w, 0.99) is not None else None)
-               for p, w in windows.items()}  # fmt: skip
+    pod_p99 = {
+        p: (quantile(w, 0.99) * 1000 if w and quantile(w, 0.99) is not None else None)
+        for p, w in windows.items()
+    }
     pod_requests = {p: (w or {}).get(math.inf, 0.0) for p, w in windows.items()}
 
     # --- decide: outliers first, then size from the pods in rotation --------------------------------
     before = dict(memory.ejected)
     # a pod whose ladder holds its p99 by serving cheaper levels hides its slowness there: it is judged on
     # its p99 at full quality, estimated as p99 × its full-quality demand (1 for a pod at full quality)
-    judged = {p: v * full_quality_demand([(served[p], costs[p])]) if v is not None and p in served and p in costs
-              else v for p, v in pod_p99.items()}  # fmt: skip
+    judged = {
+        p: v * full_quality_demand([(served[p], costs[p])])
+        if v is not None and p in served and p in costs
+        else v
+        for p, v in pod_p99.items()
+    }
     memory.ejected = outliers(
         judged,
         pod_requests,
@@ -163,24 +177,47 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
     log.info(
         "decision %s/%s: p99 %s ms over %d requests (target %g ms) from %d of %d pods; replicas %d, "
         "wanted %d, stabilised %d, new %d; degraded share %s, full-quality demand %.2f; ejected %s; per-pod p99 %s",
-        namespace, meta["name"], f"{observed_ms:.1f}" if observed_ms is not None else "none", int(requests),
-        scaling.target_p99_ms, len(in_rotation), len(pods), current, wanted, stabilised, new_size,
-        f"{share:.3f}" if share is not None else "none", demand,
-        sorted(memory.ejected), {p: round(v, 1) if v is not None else None for p, v in sorted(pod_p99.items())},
-    )  # fmt: skip
+        namespace,
+        meta["name"],
+        f"{observed_ms:.1f}" if observed_ms is not None else "none",
+        int(requests),
+        scaling.target_p99_ms,
+        len(in_rotation),
+        len(pods),
+        current,
+        wanted,
+        stabilised,
+        new_size,
+        f"{share:.3f}" if share is not None else "none",
+        demand,
+        sorted(memory.ejected),
+        {p: round(v, 1) if v is not None else None for p, v in sorted(pod_p99.items())},
+    )
 
     # --- act ----------------------------------------------------------------------------------------
     for pod in pods:
         out = pod.name in memory.ejected
         status_now = pod.conditions.get(condition_type)
         if out and status_now != "False":
-            await cluster.set_pod_condition(namespace, pod.name, condition_type, False, "SlowerThanPeers",
-                                            f"p99 {pod_p99.get(pod.name) or 0:.1f} ms, much slower than its peers")  # fmt: skip
-            events.append(("Warning", "Ejected", f"pod {pod.name} out of rotation: p99 "
-                                                 f"{pod_p99.get(pod.name) or 0:.1f} ms"))  # fmt: skip
+            await cluster.set_pod_condition(
+                namespace,
+                pod.name,
+                condition_type,
+                False,
+                "SlowerThanPeers",
+                f"p99 {pod_p99.get(pod.name) or 0:.1f} ms, much slower than its peers",
+            )
+            events.append(
+                (
+                    "Warning",
+                    "Ejected",
+                    f"pod {pod.name} out of rotation: p99 {pod_p99.get(pod.name) or 0:.1f} ms",
+                )
+            )
         elif not out and status_now != "True":
-            await cluster.set_pod_condition(namespace, pod.name, condition_type, True, "LatencyOk",
-                                            "in rotation")  # fmt: skip
+            await cluster.set_pod_condition(
+                namespace, pod.name, condition_type, True, "LatencyOk", "in rotation"
+            )
             if pod.name in before:
                 events.append(("Normal", "Readmitted", f"pod {pod.name} back in rotation"))
     if new_size != current:
@@ -188,24 +225,51 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
         memory.last_scale_time = _iso(now)
         p99_text = f"{observed_ms:.1f} ms" if observed_ms is not None else "no data"
         degraded_text = f", {share:.0%} of users degraded" if share else ""
-        events.append(("Normal", "Scaled", f"{target['kind']} {target['name']}: {current} → {new_size} replicas "
-                                           f"(p99 {p99_text}, target {scaling.target_p99_ms:g} ms{degraded_text})"))  # fmt: skip
+        events.append(
+            (
+                "Normal",
+                "Scaled",
+                (
+                    f"{target['kind']} {target['name']}: {current} → {new_size} replicas "
+                    f"(p99 {p99_text}, target {scaling.target_p99_ms:g} ms{degraded_text})"
+                ),
+            )
+        )
     memory.last_run = now
 
     conditions = [
-        {"type": "MetricsAvailable", "status": "True" if observed_ms is not None else "False",
-         "reason": "Scraped" if observed_ms is not None else "NoData",
-         "message": f"{len(pods)} ready pods, {int(requests)} requests in the window"},
-        {"type": "OnTarget", "status": ("Unknown" if observed_ms is None else
-                                        "True" if observed_ms <= scaling.target_p99_ms else "False"),
-         "reason": "Observed", "message": f"p99 {observed_ms:.1f} ms" if observed_ms is not None else "no data"},
-        {"type": "FullQuality", "status": ("Unknown" if share is None else
-                                           "True" if share <= scaling.max_degraded_share else "False"),
-         "reason": "Ladder" if share is not None else "NoLadderData",
-         "message": (f"{share:.1%} of users served below {best} (at most {scaling.max_degraded_share:.0%})"
-                     if share is not None else "no quality-ladder series in the window")},
+        {
+            "type": "MetricsAvailable",
+            "status": "True" if observed_ms is not None else "False",
+            "reason": "Scraped" if observed_ms is not None else "NoData",
+            "message": f"{len(pods)} ready pods, {int(requests)} requests in the window",
+        },
+        {
+            "type": "OnTarget",
+            "status": (
+                "Unknown"
+                if observed_ms is None
+                else "True"
+                if observed_ms <= scaling.target_p99_ms
+                else "False"
+            ),
+            "reason": "Observed",
+            "message": f"p99 {observed_ms:.1f} ms" if observed_ms is not None else "no data",
+        },
+        {
+            "type": "FullQuality",
+            "status": (
+                "Unknown" if share is None else "True" if share <= scaling.max_degraded_share else "False"
+            ),
+            "reason": "Ladder" if share is not None else "NoLadderData",
+            "message": (
+                f"{share:.1%} of users served below {best} (at most {scaling.max_degraded_share:.0%})"
+                if share is not None
+                else "no quality-ladder series in the window"
+            ),
+        },
         online_store_condition({pod: m.online_store_lost if m else None for pod, m in scraped.items()}),
-    ]  # fmt: skip
+    ]
     for c in conditions:
         c["lastTransitionTime"] = _iso(now)
     status = {
@@ -228,7 +292,7 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
                 "inRotation": p not in memory.ejected,
             }
             for p, v in sorted(pod_p99.items())
-        ],  # fmt: skip
+        ],
         "recommendations": memory.stabilizer.to_list(),
         "conditions": conditions,
     }

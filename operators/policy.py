@@ -182,8 +182,14 @@ def read_ladder(pods: list[tuple[Mapping[str, float], Mapping[str, float]]]) -> 
     return LadderReading(served, best, degraded_share(served, best), full_quality_demand(pods))
 
 
-def desired_with_ladder(current: int, observed_p99_ms: float | None, requests: float, share: float | None,
-                        demand: float, policy: ScalingPolicy) -> int:  # fmt: skip
+def desired_with_ladder(
+    current: int,
+    observed_p99_ms: float | None,
+    requests: float,
+    share: float | None,
+    demand: float,
+    policy: ScalingPolicy,
+) -> int:
     """:func:`desired_replicas`, and: while more than ``max_degraded_share`` of the users were degraded,
     at least ``ceil(current × demand)`` (and one more) even with p99 on target; never fewer than
     ``current`` while anyone was degraded."""
@@ -276,8 +282,11 @@ def outliers(
     state = {p: t for p, t in ejected_since.items() if p in pod_p99_ms}
 
     def peer_median(pod: str) -> float | None:
-        peers = [v for p, v in pod_p99_ms.items() if p != pod and p not in state and v is not None
-                 and pod_requests.get(p, 0) >= policy.min_requests]  # fmt: skip
+        peers = [
+            v
+            for p, v in pod_p99_ms.items()
+            if p != pod and p not in state and v is not None and pod_requests.get(p, 0) >= policy.min_requests
+        ]
         if not peers:
             return None
         peers.sort()
@@ -290,8 +299,12 @@ def outliers(
         if now - state[pod] < cooloff:
             continue
         value, median = pod_p99_ms.get(pod), peer_median(pod)
-        if value is None or pod_requests.get(pod, 0) < policy.min_requests or median is None \
-                or value <= policy.readmit_ratio * median:  # fmt: skip
+        if (
+            value is None
+            or pod_requests.get(pod, 0) < policy.min_requests
+            or median is None
+            or value <= policy.readmit_ratio * median
+        ):
             del state[pod]
 
     max_out = len(pods) - math.ceil(policy.min_in_rotation * len(pods))
@@ -319,11 +332,23 @@ def online_store_condition(lost: Mapping[str, bool | None]) -> dict:
     reported = {pod: v for pod, v in lost.items() if v is not None}
     losing = sorted(pod for pod, v in reported.items() if v)
     if not reported:
-        return {"type": "OnlineStore", "status": "Unknown", "reason": "NoData",
-                "message": "no pod exports recsys_online_store_lost"}  # fmt: skip
+        return {
+            "type": "OnlineStore",
+            "status": "Unknown",
+            "reason": "NoData",
+            "message": "no pod exports recsys_online_store_lost",
+        }
     if losing:
-        return {"type": "OnlineStore", "status": "False", "reason": "Lost",
-                "message": f"{len(losing)} of {len(reported)} pods find materialized views missing "
-                           f"({', '.join(losing)}); run `recsys features materialize`"}  # fmt: skip
-    return {"type": "OnlineStore", "status": "True", "reason": "Holds",
-            "message": f"{len(reported)} pods find every materialized view"}  # fmt: skip
+        return {
+            "type": "OnlineStore",
+            "status": "False",
+            "reason": "Lost",
+            "message": f"{len(losing)} of {len(reported)} pods find materialized views missing "
+            f"({', '.join(losing)}); run `recsys features materialize`",
+        }
+    return {
+        "type": "OnlineStore",
+        "status": "True",
+        "reason": "Holds",
+        "message": f"{len(reported)} pods find every materialized view",
+    }

@@ -28,7 +28,11 @@ def run_options(
     rng: random.Random | None = None,
 ) -> dict:
     """The keyword arguments for ``kopf.run``. ``peering=None`` runs standalone (no peers, no pausing)."""
-    options: dict = {"namespaces": list(namespaces), "clusterwide": not namespaces, "liveness_endpoint": liveness}
+    options: dict = {
+        "namespaces": list(namespaces),
+        "clusterwide": not namespaces,
+        "liveness_endpoint": liveness,
+    }
     if peering:
         drawn = priority if priority is not None else (rng or random.SystemRandom()).randint(1, 2**31 - 1)
         options.update(standalone=False, peering_name=peering, priority=drawn)
@@ -37,8 +41,13 @@ def run_options(
     return options
 
 
-def run(namespaces: Sequence[str] = (), peering: str | None = "recsys-operator", priority: int | None = None,
-        liveness: str | None = DEFAULT_LIVENESS, verbose: bool = False) -> None:  # fmt: skip
+def run(
+    namespaces: Sequence[str] = (),
+    peering: str | None = "recsys-operator",
+    priority: int | None = None,
+    liveness: str | None = DEFAULT_LIVENESS,
+    verbose: bool = False,
+) -> None:
     import kopf
 
     import operators.handlers  # noqa: F401 - registers the handlers

@@ -75,8 +75,9 @@ def parse_histogram(text: str, name: str, labels: Mapping[str, str]) -> Buckets:
     return out
 
 
-async def scrape_pod(session: aiohttp.ClientSession, url: str, name: str, labels: Mapping[str, str],
-                     timeout: float) -> PodMetrics | None:  # fmt: skip
+async def scrape_pod(
+    session: aiohttp.ClientSession, url: str, name: str, labels: Mapping[str, str], timeout: float
+) -> PodMetrics | None:
     """One pod's histogram and ladder series, or None if it did not answer in time or had no such
     histogram."""
     try:
@@ -95,8 +96,9 @@ async def scrape_pod(session: aiohttp.ClientSession, url: str, name: str, labels
     return PodMetrics(buckets, *parse_levels(text), online_store_lost=parse_online_store_lost(text))
 
 
-async def scrape_pods(urls: Mapping[str, str], name: str, labels: Mapping[str, str],
-                      timeout: float) -> dict[str, PodMetrics | None]:  # fmt: skip
+async def scrape_pods(
+    urls: Mapping[str, str], name: str, labels: Mapping[str, str], timeout: float
+) -> dict[str, PodMetrics | None]:
     """Every pod concurrently: ``{pod: metrics or None}``."""
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(
@@ -106,21 +108,28 @@ async def scrape_pods(urls: Mapping[str, str], name: str, labels: Mapping[str, s
 
 
 async def _query(session: aiohttp.ClientSession, base_url: str, query: str, timeout: float) -> list[dict]:
-    async with session.get(f"{base_url.rstrip('/')}/api/v1/query", params={"query": query},
-                           timeout=aiohttp.ClientTimeout(total=timeout)) as response:  # fmt: skip
+    async with session.get(
+        f"{base_url.rstrip('/')}/api/v1/query",
+        params={"query": query},
+        timeout=aiohttp.ClientTimeout(total=timeout),
+    ) as response:
         body = await response.json()
     return body.get("data", {}).get("result", [])
 
 
-async def prometheus_window(base_url: str, name: str, labels: Mapping[str, str], pods: list[str],
-                            window_s: float, timeout: float) -> dict[str, PodMetrics | None]:  # fmt: skip
+async def prometheus_window(
+    base_url: str, name: str, labels: Mapping[str, str], pods: list[str], window_s: float, timeout: float
+) -> dict[str, PodMetrics | None]:
     """Per-pod bucket and ladder-counter increases over the window, and the cost gauges, from a
     Prometheus server (``increase()`` does the reset handling there); keyed by the ``pod`` label."""
     selector = ",".join([f'{k}="{v}"' for k, v in labels.items()])
     window = f"[{int(window_s)}s]"
-    queries = (f"sum by (pod, le) (increase({name}_bucket{{{selector}}}{window}))",
-               f"sum by (pod, level) (increase({SERVED_LEVEL}{window}))", f"max by (pod, level) ({LEVEL_COST})",
-               f"max by (pod) ({ONLINE_STORE_LOST})")  # fmt: skip
+    queries = (
+        f"sum by (pod, le) (increase({name}_bucket{{{selector}}}{window}))",
+        f"sum by (pod, level) (increase({SERVED_LEVEL}{window}))",
+        f"max by (pod, level) ({LEVEL_COST})",
+        f"max by (pod) ({ONLINE_STORE_LOST})",
+    )
     out: dict[str, PodMetrics | None] = dict.fromkeys(pods)
     try:
         async with aiohttp.ClientSession() as session:

@@ -120,7 +120,10 @@ def features_apply() -> None:
 def features_materialize(
     end: Annotated[datetime | None, typer.Option(help="End of the interval (UTC); default now.")] = None,
     full: Annotated[
-        bool, typer.Option("--full", help="Load every online view's whole range, not only rows since the last run.")
+        bool,
+        typer.Option(
+            "--full", help="Load every online view's whole range, not only rows since the last run."
+        ),
     ] = False,
 ) -> None:
     """Load new offline rows into the online store (feast materialize-incremental), or the whole range when
@@ -203,8 +206,13 @@ def events_serve(
 
     from predictor.events.service import ingest_app
 
-    uvicorn.run(ingest_app(state.settings), host=host, port=port, log_level=(state.log_level or "info").lower(),
-                access_log=False)  # fmt: skip
+    uvicorn.run(
+        ingest_app(state.settings),
+        host=host,
+        port=port,
+        log_level=(state.log_level or "info").lower(),
+        access_log=False,
+    )
 
 
 @events_app.command("consume")
@@ -240,8 +248,10 @@ def _offline_user_profile(settings: Settings):
             f"no offline user_profile table ({exc.__class__.__name__}); run `recsys features build --snapshot-every 1D`"
         ) from exc
     if profile["event_timestamp"].nunique() < 2:
-        console.print("[yellow]warning:[/] user_profile has one snapshot; `recsys features build --snapshot-every 1D` "
-                      "gives training point-in-time history")  # fmt: skip
+        console.print(
+            "[yellow]warning:[/] user_profile has one snapshot; `recsys features build --snapshot-every 1D` "
+            "gives training point-in-time history"
+        )
     return profile
 
 
@@ -285,7 +295,10 @@ def train(
     try:
         model_overrides = parse_overrides(model_option or [], ModelConfig)
         train_overrides = parse_overrides(train_option or [], TrainConfig)
-        model_config(size, **model_overrides), TrainConfig(**train_overrides)  # bad options fail before the read
+        (
+            model_config(size, **model_overrides),
+            TrainConfig(**train_overrides),
+        )  # bad options fail before the read
     except (ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc)) from None
     if skip_if_production:
@@ -301,9 +314,17 @@ def train(
     console.print(describe(config, train_config, chosen))
     profile = _offline_user_profile(settings) if features else None
     version, metrics = train_and_register(
-        data, ModelRegistry(settings.database_url), settings.artifacts_uri, config, train_config, profile,
-        checkpoint_dir, resume, promote, settings_chosen=chosen,
-    )  # fmt: skip
+        data,
+        ModelRegistry(settings.database_url),
+        settings.artifacts_uri,
+        config,
+        train_config,
+        profile,
+        checkpoint_dir,
+        resume,
+        promote,
+        settings_chosen=chosen,
+    )
     if version is None:
         return  # a non-zero torchrun rank: rank 0 reports
     console.print(f"[green]version {version.version}[/] ({version.status}) at {version.artifact_uri}")
@@ -323,8 +344,11 @@ def _model_on_event_log(settings: Settings, model: str | None):
             raise typer.BadParameter("no production model: run `recsys train` or pass --model")
         model = production.artifact_uri
     recommender = load_model(model)
-    split = build_split(EventLog(settings.database_url).read(), users=recommender.catalog.users,
-                        items=recommender.catalog.items)  # fmt: skip
+    split = build_split(
+        EventLog(settings.database_url).read(),
+        users=recommender.catalog.users,
+        items=recommender.catalog.items,
+    )
     recommender.prepare(split, _offline_user_profile(settings) if recommender.uses_user_features else None)
     return model, recommender, split
 
@@ -343,8 +367,11 @@ def evaluate(
     from predictor.models.evaluate import evaluate as run_evaluation
 
     model, recommender, split = _model_on_event_log(state.settings, model)
-    report = {"model": model, "results": {"two_stage": run_evaluation(recommender.rank(split), split, "test")},
-              "seconds": {}}  # fmt: skip
+    report = {
+        "model": model,
+        "results": {"two_stage": run_evaluation(recommender.rank(split), split, "test")},
+        "seconds": {},
+    }
     if baselines:
         report["results"]["popularity"] = run_evaluation(
             Popularity().fit(split, "test").rank(split), split, "test"
@@ -376,8 +403,16 @@ def retrain(
     settings = state.settings
     data = EventLog(settings.database_url).read()
     profile = _offline_user_profile(settings)
-    result = run_retrain(data, ModelRegistry(settings.database_url), settings.artifacts_uri, profile, tolerance,
-                         replay, epochs, seed)  # fmt: skip
+    result = run_retrain(
+        data,
+        ModelRegistry(settings.database_url),
+        settings.artifacts_uri,
+        profile,
+        tolerance,
+        replay,
+        epochs,
+        seed,
+    )
     verdict = "[green]promoted[/]" if result.promoted else "[yellow]rejected[/]"
     console.print(f"{verdict} version {result.candidate.version}: {result.reason}")
 
@@ -439,8 +474,14 @@ def serve(
     from predictor.serving.model import ServeSettings
     from predictor.serving.server import serve as run_server
 
-    options = ServeSettings(http_port=port, model_name=model_name, model_uri=model_uri, device=device,
-                            precision=precision, max_batch=max_batch)  # fmt: skip
+    options = ServeSettings(
+        http_port=port,
+        model_name=model_name,
+        model_uri=model_uri,
+        device=device,
+        precision=precision,
+        max_batch=max_batch,
+    )
     run_server(state.settings, options, log_level=state.log_level or "INFO")
 
 
@@ -468,8 +509,13 @@ def operator_run(
     slow replicas out of rotation. Needs the CRDs (charts/recsys/crds/) and in-cluster or kubeconfig access."""
     from operators.run import run
 
-    run(namespace or [], None if standalone else peering, priority, liveness,
-        verbose=(state.log_level or "INFO").upper() == "DEBUG")  # fmt: skip
+    run(
+        namespace or [],
+        None if standalone else peering,
+        priority,
+        liveness,
+        verbose=(state.log_level or "INFO").upper() == "DEBUG",
+    )
 
 
 def main() -> None:

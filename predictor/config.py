@@ -58,26 +58,33 @@ class Settings(BaseSettings):
     # managed Redis: AUTH (password, ACL user), TLS, Redis Cluster or Sentinel; Feast connects with the same
     redis_type: RedisType = Field(default="redis", description="redis, redis_cluster or redis_sentinel.")
     redis_nodes: str = Field(
-        default="", description="Cluster or Sentinel nodes, host:port comma-separated; default the host and port."
+        default="",
+        description="Cluster or Sentinel nodes, host:port comma-separated; default the host and port.",
     )
     redis_sentinel_master: str = "mymaster"
     redis_username: str = ""
     redis_password: str = ""
     redis_tls: bool = False
-    redis_ca_file: Path | None = Field(default=None, description="CA bundle that signed the Redis server's cert.")
+    redis_ca_file: Path | None = Field(
+        default=None, description="CA bundle that signed the Redis server's cert."
+    )
 
     # the events service's stream (production profile): NATS JetStream
     nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated.")
     nats_user: str = ""
     nats_password: str = ""
     nats_creds: Path | None = Field(default=None, description="NATS credentials file (JWT and NKey seed).")
-    nats_tls_ca: Path | None = Field(default=None, description="CA bundle that signed the NATS server's cert.")
+    nats_tls_ca: Path | None = Field(
+        default=None, description="CA bundle that signed the NATS server's cert."
+    )
     events_stream: str = Field(default="RECSYS_EVENTS", pattern=r"^[A-Za-z0-9_-]+$")
     events_subject: str = Field(default="recsys.events", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
     events_consumer: str = Field(default="recsys-events", pattern=r"^[A-Za-z0-9_-]+$")
     events_max_age_days: float = Field(default=7.0, gt=0, description="How long the stream keeps events.")
     events_ack_wait_seconds: float = Field(
-        default=30.0, gt=0, description="Unacknowledged messages of a lost consumer are redelivered after this."
+        default=30.0,
+        gt=0,
+        description="Unacknowledged messages of a lost consumer are redelivered after this.",
     )
 
     # model artifacts: a local path or any fsspec URI (s3://, gs://, ...); default $RECSYS_HOME/models

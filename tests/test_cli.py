@@ -9,10 +9,27 @@ from typer.testing import CliRunner
 from predictor.cli import app
 
 runner = CliRunner()
-SUBCOMMANDS = [[], ["data"], ["data", "load"], ["features"], ["features", "build"], ["features", "apply"],
-               ["features", "materialize"], ["features", "online"], ["events"], ["events", "push"], ["events", "serve"],
-               ["events", "consume"], ["demo"],
-               ["train"], ["evaluate"], ["retrain"], ["serve"], ["operator"], ["operator", "run"]]  # fmt: skip
+SUBCOMMANDS = [
+    [],
+    ["data"],
+    ["data", "load"],
+    ["features"],
+    ["features", "build"],
+    ["features", "apply"],
+    ["features", "materialize"],
+    ["features", "online"],
+    ["events"],
+    ["events", "push"],
+    ["events", "serve"],
+    ["events", "consume"],
+    ["demo"],
+    ["train"],
+    ["evaluate"],
+    ["retrain"],
+    ["serve"],
+    ["operator"],
+    ["operator", "run"],
+]
 
 
 def test_help_list_covers_every_command():
@@ -56,9 +73,22 @@ def test_bad_input_exits_2_with_message(tmp_path):
     bad = tmp_path / "events.csv"
     bad.write_text("user_id,item_id,timestamp\n1,2,2026-01-01\n1,x,2026-01-01\n")
     done = subprocess.run(
-        [sys.executable, "-m", "predictor.cli", "--home", str(tmp_path / "s"), "events", "push", "--file", str(bad)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "predictor.cli",
+            "--home",
+            str(tmp_path / "s"),
+            "events",
+            "push",
+            "--file",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2
     assert f"error: {bad}, row 3, column 'item_id': expected an integer id, got 'x'" in " ".join(
         done.stderr.split()
@@ -99,8 +129,17 @@ def test_model_commands_train_evaluate_retrain(tmp_path, profile, request, monke
     bad = runner.invoke(app, [*home, "train", "--size", "tiny", "--model-option", "dims=8"])
     assert bad.exit_code == 2 and "ModelConfig has no field 'dims'" in bad.output
     # the small-catalog settings of the quality bench: exact softmax over every item, jittered windows
-    trained = run("train", "--size", "tiny", "--epochs", "2", "--model-option", "full_softmax_items=100000",
-                  "--train-option", "window_jitter=true")  # fmt: skip
+    trained = run(
+        "train",
+        "--size",
+        "tiny",
+        "--epochs",
+        "2",
+        "--model-option",
+        "full_softmax_items=100000",
+        "--train-option",
+        "window_jitter=true",
+    )
     assert "version 1" in trained and "(production)" in trained
     assert "full_softmax_items=100000 (set by the user)" in " ".join(trained.split())
     assert "nothing to do" in run("train", "--skip-if-production")  # a bootstrap job re-run is harmless
@@ -110,8 +149,13 @@ def test_model_commands_train_evaluate_retrain(tmp_path, profile, request, monke
 
     events = tmp_path / "new.csv"
     now = pd.Timestamp.now(tz="UTC")
-    pd.DataFrame({"user_id": [1, 1, 2, 2], "item_id": [3, 4, 5, 6],
-                  "timestamp": [now + pd.Timedelta(seconds=s) for s in range(4)]}).to_csv(events, index=False)  # fmt: skip
+    pd.DataFrame(
+        {
+            "user_id": [1, 1, 2, 2],
+            "item_id": [3, 4, 5, 6],
+            "timestamp": [now + pd.Timedelta(seconds=s) for s in range(4)],
+        }
+    ).to_csv(events, index=False)
     run("features", "apply")
     run("events", "push", "--file", str(events))
     run("features", "build", "--snapshot-every", "7D")

@@ -26,8 +26,12 @@ def test_movielens_latest_small():
     assert (len(data.events), data.n_users) == (100_836, 610)
     assert data.n_items == 9742  # every movie in movies.csv, rated or not
     assert data.items.set_index("item_id").loc[1, "categories"] == [
-        "Adventure", "Animation", "Children", "Comedy", "Fantasy",
-    ]  # fmt: skip
+        "Adventure",
+        "Animation",
+        "Children",
+        "Comedy",
+        "Fantasy",
+    ]
     assert 0.5 <= data.events["rating"].min() and data.events["rating"].max() <= 5.0
 
 
@@ -99,9 +103,11 @@ def test_unknown_item_rejects_whole_batch(small_data, event_log_url):
     from predictor.data.schema import validate_events
 
     batch, _ = validate_events(batch, "batch")
-    with pytest.raises(UnknownItemError, match=r"unknown item_id\(s\) not in the item catalog: 999999"):
-        with log.begin() as conn:
-            log.append(conn, batch)
+    with (
+        pytest.raises(UnknownItemError, match=r"unknown item_id\(s\) not in the item catalog: 999999"),
+        log.begin() as conn,
+    ):
+        log.append(conn, batch)
     assert log.count() == before
     log.engine.dispose()
 

@@ -100,8 +100,14 @@ def test_exact_duplicates_dropped_and_counted(tmp_path, caplog):
 
 
 def test_event_type_gives_default_weight():
-    raw = pd.DataFrame({"user_id": [1, 1], "item_id": [2, 3], "timestamp": ["2026-01-01", "2026-01-02"],
-                        "event_type": ["view", "purchase"]})  # fmt: skip
+    raw = pd.DataFrame(
+        {
+            "user_id": [1, 1],
+            "item_id": [2, 3],
+            "timestamp": ["2026-01-01", "2026-01-02"],
+            "event_type": ["view", "purchase"],
+        }
+    )
     events, _ = validate_events(raw, "frame")
     assert events["weight"].tolist() == [1.0, 5.0]
 
@@ -131,16 +137,26 @@ _NUMBERS = st.one_of(_GOOD_NUMBERS, st.sampled_from([None, -1.0, "x", float("inf
 
 
 def _events(ids, stamps, numbers, types):
-    row = st.fixed_dictionaries({"user_id": ids, "item_id": ids, "timestamp": stamps, "event_type": types,
-                                 "weight": numbers, "rating": numbers})  # fmt: skip
+    row = st.fixed_dictionaries(
+        {
+            "user_id": ids,
+            "item_id": ids,
+            "timestamp": stamps,
+            "event_type": types,
+            "weight": numbers,
+            "rating": numbers,
+        }
+    )
     return st.lists(row, min_size=1, max_size=3)
 
 
 def _both_validators(rows) -> tuple:
     rows = [{**row, "event_id": f"e{k}"} for k, row in enumerate(rows)]
     outcomes = []
-    for check in (lambda: validate_events(pd.DataFrame(rows), "s", 0, drop_duplicates=False, event_ids=True)[0],
-                  lambda: validate_event_rows(rows, "s", 0)):  # fmt: skip
+    for check in (
+        lambda: validate_events(pd.DataFrame(rows), "s", 0, drop_duplicates=False, event_ids=True)[0],
+        lambda: validate_event_rows(rows, "s", 0),
+    ):
         try:
             outcomes.append(check())
         except DataValidationError as exc:

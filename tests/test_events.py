@@ -41,13 +41,19 @@ def test_request_defaults_and_round_trip_through_the_stream_message():
         json.dumps(
             [
                 {"user_id": 1, "item_id": 2},
-                {"user_id": 1, "item_id": 3, "event_type": "purchase", "timestamp": "2026-12-01T10:00:00.123456789Z",
-                 "rating": 4.5, "event_id": "client-1"},
+                {
+                    "user_id": 1,
+                    "item_id": 3,
+                    "event_type": "purchase",
+                    "timestamp": "2026-12-01T10:00:00.123456789Z",
+                    "rating": 4.5,
+                    "event_id": "client-1",
+                },
                 {"user_id": 2, "item_id": 2, "timestamp": 1_764_600_000, "weight": 0.5},
             ]
         ).encode(),
         received_at=received,
-    )  # fmt: skip
+    )
     assert len(batch.event_ids) == 3 and batch.event_ids[1] == "client-1"
     assert len(set(batch.event_ids)) == 3  # missing ids are made here, distinct
     ev = batch.events.set_index("event_id")
@@ -79,10 +85,14 @@ def test_request_defaults_and_round_trip_through_the_stream_message():
         (b'[{"user_id": 1, "item_id": 2, "weight": -3}]', 0, "weight", ">= 0"),
         (b'[{"user_id": 1, "item_id": 2, "event_id": ""}]', 0, "event_id", "non-empty string"),
         (b'[{"user_id": 1, "item_id": 2, "event_id": 5}]', 0, "event_id", "non-empty string"),
-        (b'[{"user_id": 1, "item_id": 2, "event_id": "a"}, {"user_id": 2, "item_id": 2, "event_id": "a"}]',
-         1, "event_id", "appears twice"),
+        (
+            b'[{"user_id": 1, "item_id": 2, "event_id": "a"}, {"user_id": 2, "item_id": 2, "event_id": "a"}]',
+            1,
+            "event_id",
+            "appears twice",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_name_the_row_and_field(body, row, field, text):
     with pytest.raises(DataValidationError, match=text) as caught:
         parse_request(body)
@@ -104,8 +114,10 @@ def test_embedded_service_applies_once_and_rejects_whole_requests(embedded_setti
     before = event_log.count()
     with TestClient(ingest_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
-        body = [{"user_id": user, "item_id": items[0], "event_id": "e1"},
-                {"user_id": user, "item_id": items[1], "event_id": "e2", "event_type": "click"}]  # fmt: skip
+        body = [
+            {"user_id": user, "item_id": items[0], "event_id": "e1"},
+            {"user_id": user, "item_id": items[1], "event_id": "e2", "event_type": "click"},
+        ]
         first = client.post("/v1/events", json=body)
         assert first.status_code == 200, first.text
         assert first.json() == {"accepted": 2, "applied": 2, "event_ids": ["e1", "e2"]}
@@ -116,8 +128,10 @@ def test_embedded_service_applies_once_and_rejects_whole_requests(embedded_setti
         assert retried.json()["applied"] == 0
         assert event_log.count() == before + 2
 
-        unknown = client.post("/v1/events", json=[{"user_id": user, "item_id": items[2]},
-                                                   {"user_id": user, "item_id": 987_654_321}])  # fmt: skip
+        unknown = client.post(
+            "/v1/events",
+            json=[{"user_id": user, "item_id": items[2]}, {"user_id": user, "item_id": 987_654_321}],
+        )
         assert unknown.status_code == 400
         assert unknown.json()["row"] == 1 and unknown.json()["field"] == "item_id"
         bad = client.post("/v1/events", json=[{"user_id": user, "item_id": items[2]}, {"user_id": user}])
@@ -135,9 +149,13 @@ def test_an_event_log_made_before_event_ids_is_migrated(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE events (id INTEGER PRIMARY KEY, user_id BIGINT NOT NULL, item_id BIGINT "
-                             "NOT NULL, timestamp DATETIME NOT NULL, event_type VARCHAR(32) NOT NULL, weight FLOAT "
-                             "NOT NULL, rating FLOAT)"))  # fmt: skip
+        conn.execute(
+            sa.text(
+                "CREATE TABLE events (id INTEGER PRIMARY KEY, user_id BIGINT NOT NULL, item_id BIGINT "
+                "NOT NULL, timestamp DATETIME NOT NULL, event_type VARCHAR(32) NOT NULL, weight FLOAT "
+                "NOT NULL, rating FLOAT)"
+            )
+        )
         conn.execute(sa.text("INSERT INTO events VALUES (1, 1, 1, '2026-01-01 00:00:00', 'view', 1.0, NULL)"))
     log = EventLog(engine)
     log.create_tables()
@@ -154,9 +172,13 @@ def test_an_event_log_made_before_event_ids_is_migrated(tmp_path):
 def stream_settings(production_settings):
     tag = uuid.uuid4().hex[:10]
     settings = production_settings.model_copy(
-        update={"events_stream": f"TEST_{tag}", "events_subject": f"test.{tag}", "events_consumer": f"c{tag}",
-                "events_ack_wait_seconds": 3.0}
-    )  # fmt: skip
+        update={
+            "events_stream": f"TEST_{tag}",
+            "events_subject": f"test.{tag}",
+            "events_consumer": f"c{tag}",
+            "events_ack_wait_seconds": 3.0,
+        }
+    )
     yield settings
 
     async def delete_streams():
@@ -172,15 +194,25 @@ def stream_settings(production_settings):
 
 
 def stream_env(settings: Settings) -> dict:
-    return {"RECSYS_NATS_URL": settings.nats_url, "RECSYS_EVENTS_STREAM": settings.events_stream,
-            "RECSYS_EVENTS_SUBJECT": settings.events_subject, "RECSYS_EVENTS_CONSUMER": settings.events_consumer,
-            "RECSYS_EVENTS_ACK_WAIT_SECONDS": str(settings.events_ack_wait_seconds)}  # fmt: skip
+    return {
+        "RECSYS_NATS_URL": settings.nats_url,
+        "RECSYS_EVENTS_STREAM": settings.events_stream,
+        "RECSYS_EVENTS_SUBJECT": settings.events_subject,
+        "RECSYS_EVENTS_CONSUMER": settings.events_consumer,
+        "RECSYS_EVENTS_ACK_WAIT_SECONDS": str(settings.events_ack_wait_seconds),
+    }
 
 
 def events_process(settings: Settings, *args: str, name: str) -> ServerProcess:
     recsys = recsys_command()[0]
-    return ServerProcess(settings, env=stream_env(settings), command=[recsys, "events", *args], ready_path="/readyz",
-                         log_path=settings.home_dir / f"{name}.log", timeout=120)  # fmt: skip
+    return ServerProcess(
+        settings,
+        env=stream_env(settings),
+        command=[recsys, "events", *args],
+        ready_path="/readyz",
+        log_path=settings.home_dir / f"{name}.log",
+        timeout=120,
+    )
 
 
 def new_events(data, n_requests: int, per_request: int, seed: int) -> list[list[dict]]:
@@ -194,8 +226,14 @@ def new_events(data, n_requests: int, per_request: int, seed: int) -> list[list[
         batch = []
         for _ in range(per_request):
             k += 1
-            batch.append({"user_id": int(rng.choice(users)), "item_id": int(rng.choice(items)),
-                          "timestamp": (start + pd.Timedelta(milliseconds=k)).isoformat(), "event_id": f"t{seed}-{k}"})  # fmt: skip
+            batch.append(
+                {
+                    "user_id": int(rng.choice(users)),
+                    "item_id": int(rng.choice(items)),
+                    "timestamp": (start + pd.Timedelta(milliseconds=k)).isoformat(),
+                    "event_id": f"t{seed}-{k}",
+                }
+            )
         requests.append(batch)
     return requests
 
@@ -210,7 +248,9 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 def logged_ids(event_log: EventLog) -> pd.Series:
     with event_log.engine.connect() as conn:
-        rows = conn.execute(sa.select(events_table.c.event_id).where(events_table.c.event_id.is_not(None))).all()
+        rows = conn.execute(
+            sa.select(events_table.c.event_id).where(events_table.c.event_id.is_not(None))
+        ).all()
     return pd.Series([r[0] for r in rows], dtype=object)
 
 
@@ -223,8 +263,10 @@ def test_a_consumer_killed_mid_stream_loses_and_duplicates_nothing(stream_settin
     store, event_log = build_and_materialize(settings, small_data)
     requests = new_events(small_data, n_requests=120, per_request=10, seed=1)
     sent = {e["event_id"] for r in requests for e in r}
-    with events_process(settings, "serve", name="serve") as ingest, \
-         events_process(settings, "consume", "--fetch-batch", "4", name="consumer-b"):  # fmt: skip
+    with (
+        events_process(settings, "serve", name="serve") as ingest,
+        events_process(settings, "consume", "--fetch-batch", "4", name="consumer-b"),
+    ):
         victim = events_process(settings, "consume", "--fetch-batch", "4", name="consumer-a").__enter__()
 
         def post(bodies):
@@ -251,8 +293,12 @@ def test_a_consumer_killed_mid_stream_loses_and_duplicates_nothing(stream_settin
     with event_log.begin() as conn:
         expected = event_log.recent_items(conn, users, settings.recent_items).set_index("user_id")
     online = online_user_features(store, users).set_index("user_id")
-    newest = (pd.DataFrame([e for r in requests for e in r]).sort_values("timestamp", ascending=False)
-              .groupby("user_id")["item_id"].agg(list))  # fmt: skip
+    newest = (
+        pd.DataFrame([e for r in requests for e in r])
+        .sort_values("timestamp", ascending=False)
+        .groupby("user_id")["item_id"]
+        .agg(list)
+    )
     for user in users:
         got = list(online.loc[user, "recent_items"])
         assert got == list(expected.loc[user, "recent_items"]), f"user {user}"
@@ -266,7 +312,9 @@ def test_poison_messages_are_dead_lettered_and_the_stream_keeps_flowing(stream_s
     settings = stream_settings
     _, event_log = build_and_materialize(settings, small_data)
     good = [parse_request(json.dumps(body).encode()) for body in new_events(small_data, 3, 5, seed=2)]
-    unknown_item = parse_request(json.dumps([{"user_id": 1, "item_id": 987_654_321, "event_id": "bad-1"}]).encode())
+    unknown_item = parse_request(
+        json.dumps([{"user_id": 1, "item_id": 987_654_321, "event_id": "bad-1"}]).encode()
+    )
 
     async def scenario():
         sink = EventSink(settings)
@@ -287,7 +335,9 @@ def test_poison_messages_are_dead_lettered_and_the_stream_keeps_flowing(stream_s
             await asyncio.sleep(0.1)
         stop.set()
         await run
-        dead = await js.pull_subscribe(dead_subject(settings), durable="inspect", stream=dead_stream(settings))
+        dead = await js.pull_subscribe(
+            dead_subject(settings), durable="inspect", stream=dead_stream(settings)
+        )
         letters = await dead.fetch(10, timeout=2)
         info = await consumer.subscription.consumer_info()
         await consumer.close()
@@ -311,8 +361,9 @@ def test_stream_service_rejects_unknown_items_before_publishing(stream_settings,
     _, event_log = build_and_materialize(settings, small_data)
     with events_process(settings, "serve", name="serve") as ingest:
         item = int(small_data.items["item_id"].iloc[0])
-        answer = ingest.client.post("/v1/events", json=[{"user_id": 1, "item_id": item},
-                                                         {"user_id": 1, "item_id": 987_654_321}])  # fmt: skip
+        answer = ingest.client.post(
+            "/v1/events", json=[{"user_id": 1, "item_id": item}, {"user_id": 1, "item_id": 987_654_321}]
+        )
         assert answer.status_code == 400 and answer.json()["row"] == 1
         accepted = ingest.client.post("/v1/events", json=[{"user_id": 1, "item_id": item}])
         assert accepted.status_code == 202 and len(accepted.json()["event_ids"]) == 1

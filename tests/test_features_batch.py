@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from predictor.data.schema import validate_events, validate_items, Interactions
+from predictor.data.schema import Interactions, validate_events, validate_items
 from predictor.features.batch import compute_features, daily_snapshots
 from tests.conftest import events_frame
 
@@ -81,8 +81,9 @@ def test_snapshots_never_see_the_future(small_data):
         # and the head of each sequence is the user's last event at or before t, not a later one
         last_at_t = cut.events.groupby("user_id")["item_id"].last()
         assert [s[0] for s in seq["recent_items"]] == last_at_t.loc[seq["user_id"]].tolist()
-        assert (tables.item_profile[tables.item_profile["event_timestamp"] == t]["popularity_total"].sum()
-                == len(cut.events))  # fmt: skip
+        assert tables.item_profile[tables.item_profile["event_timestamp"] == t][
+            "popularity_total"
+        ].sum() == len(cut.events)
 
 
 def test_empty_log_is_an_error(tiny):
@@ -95,7 +96,9 @@ def test_one_table_asked_for_is_the_same_table_and_the_others_stay_empty(small_d
     snapshots = daily_snapshots(small_data, "7D")
     full = compute_features(small_data, snapshots)
     only = compute_features(small_data, snapshots, tables=["user_profile"])
-    pd.testing.assert_frame_equal(only.user_profile.drop(columns="created"), full.user_profile.drop(columns="created"))
+    pd.testing.assert_frame_equal(
+        only.user_profile.drop(columns="created"), full.user_profile.drop(columns="created")
+    )
     assert only.item_profile.empty and only.user_recent_items.empty
     with pytest.raises(ValueError, match="unknown feature table"):
         compute_features(small_data, tables=["user_profiles"])

@@ -44,12 +44,18 @@ def covering_rows(factors: int, strength: int) -> list[tuple[bool, ...]]:
     array is a few dozen and still exercises every interaction of three switches)."""
     from itertools import combinations, product
 
-    uncovered = {(cols, vals) for cols in combinations(range(factors), strength)
-                 for vals in product((False, True), repeat=strength)}  # fmt: skip
+    uncovered = {
+        (cols, vals)
+        for cols in combinations(range(factors), strength)
+        for vals in product((False, True), repeat=strength)
+    }
     rows: list[tuple[bool, ...]] = []
 
     def gain(row):
-        return sum((cols, tuple(row[c] for c in cols)) in uncovered for cols in combinations(range(factors), strength))
+        return sum(
+            (cols, tuple(row[c] for c in cols)) in uncovered
+            for cols in combinations(range(factors), strength)
+        )
 
     while uncovered:
         # seed the row with one uncovered interaction, then set each other factor greedily
@@ -59,8 +65,12 @@ def covering_rows(factors: int, strength: int) -> list[tuple[bool, ...]]:
             row[c] = v
         for f in range(factors):
             if row[f] is None:
-                row[f] = max((False, True), key=lambda v: gain([v if i == f else (x if x is not None else False)
-                                                                 for i, x in enumerate(row)]))  # fmt: skip
+                row[f] = max(
+                    (False, True),
+                    key=lambda v: gain(
+                        [v if i == f else (x if x is not None else False) for i, x in enumerate(row)]
+                    ),
+                )
         rows.append(tuple(row))
         uncovered -= {(c, tuple(row[i] for i in c)) for c in combinations(range(factors), strength)}
     return rows
@@ -79,14 +89,27 @@ COVERING = {f"3way-{i:02d}": toggle_values(row) for i, row in enumerate(covering
 COMBINATIONS = {
     "default": {},
     "gpu": {"predictor.gpu.enabled": "true"},
-    "all-optional-on": {"bundled.redis.enabled": "true", "bundled.postgres.enabled": "true", "bootstrap.enabled": "true",
-                        "monitoring.serviceMonitor.enabled": "true", "networkPolicy.enabled": "true",
-                        "predictor.podDisruptionBudget.enabled": "true", "predictor.gpu.enabled": "true"},
-    "minimal": {"operator.enabled": "false", "retrain.enabled": "false", "feast.applyHook": "false",
-                "feast.materialize.enabled": "false", "feast.featureServer.enabled": "false", "events.enabled": "false",
-                "models.pvc.enabled": "false", "models.artifacts": "s3://models/recsys"},
+    "all-optional-on": {
+        "bundled.redis.enabled": "true",
+        "bundled.postgres.enabled": "true",
+        "bootstrap.enabled": "true",
+        "monitoring.serviceMonitor.enabled": "true",
+        "networkPolicy.enabled": "true",
+        "predictor.podDisruptionBudget.enabled": "true",
+        "predictor.gpu.enabled": "true",
+    },
+    "minimal": {
+        "operator.enabled": "false",
+        "retrain.enabled": "false",
+        "feast.applyHook": "false",
+        "feast.materialize.enabled": "false",
+        "feast.featureServer.enabled": "false",
+        "events.enabled": "false",
+        "models.pvc.enabled": "false",
+        "models.artifacts": "s3://models/recsys",
+    },
     **COVERING,
-}  # fmt: skip
+}
 
 
 def test_toggle_combinations_cover_every_three_switches():
@@ -148,8 +171,10 @@ def test_rendered_objects_validate_against_their_schemas(helm, name):
     objects = render(helm, COMBINATIONS[name])
     crd_schemas = {  # kind → the schema of our own CRDs (crds/): the LatencyAutoscaler and kopf's peering
         crd["spec"]["names"]["kind"]: crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-        for path in sorted((CHART / "crds").glob("*.yaml")) for crd in yaml.safe_load_all(path.read_text()) if crd
-    }  # fmt: skip
+        for path in sorted((CHART / "crds").glob("*.yaml"))
+        for crd in yaml.safe_load_all(path.read_text())
+        if crd
+    }
     kinds = set()
     for obj in objects:
         kinds.add(obj["kind"])
@@ -180,11 +205,29 @@ def assert_kserve_model(obj: dict) -> None:
     predictor = obj["spec"]["predictor"]
     unknown = set(predictor) - set(V1beta1PredictorSpec.attribute_map.values())
     assert not unknown, f"fields the kserve SDK does not know: {unknown}"
-    kserve_only = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "containerConcurrency", "timeout",
-                   "canaryTrafficPercent", "logger", "batcher", "labels", "annotations", "deploymentStrategy",
-                   "autoScaling", "model", "workerSpec"}  # fmt: skip
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
-           "spec": {k: v for k, v in predictor.items() if k not in kserve_only}}  # fmt: skip
+    kserve_only = {
+        "minReplicas",
+        "maxReplicas",
+        "scaleTarget",
+        "scaleMetric",
+        "containerConcurrency",
+        "timeout",
+        "canaryTrafficPercent",
+        "logger",
+        "batcher",
+        "labels",
+        "annotations",
+        "deploymentStrategy",
+        "autoScaling",
+        "model",
+        "workerSpec",
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "predictor"},
+        "spec": {k: v for k, v in predictor.items() if k not in kserve_only},
+    }
     kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
 
 
@@ -240,7 +283,9 @@ def test_operator_toggle_sets_external_autoscaler_and_readiness_gate(helm):
 
 def test_predictor_and_autoscaler_aim_at_the_same_p99_target(helm):
     """The predictor's quality ladder and the LatencyAutoscaler get the one p99 target and the ladder setting."""
-    objects = render(helm, {"operator.p99TargetMs": "80", "operator.maxDegradedShare": "1"})  # --set: no floats
+    objects = render(
+        helm, {"operator.p99TargetMs": "80", "operator.maxDegradedShare": "1"}
+    )  # --set: no floats
     (isvc,) = [o for o in objects if o["kind"] == "InferenceService"]
     (las,) = [o for o in objects if o["kind"] == "LatencyAutoscaler"]
     env = {e["name"]: e.get("value") for c in containers(isvc) for e in c.get("env", [])}
@@ -250,18 +295,24 @@ def test_predictor_and_autoscaler_aim_at_the_same_p99_target(helm):
 
 def test_operator_replicas_elect_a_leader_through_kopf_peering(helm):
     objects = render(helm, {"operator.replicas": "2"})
-    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "demo-recsys-operator")
+    deployment = next(
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "demo-recsys-operator"
+    )
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert deployment["spec"]["replicas"] == 2
     assert container["args"][:2] == ["run", "--namespace"] and "--peering" in container["args"]
     peering_name = container["args"][container["args"].index("--peering") + 1]
     peering = [o for o in objects if o["kind"] == "KopfPeering"]
-    assert [(p["metadata"]["name"], p["metadata"]["namespace"]) for p in peering] == [(peering_name, "recsys")]
+    assert [(p["metadata"]["name"], p["metadata"]["namespace"]) for p in peering] == [
+        (peering_name, "recsys")
+    ]
     assert any(e["name"] == "POD_ID" for e in container["env"])  # kopf's identity among the peers
     role = next(o for o in objects if o["kind"] == "ClusterRole")
     assert any("kopfpeerings" in r["resources"] and "patch" in r["verbs"] for r in role["rules"])
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    crds = {c["metadata"]["name"] for c in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text())}
+    crds = {
+        c["metadata"]["name"] for c in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text())
+    }
     assert crds == {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
     for crd in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text()):
         kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True)
@@ -284,15 +335,18 @@ def test_feast_config_map_is_the_production_feature_store_yaml(helm):
     assert (CHART / "files" / "feature_store.yaml").read_text() == committed
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"predictor.port": "0"}, "predictor.port"),
-    ({"events.nats.url": "http://nats:4222"}, "events.nats.url"),
-    ({"events.consumer.fetchBatch": "0"}, "events.consumer.fetchBatch"),
-    ({"postgres.password": "hunter2"}, "password"),
-    ({"retrain.schedule": "daily"}, "retrain.schedule"),
-    ({"feast.project": "Bad-Name"}, "feast.project"),
-    ({"operator.maxDegradedShare": "2"}, "maxDegradedShare"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"predictor.port": "0"}, "predictor.port"),
+        ({"events.nats.url": "http://nats:4222"}, "events.nats.url"),
+        ({"events.consumer.fetchBatch": "0"}, "events.consumer.fetchBatch"),
+        ({"postgres.password": "hunter2"}, "password"),
+        ({"retrain.schedule": "daily"}, "retrain.schedule"),
+        ({"feast.project": "Bad-Name"}, "feast.project"),
+        ({"operator.maxDegradedShare": "2"}, "maxDegradedShare"),
+    ],
+)
 def test_values_schema_rejects_bad_values(helm, values, message):
     done = run([helm, "template", "demo", CHART, *sets(values)], check=False)
     assert done.returncode != 0 and message in done.stderr, done.stderr
@@ -343,13 +397,25 @@ def test_predictor_memory_follows_the_measured_rule():
 
 
 def test_events_service_and_consumers_reach_jetstream_with_credentials_from_secrets(helm):
-    objects = render(helm, {"events.nats.existingSecret": "nats-auth", "events.nats.caSecret": "nats-ca",
-                            "events.nats.url": "tls://nats.messaging:4222", "events.consumer.replicas": "3"})  # fmt: skip
+    objects = render(
+        helm,
+        {
+            "events.nats.existingSecret": "nats-auth",
+            "events.nats.caSecret": "nats-ca",
+            "events.nats.url": "tls://nats.messaging:4222",
+            "events.consumer.replicas": "3",
+        },
+    )
     deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
-    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "demo-recsys-events")
+    service = next(
+        o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "demo-recsys-events"
+    )
     assert service["spec"]["ports"][0]["port"] == 8090
     assert deployments["demo-recsys-events-consumer"]["spec"]["replicas"] == 3
-    for name, command in (("demo-recsys-events", ["events", "serve"]), ("demo-recsys-events-consumer", ["events", "consume"])):
+    for name, command in (
+        ("demo-recsys-events", ["events", "serve"]),
+        ("demo-recsys-events-consumer", ["events", "consume"]),
+    ):
         pod = deployments[name]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         assert container["args"][:2] == command
@@ -357,24 +423,38 @@ def test_events_service_and_consumers_reach_jetstream_with_credentials_from_secr
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
         env = {e["name"]: e for e in container["env"]}
         assert env["RECSYS_NATS_URL"]["value"] == "tls://nats.messaging:4222"
-        assert env["RECSYS_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "nats-auth", "key": "password"}
+        assert env["RECSYS_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "nats-auth",
+            "key": "password",
+        }
         assert "value" not in env["RECSYS_NATS_PASSWORD"]  # by reference only
         ca = env["RECSYS_NATS_TLS_CA"]["value"]
         mount = next(m for m in container["volumeMounts"] if m["name"] == "nats-ca")
         assert ca.startswith(mount["mountPath"])
         assert {"name": "nats-ca", "secret": {"secretName": "nats-ca"}} in pod["volumes"]
-    assert not any(o["kind"] == "Deployment" and "events" in o["metadata"]["name"]
-                   for o in render(helm, {"events.enabled": "false"}))  # fmt: skip
+    assert not any(
+        o["kind"] == "Deployment" and "events" in o["metadata"]["name"]
+        for o in render(helm, {"events.enabled": "false"})
+    )
 
 
 @pytest.mark.parametrize(
     "values",
-    [{}, {"redis.db": "2", "redis.existingSecret": "redis-auth"},
-     {"redis.type": "redis_cluster", "redis.nodes": "r1:7000\\,r2:7001", "redis.existingSecret": "redis-auth",
-      "redis.usernameKey": "user", "redis.tls.enabled": "true", "redis.tls.caSecret": "redis-ca"},
-     {"redis.type": "redis_sentinel", "redis.nodes": "s1:26379", "redis.tls.enabled": "true"}],
+    [
+        {},
+        {"redis.db": "2", "redis.existingSecret": "redis-auth"},
+        {
+            "redis.type": "redis_cluster",
+            "redis.nodes": "r1:7000\\,r2:7001",
+            "redis.existingSecret": "redis-auth",
+            "redis.usernameKey": "user",
+            "redis.tls.enabled": "true",
+            "redis.tls.caSecret": "redis-ca",
+        },
+        {"redis.type": "redis_sentinel", "redis.nodes": "s1:26379", "redis.tls.enabled": "true"},
+    ],
     ids=["plain", "auth", "cluster-tls", "sentinel"],
-)  # fmt: skip
+)
 def test_chart_redis_connection_is_the_one_recsys_builds(helm, values):
     """Feast CLI pods (feast serve, apply) read RECSYS_REDIS_CONNECTION from the chart; recsys commands build it
     from RECSYS_REDIS_*: both must be the same string for the same values."""
@@ -390,11 +470,17 @@ def test_chart_redis_connection_is_the_one_recsys_builds(helm, values):
     def secret(name: str) -> str:  # what Kubernetes expands for a variable from a Secret
         return f"$({name})" if name in env else ""
 
-    settings = Settings(redis_host=value("RECSYS_REDIS_HOST"), redis_port=int(value("RECSYS_REDIS_PORT")),
-                        redis_db=int(value("RECSYS_REDIS_DB")), redis_type=value("RECSYS_REDIS_TYPE"),
-                        redis_nodes=value("RECSYS_REDIS_NODES"), redis_username=secret("RECSYS_REDIS_USERNAME"),
-                        redis_password=secret("RECSYS_REDIS_PASSWORD"), redis_tls=value("RECSYS_REDIS_TLS") == "true",
-                        redis_ca_file=value("RECSYS_REDIS_CA_FILE") if "RECSYS_REDIS_CA_FILE" in env else None)  # fmt: skip
+    settings = Settings(
+        redis_host=value("RECSYS_REDIS_HOST"),
+        redis_port=int(value("RECSYS_REDIS_PORT")),
+        redis_db=int(value("RECSYS_REDIS_DB")),
+        redis_type=value("RECSYS_REDIS_TYPE"),
+        redis_nodes=value("RECSYS_REDIS_NODES"),
+        redis_username=secret("RECSYS_REDIS_USERNAME"),
+        redis_password=secret("RECSYS_REDIS_PASSWORD"),
+        redis_tls=value("RECSYS_REDIS_TLS") == "true",
+        redis_ca_file=value("RECSYS_REDIS_CA_FILE") if "RECSYS_REDIS_CA_FILE" in env else None,
+    )
     assert value("RECSYS_REDIS_CONNECTION") == settings.redis_connection
     if "RECSYS_REDIS_PASSWORD" in env:
         assert "value" not in env["RECSYS_REDIS_PASSWORD"]  # from the Secret only
@@ -420,14 +506,21 @@ def test_chart_readme_lists_every_value():
     walk(yaml.safe_load((CHART / "values.yaml").read_text()))
     assert flat == {v.key for v in values}  # the comment scan found every leaf YAML has
     readme = (CHART / "README.md").read_text()
-    assert readme == readme_with_table(readme, values), "charts/recsys/README.md is stale: python -m tests.chart_readme"
+    assert readme == readme_with_table(readme, values), (
+        "charts/recsys/README.md is stale: python -m tests.chart_readme"
+    )
 
 
 def test_one_template_per_kind(helm):
     """Each template renders objects of one kind (the external-dns chart's layout), with every switch on."""
-    on = {"predictor.podDisruptionBudget.enabled": "true", "networkPolicy.enabled": "true",
-          "bootstrap.enabled": "true", "monitoring.serviceMonitor.enabled": "true",
-          "bundled.redis.enabled": "true", "bundled.postgres.enabled": "true"}  # fmt: skip
+    on = {
+        "predictor.podDisruptionBudget.enabled": "true",
+        "networkPolicy.enabled": "true",
+        "bootstrap.enabled": "true",
+        "monitoring.serviceMonitor.enabled": "true",
+        "bundled.redis.enabled": "true",
+        "bundled.postgres.enabled": "true",
+    }
     rendered = run([helm, "template", "recsys", CHART, *sets(on)]).stdout
     kinds: dict[str, set[str]] = {}
     source = None

@@ -33,9 +33,13 @@ def test_base_is_what_the_chart_renders(tools, tmp_path):
     shutil.copytree(ROOT / "k8s", copy / "k8s")
     shutil.copytree(CHART, copy / "charts" / "recsys")
     # only k8s/ and the chart: the script must not need the tests or the product packages
-    done = subprocess.run([sys.executable, str(copy / "k8s" / "render.py"), "--helm", str(tools["helm"])],
-                          capture_output=True, text=True, check=False,
-                          env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(copy / "k8s" / "render.py"), "--helm", str(tools["helm"])],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr
     fresh = {p.name: p.read_text() for p in (copy / "k8s" / "base").glob("*.yaml")}
     committed = {p.name: p.read_text() for p in (ROOT / "k8s" / "base").glob("*.yaml")}
@@ -51,8 +55,11 @@ def test_overlay_validates(tools, overlay):
 
     objects = kustomize(tools["kubectl"], overlay)
     # the overlay's own CRDs (the LatencyAutoscaler, kopf's peering) validate the custom resources
-    schemas = {o["spec"]["names"]["kind"]: o["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-               for o in objects if o["kind"] == "CustomResourceDefinition"}  # fmt: skip
+    schemas = {
+        o["spec"]["names"]["kind"]: o["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for o in objects
+        if o["kind"] == "CustomResourceDefinition"
+    }
     assert {"LatencyAutoscaler", "KopfPeering", "ClusterKopfPeering"} <= set(schemas)
     for obj in objects:
         assert obj["metadata"].get("namespace", "recsys") == "recsys" or obj["kind"] in ("ClusterRole",)
@@ -69,8 +76,15 @@ def test_overlay_and_chart_render_the_same_resources(tools, overlay):
     chart = render(tools["helm"], OVERLAYS[overlay], release="recsys")
     kust = kustomize(tools["kubectl"], overlay)
     key = lambda o: (o["kind"], o["metadata"]["name"])
-    crds = [c for path in sorted((CHART / "crds").glob("*.yaml")) for c in yaml.safe_load_all(path.read_text()) if c]
-    assert {key(o) for o in chart} | {key(c) for c in crds} == {key(o) for o in kust if o["kind"] != "Namespace"}
+    crds = [
+        c
+        for path in sorted((CHART / "crds").glob("*.yaml"))
+        for c in yaml.safe_load_all(path.read_text())
+        if c
+    ]
+    assert {key(o) for o in chart} | {key(c) for c in crds} == {
+        key(o) for o in kust if o["kind"] != "Namespace"
+    }
     # and the same predictor: the overlay's patches reproduce the chart's GPU toggle exactly
     (chart_isvc,) = [o for o in chart if o["kind"] == "InferenceService"]
     (kust_isvc,) = [o for o in kust if o["kind"] == "InferenceService"]

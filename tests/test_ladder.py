@@ -35,7 +35,9 @@ def run(state: LadderState, predicted, times) -> list[int]:
 @given(predicted=predictions, start=st.integers(0, 3), step=st.floats(0.001, 2.0))
 def test_steady_load_never_oscillates(predicted, start, step):
     """Under a steady load the level moves one way only (down, or up) and then stays: no flapping."""
-    levels = run(LadderState(min(start, len(predicted) - 1), 0.0), predicted, [step * (i + 1) for i in range(400)])
+    levels = run(
+        LadderState(min(start, len(predicted) - 1), 0.0), predicted, [step * (i + 1) for i in range(400)]
+    )
     changes = np.sign(np.diff([min(start, len(predicted) - 1), *levels]))
     moves = changes[changes != 0]
     assert len(set(moves.tolist())) <= 1, levels
@@ -43,8 +45,13 @@ def test_steady_load_never_oscillates(predicted, start, step):
 
 
 @settings(max_examples=300, deadline=None)
-@given(predicted=predictions, start=st.integers(0, 3), now=st.floats(0, 1e4), since=st.floats(-1e4, 1e4),
-       rate=st.floats(0, 1))  # fmt: skip
+@given(
+    predicted=predictions,
+    start=st.integers(0, 3),
+    now=st.floats(0, 1e4),
+    since=st.floats(-1e4, 1e4),
+    rate=st.floats(0, 1),
+)
 def test_a_miss_past_the_allowance_steps_down_to_the_best_level_that_fits(predicted, start, now, since, rate):
     current = min(start, len(predicted) - 1)
     ceiling = POLICY.down_at * POLICY.target_s
@@ -70,7 +77,9 @@ def test_overload_steps_down_within_a_handful_of_decisions_and_rare_misses_do_no
     # steady load, one miss in 200 forecasts (0.5 %, within a p99's 1 %): the level holds
     state = LadderState()
     for i in range(20_000):
-        state = next_level(state, overload if i % 200 == 0 else [0.01, 0.008, 0.005, 0.001], 0.001 * i, POLICY)
+        state = next_level(
+            state, overload if i % 200 == 0 else [0.01, 0.008, 0.005, 0.001], 0.001 * i, POLICY
+        )
         assert state.level == 0
 
 
@@ -149,12 +158,18 @@ def test_quality_ladder_degrades_under_a_queue_and_pins_when_asked():
 @pytest.fixture(scope="module")
 def engine():
     data = generate(n_events=4_000, n_users=150, n_items=200, n_categories=5, seed=11)
-    model = TwoStageRecommender(model_config("tiny"), TrainConfig(epochs=2, ranker_epochs=1, batch_size=32, seed=0))
+    model = TwoStageRecommender(
+        model_config("tiny"), TrainConfig(epochs=2, ranker_epochs=1, batch_size=32, seed=0)
+    )
     split = build_split(data)
     model.fit(split, None, progress=False)
     model.use_ranker = True  # exercise every level whatever validation decided
     files, _ = model_files(model)
-    return ServingEngine(model_from_files(files, "cpu"), "1", device="cpu", reduced_candidates=20), split, model
+    return (
+        ServingEngine(model_from_files(files, "cpu"), "1", device="cpu", reduced_candidates=20),
+        split,
+        model,
+    )
 
 
 def users_of(engine: ServingEngine, n: int) -> OnlineUsers:
@@ -181,7 +196,9 @@ def test_each_level_serves_what_it_names(engine):
     np.testing.assert_array_equal(index, expected)
     # retrieval: the retrieval order itself
     top, _ = inference.retrieve(user, batch, k)
-    np.testing.assert_array_equal(engine.item_index(engine.recommend(users, k, level="retrieval").item_ids), top)
+    np.testing.assert_array_equal(
+        engine.item_index(engine.recommend(users, k, level="retrieval").item_ids), top
+    )
     # popularity: the training popularity order, each user's seen items left out
     popular = engine.recommend(users, k, level="popularity")
     counts = np.asarray(engine.catalog.item_popularity)
@@ -199,7 +216,9 @@ def test_a_model_without_its_ranker_has_the_short_ladder(engine):
     engine.use_ranker = False
     try:
         assert engine.levels == ("retrieval", "popularity")
-        assert engine.nearest_level("full") == "retrieval" and engine.nearest_level("popularity") == "popularity"
+        assert (
+            engine.nearest_level("full") == "retrieval" and engine.nearest_level("popularity") == "popularity"
+        )
         with pytest.raises(ValueError, match="level must be one of retrieval, popularity"):
             engine.inference.recommend(engine.batch(users_of(engine, 1)), 5, level="full")
     finally:

@@ -39,8 +39,13 @@ def history() -> tuple[Interactions, Interactions]:
         .head(50)
         .assign(user_id=lambda f: f["user_id"] + 10_000)
     )
-    full = Interactions(pd.concat([data.events, new_user_events]).sort_values("timestamp", kind="stable")
-                        .reset_index(drop=True), data.items, "full")  # fmt: skip
+    full = Interactions(
+        pd.concat([data.events, new_user_events])
+        .sort_values("timestamp", kind="stable")
+        .reset_index(drop=True),
+        data.items,
+        "full",
+    )
     return old, full
 
 
@@ -115,14 +120,16 @@ def forced_ndcg(monkeypatch, candidate: float, production: float) -> None:
     monkeypatch.setattr(lifecycle, "evaluate", evaluate_forced)
 
 
-def test_retrain_promotes_when_not_worse_and_grows_catalog(history, profiles, trained, registry, tmp_path,
-                                                           monkeypatch):  # fmt: skip
+def test_retrain_promotes_when_not_worse_and_grows_catalog(
+    history, profiles, trained, registry, tmp_path, monkeypatch
+):
     _, full = history
     prod, _ = first_production(trained, registry)
     # worse by exactly the tolerance is still "not worse" (binary fractions: 0.5 - 0.125 == 0.375 exactly)
     forced_ndcg(monkeypatch, candidate=0.375, production=0.5)
-    result = retrain(full, registry, tmp_path / "models", profiles[1], tolerance=0.125, epochs=2,
-                     progress=False)  # fmt: skip
+    result = retrain(
+        full, registry, tmp_path / "models", profiles[1], tolerance=0.125, epochs=2, progress=False
+    )
     monkeypatch.undo()
     assert (result.candidate_ndcg, result.production_ndcg) == (0.375, 0.5)
     assert result.candidate.metrics["fresh_holdout"]["ndcg@10"] == 0.375
@@ -148,13 +155,15 @@ def test_retrain_promotes_when_not_worse_and_grows_catalog(history, profiles, tr
     assert list(new_users.index([-1, 99_999])) == [0, 0]
 
 
-def test_retrain_rejects_a_worse_candidate_with_reason(history, profiles, trained, registry, tmp_path,
-                                                       monkeypatch):  # fmt: skip
+def test_retrain_rejects_a_worse_candidate_with_reason(
+    history, profiles, trained, registry, tmp_path, monkeypatch
+):
     _, full = history
     prod, _ = first_production(trained, registry)
     forced_ndcg(monkeypatch, candidate=0.25, production=0.5)  # worse by 0.25, more than the tolerance
-    result = retrain(full, registry, tmp_path / "models", profiles[1], tolerance=0.125, epochs=1,
-                     progress=False)  # fmt: skip
+    result = retrain(
+        full, registry, tmp_path / "models", profiles[1], tolerance=0.125, epochs=1, progress=False
+    )
     monkeypatch.undo()
     assert (result.candidate_ndcg, result.production_ndcg) == (0.25, 0.5)
     assert not result.promoted and result.candidate.status == "rejected"
@@ -165,8 +174,9 @@ def test_retrain_rejects_a_worse_candidate_with_reason(history, profiles, traine
     assert [v.status for v in registry.versions(MODEL_NAME)] == ["production", "rejected"]
 
 
-def test_crash_mid_retrain_leaves_production_and_rerun_works(history, profiles, trained, registry, tmp_path,
-                                                            monkeypatch):  # fmt: skip
+def test_crash_mid_retrain_leaves_production_and_rerun_works(
+    history, profiles, trained, registry, tmp_path, monkeypatch
+):
     _, full = history
     prod, _ = first_production(trained, registry)
     profile = profiles[1]
@@ -176,13 +186,21 @@ def test_crash_mid_retrain_leaves_production_and_rerun_works(history, profiles, 
 
     monkeypatch.setattr(registry, "promote", crash)
     with pytest.raises(KeyboardInterrupt, match="node preempted"):
-        retrain(full, registry, tmp_path / "models", profile, tolerance=GATE_ALWAYS_PASSES, epochs=1,
-                progress=False)  # fmt: skip
+        retrain(
+            full,
+            registry,
+            tmp_path / "models",
+            profile,
+            tolerance=GATE_ALWAYS_PASSES,
+            epochs=1,
+            progress=False,
+        )
     assert registry.production(MODEL_NAME).id == prod.id
     assert [v.status for v in registry.versions(MODEL_NAME)] == ["production", "candidate"]
     monkeypatch.undo()
-    result = retrain(full, registry, tmp_path / "models", profile, tolerance=GATE_ALWAYS_PASSES, epochs=1,
-                     progress=False)  # fmt: skip
+    result = retrain(
+        full, registry, tmp_path / "models", profile, tolerance=GATE_ALWAYS_PASSES, epochs=1, progress=False
+    )
     assert result.promoted and registry.production(MODEL_NAME).id == result.candidate.id
 
 
@@ -194,8 +212,18 @@ def test_concurrent_retrains_cannot_both_promote(history, profiles, trained, reg
 
     def run(seed):
         try:
-            results.append(retrain(full, registry, tmp_path / "models", profile, tolerance=GATE_ALWAYS_PASSES,
-                                   epochs=1, seed=seed, progress=False))  # fmt: skip
+            results.append(
+                retrain(
+                    full,
+                    registry,
+                    tmp_path / "models",
+                    profile,
+                    tolerance=GATE_ALWAYS_PASSES,
+                    epochs=1,
+                    seed=seed,
+                    progress=False,
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
             errors.append(exc)
 

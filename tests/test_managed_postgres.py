@@ -43,7 +43,9 @@ def tls_postgres():
     tls = make_tls_files(root)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
-    subprocess.run(as_postgres(INITDB, "-D", data, "-U", "postgres", "--auth=trust"), check=True, capture_output=True)
+    subprocess.run(
+        as_postgres(INITDB, "-D", data, "-U", "postgres", "--auth=trust"), check=True, capture_output=True
+    )
     for name in ("cert", "key"):
         shutil.copy(tls[name], data / f"server-{name}.pem")
         os.chmod(data / f"server-{name}.pem", 0o600)
@@ -51,19 +53,34 @@ def tls_postgres():
             shutil.chown(data / f"server-{name}.pem", "postgres")
     port = free_port()
     with open(data / "postgresql.conf", "a") as conf:
-        conf.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{root}'\n"
-                   "ssl = on\nssl_cert_file = 'server-cert.pem'\nssl_key_file = 'server-key.pem'\n")  # fmt: skip
-    (data / "pg_hba.conf").write_text("hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n")
-    subprocess.run(as_postgres(PG_CTL, "-D", data, "-l",
-                               root / "server.log", "-w", "start"), check=True, capture_output=True, timeout=60)  # fmt: skip
+        conf.write(
+            f"port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{root}'\n"
+            "ssl = on\nssl_cert_file = 'server-cert.pem'\nssl_key_file = 'server-key.pem'\n"
+        )
+    (data / "pg_hba.conf").write_text(
+        "hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n"
+    )
+    subprocess.run(
+        as_postgres(PG_CTL, "-D", data, "-l", root / "server.log", "-w", "start"),
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     try:
-        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=verify-full "
-                             f"sslrootcert={tls['ca']}", autocommit=True) as conn:  # fmt: skip
+        with psycopg.connect(
+            f"host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=verify-full "
+            f"sslrootcert={tls['ca']}",
+            autocommit=True,
+        ) as conn:
             conn.execute("CREATE DATABASE recsys")
         yield port, tls["ca"]
     finally:
-        subprocess.run(as_postgres(PG_CTL, "-D", data, "-m", "fast", "stop"),
-                       capture_output=True, timeout=60, check=False)  # fmt: skip
+        subprocess.run(
+            as_postgres(PG_CTL, "-D", data, "-m", "fast", "stop"),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -71,9 +88,16 @@ def test_event_log_registry_and_offline_store_over_verified_tls(tls_postgres, tm
     port, ca = tls_postgres
     with pytest.raises(psycopg.OperationalError, match="no encryption|reject"):
         psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=recsys sslmode=disable").close()
-    settings = Settings(profile=Profile.production, home=tmp_path / "home", pg_port=port, pg_sslmode="verify-full",
-                        pg_sslrootcert=ca, feast_project=f"tls{uuid.uuid4().hex[:10]}", redis_db=REDIS_DB,
-                        recent_items=10)  # fmt: skip
+    settings = Settings(
+        profile=Profile.production,
+        home=tmp_path / "home",
+        pg_port=port,
+        pg_sslmode="verify-full",
+        pg_sslrootcert=ca,
+        feast_project=f"tls{uuid.uuid4().hex[:10]}",
+        redis_db=REDIS_DB,
+        recent_items=10,
+    )
     log = EventLog(settings.database_url)
     log.replace(small_data)
     assert log.count() == len(small_data.events)
@@ -83,8 +107,9 @@ def test_event_log_registry_and_offline_store_over_verified_tls(tls_postgres, tm
     materialize(settings, datetime.now(timezone.utc), store=store)  # Feast's offline store reads over TLS
     user = int(small_data.events["user_id"].iloc[0])
     assert online_user_features(store, [user])["events_total"].iloc[0] > 0
-    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=recsys sslmode=verify-full "
-                         f"sslrootcert={ca}") as conn:  # fmt: skip
+    with psycopg.connect(
+        f"host=127.0.0.1 port={port} user=postgres dbname=recsys sslmode=verify-full sslrootcert={ca}"
+    ) as conn:
         ssl_rows = conn.execute("SELECT count(*) FROM pg_stat_ssl WHERE ssl").fetchone()[0]
     assert ssl_rows >= 1
     client = redis.Redis(db=REDIS_DB)

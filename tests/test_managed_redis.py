@@ -101,44 +101,105 @@ def servers(tmp_path_factory):
         out["auth"] = {"redis_port": port, "redis_password": PASSWORD}
 
         tls = make_tls_files(root)
-        port = procs.start("tls", "--tls-port", "{port}", "--tls-cert-file", str(tls["cert"]), "--tls-key-file",
-                           str(tls["key"]), "--tls-ca-cert-file", str(tls["ca"]), "--tls-auth-clients", "no",
-                           "--requirepass", PASSWORD)  # fmt: skip
-        _wait(lambda: redis.Redis(port=port, ssl=True, ssl_ca_certs=str(tls["ca"]), password=PASSWORD).ping(),
-              "the TLS server")  # fmt: skip
-        out["tls"] = {"redis_port": port, "redis_tls": True, "redis_ca_file": tls["ca"], "redis_password": PASSWORD}
+        port = procs.start(
+            "tls",
+            "--tls-port",
+            "{port}",
+            "--tls-cert-file",
+            str(tls["cert"]),
+            "--tls-key-file",
+            str(tls["key"]),
+            "--tls-ca-cert-file",
+            str(tls["ca"]),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            PASSWORD,
+        )
+        _wait(
+            lambda: redis.Redis(port=port, ssl=True, ssl_ca_certs=str(tls["ca"]), password=PASSWORD).ping(),
+            "the TLS server",
+        )
+        out["tls"] = {
+            "redis_port": port,
+            "redis_tls": True,
+            "redis_ca_file": tls["ca"],
+            "redis_password": PASSWORD,
+        }
 
-        nodes = [procs.start(f"cluster-{i}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
-                 for i in range(3)]  # fmt: skip
+        nodes = [
+            procs.start(f"cluster-{i}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+            for i in range(3)
+        ]
         for p in nodes:
             _wait(lambda p=p: redis.Redis(port=p).ping(), f"cluster node {p}")
-        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in nodes],
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)  # fmt: skip
-        _wait(lambda: all(cluster_ok(redis.Redis(port=p).execute_command("CLUSTER INFO")) for p in nodes),
-              "the cluster")
-        out["cluster"] = {"redis_type": "redis_cluster", "redis_nodes": ",".join(f"127.0.0.1:{p}" for p in nodes)}
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{p}" for p in nodes],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        _wait(
+            lambda: all(cluster_ok(redis.Redis(port=p).execute_command("CLUSTER INFO")) for p in nodes),
+            "the cluster",
+        )
+        out["cluster"] = {
+            "redis_type": "redis_cluster",
+            "redis_nodes": ",".join(f"127.0.0.1:{p}" for p in nodes),
+        }
 
         master = procs.start("sentinel-master")
         _wait(lambda: redis.Redis(port=master).ping(), "the Sentinel's master")
         conf = root / "sentinel.conf"
         sentinel_port = free_port()
-        conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor recsys 127.0.0.1 {master} 1\n")
+        conf.write_text(
+            f"port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor recsys 127.0.0.1 {master} 1\n"
+        )
         log = open(root / "sentinel.log", "w")  # noqa: SIM115 - closed with the servers
-        procs.procs.append((subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=log,
-                                             stderr=subprocess.STDOUT), log))  # fmt: skip
-        _wait(lambda: redis.Redis(port=sentinel_port).execute_command("SENTINEL", "get-master-addr-by-name",
-                                                                      "recsys"), "the Sentinel")  # fmt: skip
-        out["sentinel"] = {"redis_type": "redis_sentinel", "redis_nodes": f"127.0.0.1:{sentinel_port}",
-                           "redis_sentinel_master": "recsys"}  # fmt: skip
+        procs.procs.append(
+            (
+                subprocess.Popen(
+                    ["redis-server", str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+                ),
+                log,
+            )
+        )
+        _wait(
+            lambda: redis.Redis(port=sentinel_port).execute_command(
+                "SENTINEL", "get-master-addr-by-name", "recsys"
+            ),
+            "the Sentinel",
+        )
+        out["sentinel"] = {
+            "redis_type": "redis_sentinel",
+            "redis_nodes": f"127.0.0.1:{sentinel_port}",
+            "redis_sentinel_master": "recsys",
+        }
         yield out
     finally:
         procs.close()
 
 
 @pytest.mark.parametrize("kind", ["auth", "tls", "cluster", "sentinel"])
-def test_raw_readers_return_what_feast_returns_on_managed_redis(kind, servers, tmp_path, pg_database, small_data):
-    settings = Settings(profile=Profile.production, home=tmp_path / "home", pg_database=pg_database,
-                        feast_project=f"m{uuid.uuid4().hex[:12]}", recent_items=10, **servers[kind])  # fmt: skip
+def test_raw_readers_return_what_feast_returns_on_managed_redis(
+    kind, servers, tmp_path, pg_database, small_data
+):
+    settings = Settings(
+        profile=Profile.production,
+        home=tmp_path / "home",
+        pg_database=pg_database,
+        feast_project=f"m{uuid.uuid4().hex[:12]}",
+        recent_items=10,
+        **servers[kind],
+    )
     log = EventLog(settings.database_url)
     log.replace(small_data)
     build_features(settings)
@@ -149,8 +210,12 @@ def test_raw_readers_return_what_feast_returns_on_managed_redis(kind, servers, t
     user = int(small_data.events["user_id"].iloc[-1])
     items = [int(i) for i in small_data.items["item_id"].iloc[:2]]
     now = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M:%S.%f")
-    push_events(events_frame([(user, items[0], now, "click"), (user, items[1], now, "view")]), store, log,
-                settings.recent_items)  # fmt: skip
+    push_events(
+        events_frame([(user, items[0], now, "click"), (user, items[1], now, "view")]),
+        store,
+        log,
+        settings.recent_items,
+    )
     log.engine.dispose()
 
     rng = np.random.default_rng(0)
@@ -179,7 +244,9 @@ def test_raw_readers_return_what_feast_returns_on_managed_redis(kind, servers, t
                 for name, value in row.items():
                     expected = want.loc[entity, name]
                     if isinstance(expected, (list, np.ndarray)):
-                        np.testing.assert_array_equal(np.asarray(value), np.asarray(expected), err_msg=f"{entity} {name}")
+                        np.testing.assert_array_equal(
+                            np.asarray(value), np.asarray(expected), err_msg=f"{entity} {name}"
+                        )
                     else:
                         assert value == pytest.approx(expected), f"{entity} {name}"
     client = redis_client(settings)
@@ -191,9 +258,14 @@ def test_connection_string_is_what_feast_parses():
     """Settings build Feast's connection string; Feast's own parser reads back every field we set."""
     from feast.infra.online_stores.redis import RedisOnlineStore
 
-    settings = Settings(redis_type="redis_cluster", redis_nodes="10.0.0.1:7000, 10.0.0.2:7001",
-                        redis_username="app", redis_password="p@ss=word", redis_tls=True,
-                        redis_ca_file=Path("/etc/ca.pem"))  # fmt: skip
+    settings = Settings(
+        redis_type="redis_cluster",
+        redis_nodes="10.0.0.1:7000, 10.0.0.2:7001",
+        redis_username="app",
+        redis_password="p@ss=word",
+        redis_tls=True,
+        redis_ca_file=Path("/etc/ca.pem"),
+    )
     nodes, params = RedisOnlineStore._parse_connection_string(settings.redis_connection)
     assert nodes == [{"host": "10.0.0.1", "port": "7000"}, {"host": "10.0.0.2", "port": "7001"}]
     assert params == {"username": "app", "password": "p@ss=word", "ssl": True, "ssl_ca_certs": "/etc/ca.pem"}

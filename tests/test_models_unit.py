@@ -42,17 +42,25 @@ def test_ranking_metrics_multi_by_hand():
     m = ranking_metrics_multi(top, [a, b, c], ks=(10, 20))
     assert m["recall@10"] == pytest.approx((2 / 25 + 2 / 15 + 1 / 3) / 3)
     assert m["recall@20"] == pytest.approx((3 / 25 + 4 / 15 + 2 / 3) / 3)
-    ndcg10 = [(1 / np.log2(3) + 1 / np.log2(6)) / ideal(10),
-              (1 / np.log2(2) + 1 / np.log2(11)) / ideal(10),
-              (1 / np.log2(2)) / (1 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4))]  # fmt: skip
-    ndcg20 = [(1 / np.log2(3) + 1 / np.log2(6) + 1 / np.log2(14)) / ideal(20),
-              (1 / np.log2(2) + 1 / np.log2(11) + 1 / np.log2(12) + 1 / np.log2(21)) / ideal(15),
-              (1 / np.log2(2) + 1 / np.log2(16)) / (1 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4))]  # fmt: skip
+    ndcg10 = [
+        (1 / np.log2(3) + 1 / np.log2(6)) / ideal(10),
+        (1 / np.log2(2) + 1 / np.log2(11)) / ideal(10),
+        (1 / np.log2(2)) / (1 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4)),
+    ]
+    ndcg20 = [
+        (1 / np.log2(3) + 1 / np.log2(6) + 1 / np.log2(14)) / ideal(20),
+        (1 / np.log2(2) + 1 / np.log2(11) + 1 / np.log2(12) + 1 / np.log2(21)) / ideal(15),
+        (1 / np.log2(2) + 1 / np.log2(16)) / (1 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4)),
+    ]
     assert m["ndcg@10"] == pytest.approx(np.mean(ndcg10))
     assert m["ndcg@20"] == pytest.approx(np.mean(ndcg20))
     # a user whose test set is exactly their first three recommendations scores 1, whatever K
     assert ranking_metrics_multi(top[:1], [top[0, :3]], ks=(10, 20)) == {
-        "recall@10": 1.0, "ndcg@10": 1.0, "recall@20": 1.0, "ndcg@20": 1.0}  # fmt: skip
+        "recall@10": 1.0,
+        "ndcg@10": 1.0,
+        "recall@20": 1.0,
+        "ndcg@20": 1.0,
+    }
 
 
 def test_top_k_excludes_seen_and_padding(small_data):
@@ -68,8 +76,18 @@ def test_top_k_excludes_seen_and_padding(small_data):
 
 
 def test_split_is_temporal_leave_last_out():
-    events, _ = validate_events(events_frame([(7, 1, "2026-01-03"), (7, 2, "2026-01-01"), (7, 3, "2026-01-02"),
-                                              (7, 4, "2026-01-04"), (8, 1, "2026-01-01")]), "x")  # fmt: skip
+    events, _ = validate_events(
+        events_frame(
+            [
+                (7, 1, "2026-01-03"),
+                (7, 2, "2026-01-01"),
+                (7, 3, "2026-01-02"),
+                (7, 4, "2026-01-04"),
+                (8, 1, "2026-01-01"),
+            ]
+        ),
+        "x",
+    )
     items = validate_items(pd.DataFrame({"item_id": [1, 2, 3, 4]}), "i")
     split = build_split(Interactions(events, items))
     u7, u8 = split.users.index([7, 8])
@@ -126,9 +144,20 @@ def test_index_extension_keeps_old_rows():
 
 def test_point_in_time_join_uses_only_earlier_snapshots():
     t = pd.to_datetime(["2026-01-01 00:00", "2026-01-02 00:00", "2026-01-03 00:00"], utc=True)
-    profile = pd.DataFrame({"user_id": [1, 1, 1], "event_timestamp": t, "events_1d": [1, 2, 3], "events_7d": 0,
-                            "events_30d": 0, "events_total": [1, 2, 3], "seconds_since_last_event": 0.0,
-                            "mean_rating": 0.0, "rating_count": 0, "category_affinity": [[1.0]] * 3})  # fmt: skip
+    profile = pd.DataFrame(
+        {
+            "user_id": [1, 1, 1],
+            "event_timestamp": t,
+            "events_1d": [1, 2, 3],
+            "events_7d": 0,
+            "events_30d": 0,
+            "events_total": [1, 2, 3],
+            "seconds_since_last_event": 0.0,
+            "mean_rating": 0.0,
+            "rating_count": 0,
+            "category_affinity": [[1.0]] * 3,
+        }
+    )
     labels = pd.to_datetime(["2026-01-02 00:00", "2026-01-02 12:00", "2025-12-31 00:00"], utc=True).astype(
         "int64"
     )
@@ -189,8 +218,11 @@ def test_target_attention_equals_the_outer_product_formula():
     history, candidates = torch.randn(B, L, 16), torch.randn(B, K, 16)
     mask = torch.rand(B, L) > 0.3
     mask[0] = False  # a user without history attends to nothing
-    pre = (att.history(history)[:, None] + att.candidate(candidates)[:, :, None]
-           + att.product(candidates[:, :, None, :] * history[:, None, :, :]))  # fmt: skip
+    pre = (
+        att.history(history)[:, None]
+        + att.candidate(candidates)[:, :, None]
+        + att.product(candidates[:, :, None, :] * history[:, None, :, :])
+    )
     w = att.out(pre).squeeze(-1).masked_fill(~mask[:, None, :], float("-inf"))
     expected = torch.einsum("bkl,bld->bkd", torch.softmax(w, -1).nan_to_num(0.0), history)
     torch.testing.assert_close(att(history, mask, candidates), expected, atol=1e-5, rtol=1e-5)
@@ -213,10 +245,22 @@ def test_ranker_equals_its_concatenated_first_layer_and_int8_copy_stays_close():
     mask = torch.ones(B, L, dtype=torch.bool)
     got = ranker(user, hist, mask, cand, index, dense, match, udense)
     retrieval = (user[:, None, :] * cand).sum(-1)
-    rows = torch.cat([cand, ranker.attention(hist, mask, cand), user[:, None].expand(B, K, -1), ranker.item_id(index),
-                      udense[:, None].expand(B, K, -1), dense, retrieval[..., None], match[..., None]], -1)  # fmt: skip
-    torch.testing.assert_close(got, ranker.mlp(rows).squeeze(-1) + ranker.retrieval_weight * retrieval,
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    rows = torch.cat(
+        [
+            cand,
+            ranker.attention(hist, mask, cand),
+            user[:, None].expand(B, K, -1),
+            ranker.item_id(index),
+            udense[:, None].expand(B, K, -1),
+            dense,
+            retrieval[..., None],
+            match[..., None],
+        ],
+        -1,
+    )
+    torch.testing.assert_close(
+        got, ranker.mlp(rows).squeeze(-1) + ranker.retrieval_weight * retrieval, atol=1e-5, rtol=1e-5
+    )
     int8 = torch.ao.quantization.quantize_dynamic(ranker, {torch.nn.Linear}, dtype=torch.qint8)
     assert (
         int8(user, hist, mask, cand, index, dense, match, udense) - got
@@ -248,15 +292,23 @@ def test_sampled_softmax_masks_accidental_hits():
     )
     # every row's own positive is among the negatives and masked: only the two others compete
     logits = user @ pos.T / 0.1
-    expected = torch.stack([torch.logsumexp(torch.cat([logits[i, i : i + 1], logits[i][torch.arange(3) != i]]), 0)
-                            - logits[i, i] for i in range(3)]).mean()  # fmt: skip
+    expected = torch.stack(
+        [
+            torch.logsumexp(torch.cat([logits[i, i : i + 1], logits[i][torch.arange(3) != i]]), 0)
+            - logits[i, i]
+            for i in range(3)
+        ]
+    ).mean()
     torch.testing.assert_close(loss_masked, expected)
 
 
 def test_training_loss_decreases_with_fixed_seed(small_data):
     split = build_split(small_data)
-    model = TwoStageRecommender(model_config("tiny"), TrainConfig(epochs=6, ranker_epochs=0, seed=1, patience=99,
-                                                                  batch_size=16), device="cpu")  # fmt: skip
+    model = TwoStageRecommender(
+        model_config("tiny"),
+        TrainConfig(epochs=6, ranker_epochs=0, seed=1, patience=99, batch_size=16),
+        device="cpu",
+    )
     model.fit(split, progress=False)
     losses = [h["loss"] for h in model.history.retrieval]
     assert losses[-1] < losses[0]
@@ -346,15 +398,23 @@ def test_blocked_softmax_losses_equal_cross_entropy_over_the_logits_in_value_and
 
     def reference_sampled():
         pos = (users * items[labels]).sum(-1, keepdim=True) / 0.1
-        neg = (users @ items[negatives].T / 0.1 - log_q).masked_fill(negatives == labels[:, None], float("-inf"))
+        neg = (users @ items[negatives].T / 0.1 - log_q).masked_fill(
+            negatives == labels[:, None], float("-inf")
+        )
         return F.cross_entropy(torch.cat([pos, neg], dim=1), torch.zeros(rows, dtype=torch.long))
 
     cases = [
-        (lambda: sampled_softmax_loss(users, items[labels], labels, items[negatives], negatives, log_q, 0.1),
-         reference_sampled),
-        (lambda: exact_softmax_loss(users, items[1:], labels - 1, 0.1),
-         lambda: F.cross_entropy(users @ items[1:].T / 0.1, labels - 1)),
-    ]  # fmt: skip
+        (
+            lambda: sampled_softmax_loss(
+                users, items[labels], labels, items[negatives], negatives, log_q, 0.1
+            ),
+            reference_sampled,
+        ),
+        (
+            lambda: exact_softmax_loss(users, items[1:], labels - 1, 0.1),
+            lambda: F.cross_entropy(users @ items[1:].T / 0.1, labels - 1),
+        ),
+    ]
     assert bool((negatives == labels[:, None]).any())  # accidental hits are exercised
     for blocked, reference in cases:
         got, want = blocked(), reference()

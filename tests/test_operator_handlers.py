@@ -30,13 +30,25 @@ class FakePod:
     def __init__(self, name: str, ip: str):
         self.name, self.ip = name, ip
         self.registry = CollectorRegistry()
-        self.hist = Histogram("recsys_stage_seconds", "stage latency", ["stage"], buckets=LATENCY_BUCKETS,
-                              registry=self.registry)  # fmt: skip
+        self.hist = Histogram(
+            "recsys_stage_seconds",
+            "stage latency",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.hist.labels(stage="total")  # as the predictor does: the series exists, at zero, from the start
         # the predictor's quality-ladder series, with the same names, labels and kinds
-        self.levels = Counter("recsys_served_level_total", "users per level", ["level"], registry=self.registry)
+        self.levels = Counter(
+            "recsys_served_level_total", "users per level", ["level"], registry=self.registry
+        )
         self.costs = Gauge("recsys_level_cost_seconds", "cost per level", ["level"], registry=self.registry)
-        for level, cost in (("full", 0.004), ("reduced", 0.002), ("retrieval", 0.001), ("popularity", 0.0005)):
+        for level, cost in (
+            ("full", 0.004),
+            ("reduced", 0.002),
+            ("retrieval", 0.001),
+            ("popularity", 0.0005),
+        ):
             self.levels.labels(level=level)
             self.costs.labels(level=level).set(cost)
         self.lost = Gauge("recsys_online_store_lost", "online store wiped", registry=self.registry)
@@ -49,11 +61,17 @@ class FakePod:
         self.levels.labels(level=level).inc(n)
 
     def manifest(self) -> dict:
-        return {"metadata": {"name": self.name, "namespace": NS, "labels": {"app": "predictor"}},
-                "status": {"phase": "Running", "podIP": self.ip,
-                           "containerStatuses": [{"name": "predictor", "ready": True, "restartCount": 0,
-                                                  "image": "x", "imageID": "x"}],
-                           "conditions": [{"type": "Ready", "status": "True"}, *self.conditions.values()]}}  # fmt: skip
+        return {
+            "metadata": {"name": self.name, "namespace": NS, "labels": {"app": "predictor"}},
+            "status": {
+                "phase": "Running",
+                "podIP": self.ip,
+                "containerStatuses": [
+                    {"name": "predictor", "ready": True, "restartCount": 0, "image": "x", "imageID": "x"}
+                ],
+                "conditions": [{"type": "Ready", "status": "True"}, *self.conditions.values()],
+            },
+        }
 
 
 class FakeKubernetes:
@@ -62,9 +80,12 @@ class FakeKubernetes:
     def __init__(self, pods: list[FakePod], replicas: int):
         self.pods = {p.name: p for p in pods}
         self.replicas = replicas
-        self.isvc = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-                     "metadata": {"name": "recsys", "namespace": NS},
-                     "spec": {"predictor": {"minReplicas": 2, "maxReplicas": 4}}}  # fmt: skip
+        self.isvc = {
+            "apiVersion": "serving.kserve.io/v1beta1",
+            "kind": "InferenceService",
+            "metadata": {"name": "recsys", "namespace": NS},
+            "spec": {"predictor": {"minReplicas": 2, "maxReplicas": 4}},
+        }
         self.events: list[dict] = []
         self.scale_patches: list[int] = []
         app = web.Application()
@@ -76,13 +97,19 @@ class FakeKubernetes:
         app.router.add_get(
             f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices/recsys", self.get_isvc
         )
-        app.router.add_patch(f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices/recsys",
-                             self.patch_isvc)  # fmt: skip
+        app.router.add_patch(
+            f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices/recsys", self.patch_isvc
+        )
         self.app = app
 
     def scale(self, name: str) -> dict:
-        return {"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": name, "namespace": NS},
-                "spec": {"replicas": self.replicas}, "status": {"replicas": self.replicas, "selector": "app=predictor"}}  # fmt: skip
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"replicas": self.replicas},
+            "status": {"replicas": self.replicas, "selector": "app=predictor"},
+        }
 
     async def get_scale(self, request):
         return web.json_response(self.scale(request.match_info["name"]))
@@ -98,8 +125,14 @@ class FakeKubernetes:
             "app=predictor",
             "serving.kserve.io/inferenceservice=recsys",
         )
-        return web.json_response({"apiVersion": "v1", "kind": "PodList", "metadata": {},
-                                  "items": [p.manifest() for p in self.pods.values()]})  # fmt: skip
+        return web.json_response(
+            {
+                "apiVersion": "v1",
+                "kind": "PodList",
+                "metadata": {},
+                "items": [p.manifest() for p in self.pods.values()],
+            }
+        )
 
     async def patch_pod_status(self, request):
         pod = self.pods[request.match_info["name"]]
@@ -136,10 +169,18 @@ async def metrics_site(pod: FakePod, port: int) -> web.AppRunner:
 
 
 def autoscaler(kind: str = "Deployment", **spec) -> dict:
-    return {"apiVersion": "autoscaling.recsys.io/v1alpha1", "kind": "LatencyAutoscaler",
-            "metadata": {"name": "predictor", "namespace": NS, "uid": "u-1", "generation": 1},
-            "spec": {"targetRef": {"kind": kind, "name": "recsys"}, "p99TargetMs": 10, "minReplicas": 2,
-                     "maxReplicas": 12, **spec}}  # fmt: skip
+    return {
+        "apiVersion": "autoscaling.recsys.io/v1alpha1",
+        "kind": "LatencyAutoscaler",
+        "metadata": {"name": "predictor", "namespace": NS, "uid": "u-1", "generation": 1},
+        "spec": {
+            "targetRef": {"kind": kind, "name": "recsys"},
+            "p99TargetMs": 10,
+            "minReplicas": 2,
+            "maxReplicas": 12,
+            **spec,
+        },
+    }
 
 
 @pytest.fixture
@@ -186,8 +227,9 @@ def test_scale_up_on_p99_above_target_and_hold_without_data(stack):
     second = run_step(loop, cluster, body, memory, now=15)
     assert api.scale_patches == [8], second.status  # ceil(4 × ~1.8) = 8, within +4
     assert 15 <= second.status["observedP99Ms"] <= 20
-    assert any(e["reason"] == "Scaled" and "4 → 8" in e["message"] for e in api.events) or \
-        any(r == "Scaled" for _, r, _ in second.events)  # fmt: skip
+    assert any(e["reason"] == "Scaled" and "4 → 8" in e["message"] for e in api.events) or any(
+        r == "Scaled" for _, r, _ in second.events
+    )
     # metrics disappear: hold at the current size, never scale down
     for pod in pods:
         pod.healthy_metrics = False
@@ -263,7 +305,9 @@ def test_kopf_timer_handler_writes_status_and_posts_events(stack):
 
 def test_degraded_share_scales_up_with_p99_on_target_and_shows_in_status(stack):
     api, pods, cluster, port, loop = stack
-    body = autoscaler(metrics={"port": port}, outlierEjection={"enabled": False}, ladder={"maxDegradedShare": 0.1})
+    body = autoscaler(
+        metrics={"port": port}, outlierEjection={"enabled": False}, ladder={"maxDegradedShare": 0.1}
+    )
     memory = Memory()
     run_step(loop, cluster, body, memory, now=0)
     for pod in pods:  # p99 4 ms, on target (10 ms) and under the setpoint; 30 % served at popularity
@@ -316,7 +360,9 @@ def test_a_pod_holding_its_p99_by_degrading_is_judged_at_full_quality(stack):
     pods[3].serve(200, 5.0, level="popularity")  # 1.25 × its peers' p99: not an outlier on p99 alone
     step = run_step(loop, cluster, body, memory, now=15)
     assert [p["name"] for p in step.status["ejectedPods"]] == ["predictor-3"]
-    assert {p["name"]: p["p99Ms"] for p in step.status["pods"]}["predictor-3"] <= 5.0  # status shows the real p99
+    assert {p["name"]: p["p99Ms"] for p in step.status["pods"]}[
+        "predictor-3"
+    ] <= 5.0  # status shows the real p99
 
 
 def test_run_options_elect_a_leader_through_peering():
@@ -333,7 +379,11 @@ def test_run_options_elect_a_leader_through_peering():
     assert len(drawn) == 20 and min(drawn) >= 1
     assert run_options(["recsys"], "p", priority=7)["priority"] == 7
     cluster_wide = run_options([], None)
-    assert cluster_wide["clusterwide"] and cluster_wide["standalone"] is True and "peering_name" not in cluster_wide
+    assert (
+        cluster_wide["clusterwide"]
+        and cluster_wide["standalone"] is True
+        and "peering_name" not in cluster_wide
+    )
 
 
 def test_each_decision_is_logged_with_its_inputs(stack, caplog):
@@ -345,8 +395,10 @@ def test_each_decision_is_logged_with_its_inputs(stack, caplog):
     assert lines, "no decision was logged"
     assert all("target" in line and "replicas" in line and "per-pod p99" in line for line in lines)
     # the scale-up: HPA rule with headroom wants 10, the step limit (+4) makes it 8
-    assert any("p99 20.0 ms over 400 requests" in line and "replicas 4, wanted 10, stabilised 10, new 8" in line
-               for line in lines), lines
+    assert any(
+        "p99 20.0 ms over 400 requests" in line and "replicas 4, wanted 10, stabilised 10, new 8" in line
+        for line in lines
+    ), lines
 
 
 def test_operator_process_serves_its_liveness_endpoint(tmp_path):
@@ -364,10 +416,22 @@ def test_operator_process_serves_its_liveness_endpoint(tmp_path):
         "current-context: c\n"
     )
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "operators", "run", "--standalone", "--namespace", "x",
-                             "--liveness", f"http://127.0.0.1:{port}/healthz"],
-                            env={**__import__("os").environ, "KUBECONFIG": str(kubeconfig)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "operators",
+            "run",
+            "--standalone",
+            "--namespace",
+            "x",
+            "--liveness",
+            f"http://127.0.0.1:{port}/healthz",
+        ],
+        env={**__import__("os").environ, "KUBECONFIG": str(kubeconfig)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline, status = time.monotonic() + 30, None
         while time.monotonic() < deadline and status is None:

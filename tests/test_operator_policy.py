@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -62,8 +63,15 @@ def test_merged_p99_is_the_pooled_p99_not_an_average(pods):
     assert lower <= estimate <= (upper if math.isfinite(upper) else lower)
 
 
-POLICY = ScalingPolicy(target_p99_ms=10, min_replicas=2, max_replicas=20, tolerance=0.1, headroom=0.0,
-                       max_step_up=4, max_step_down=1)  # fmt: skip
+POLICY = ScalingPolicy(
+    target_p99_ms=10,
+    min_replicas=2,
+    max_replicas=20,
+    tolerance=0.1,
+    headroom=0.0,
+    max_step_up=4,
+    max_step_down=1,
+)
 
 
 def test_headroom_aims_below_the_target():
@@ -118,7 +126,7 @@ def test_stabilizer_changes_direction_at_most_once_per_window(p99s):
         if new != size:
             changes.append((now, 1 if new > size else -1))
         size = new
-    for (t1, d1), (t2, d2) in zip(changes, changes[1:]):
+    for (t1, d1), (t2, d2) in itertools.pairwise(changes):
         if d1 == 1 and d2 == -1:
             assert t2 - t1 >= policy.scale_down_stabilization_s - 1e-9
 

@@ -21,7 +21,9 @@ def hadolint() -> str:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_lints_clean(dockerfile):
-    done = subprocess.run([hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -49,7 +51,9 @@ def test_images_run_as_non_root_from_pinned_bases():
         assert "USER 10001:10001" in text, dockerfile.name
         for image in base_images(text):
             tag = image.rsplit(":", 1)[-1] if ":" in image else ""
-            assert tag and tag != "latest" and any(c.isdigit() for c in tag), f"{dockerfile.name}: unpinned {image}"
+            assert tag and tag != "latest" and any(c.isdigit() for c in tag), (
+                f"{dockerfile.name}: unpinned {image}"
+            )
 
 
 def test_dockerignore_keeps_data_and_state_out():
@@ -60,10 +64,17 @@ def test_dockerignore_keeps_data_and_state_out():
 
 def test_operator_package_imports_no_predictor_torch_kserve_or_feast():
     """The operator image has none of them: importing every operator module must not pull them in."""
-    code = ("import sys, operators.control, operators.handlers, operators.run, operators.__main__; "
-            "print(','.join(m for m in ('predictor', 'torch', 'kserve', 'feast') if m in sys.modules))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    code = (
+        "import sys, operators.control, operators.handlers, operators.run, operators.__main__; "
+        "print(','.join(m for m in ('predictor', 'torch', 'kserve', 'feast') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert out.stdout.strip() == "", f"the operator package imported {out.stdout.strip()}"
 
 
@@ -72,12 +83,23 @@ def test_shipped_code_never_imports_the_tests_or_the_benchmarks():
     the Feast repo, the kustomize renderer) may import from them."""
     import ast
 
-    shipped = [p for folder in ("predictor", "operators", "feature_repo", "k8s") for p in (ROOT / folder).rglob("*.py")]
+    shipped = [
+        p
+        for folder in ("predictor", "operators", "feature_repo", "k8s")
+        for p in (ROOT / folder).rglob("*.py")
+    ]
     assert len(shipped) > 20
     offenders = []
     for path in shipped:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []  # fmt: skip
-            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("tests", "bench")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("tests", "bench")
+            ]
     assert not offenders, offenders

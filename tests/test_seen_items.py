@@ -97,11 +97,18 @@ def test_batch_seen_items_by_hand():
 def check_event_log_seen(event_log: EventLog):
     events, _ = validate_events(
         events_frame(
-            [(1, 7, "2026-01-01"), (1, 5, "2026-01-02"), (1, 7, "2026-01-03"), (1, 9, "2026-01-04"),
-             (1, 5, "2026-01-05"), (2, 5, "2026-01-01"), (3, 8, "2026-01-01")]
+            [
+                (1, 7, "2026-01-01"),
+                (1, 5, "2026-01-02"),
+                (1, 7, "2026-01-03"),
+                (1, 9, "2026-01-04"),
+                (1, 5, "2026-01-05"),
+                (2, 5, "2026-01-01"),
+                (3, 8, "2026-01-01"),
+            ]
         ),
         "x",
-    )  # fmt: skip
+    )
     event_log.replace(Interactions(events, items_from_events(events)))
     with event_log.begin() as conn:
         got = event_log.recent_items(conn, [1, 2, 4], n=2)
@@ -178,8 +185,12 @@ def check_push_extends_seen(settings: Settings, store, event_log: EventLog, data
     new_item = int(next(i for i in data.items["item_id"] if int(i) not in before))
     old_item = before[0]  # seen long ago, no longer in the last 10
     now = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M:%S.%f")
-    result = push_events(events_frame([(HEAVY_USER, new_item, now, "click"), (HEAVY_USER, old_item, now, "view")]),
-                         store, event_log, settings.recent_items)  # fmt: skip
+    result = push_events(
+        events_frame([(HEAVY_USER, new_item, now, "click"), (HEAVY_USER, old_item, now, "view")]),
+        store,
+        event_log,
+        settings.recent_items,
+    )
     want = sorted({*before, new_item})
     assert result.sequences["seen_items"].iloc[0] == want
     online = online_user_features(store, [HEAVY_USER])

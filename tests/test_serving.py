@@ -51,8 +51,14 @@ def stack(tmp_path_factory):
 
 def _stack(tmp_path_factory, pg_database):
     home = tmp_path_factory.mktemp("serving")
-    settings = Settings(profile=Profile.production, home=home / "home", pg_database=pg_database,
-                        feast_project=f"s{uuid.uuid4().hex[:12]}", redis_db=REDIS_DB, recent_items=10)  # fmt: skip
+    settings = Settings(
+        profile=Profile.production,
+        home=home / "home",
+        pg_database=pg_database,
+        feast_project=f"s{uuid.uuid4().hex[:12]}",
+        redis_db=REDIS_DB,
+        recent_items=10,
+    )
     data = generate(n_events=6_000, n_users=200, n_items=300, n_categories=6, seed=3)
     log = EventLog(settings.database_url)
     log.replace(data)
@@ -61,8 +67,15 @@ def _stack(tmp_path_factory, pg_database):
     store = apply(settings)
     materialize(settings, store=store)
     registry = ModelRegistry(settings.database_url)
-    version, _ = train_and_register(data, registry, settings.artifacts_uri, TINY, FAST,
-                                    read_offline(USER_PROFILE, settings), progress=False)  # fmt: skip
+    version, _ = train_and_register(
+        data,
+        registry,
+        settings.artifacts_uri,
+        TINY,
+        FAST,
+        read_offline(USER_PROFILE, settings),
+        progress=False,
+    )
     yield settings, data, registry, version
     registry.engine.dispose()
     client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=REDIS_DB)
@@ -95,8 +108,11 @@ class Server(ServerProcess):
     def metric_levels(self) -> set[str]:
         """The quality-ladder levels this server's model has (those with a cost gauge)."""
         text = self.client.get("/metrics").text
-        return {line.split('level="')[1].split('"')[0] for line in text.splitlines()
-                if line.startswith("recsys_level_cost_seconds{")}  # fmt: skip
+        return {
+            line.split('level="')[1].split('"')[0]
+            for line in text.splitlines()
+            if line.startswith("recsys_level_cost_seconds{")
+        }
 
     def stop(self) -> None:
         self.__exit__()
@@ -127,8 +143,10 @@ def recent(settings: Settings, user_id: int) -> list[int]:
 def test_load_stages_are_exported_and_account_for_the_load(server):
     """``recsys_model_load_seconds`` carries each load stage of the serving model (what a scale-up waits
     for, read by bench/frontier.py); together they fit inside the replica's measured start-up."""
-    stages = {s: server.metric("recsys_model_load_seconds", stage=s)
-              for s in ("artifact", "item_features", "item_side", "self_check")}  # fmt: skip
+    stages = {
+        s: server.metric("recsys_model_load_seconds", stage=s)
+        for s in ("artifact", "item_features", "item_side", "self_check")
+    }
     assert all(v >= 0 for v in stages.values()) and stages["artifact"] > 0 and stages["item_side"] > 0
     assert sum(stages.values()) < server.startup_seconds
 
@@ -197,8 +215,12 @@ def test_http_top_k_equals_offline_top_k(server, stack):
 def test_v2_round_trip_without_id(server, stack):
     _, data, _, version = stack
     users = [active_user(data, 2), active_user(data, 3)]
-    body = {"inputs": [{"name": "user_id", "shape": [2], "datatype": "INT64", "data": users},
-                       {"name": "k", "shape": [1], "datatype": "INT32", "data": [5]}]}  # fmt: skip
+    body = {
+        "inputs": [
+            {"name": "user_id", "shape": [2], "datatype": "INT64", "data": users},
+            {"name": "k", "shape": [1], "datatype": "INT32", "data": [5]},
+        ]
+    }
     response = server.v2(body)
     assert response.status_code == 200, response.text
     out = {o["name"]: o for o in response.json()["outputs"]}
@@ -240,16 +262,31 @@ def user_input(data, datatype="INT64", shape=None):
 V2_BAD = [
     ({"inputs": [user_input([1.5], "FP32")]}, "input 'user_id' has datatype FP32"),
     ({"inputs": [user_input([1, 2], shape=[3])]}, "input 'user_id'"),
-    ({"inputs": [{"name": "k", "shape": [1], "datatype": "INT32", "data": [3]}]}, "input 'user_id' is missing"),
-    ({"inputs": [user_input([1]), {"name": "k", "shape": [1], "datatype": "INT32", "data": [0]}]}, "input 'k'"),
-    ({"inputs": [user_input([1]), {"name": "k", "shape": [1], "datatype": "FP32", "data": [3.0]}]},
-     "input 'k' has datatype FP32"),
-    ({"inputs": [user_input([1]), {"name": "exclude_seen", "shape": [1], "datatype": "INT32", "data": [1]}]},
-     "input 'exclude_seen' has datatype INT32"),
+    (
+        {"inputs": [{"name": "k", "shape": [1], "datatype": "INT32", "data": [3]}]},
+        "input 'user_id' is missing",
+    ),
+    (
+        {"inputs": [user_input([1]), {"name": "k", "shape": [1], "datatype": "INT32", "data": [0]}]},
+        "input 'k'",
+    ),
+    (
+        {"inputs": [user_input([1]), {"name": "k", "shape": [1], "datatype": "FP32", "data": [3.0]}]},
+        "input 'k' has datatype FP32",
+    ),
+    (
+        {
+            "inputs": [
+                user_input([1]),
+                {"name": "exclude_seen", "shape": [1], "datatype": "INT32", "data": [1]},
+            ]
+        },
+        "input 'exclude_seen' has datatype INT32",
+    ),
     ({"inputs": [{"name": "user_id", "shape": [1]}]}, "datatype"),
     ({"inputs": 5}, "inputs"),
     ({"inputs": [user_input(list(range(65)))]}, "at most 64 users"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("body", "message"), V2_BAD)
@@ -297,8 +334,13 @@ def test_pushed_event_changes_next_recommendations(server, stack):
     usual = category[items["item_id"].isin(seen)].mode().iloc[0]
     fresh = items.loc[(category != usual) & ~items["item_id"].isin(seen), "item_id"].head(8).tolist()
     now = pd.Timestamp.now(tz="UTC")
-    events = pd.DataFrame({"user_id": [user] * len(fresh), "item_id": fresh,
-                           "timestamp": [now + pd.Timedelta(milliseconds=i) for i in range(len(fresh))]})  # fmt: skip
+    events = pd.DataFrame(
+        {
+            "user_id": [user] * len(fresh),
+            "item_id": fresh,
+            "timestamp": [now + pd.Timedelta(milliseconds=i) for i in range(len(fresh))],
+        }
+    )
     push_events_with_settings(events, settings)
     after = server.v1([{"user_id": user, "k": 10}]).json()["predictions"][0]
     assert after["fallback"] is None
@@ -428,25 +470,37 @@ def test_overload_degrades_level_by_level_without_5xx_and_recovers(stack):
     once the load drops, lone requests climb back to full quality, one level per hold time."""
     _, data, _, _ = stack
     # a lone request takes a few ms; 64 concurrent ones queue far past 60 ms at full quality
-    srv = Server(stack[0], RECSYS_SERVE_RANKER="on", RECSYS_SERVE_P99_TARGET_MS="60",
-                 RECSYS_SERVE_LADDER_HOLD_SECONDS="0.5", RECSYS_SERVE_MAX_BATCH="2")  # fmt: skip
+    srv = Server(
+        stack[0],
+        RECSYS_SERVE_RANKER="on",
+        RECSYS_SERVE_P99_TARGET_MS="60",
+        RECSYS_SERVE_LADDER_HOLD_SECONDS="0.5",
+        RECSYS_SERVE_MAX_BATCH="2",
+    )
     users = [active_user(data, r) for r in range(40)]
     try:
         assert srv.v1([{"user_id": users[0]}]).json()["predictions"][0]["level"] == "full"
-        before = {lv: srv.metric("recsys_served_level_total", level=lv)
-                  for lv in ("full", "reduced", "retrieval", "popularity")}  # fmt: skip
+        before = {
+            lv: srv.metric("recsys_served_level_total", level=lv)
+            for lv in ("full", "reduced", "retrieval", "popularity")
+        }
 
         async def burst(seconds: float, concurrency: int) -> list[tuple[int, str | None]]:
             out: list[tuple[int, str | None]] = []
             stop_at = time.monotonic() + seconds
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+
                 async def worker(w: int) -> None:
                     i = w
                     while time.monotonic() < stop_at:
                         body = {"instances": [{"user_id": users[i % len(users)], "k": 20}]}
                         r = await client.post("/v1/models/recsys:predict", json=body)
-                        out.append((r.status_code, r.json()["predictions"][0]["level"] if r.status_code == 200
-                                    else None))  # fmt: skip
+                        out.append(
+                            (
+                                r.status_code,
+                                r.json()["predictions"][0]["level"] if r.status_code == 200 else None,
+                            )
+                        )
                         i += concurrency
 
                 await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -459,8 +513,11 @@ def test_overload_degrades_level_by_level_without_5xx_and_recovers(stack):
         assert set(levels) - {"full"}, f"no degraded answer under overload: {set(levels)}"
         after = {lv: srv.metric("recsys_served_level_total", level=lv) for lv in before}
         assert sum(after[lv] - before[lv] for lv in ("reduced", "retrieval", "popularity")) > 0
-        assert srv.metric("recsys_level_cost_seconds", level="full") > \
-            srv.metric("recsys_level_cost_seconds", level="popularity") > 0  # fmt: skip
+        assert (
+            srv.metric("recsys_level_cost_seconds", level="full")
+            > srv.metric("recsys_level_cost_seconds", level="popularity")
+            > 0
+        )
         # load gone: lone requests; three levels up at 0.5 s each at most
         seen, deadline = [], time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -509,8 +566,9 @@ def test_async_redis_reads_equal_get_online_features(stack):
     items = data.items["item_id"].to_numpy()[:20]
     fast_items = RedisOnlineFeatures(store, settings, timeout=1.0).items_sync(items)
     feast_items = FeastOnlineFeatures(store).items_sync(items)
-    pd.testing.assert_frame_equal(fast_items.drop(columns="categories"), feast_items.drop(columns="categories"),
-                                  check_dtype=False)  # fmt: skip
+    pd.testing.assert_frame_equal(
+        fast_items.drop(columns="categories"), feast_items.drop(columns="categories"), check_dtype=False
+    )
 
 
 def test_serve_help_is_ours_not_kserves():
@@ -534,8 +592,11 @@ def test_a_wiped_online_store_is_reported_and_healed_by_the_next_materialize(sta
     def keep_asking() -> None:
         with httpx.Client(base_url=srv.url, timeout=10) as client:
             while not stop.is_set():
-                statuses.append(client.post("/v1/models/recsys:predict",
-                                            json={"instances": [{"user_id": user, "k": 5}]}).status_code)  # fmt: skip
+                statuses.append(
+                    client.post(
+                        "/v1/models/recsys:predict", json={"instances": [{"user_id": user, "k": 5}]}
+                    ).status_code
+                )
                 time.sleep(0.02)
 
     def wait_for_lost(value: bool) -> None:
@@ -556,8 +617,11 @@ def test_a_wiped_online_store_is_reported_and_healed_by_the_next_materialize(sta
         client = redis.Redis(host=settings.redis_host, port=settings.redis_port, db=REDIS_DB)
         client.delete(*[k for k in client.scan_iter(count=10_000) if settings.feast_project.encode() in k])
         wait_for_lost(True)
-        assert srv.client.get("/healthz").json()["online_store"]["lost_views"] == \
-            ["item_profile", "user_profile", "user_recent_items"]  # fmt: skip
+        assert srv.client.get("/healthz").json()["online_store"]["lost_views"] == [
+            "item_profile",
+            "user_profile",
+            "user_recent_items",
+        ]
         assert srv.metric("recsys_online_store_lost") == 1
         lost_answer, _ = timed_fallback(srv, user)
         assert lost_answer["fallback"] == "online_store_lost"

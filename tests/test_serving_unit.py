@@ -46,8 +46,12 @@ def online(engine, histories, seen=None, exclude=None) -> OnlineUsers:
         offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
         return np.concatenate([np.asarray(r, np.int64) for r in rows]), offsets
 
-    return OnlineUsers(*csr(histories), *csr(seen), np.zeros((len(histories), engine.n_user_dense), np.float32),
-                       np.asarray(exclude, bool))  # fmt: skip
+    return OnlineUsers(
+        *csr(histories),
+        *csr(seen),
+        np.zeros((len(histories), engine.n_user_dense), np.float32),
+        np.asarray(exclude, bool),
+    )
 
 
 def test_engine_excludes_seen_and_returns_catalog_ids(trained):
@@ -178,11 +182,27 @@ def test_self_check_rejects_a_broken_model(trained):
 
 def test_user_dense_rows_equal_the_dataframe_path():
     rows = [
-        {"events_1d": 3, "events_7d": 10, "events_30d": 12, "events_total": 40, "seconds_since_last_event": 7200.0,
-         "mean_rating": 4.0, "rating_count": 5, "category_affinity": [0.5, 0.25, 0.25]},
-        {"events_1d": None, "events_7d": None, "events_30d": None, "events_total": None,
-         "seconds_since_last_event": None, "mean_rating": None, "rating_count": None, "category_affinity": None},
-    ]  # fmt: skip
+        {
+            "events_1d": 3,
+            "events_7d": 10,
+            "events_30d": 12,
+            "events_total": 40,
+            "seconds_since_last_event": 7200.0,
+            "mean_rating": 4.0,
+            "rating_count": 5,
+            "category_affinity": [0.5, 0.25, 0.25],
+        },
+        {
+            "events_1d": None,
+            "events_7d": None,
+            "events_30d": None,
+            "events_total": None,
+            "seconds_since_last_event": None,
+            "mean_rating": None,
+            "rating_count": None,
+            "category_affinity": None,
+        },
+    ]
     np.testing.assert_allclose(user_dense_rows(rows, 3), user_dense_matrix(pd.DataFrame(rows), 3))
 
 
@@ -268,8 +288,12 @@ def test_hnsw_retrieval_is_calibrated_and_excludes_seen_like_exact(trained):
     # "auto" serves the index only where it measured faster at the required recall (at 200 items the exact
     # scan usually is; the rule, not the timing, is what is asserted); search="hnsw" serves it anyway
     chosen = auto.inference.tables.selection
-    faster = chosen["hnsw_recall@100"] >= 0.95 and chosen["hnsw_ms_per_16_users"] < chosen["exact_ms_per_16_users"]
-    assert (auto.inference.tables.index is not None) == faster and chosen["served"] == ("hnsw" if faster else "exact")
+    faster = (
+        chosen["hnsw_recall@100"] >= 0.95 and chosen["hnsw_ms_per_16_users"] < chosen["exact_ms_per_16_users"]
+    )
+    assert (auto.inference.tables.index is not None) == faster and chosen["served"] == (
+        "hnsw" if faster else "exact"
+    )
     hnsw = engine_for(files, search="hnsw")
     assert hnsw.inference.tables.index is not None and hnsw.index_recall >= 0.95
     counts = data.events["user_id"].value_counts()
@@ -326,7 +350,9 @@ def test_certified_bf16_scan_returns_the_fp32_top_n(trained, monkeypatch):
     inference = engine.inference
     fp32 = inference.tables
     counts = data.events["user_id"].value_counts()
-    histories = [data.events.loc[data.events["user_id"] == u, "item_id"].to_numpy() for u in counts.index[:40]]
+    histories = [
+        data.events.loc[data.events["user_id"] == u, "item_id"].to_numpy() for u in counts.index[:40]
+    ]
     batch = engine.batch(online(engine, histories))
     user = inference.user_vectors(*inference.tensors(batch))
     n = 20  # over-fetch 84 of 200 items: the certificate has work to do
@@ -398,8 +424,9 @@ def test_a_local_artifact_loads_memory_mapped_and_answers_as_from_bytes(trained,
     assert not any(p.is_meta for m in (mapped.retrieval, mapped.ranker) for p in m.parameters())
     history = data.events.loc[data.events["user_id"] == 3, "item_id"].to_numpy()
     a, b = ServingEngine(mapped, "1", device="cpu"), engine_for(files)
-    np.testing.assert_array_equal(a.recommend(online(a, [history]), 10).item_ids,
-                                  b.recommend(online(b, [history]), 10).item_ids)  # fmt: skip
+    np.testing.assert_array_equal(
+        a.recommend(online(a, [history]), 10).item_ids, b.recommend(online(b, [history]), 10).item_ids
+    )
 
 
 def test_fp16_tables_halve_the_id_tables_and_survive_save_and_load(trained):
@@ -410,10 +437,15 @@ def test_fp16_tables_halve_the_id_tables_and_survive_save_and_load(trained):
     assert model.config.embedding_fp16
     loaded = model_from_files(half, "cpu")
     assert loaded.retrieval.items.id_embedding.weight.dtype == torch.float16
-    assert loaded.retrieval.items.id_embedding.weight.nbytes + loaded.ranker.item_id.weight.nbytes == table_bytes / 2
+    assert (
+        loaded.retrieval.items.id_embedding.weight.nbytes + loaded.ranker.item_id.weight.nbytes
+        == table_bytes / 2
+    )
     history = data.events.loc[data.events["user_id"] == 4, "item_id"].to_numpy()
     a, b = ServingEngine(loaded, "1", device="cpu"), engine_for(files)
-    overlap = np.intersect1d(a.recommend(online(a, [history]), 10).item_ids, b.recommend(online(b, [history]), 10).item_ids)
+    overlap = np.intersect1d(
+        a.recommend(online(a, [history]), 10).item_ids, b.recommend(online(b, [history]), 10).item_ids
+    )
     assert len(overlap) >= 8  # fp16 rounding of the tables may swap a near tie, not the list
 
 

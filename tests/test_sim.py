@@ -12,9 +12,11 @@ from bench.sim import Ladder, Replica, ServiceTime, SimConfig, Trace, frontier_g
 from predictor.serving.ladder import LadderPolicy, LadderState, next_level
 
 FULL = ServiceTime(0.004, 0.007)
-LADDER = Ladder(("full", "reduced", "retrieval", "popularity"),
-                (FULL, ServiceTime(0.003, 0.005), ServiceTime(0.002, 0.0035), ServiceTime(0.0008, 0.0014)),
-                (0.0, 0.02, 0.08, 0.5))  # fmt: skip
+LADDER = Ladder(
+    ("full", "reduced", "retrieval", "popularity"),
+    (FULL, ServiceTime(0.003, 0.005), ServiceTime(0.002, 0.0035), ServiceTime(0.0008, 0.0014)),
+    (0.0, 0.02, 0.08, 0.5),
+)
 CONFIG = SimConfig(target_p99_ms=50, min_replicas=2, max_replicas=30, startup_s=(15, 18), warmup_s=120)
 
 

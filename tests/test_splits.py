@@ -39,7 +39,10 @@ def test_random_user_split_holds_out_the_share_of_each_user(small_data):
 
 def test_user_lines_round_trip_and_protocol_detection(small_data, tmp_path):
     train, test = random_user_split(small_data, seed=0)
-    train_file, test_file = write_user_lines(train, tmp_path / "train.txt"), write_user_lines(test, tmp_path / "test.txt")
+    train_file, test_file = (
+        write_user_lines(train, tmp_path / "train.txt"),
+        write_user_lines(test, tmp_path / "test.txt"),
+    )
     first = train_file.read_text().splitlines()[0].split()
     assert first[1:] == sorted(first[1:], key=int)  # ids ascending: the order says nothing about time
     assert _pairs(load_user_lines(train_file)) == _pairs(train)
@@ -49,11 +52,17 @@ def test_user_lines_round_trip_and_protocol_detection(small_data, tmp_path):
     # a temporal split: every user's test events are their newest
     newest = small_data.events.sort_values("timestamp").groupby("user_id").tail(1)
     older = small_data.events.drop(newest.index)
-    assert split_protocol(Interactions(older, small_data.items), Interactions(newest, small_data.items)) == "temporal"
+    assert (
+        split_protocol(Interactions(older, small_data.items), Interactions(newest, small_data.items))
+        == "temporal"
+    )
 
 
 def test_random_protocol_split_holds_out_a_random_sample_for_validation():
-    rows = [(1, item, f"2026-01-{item:02d}") for item in range(1, 21)] + [(2, 1, "2026-01-01"), (2, 2, "2026-01-02")]
+    rows = [(1, item, f"2026-01-{item:02d}") for item in range(1, 21)] + [
+        (2, 1, "2026-01-01"),
+        (2, 2, "2026-01-02"),
+    ]
     events, _ = validate_events(events_frame(rows), "x")
     data = Interactions(events, validate_items(pd.DataFrame({"item_id": range(1, 21)}), "i"))
     split = build_split(data, holdout=1, protocol="random", validation_share=0.25, seed=0)
@@ -64,10 +73,18 @@ def test_random_protocol_split_holds_out_a_random_sample_for_validation():
     assert sorted(order) == list(range(1, 21)) and list(order) != list(range(1, 21))  # not time order
     users, end, targets = holdout(split, "validation")
     assert list(users) == [u1, u2] and list(end) == [15, 1]
-    assert list(targets[0]) == list(split.sequences[u1, 15:20]) and list(targets[1]) == [split.sequences[u2, 1], 0, 0, 0, 0]
+    assert list(targets[0]) == list(split.sequences[u1, 15:20]) and list(targets[1]) == [
+        split.sequences[u2, 1],
+        0,
+        0,
+        0,
+        0,
+    ]
     assert validation_metric(split) == "recall@20"
     # the test stage trains on train + validation: every event
-    assert interaction_matrix(split, "test").sum() == 22 and interaction_matrix(split, "validation").sum() == 16
+    assert (
+        interaction_matrix(split, "test").sum() == 22 and interaction_matrix(split, "validation").sum() == 16
+    )
     # a final fit holds nothing out
     full = build_split(data, holdout=0, protocol="random", seed=0)
     assert (full.train_len == full.lengths).all() and not full.validation_len.any()
@@ -115,15 +132,16 @@ def test_final_fit_without_validation_runs_every_epoch_and_keeps_the_last(small_
     train, _ = random_user_split(small_data, seed=0)
     full = build_split(train, holdout=0, protocol="random")
     config = model_config("tiny")
-    model = TwoStageRecommender(config, TrainConfig(epochs=3, min_epochs=3, ranker_epochs=1, batch_size=16,
-                                                    patience=1)).fit(full, progress=False)  # fmt: skip
+    model = TwoStageRecommender(
+        config, TrainConfig(epochs=3, min_epochs=3, ranker_epochs=1, batch_size=16, patience=1)
+    ).fit(full, progress=False)
     assert len(model.history.retrieval) == 3 and model.best_epochs["retrieval"] == 3
     assert all(e["validation_recall@20"] is None for e in model.history.retrieval)
     assert model.use_ranker and model.validation_score is None  # served as the choosing fit decided
 
-    chooser = TwoStageRecommender(config, replace(TrainConfig(), epochs=4, min_epochs=1, ranker_epochs=0,
-                                                  batch_size=16)).fit(build_split(train, holdout=1, protocol="random"),
-                                                                      progress=False)  # fmt: skip
+    chooser = TwoStageRecommender(
+        config, replace(TrainConfig(), epochs=4, min_epochs=1, ranker_epochs=0, batch_size=16)
+    ).fit(build_split(train, holdout=1, protocol="random"), progress=False)
     scores = [e["validation_recall@20"] for e in chooser.history.retrieval]
     assert chooser.best_epochs["retrieval"] == int(np.argmax(scores)) + 1
     assert chooser.validation_retrieval == pytest.approx(max(scores))
@@ -135,16 +153,27 @@ def test_compare_split_files_validates_like_the_test_and_fits_all_train_items(sm
     train, test = random_user_split(small_data, seed=0)
     paths = write_user_lines(train, tmp_path / "train.txt"), write_user_lines(test, tmp_path / "test.txt")
     config = model_config("tiny")
-    report, model, full = compare_split_files(*map(str, paths), config, TrainConfig(epochs=2, min_epochs=1, ranker_epochs=1,
-                                                                                    batch_size=16), progress=False)  # fmt: skip
+    report, model, full = compare_split_files(
+        *map(str, paths),
+        config,
+        TrainConfig(epochs=2, min_epochs=1, ranker_epochs=1, batch_size=16),
+        progress=False,
+    )
     assert report["protocol"] == "random" and report["validation"]["metric"] == "recall@20"
-    assert report["validation"]["share"] == pytest.approx(len(test.events) / (len(train.events) + len(test.events)), abs=1e-4)
+    assert report["validation"]["share"] == pytest.approx(
+        len(test.events) / (len(train.events) + len(test.events)), abs=1e-4
+    )
     assert 1 <= report["two_stage"]["epochs"] <= 2
-    assert len(model.history.retrieval) == report["two_stage"]["epochs"]  # the final fit ran the chosen epochs
+    assert (
+        len(model.history.retrieval) == report["two_stage"]["epochs"]
+    )  # the final fit ran the chosen epochs
     assert (full.train_len == full.lengths).all()  # ... on every train item
     assert full.lengths.sum() == len(load_any(paths[0]).events)
     for name in ("popularity", "implicit_als", "implicit_bpr", "two_stage"):
-        assert 0 <= report["results"][name]["recall@20"] <= 1 and report["results"][name]["users"] == report["users"]
+        assert (
+            0 <= report["results"][name]["recall@20"] <= 1
+            and report["results"][name]["users"] == report["users"]
+        )
 
 
 def test_all_items_loss_by_hand():
@@ -174,7 +203,9 @@ def test_later_items_mark_what_each_state_has_not_read(small_data):
         owned = set(split.sequences[u, : split.train_len[u]])
         assert set(np.flatnonzero(position[row].numpy() >= 0)) == owned  # the user's items, nothing else
         for t, item in enumerate(window[row]):
-            assert position[row, item] == max(p for p, i in enumerate(window[row]) if i == item)  # the last read
+            assert position[row, item] == max(
+                p for p, i in enumerate(window[row]) if i == item
+            )  # the last read
         outside = owned - set(window[row])
         assert all(position[row, i] == 10 for i in outside)  # outside the window: after every position
 
@@ -196,5 +227,7 @@ def test_random_splits_choose_their_objective_and_batch_and_the_user_wins(small_
     assert training_objective(TrainConfig(), random_split) == "all_items"
     assert training_objective(TrainConfig(), build_split(small_data)) == "next_item"
     assert training_objective(TrainConfig(objective="next_item"), random_split) == "next_item"
-    with pytest.raises(ValueError, match="objective must be one of auto, next_item, all_items, got 'everything'"):
+    with pytest.raises(
+        ValueError, match="objective must be one of auto, next_item, all_items, got 'everything'"
+    ):
         TrainConfig(objective="everything")

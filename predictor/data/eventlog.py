@@ -55,17 +55,32 @@ items_table = sa.Table(
 # their cache keys need not be constructed again for every batch.
 _e = events_table.c
 _USERS = sa.bindparam("users", expanding=True)
-_KNOWN_ITEMS = sa.select(items_table.c.item_id).where(items_table.c.item_id.in_(sa.bindparam("items", expanding=True)))
-_RANKED = sa.select(
-    _e.user_id, _e.item_id, _e.timestamp,
-    sa.func.row_number().over(partition_by=_e.user_id, order_by=(_e.timestamp.desc(), _e.id.desc())).label("rank"),
-).where(_e.user_id.in_(_USERS)).subquery()  # fmt: skip
+_KNOWN_ITEMS = sa.select(items_table.c.item_id).where(
+    items_table.c.item_id.in_(sa.bindparam("items", expanding=True))
+)
+_RANKED = (
+    sa.select(
+        _e.user_id,
+        _e.item_id,
+        _e.timestamp,
+        sa.func.row_number()
+        .over(partition_by=_e.user_id, order_by=(_e.timestamp.desc(), _e.id.desc()))
+        .label("rank"),
+    )
+    .where(_e.user_id.in_(_USERS))
+    .subquery()
+)
 _RECENT = (
     sa.select(_RANKED.c.user_id, _RANKED.c.item_id, _RANKED.c.timestamp)
     .where(_RANKED.c.rank <= sa.bindparam("n"))
     .order_by(_RANKED.c.user_id, _RANKED.c.rank)
 )
-_SEEN = sa.select(_e.user_id, _e.item_id).where(_e.user_id.in_(_USERS)).distinct().order_by(_e.user_id, _e.item_id)
+_SEEN = (
+    sa.select(_e.user_id, _e.item_id)
+    .where(_e.user_id.in_(_USERS))
+    .distinct()
+    .order_by(_e.user_id, _e.item_id)
+)
 _INSERTS: dict[str, sa.Insert] = {}
 
 
@@ -110,8 +125,12 @@ class EventLog:
         columns = {c["name"] for c in sa.inspect(self.engine).get_columns("events")}
         if "event_id" not in columns:
             with self.begin() as conn:
-                conn.execute(sa.text(f"ALTER TABLE events ADD COLUMN event_id VARCHAR({EVENT_ID_MAX_LENGTH})"))
-                conn.execute(sa.text("CREATE UNIQUE INDEX IF NOT EXISTS ix_events_event_id ON events (event_id)"))
+                conn.execute(
+                    sa.text(f"ALTER TABLE events ADD COLUMN event_id VARCHAR({EVENT_ID_MAX_LENGTH})")
+                )
+                conn.execute(
+                    sa.text("CREATE UNIQUE INDEX IF NOT EXISTS ix_events_event_id ON events (event_id)")
+                )
             log.info("event log: added the event_id column to the events table")
 
     @contextmanager
@@ -171,10 +190,13 @@ class EventLog:
             }
         ).to_csv(buf, index=False, header=False, na_rep="\\N")
         dbapi = conn.connection.driver_connection
-        with dbapi.cursor() as cur, cur.copy(
-            "COPY events (user_id, item_id, timestamp, event_type, weight, rating) "
-            "FROM STDIN WITH (FORMAT csv, NULL '\\N')"
-        ) as copy:
+        with (
+            dbapi.cursor() as cur,
+            cur.copy(
+                "COPY events (user_id, item_id, timestamp, event_type, weight, rating) "
+                "FROM STDIN WITH (FORMAT csv, NULL '\\N')"
+            ) as copy,
+        ):
             copy.write(buf.getvalue())
 
     # --- real-time append -----------------------------------------------------------------------
@@ -203,12 +225,14 @@ class EventLog:
     def _insert_new_events(conn: sa.Connection, events: pd.DataFrame) -> int:
         columns = ("user_id", "item_id", "timestamp", "event_type", "weight", "rating", "event_id")
         values = zip(
-            events["user_id"].astype("int64").tolist(), events["item_id"].astype("int64").tolist(),
-            _utc_naive(events["timestamp"]), events["event_type"].astype(str).tolist(),
+            events["user_id"].astype("int64").tolist(),
+            events["item_id"].astype("int64").tolist(),
+            _utc_naive(events["timestamp"]),
+            events["event_type"].astype(str).tolist(),
             events["weight"].astype(float).tolist(),
             [None if math.isnan(r) else r for r in events["rating"].astype(float).tolist()],  # NaN → NULL
             events["event_id"].astype(str).tolist(),
-        )  # fmt: skip
+        )
         rows = [dict(zip(columns, row)) for row in values]
         # RETURNING lists only the rows that went in, so the count excludes the skipped duplicates
         return len(conn.execute(_insert_new(conn.dialect.name), rows).all())

@@ -30,9 +30,26 @@ from predictor.data.splits import LINE_ORDER
 log = logging.getLogger(__name__)
 
 ML100K_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
-]  # fmt: skip
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 def _require_file(path: Path) -> Path:
@@ -53,7 +70,9 @@ def load_movielens_100k(directory: str | Path) -> Interactions:
     """MovieLens-100K: ``u.data`` (user, item, rating, unix time) and ``u.item`` (title and 19 genre flags)."""
     directory = Path(directory)
     data_path = _require_file(directory / "u.data")
-    raw = _read_csv_strict(data_path, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"])
+    raw = _read_csv_strict(
+        data_path, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"]
+    )
     raw["weight"] = raw["rating"]
     events, dropped = validate_events(raw, str(data_path), first_row_number=1, timestamp_unit="s")
 
@@ -78,7 +97,9 @@ def load_movielens_latest(directory: str | Path) -> Interactions:
 
     movies_path = directory / "movies.csv"
     if movies_path.is_file():
-        raw_items = _read_csv_strict(movies_path).rename(columns={"movieId": "item_id", "genres": "categories"})
+        raw_items = _read_csv_strict(movies_path).rename(
+            columns={"movieId": "item_id", "genres": "categories"}
+        )
         items = complete_items(events, validate_items(raw_items, str(movies_path), first_row_number=2))
     else:
         items = items_from_events(events)
@@ -100,7 +121,9 @@ def load_table(
     raw, first_row = read_table_file(path)
     if columns:
         raw = raw.rename(columns=columns)
-    events, dropped = validate_events(raw, str(path), first_row_number=first_row, timestamp_unit=timestamp_unit)
+    events, dropped = validate_events(
+        raw, str(path), first_row_number=first_row, timestamp_unit=timestamp_unit
+    )
     if items_path is not None:
         items_path = _require_file(Path(items_path))
         raw_items, first_item_row = read_table_file(items_path)
@@ -124,14 +147,20 @@ def load_user_lines(path: str | Path) -> Interactions:
             continue
         for column, token in enumerate(parts):
             if not token.isdigit():
-                raise DataValidationError(str(path), line_no, "user_id" if column == 0 else "item_id",
-                                          f"expected an integer id, got {token!r}")  # fmt: skip
+                raise DataValidationError(
+                    str(path),
+                    line_no,
+                    "user_id" if column == 0 else "item_id",
+                    f"expected an integer id, got {token!r}",
+                )
         users.extend([int(parts[0])] * (len(parts) - 1))
         items.extend(int(t) for t in parts[1:])
     order = np.arange(len(items), dtype=np.int64)
     raw = pd.DataFrame({"user_id": users, "item_id": items, "timestamp": order})
     events, dropped = validate_events(raw, str(path), timestamp_unit="s", drop_duplicates=False)
-    return Interactions(events, items_from_events(events), path.stem, dropped, meta={"timestamps": LINE_ORDER})
+    return Interactions(
+        events, items_from_events(events), path.stem, dropped, meta={"timestamps": LINE_ORDER}
+    )
 
 
 def load_any(path: str | Path) -> Interactions:
@@ -143,11 +172,13 @@ def load_any(path: str | Path) -> Interactions:
 def read_table_file(path: Path) -> tuple[pd.DataFrame, int]:
     """(frame, row number of its first data row as the user counts it)."""
     suffix = "".join(path.suffixes[-2:]).lower()
-    if suffix.endswith(".parquet") or suffix.endswith(".pq"):
+    if suffix.endswith((".parquet", ".pq")):
         return pd.read_parquet(path), 1
-    if suffix.endswith(".csv") or suffix.endswith(".csv.gz") or suffix.endswith(".tsv"):
+    if suffix.endswith((".csv", ".csv.gz", ".tsv")):
         return _read_csv_strict(path, sep="\t" if ".tsv" in suffix else ","), 2
-    raise DataValidationError(str(path), None, None, "unsupported format (expected .csv, .csv.gz, .tsv or .parquet)")
+    raise DataValidationError(
+        str(path), None, None, "unsupported format (expected .csv, .csv.gz, .tsv or .parquet)"
+    )
 
 
 def load_sql(

@@ -36,7 +36,13 @@ ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "categories")
 EVENT_ID_MAX_LENGTH = 128
 
 # implicit-feedback weight per event type when a source gives a type but no weight
-DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "rating": 3.0, "cart": 4.0, "purchase": 5.0}
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "view": 1.0,
+    "click": 2.0,
+    "rating": 3.0,
+    "cart": 4.0,
+    "purchase": 5.0,
+}
 
 
 class DataValidationError(ValueError):
@@ -120,7 +126,10 @@ def _to_timestamp(col: pd.Series, source: str, first_row_number: int, unit: str 
         pos = _first_bad(numeric.isna().to_numpy())
         if pos is not None:
             raise DataValidationError(
-                source, _row_number(pos, first_row_number), "timestamp", f"unparsable timestamp {col.iloc[pos]!r}"
+                source,
+                _row_number(pos, first_row_number),
+                "timestamp",
+                f"unparsable timestamp {col.iloc[pos]!r}",
             )
         ts = pd.to_datetime(numeric, unit=unit or "s", utc=True)
     else:
@@ -128,7 +137,10 @@ def _to_timestamp(col: pd.Series, source: str, first_row_number: int, unit: str 
         pos = _first_bad(ts.isna().to_numpy())
         if pos is not None:
             raise DataValidationError(
-                source, _row_number(pos, first_row_number), "timestamp", f"unparsable timestamp {col.iloc[pos]!r}"
+                source,
+                _row_number(pos, first_row_number),
+                "timestamp",
+                f"unparsable timestamp {col.iloc[pos]!r}",
             )
     if ts.dt.tz is None:
         ts = ts.dt.tz_localize("UTC")
@@ -137,12 +149,17 @@ def _to_timestamp(col: pd.Series, source: str, first_row_number: int, unit: str 
     pos = _first_bad(((ts < _EARLIEST) | (ts > _LATEST)).to_numpy())
     if pos is not None:
         raise DataValidationError(
-            source, _row_number(pos, first_row_number), "timestamp", f"timestamp out of range {col.iloc[pos]!r}"
+            source,
+            _row_number(pos, first_row_number),
+            "timestamp",
+            f"timestamp out of range {col.iloc[pos]!r}",
         )
     return ts.astype("datetime64[ns, UTC]")
 
 
-def _to_float(col: pd.Series, name: str, source: str, first_row_number: int, allow_missing: bool) -> pd.Series:
+def _to_float(
+    col: pd.Series, name: str, source: str, first_row_number: int, allow_missing: bool
+) -> pd.Series:
     numeric = pd.to_numeric(col, errors="coerce")
     unparsable = numeric.isna().to_numpy() & ~col.isna().to_numpy()
     if not allow_missing:
@@ -187,7 +204,9 @@ def validate_events(
         event_type = df["event_type"].astype("string")
         pos = _first_bad(event_type.isna().to_numpy())
         if pos is not None:
-            raise DataValidationError(source, _row_number(pos, first_row_number), "event_type", "empty event type")
+            raise DataValidationError(
+                source, _row_number(pos, first_row_number), "event_type", "empty event type"
+            )
         out["event_type"] = event_type.astype(str)
     else:
         out["event_type"] = "rating" if "rating" in df.columns else "view"
@@ -204,7 +223,10 @@ def validate_events(
     pos = _first_bad((weight < 0).to_numpy() | ~np.isfinite(weight.to_numpy()))
     if pos is not None:
         raise DataValidationError(
-            source, _row_number(pos, first_row_number), "weight", f"weight must be >= 0, got {df['weight'].iloc[pos]!r}"
+            source,
+            _row_number(pos, first_row_number),
+            "weight",
+            f"weight must be >= 0, got {df['weight'].iloc[pos]!r}",
         )
     out["weight"] = weight.astype("float32")
     out = out[list(EVENT_COLUMNS)]
@@ -240,14 +262,23 @@ def validate_event_rows(rows: list[dict], source: str, first_row_number: int = 0
     event_type = []
     for pos, row in enumerate(rows):
         if _missing(row["event_type"]):
-            raise DataValidationError(source, _row_number(pos, first_row_number), "event_type", "empty event type")
+            raise DataValidationError(
+                source, _row_number(pos, first_row_number), "event_type", "empty event type"
+            )
         event_type.append(str(row["event_type"]))
-    rating = [_row_float(r["rating"], "rating", source, p + first_row_number, True) for p, r in enumerate(rows)]
-    weight = [_row_float(r["weight"], "weight", source, p + first_row_number, False) for p, r in enumerate(rows)]
+    rating = [
+        _row_float(r["rating"], "rating", source, p + first_row_number, True) for p, r in enumerate(rows)
+    ]
+    weight = [
+        _row_float(r["weight"], "weight", source, p + first_row_number, False) for p, r in enumerate(rows)
+    ]
     for pos, value in enumerate(weight):
         if not (value >= 0 and np.isfinite(value)):
             raise DataValidationError(
-                source, _row_number(pos, first_row_number), "weight", f"weight must be >= 0, got {rows[pos]['weight']!r}"
+                source,
+                _row_number(pos, first_row_number),
+                "weight",
+                f"weight must be >= 0, got {rows[pos]['weight']!r}",
             )
     event_id = _check_event_ids([r["event_id"] for r in rows], source, first_row_number)
     nanos = np.array([t.value for t in timestamp], dtype=np.int64)
@@ -293,7 +324,9 @@ def _int_ids(values: list, name: str, source: str, first_row_number: int) -> lis
             raise DataValidationError(source, _row_number(pos, first_row_number), name, problem)
     for pos, (value, number) in enumerate(zip(values, numbers)):  # then the sign, as the file validator does
         if number < 0:
-            raise DataValidationError(source, _row_number(pos, first_row_number), name, f"ids must be >= 0, got {value!r}")
+            raise DataValidationError(
+                source, _row_number(pos, first_row_number), name, f"ids must be >= 0, got {value!r}"
+            )
     return [int(v) if isinstance(v, (int, np.integer)) else int(n) for v, n in zip(values, numbers)]
 
 
@@ -331,13 +364,16 @@ def _event_ids(df: pd.DataFrame, source: str, first_row_number: int) -> pd.Serie
 def _check_event_ids(ids: list, source: str, first_row_number: int) -> list[str]:
     for pos, value in enumerate(ids):
         if not isinstance(value, str) or not value or len(value) > EVENT_ID_MAX_LENGTH:
-            problem = f"expected a non-empty string of at most {EVENT_ID_MAX_LENGTH} characters, got {value!r}"
+            problem = (
+                f"expected a non-empty string of at most {EVENT_ID_MAX_LENGTH} characters, got {value!r}"
+            )
             raise DataValidationError(source, _row_number(pos, first_row_number), "event_id", problem)
     seen: set[str] = set()
     for pos, value in enumerate(ids):
         if value in seen:
-            raise DataValidationError(source, _row_number(pos, first_row_number), "event_id",
-                                      f"event_id {value!r} appears twice")  # fmt: skip
+            raise DataValidationError(
+                source, _row_number(pos, first_row_number), "event_id", f"event_id {value!r} appears twice"
+            )
         seen.add(value)
     return ids
 
@@ -359,7 +395,10 @@ def validate_items(df: pd.DataFrame, source: str, first_row_number: int = 1) -> 
     pos = _first_bad(dup.to_numpy())
     if pos is not None:
         raise DataValidationError(
-            source, _row_number(pos, first_row_number), "item_id", f"duplicate item id {out['item_id'].iloc[pos]}"
+            source,
+            _row_number(pos, first_row_number),
+            "item_id",
+            f"duplicate item id {out['item_id'].iloc[pos]}",
         )
     return out.sort_values("item_id").reset_index(drop=True)
 
@@ -383,6 +422,10 @@ def complete_items(events: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
     unknown = np.setdiff1d(events["item_id"].unique(), items["item_id"].to_numpy())
     if len(unknown) == 0:
         return items
-    log.info("%d items have events but no metadata; adding them with empty title and categories", len(unknown))
-    extra = pd.DataFrame({"item_id": unknown.astype("int64"), "title": "", "categories": [[] for _ in unknown]})
+    log.info(
+        "%d items have events but no metadata; adding them with empty title and categories", len(unknown)
+    )
+    extra = pd.DataFrame(
+        {"item_id": unknown.astype("int64"), "title": "", "categories": [[] for _ in unknown]}
+    )
     return pd.concat([items, extra], ignore_index=True).sort_values("item_id").reset_index(drop=True)

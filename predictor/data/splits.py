@@ -14,7 +14,9 @@ from predictor.data.schema import Interactions
 LINE_ORDER = "line order"  # Interactions.meta["timestamps"] of files without time: they only encode order
 
 
-def random_user_split(data: Interactions, test_share: float = 0.2, seed: int = 0) -> tuple[Interactions, Interactions]:
+def random_user_split(
+    data: Interactions, test_share: float = 0.2, seed: int = 0
+) -> tuple[Interactions, Interactions]:
     """(train, test): each user's distinct items split at random, ``test_share`` of them (rounded, at least
     one for users with two or more items, never all) to test, as in the NGCF / LightGCN splits."""
     if not 0 < test_share < 1:
@@ -29,8 +31,12 @@ def random_user_split(data: Interactions, test_share: float = 0.2, seed: int = 0
     rank = np.arange(len(users)) - np.repeat(starts, counts)
     is_test = rank < np.repeat(n_test, counts)
     test_rows, train_rows = order[is_test], order[~is_test]
-    return (Interactions(events.iloc[np.sort(train_rows)].reset_index(drop=True), data.items, f"{data.name} train"),
-            Interactions(events.iloc[np.sort(test_rows)].reset_index(drop=True), data.items, f"{data.name} test"))  # fmt: skip
+    return (
+        Interactions(
+            events.iloc[np.sort(train_rows)].reset_index(drop=True), data.items, f"{data.name} train"
+        ),
+        Interactions(events.iloc[np.sort(test_rows)].reset_index(drop=True), data.items, f"{data.name} test"),
+    )
 
 
 def write_user_lines(data: Interactions, path: str | Path) -> Path:
@@ -39,13 +45,16 @@ def write_user_lines(data: Interactions, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     events = data.events.sort_values(["user_id", "item_id"], kind="stable")
-    lines = [f"{user} " + " ".join(map(str, group.to_numpy())) for user, group in events.groupby("user_id")["item_id"]]
+    lines = [
+        f"{user} " + " ".join(map(str, group.to_numpy()))
+        for user, group in events.groupby("user_id")["item_id"]
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def split_protocol(train: Interactions, test: Interactions, share: float = 0.95) -> str:
-    """"temporal" when the test events of at least ``share`` of the users who have both come at or after
+    """ "temporal" when the test events of at least ``share`` of the users who have both come at or after
     their last train event (by real timestamps); otherwise "random" (test items are a sample of the user's
     items, as in one-line-per-user files, whose timestamps only encode line order)."""
     if LINE_ORDER in (train.meta.get("timestamps"), test.meta.get("timestamps")):

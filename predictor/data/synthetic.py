@@ -97,7 +97,9 @@ def generate(config: SyntheticConfig | None = None, **overrides) -> Interactions
     item_of_event = np.where(rng.random(cfg.n_events) < cfg.in_category_share, item_in_cat, item_global)
 
     # --- time: users start at random points, short gaps inside sessions, long ones between -------
-    gaps = np.where(new_session, rng.exponential(36 * 3600.0, cfg.n_events), rng.exponential(90.0, cfg.n_events))
+    gaps = np.where(
+        new_session, rng.exponential(36 * 3600.0, cfg.n_events), rng.exponential(90.0, cfg.n_events)
+    )
     gaps[first_of_user] = 0.0
     user_offset = np.cumsum(gaps)
     user_offset -= np.maximum.accumulate(np.where(first_of_user, user_offset, 0.0))

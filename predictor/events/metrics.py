@@ -18,6 +18,8 @@ ONLINE_LATENCY = Histogram(
     "From the service receiving an event to its user's sequence in the online store.",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60),
 )
+
+
 def count_applied(events: int, new: int, received_at: list[float]) -> None:
     """An applied batch: new events, skipped duplicates, and receipt-to-online latency per request."""
     APPLIED.inc(new)
@@ -28,6 +30,7 @@ def count_applied(events: int, new: int, received_at: list[float]) -> None:
 
 
 REQUEST_SECONDS = Histogram(
-    "recsys_events_request_seconds", "POST /v1/events handling time.",
+    "recsys_events_request_seconds",
+    "POST /v1/events handling time.",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5),
-)  # fmt: skip
+)

@@ -111,8 +111,11 @@ def ingest_app(settings: Settings) -> FastAPI:
         while True:
             try:
                 await publisher.start()
-                log.info("publishing events to JetStream stream %s at %s", settings.events_stream,
-                         settings.nats_url)  # fmt: skip
+                log.info(
+                    "publishing events to JetStream stream %s at %s",
+                    settings.events_stream,
+                    settings.nats_url,
+                )
                 return
             except Exception as exc:  # noqa: BLE001 - NATS not up yet: stay unready and try again
                 log.warning("JetStream at %s not reachable (%r); retrying", settings.nats_url, exc)
@@ -169,8 +172,9 @@ def ingest_app(settings: Settings) -> FastAPI:
             await publisher.publish(batch)
         except Exception as exc:  # noqa: BLE001 - whatever JetStream said, the client must retry: 503
             log.warning("publishing %d events failed: %r", len(batch), exc)
-            return JSONResponse({"error": f"the event stream did not store the batch: {exc!r}; retry"},
-                                status_code=503)  # fmt: skip
+            return JSONResponse(
+                {"error": f"the event stream did not store the batch: {exc!r}; retry"}, status_code=503
+            )
         metrics.ACCEPTED.inc(len(batch))
         return JSONResponse({"accepted": len(batch), "event_ids": batch.event_ids}, status_code=202)
 
@@ -182,8 +186,9 @@ def ingest_app(settings: Settings) -> FastAPI:
             return _error(400, exc, "unknown_item", batch)
         except Exception as exc:  # noqa: BLE001 - the log or the online store is down: 503, retry
             log.warning("applying %d events failed: %r", len(batch), exc)
-            return JSONResponse({"error": f"the event log did not take the batch: {exc!r}; retry"},
-                                status_code=503)  # fmt: skip
+            return JSONResponse(
+                {"error": f"the event log did not take the batch: {exc!r}; retry"}, status_code=503
+            )
         metrics.ACCEPTED.inc(len(batch))
         metrics.count_applied(applied.events, applied.new, [batch.received_at])
         body = {"accepted": len(batch), "applied": applied.new, "event_ids": batch.event_ids}
@@ -213,8 +218,12 @@ def consumer_app(settings: Settings, fetch_batch: int = 256) -> FastAPI:
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
             state["consumer"] = consumer
-            log.info("consuming %s as durable %s, %d messages a fetch", settings.events_stream,
-                     settings.events_consumer, fetch_batch)  # fmt: skip
+            log.info(
+                "consuming %s as durable %s, %d messages a fetch",
+                settings.events_stream,
+                settings.events_consumer,
+                fetch_batch,
+            )
             try:
                 await consumer.run(stop)
             except Exception:  # unacknowledged messages are redelivered to the next subscription

@@ -70,12 +70,18 @@ async def connect(settings: Settings, name: str) -> nats.NATS:
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
     """Create the event and dead-letter streams, or bring their settings up to date."""
     max_age = settings.events_max_age_days * 86_400
-    for name, subject in ((settings.events_stream, settings.events_subject),
-                          (dead_stream(settings), dead_subject(settings))):  # fmt: skip
+    for name, subject in (
+        (settings.events_stream, settings.events_subject),
+        (dead_stream(settings), dead_subject(settings)),
+    ):
         config = StreamConfig(
-            name=name, subjects=[subject], retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-            max_age=max_age, duplicate_window=DUPLICATE_WINDOW_SECONDS,
-        )  # fmt: skip
+            name=name,
+            subjects=[subject],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=max_age,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        )
         try:
             await js.stream_info(name)
             await js.update_stream(config)
@@ -103,9 +109,11 @@ class EventPublisher:
     async def publish(self, batch: EventBatch) -> None:
         """Store one batch in the stream (JetStream drops a re-publish of the same ids: a retried request)."""
         await self.js.publish(
-            self.settings.events_subject, encode_message(batch), timeout=5.0,
+            self.settings.events_subject,
+            encode_message(batch),
+            timeout=5.0,
             headers={"Nats-Msg-Id": message_id(batch)},
-        )  # fmt: skip
+        )
 
     async def close(self) -> None:
         if self.nc is not None:
@@ -116,8 +124,13 @@ class EventConsumer:
     """The durable pull consumer loop; ``apply`` writes one batch (blocking, run in a thread) and answers
     with its ``events`` and ``new`` counts (``predictor.features.realtime.PushResult``)."""
 
-    def __init__(self, settings: Settings, apply: Callable[[EventBatch], PushResult], fetch_batch: int = 256,
-                 fetch_timeout: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        apply: Callable[[EventBatch], PushResult],
+        fetch_batch: int = 256,
+        fetch_timeout: float = 1.0,
+    ):
         self.settings, self.apply = settings, apply
         self.fetch_batch, self.fetch_timeout = fetch_batch, fetch_timeout
         self.nc: nats.NATS | None = None
@@ -129,14 +142,20 @@ class EventConsumer:
         self.js = self.nc.jetstream()
         await ensure_streams(self.js, self.settings)
         config = ConsumerConfig(
-            durable_name=self.settings.events_consumer, ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL, ack_wait=self.settings.events_ack_wait_seconds, max_deliver=-1,
-            max_ack_pending=max(1000, 4 * self.fetch_batch), filter_subject=self.settings.events_subject,
-        )  # fmt: skip
+            durable_name=self.settings.events_consumer,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.settings.events_ack_wait_seconds,
+            max_deliver=-1,
+            max_ack_pending=max(1000, 4 * self.fetch_batch),
+            filter_subject=self.settings.events_subject,
+        )
         self.subscription = await self.js.pull_subscribe(
-            self.settings.events_subject, durable=self.settings.events_consumer,
-            stream=self.settings.events_stream, config=config,
-        )  # fmt: skip
+            self.settings.events_subject,
+            durable=self.settings.events_consumer,
+            stream=self.settings.events_stream,
+            config=config,
+        )
 
     @property
     def ready(self) -> bool:
@@ -177,9 +196,7 @@ class EventConsumer:
             await self._apply(decoded)
 
     async def _apply(self, decoded: list[tuple[Msg, EventBatch]]) -> None:
-        batch = EventBatch(
-            _concat([b.events for _, b in decoded]), min(b.received_at for _, b in decoded)
-        )
+        batch = EventBatch(_concat([b.events for _, b in decoded]), min(b.received_at for _, b in decoded))
         try:
             applied = await asyncio.to_thread(self.apply, batch)
         except (DataValidationError, UnknownItemError) as exc:  # input the log refuses: poison
@@ -205,8 +222,12 @@ class EventConsumer:
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         sequence = str(msg.metadata.sequence.stream)
         try:
-            await self.js.publish(dead_subject(self.settings), msg.data, timeout=5.0,
-                                  headers={DEAD_REASON: reason[:4000], DEAD_SEQUENCE: sequence})  # fmt: skip
+            await self.js.publish(
+                dead_subject(self.settings),
+                msg.data,
+                timeout=5.0,
+                headers={DEAD_REASON: reason[:4000], DEAD_SEQUENCE: sequence},
+            )
         except Exception as exc:  # noqa: BLE001 - not stored in the dead-letter stream: redeliver, try again
             log.warning("dead-lettering stream message %s failed (%r); it will be redelivered", sequence, exc)
             await msg.nak(delay=5.0)

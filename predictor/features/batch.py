@@ -51,7 +51,11 @@ class FeatureTables:
     categories: list[str]
 
     def as_dict(self) -> dict[str, pd.DataFrame]:
-        return {USER_PROFILE: self.user_profile, USER_RECENT_ITEMS: self.user_recent_items, ITEM_PROFILE: self.item_profile}
+        return {
+            USER_PROFILE: self.user_profile,
+            USER_RECENT_ITEMS: self.user_recent_items,
+            ITEM_PROFILE: self.item_profile,
+        }
 
 
 def compute_features(
@@ -72,14 +76,19 @@ def compute_features(
         raise ValueError("cannot compute features from an empty event log")
     if snapshots is None or len(snapshots) == 0:
         snapshots = [events["timestamp"].max()]
-    snapshots = sorted(pd.Timestamp(s).tz_convert("UTC") if pd.Timestamp(s).tzinfo else pd.Timestamp(s, tz="UTC") for s in snapshots)
+    snapshots = sorted(
+        pd.Timestamp(s).tz_convert("UTC") if pd.Timestamp(s).tzinfo else pd.Timestamp(s, tz="UTC")
+        for s in snapshots
+    )
     created = created or pd.Timestamp.now(tz="UTC")
 
     vocabulary = data.category_vocabulary()
     item_cats = _item_category_ids(data.items, vocabulary)
     first_seen = _FirstSeen(events) if USER_RECENT_ITEMS in tables else None
     users, recents, items, computed = [], [], [], False
-    for t in tqdm(snapshots, desc="feature snapshots", unit="snapshot", disable=not progress or len(snapshots) < 2):
+    for t in tqdm(
+        snapshots, desc="feature snapshots", unit="snapshot", disable=not progress or len(snapshots) < 2
+    ):
         upto = events.iloc[: events["timestamp"].searchsorted(t, side="right")]
         if upto.empty:
             continue
@@ -131,7 +140,9 @@ def _ratings(events: pd.DataFrame, key: str) -> pd.DataFrame:
     return pd.DataFrame({"mean_rating": grouped.mean(), "rating_count": grouped.size()})
 
 
-def _user_profile(events: pd.DataFrame, t: pd.Timestamp, item_cats: pd.DataFrame, n_categories: int) -> pd.DataFrame:
+def _user_profile(
+    events: pd.DataFrame, t: pd.Timestamp, item_cats: pd.DataFrame, n_categories: int
+) -> pd.DataFrame:
     out = _window_counts(events, "user_id", t, "events")
     last = events.groupby("user_id")["timestamp"].max()
     out["seconds_since_last_event"] = ((t - last).dt.total_seconds()).astype("float32")
@@ -154,10 +165,18 @@ def _user_profile(events: pd.DataFrame, t: pd.Timestamp, item_cats: pd.DataFrame
     out.insert(1, "event_timestamp", t)
     return out[
         [
-            "user_id", "event_timestamp", "events_1d", "events_7d", "events_30d", "events_total",
-            "seconds_since_last_event", "mean_rating", "rating_count", "category_affinity",
+            "user_id",
+            "event_timestamp",
+            "events_1d",
+            "events_7d",
+            "events_30d",
+            "events_total",
+            "seconds_since_last_event",
+            "mean_rating",
+            "rating_count",
+            "category_affinity",
         ]
-    ]  # fmt: skip
+    ]
 
 
 def _recent_items(events: pd.DataFrame, t: pd.Timestamp, n: int, first_seen: _FirstSeen) -> pd.DataFrame:
@@ -204,7 +223,9 @@ class _FirstSeen:
         return users[starts], [flat[a:b] for a, b in zip(starts, [*starts[1:], len(flat)])]
 
 
-def _item_profile(events: pd.DataFrame, t: pd.Timestamp, items: pd.DataFrame, item_cats: pd.DataFrame) -> pd.DataFrame:
+def _item_profile(
+    events: pd.DataFrame, t: pd.Timestamp, items: pd.DataFrame, item_cats: pd.DataFrame
+) -> pd.DataFrame:
     out = items[["item_id"]].set_index("item_id")
     out = out.join(_window_counts(events, "item_id", t, "popularity")).fillna(0)
     count_cols = ["popularity_1d", "popularity_7d", "popularity_30d", "popularity_total"]
@@ -220,6 +241,12 @@ def _item_profile(events: pd.DataFrame, t: pd.Timestamp, items: pd.DataFrame, it
     out.insert(1, "event_timestamp", t)
     return out[
         [
-            "item_id", "event_timestamp", *count_cols, "mean_rating", "rating_count", "age_seconds", "categories",
+            "item_id",
+            "event_timestamp",
+            *count_cols,
+            "mean_rating",
+            "rating_count",
+            "age_seconds",
+            "categories",
         ]
-    ]  # fmt: skip
+    ]

@@ -45,10 +45,14 @@ class MaterializationMarker:
             self.redis.hset(self.key, mapping=stamps)
             return
         with sqlite3.connect(self.path) as db:
-            db.execute(f"CREATE TABLE IF NOT EXISTS {SQLITE_TABLE} (project TEXT, view TEXT, until TEXT, "
-                       "PRIMARY KEY (project, view))")  # fmt: skip
-            db.executemany(f"INSERT OR REPLACE INTO {SQLITE_TABLE} VALUES (?, ?, ?)",
-                           [(self.project, v, t) for v, t in stamps.items()])  # fmt: skip
+            db.execute(
+                f"CREATE TABLE IF NOT EXISTS {SQLITE_TABLE} (project TEXT, view TEXT, until TEXT, "
+                "PRIMARY KEY (project, view))"
+            )
+            db.executemany(
+                f"INSERT OR REPLACE INTO {SQLITE_TABLE} VALUES (?, ?, ?)",
+                [(self.project, v, t) for v, t in stamps.items()],
+            )
 
     def read(self) -> dict[str, str]:
         """Feature view → the end of the last materialization that wrote it."""
@@ -56,7 +60,9 @@ class MaterializationMarker:
             return {k.decode(): v.decode() for k, v in self.redis.hgetall(self.key).items()}
         try:
             with sqlite3.connect(self.path) as db:
-                rows = db.execute(f"SELECT view, until FROM {SQLITE_TABLE} WHERE project = ?", (self.project,))
+                rows = db.execute(
+                    f"SELECT view, until FROM {SQLITE_TABLE} WHERE project = ?", (self.project,)
+                )
                 return dict(rows.fetchall())
         except sqlite3.OperationalError:  # no table: nothing was marked
             return {}
@@ -64,8 +70,11 @@ class MaterializationMarker:
     def lost_views(self, allow_cache: bool = False) -> list[str]:
         """Online feature views the registry says were materialized whose marker is gone."""
         marked = self.read()
-        materialized = [fv.name for fv in self.store.list_feature_views(allow_cache=allow_cache)
-                        if fv.online and fv.materialization_intervals]  # fmt: skip
+        materialized = [
+            fv.name
+            for fv in self.store.list_feature_views(allow_cache=allow_cache)
+            if fv.online and fv.materialization_intervals
+        ]
         return sorted(view for view in materialized if view not in marked)
 
     def close(self) -> None:

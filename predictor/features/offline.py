@@ -22,23 +22,39 @@ log = logging.getLogger(__name__)
 _TS = sa.DateTime(timezone=True)
 _COLUMNS: dict[str, list[tuple[str, sa.types.TypeEngine]]] = {
     USER_PROFILE: [
-        ("user_id", sa.BigInteger()), ("event_timestamp", _TS), ("events_1d", sa.BigInteger()),
-        ("events_7d", sa.BigInteger()), ("events_30d", sa.BigInteger()), ("events_total", sa.BigInteger()),
-        ("seconds_since_last_event", sa.REAL()), ("mean_rating", sa.REAL()), ("rating_count", sa.BigInteger()),
-        ("category_affinity", postgresql.ARRAY(sa.REAL())), ("created", _TS),
+        ("user_id", sa.BigInteger()),
+        ("event_timestamp", _TS),
+        ("events_1d", sa.BigInteger()),
+        ("events_7d", sa.BigInteger()),
+        ("events_30d", sa.BigInteger()),
+        ("events_total", sa.BigInteger()),
+        ("seconds_since_last_event", sa.REAL()),
+        ("mean_rating", sa.REAL()),
+        ("rating_count", sa.BigInteger()),
+        ("category_affinity", postgresql.ARRAY(sa.REAL())),
+        ("created", _TS),
     ],
     USER_RECENT_ITEMS: [
-        ("user_id", sa.BigInteger()), ("event_timestamp", _TS),
-        ("recent_items", postgresql.ARRAY(sa.BigInteger())), ("seen_items", postgresql.ARRAY(sa.BigInteger())),
+        ("user_id", sa.BigInteger()),
+        ("event_timestamp", _TS),
+        ("recent_items", postgresql.ARRAY(sa.BigInteger())),
+        ("seen_items", postgresql.ARRAY(sa.BigInteger())),
         ("created", _TS),
     ],
     ITEM_PROFILE: [
-        ("item_id", sa.BigInteger()), ("event_timestamp", _TS), ("popularity_1d", sa.BigInteger()),
-        ("popularity_7d", sa.BigInteger()), ("popularity_30d", sa.BigInteger()),
-        ("popularity_total", sa.BigInteger()), ("mean_rating", sa.REAL()), ("rating_count", sa.BigInteger()),
-        ("age_seconds", sa.REAL()), ("categories", postgresql.ARRAY(sa.BigInteger())), ("created", _TS),
+        ("item_id", sa.BigInteger()),
+        ("event_timestamp", _TS),
+        ("popularity_1d", sa.BigInteger()),
+        ("popularity_7d", sa.BigInteger()),
+        ("popularity_30d", sa.BigInteger()),
+        ("popularity_total", sa.BigInteger()),
+        ("mean_rating", sa.REAL()),
+        ("rating_count", sa.BigInteger()),
+        ("age_seconds", sa.REAL()),
+        ("categories", postgresql.ARRAY(sa.BigInteger())),
+        ("created", _TS),
     ],
-}  # fmt: skip
+}
 
 
 def postgres_table(name: str, metadata: sa.MetaData | None = None) -> sa.Table:
@@ -106,7 +122,11 @@ def _write_postgres(name: str, frame: pd.DataFrame, url: str, mode: str) -> None
         if mode == "replace":
             table.drop(conn, checkfirst=True)
         table.create(conn, checkfirst=True)
-        with conn.connection.driver_connection.cursor() as cur:
-            with cur.copy(f"COPY {name} ({', '.join(c for c, _ in _COLUMNS[name])}) FROM STDIN WITH (FORMAT csv)") as cp:
-                cp.write(buf.getvalue())
+        with (
+            conn.connection.driver_connection.cursor() as cur,
+            cur.copy(
+                f"COPY {name} ({', '.join(c for c, _ in _COLUMNS[name])}) FROM STDIN WITH (FORMAT csv)"
+            ) as cp,
+        ):
+            cp.write(buf.getvalue())
     engine.dispose()

@@ -8,7 +8,9 @@ from predictor.features.batch import compute_features, daily_snapshots
 from predictor.features.offline import write_offline
 
 
-def build_features(settings: Settings, snapshot_every: str | None = None, progress: bool = False) -> dict[str, int]:
+def build_features(
+    settings: Settings, snapshot_every: str | None = None, progress: bool = False
+) -> dict[str, int]:
     """Compute features from the whole event log and replace the offline tables with them.
 
     Without ``snapshot_every`` there is one snapshot, at the last event; with it (e.g. ``"1D"``) there

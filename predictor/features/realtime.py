@@ -70,7 +70,9 @@ class SequenceWriter:
             self._view_read = time.monotonic()
         return self._view
 
-    def write(self, users: list[int], recent: list[list[int]], seen: list[list[int]], last_event: list) -> dict:
+    def write(
+        self, users: list[int], recent: list[list[int]], seen: list[list[int]], last_event: list
+    ) -> dict:
         """Write the sequences, each stamped with the later of its last event and now; returns the columns.
 
         Valid from when we learned it: online stores keep the row with the newest event_timestamp, so
@@ -80,14 +82,25 @@ class SequenceWriter:
         now = datetime.now(timezone.utc)
         stamps = [max(_aware(last), now) for last in last_event]
         rows = [
-            (EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=int(user))]),
-             {"recent_items": Value(int64_list_val=Int64List(val=r)), "seen_items": Value(int64_list_val=Int64List(val=s))},
-             stamp, now)
+            (
+                EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=int(user))]),
+                {
+                    "recent_items": Value(int64_list_val=Int64List(val=r)),
+                    "seen_items": Value(int64_list_val=Int64List(val=s)),
+                },
+                stamp,
+                now,
+            )
             for user, r, s, stamp in zip(users, recent, seen, stamps)
-        ]  # fmt: skip
+        ]
         self.provider.online_write_batch(self.store.config, self.view(), rows, progress=None)
-        return {"user_id": users, "recent_items": recent, "seen_items": seen, "event_timestamp": stamps,
-                "created": [now] * len(users)}  # fmt: skip
+        return {
+            "user_id": users,
+            "recent_items": recent,
+            "seen_items": seen,
+            "event_timestamp": stamps,
+            "created": [now] * len(users),
+        }
 
 
 def _aware(stamp) -> datetime:

@@ -59,8 +59,10 @@ class _FeastRedisLayout:
         at = probe.find(struct.pack("<q", 0))
         while at >= 0:
             frame = (probe[:at], probe[at + 8 :])
-            if all(frame[0] + struct.pack("<q", v) + frame[1] == self._feast_key(join_key, v)
-                   for v in (0, 1, -1, 255, 2**40 + 7, -(2**62))):  # fmt: skip
+            if all(
+                frame[0] + struct.pack("<q", v) + frame[1] == self._feast_key(join_key, v)
+                for v in (0, 1, -1, 255, 2**40 + 7, -(2**62))
+            ):
                 return frame
             at = probe.find(struct.pack("<q", 0), at + 1)
         return False
@@ -124,7 +126,9 @@ def redis_client(settings: Settings, timeout: float = 5.0):
     if settings.redis_type == "redis_sentinel":
         from redis.sentinel import Sentinel
 
-        return Sentinel(nodes, **kwargs).master_for(settings.redis_sentinel_master, db=settings.redis_db, **kwargs)
+        return Sentinel(nodes, **kwargs).master_for(
+            settings.redis_sentinel_master, db=settings.redis_db, **kwargs
+        )
     host, port = nodes[0]
     return redis.Redis(host=host, port=port, db=settings.redis_db, **kwargs)
 
@@ -136,15 +140,19 @@ def async_redis_client(settings: Settings, timeout: float, max_connections: int)
     if settings.redis_type == "redis_cluster":
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], max_connections=max_connections,
-                            **kwargs)  # fmt: skip
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in nodes], max_connections=max_connections, **kwargs
+        )
     if settings.redis_type == "redis_sentinel":
         from redis.asyncio.sentinel import Sentinel
 
-        return Sentinel(nodes, **kwargs).master_for(settings.redis_sentinel_master, db=settings.redis_db,
-                                                    max_connections=max_connections, **kwargs)  # fmt: skip
+        return Sentinel(nodes, **kwargs).master_for(
+            settings.redis_sentinel_master, db=settings.redis_db, max_connections=max_connections, **kwargs
+        )
     host, port = nodes[0]
-    return redis.asyncio.Redis(host=host, port=port, db=settings.redis_db, max_connections=max_connections, **kwargs)
+    return redis.asyncio.Redis(
+        host=host, port=port, db=settings.redis_db, max_connections=max_connections, **kwargs
+    )
 
 
 class RawRedisReader(_FeastRedisLayout):
@@ -192,9 +200,20 @@ class AsyncRawRedisReader(_FeastRedisLayout):
 # ValueProto fields whose Python value Feast's ``feast_value_type_to_python_type`` returns as they are
 # (scalars) or as a plain list (lists): decoded here without its chain of type checks, the bulk of the time
 # when a replica reads a whole catalog's item features at start-up; every other type goes through Feast
-_PLAIN_SCALARS = frozenset({"int32_val", "int64_val", "float_val", "double_val", "bool_val", "string_val", "bytes_val"})
-_PLAIN_LISTS = frozenset({"int32_list_val", "int64_list_val", "float_list_val", "double_list_val", "bool_list_val",
-                          "string_list_val", "bytes_list_val"})  # fmt: skip
+_PLAIN_SCALARS = frozenset(
+    {"int32_val", "int64_val", "float_val", "double_val", "bool_val", "string_val", "bytes_val"}
+)
+_PLAIN_LISTS = frozenset(
+    {
+        "int32_list_val",
+        "int64_list_val",
+        "float_list_val",
+        "double_list_val",
+        "bool_list_val",
+        "string_list_val",
+        "bytes_list_val",
+    }
+)
 
 
 def _decode(raw: bytes | None):

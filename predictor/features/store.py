@@ -72,7 +72,9 @@ def apply(settings: Settings) -> FeatureStore:
     store = open_store(settings)
     objects = load_definitions(settings)
     store.apply(objects)
-    log.info("applied %d Feast objects to project %s (%s)", len(objects), store.project, settings.profile.value)
+    log.info(
+        "applied %d Feast objects to project %s (%s)", len(objects), store.project, settings.profile.value
+    )
     return store
 
 
@@ -95,8 +97,10 @@ def materialize(
         lost = marker.lost_views()
         views = [fv for fv in store.list_feature_views() if fv.online]
         if lost:
-            log.warning("the online store lost %s (no materialization marker): loading the full range",
-                        ", ".join(lost))  # fmt: skip
+            log.warning(
+                "the online store lost %s (no materialization marker): loading the full range",
+                ", ".join(lost),
+            )
         if lost or full:
             _reload(settings, store, views, end)
         else:
@@ -119,7 +123,9 @@ def _reload(settings: Settings, store: FeatureStore, views: list, end: datetime)
         online.skip_dedup = True
     try:
         for fv in views:
-            store.materialize(start_date=end - fv.ttl if fv.ttl else EPOCH, end_date=end, feature_views=[fv.name])
+            store.materialize(
+                start_date=end - fv.ttl if fv.ttl else EPOCH, end_date=end, feature_views=[fv.name]
+            )
     finally:
         if dedup_was is not None:
             online.skip_dedup = dedup_was
@@ -146,4 +152,3 @@ def online_item_features(store: FeatureStore, item_ids: Sequence[int]) -> pd.Dat
     return store.get_online_features(
         features=ITEM_FEATURES, entity_rows=[{"item_id": int(i)} for i in item_ids]
     ).to_df()
-

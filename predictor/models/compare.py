@@ -33,10 +33,15 @@ def compare(
 ) -> tuple[dict, TwoStageRecommender, SplitData]:
     """Train and evaluate everything on one temporal leave-last-out split; returns (report, model, split)."""
     split = build_split(data)
-    report: dict = {"split": "temporal leave-last-out per user (validation = second to last, test = last); "
-                             "full ranking over all items, seen items excluded",  # fmt: skip
-                    "users": int(split.has_holdout.sum()), "items": split.n_items, "results": {}, "seconds": {},
-                    "tuning": {}}  # fmt: skip
+    report: dict = {
+        "split": "temporal leave-last-out per user (validation = second to last, test = last); "
+        "full ranking over all items, seen items excluded",
+        "users": int(split.has_holdout.sum()),
+        "items": split.n_items,
+        "results": {},
+        "seconds": {},
+        "tuning": {},
+    }
     started = time.perf_counter()
     report["results"]["popularity"] = evaluate(Popularity().fit(split, "test").rank(split), split, "test")
     report["seconds"]["popularity"] = time.perf_counter() - started
@@ -45,8 +50,10 @@ def compare(
         model, best, trials = tune_implicit(kind, split, grid, seed=train_config.seed)
         report["results"][f"implicit_{kind}"] = evaluate(model.rank(split), split, "test")
         report["seconds"][f"implicit_{kind}"] = time.perf_counter() - started
-        report["tuning"][f"implicit_{kind}"] = {"best": best, "trials": [
-            {"params": p, "validation_ndcg@10": m["ndcg@10"]} for p, m in trials]}  # fmt: skip
+        report["tuning"][f"implicit_{kind}"] = {
+            "best": best,
+            "trials": [{"params": p, "validation_ndcg@10": m["ndcg@10"]} for p, m in trials],
+        }
 
     started = time.perf_counter()
     user_profile = user_feature_snapshots(data) if use_features else None
@@ -54,9 +61,12 @@ def compare(
     report["seconds"]["two_stage"] = time.perf_counter() - started
     report["results"]["two_stage"] = evaluate(model.rank(split, "two_stage"), split, "test")
     report["results"]["retrieval_only"] = evaluate(model.rank(split, "retrieval"), split, "test")
-    report["two_stage"] = {"model_config": model_config.to_dict(), "uses_ranker": model.use_ranker,
-                           "ranker_validation_gain": model.ranker_gain,
-                           "training": {"retrieval": model.history.retrieval, "ranker": model.history.ranker}}  # fmt: skip
+    report["two_stage"] = {
+        "model_config": model_config.to_dict(),
+        "uses_ranker": model.use_ranker,
+        "ranker_validation_gain": model.ranker_gain,
+        "training": {"retrieval": model.history.retrieval, "ranker": model.history.ranker},
+    }
     als = report["results"]["implicit_als"]["ndcg@10"]
     report["two_stage_vs_als_ndcg@10"] = report["results"]["two_stage"]["ndcg@10"] / als if als else None
     return report, model, split
@@ -100,29 +110,51 @@ def compare_split_files(
     frame = frame[(frame["u"] > 0) & (frame["i"] > 0)]
     targets = {int(u): np.unique(g["i"].to_numpy()) for u, g in frame.groupby("u")}
     metric = validation_metric(split)
-    report: dict = {"split": f"given: train {train_path}, test {test_path}; all test items per user are targets",
-                    "protocol": protocol, "validation": {"metric": metric, "share": round(share, 4) if protocol == "random"
-                                                         else "last train item"},
-                    "users": len(targets), "items": full.n_items, "results": {}, "seconds": {}, "tuning": {}}  # fmt: skip
-    report["results"]["popularity"] = evaluate_targets(Popularity().fit(full, "test").rank(full), full, targets)
+    report: dict = {
+        "split": f"given: train {train_path}, test {test_path}; all test items per user are targets",
+        "protocol": protocol,
+        "validation": {
+            "metric": metric,
+            "share": round(share, 4) if protocol == "random" else "last train item",
+        },
+        "users": len(targets),
+        "items": full.n_items,
+        "results": {},
+        "seconds": {},
+        "tuning": {},
+    }
+    report["results"]["popularity"] = evaluate_targets(
+        Popularity().fit(full, "test").rank(full), full, targets
+    )
     for kind in ("als", "bpr"):
         started = time.perf_counter()
         # tuned on validation, refitted on train + validation: all train items, the rows of ``full``
         tuned, best, trials = tune_implicit(kind, split, seed=train_config.seed)
         report["results"][f"implicit_{kind}"] = evaluate_targets(tuned.rank(full), full, targets)
         report["seconds"][f"implicit_{kind}"] = time.perf_counter() - started
-        report["tuning"][f"implicit_{kind}"] = {"best": best, f"validation_{metric}": max(m[metric] for _, m in trials)}
+        report["tuning"][f"implicit_{kind}"] = {
+            "best": best,
+            f"validation_{metric}": max(m[metric] for _, m in trials),
+        }
     started = time.perf_counter()
     chooser = TwoStageRecommender(model_config, train_config).fit(split, None, progress=progress)
-    epochs, ranker_epochs = chooser.best_epochs["retrieval"], chooser.best_epochs["ranker"] if chooser.use_ranker else 0
+    epochs, ranker_epochs = (
+        chooser.best_epochs["retrieval"],
+        chooser.best_epochs["ranker"] if chooser.use_ranker else 0,
+    )
     final = replace(train_config, epochs=epochs, min_epochs=epochs, ranker_epochs=ranker_epochs)
     model = TwoStageRecommender(model_config, final).fit(full, None, progress=progress)
     report["seconds"]["two_stage"] = time.perf_counter() - started
     report["results"]["two_stage"] = evaluate_targets(model.rank(full), full, targets)
-    report["two_stage"] = {"model_config": model_config.to_dict(), "uses_ranker": model.use_ranker,
-                           f"validation_{metric}": chooser.validation_score, "epochs": epochs,
-                           "ranker_epochs": ranker_epochs, "ranker_validation_gain": chooser.ranker_gain,
-                           "training": {"retrieval": chooser.history.retrieval, "ranker": chooser.history.ranker}}  # fmt: skip
+    report["two_stage"] = {
+        "model_config": model_config.to_dict(),
+        "uses_ranker": model.use_ranker,
+        f"validation_{metric}": chooser.validation_score,
+        "epochs": epochs,
+        "ranker_epochs": ranker_epochs,
+        "ranker_validation_gain": chooser.ranker_gain,
+        "training": {"retrieval": chooser.history.retrieval, "ranker": chooser.history.ranker},
+    }
     als = report["results"]["implicit_als"]["recall@20"]
     report["two_stage_vs_als_recall@20"] = report["results"]["two_stage"]["recall@20"] / als if als else None
     return report, model, full
@@ -132,10 +164,11 @@ def print_report(report: dict, console: Console | None = None, title: str = "") 
     console = console or Console()
     table = Table(*(["model"] + list(METRICS) + ["seconds"]), title=title)
     for name, metrics in report["results"].items():
-        seconds = report["seconds"].get(name, report["seconds"].get("two_stage") if name == "retrieval_only" else None)
+        seconds = report["seconds"].get(
+            name, report["seconds"].get("two_stage") if name == "retrieval_only" else None
+        )
         table.add_row(name, *(f"{metrics[m]:.4f}" for m in METRICS), f"{seconds:.0f}" if seconds else "")
     console.print(table)
     for metric in ("ndcg@10", "recall@20"):
         if report.get(f"two_stage_vs_als_{metric}"):
             console.print(f"two-stage / tuned ALS {metric} = {report[f'two_stage_vs_als_{metric}']:.3f}")
-

@@ -43,14 +43,31 @@ class ModelConfig:
 
 
 SIZES: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(size="tiny", dim=16, max_history=10, encoder_layers=1, encoder_heads=1, dropout=0.1,
-                        ranker_hidden=(32,), ranker_negatives=8),
+    "tiny": ModelConfig(
+        size="tiny",
+        dim=16,
+        max_history=10,
+        encoder_layers=1,
+        encoder_heads=1,
+        dropout=0.1,
+        ranker_hidden=(32,),
+        ranker_negatives=8,
+    ),
     "small": ModelConfig(size="small"),
-    "base": ModelConfig(size="base", dim=128, max_history=100, encoder_layers=2, encoder_heads=4,
-                        ranker_hidden=(512, 256)),
-    "large": ModelConfig(size="large", dim=256, max_history=200, encoder_layers=4, encoder_heads=8,
-                         item_capacity=400_000, embedding_fp16=True, ranker_hidden=(1024, 512, 256)),
-}  # fmt: skip
+    "base": ModelConfig(
+        size="base", dim=128, max_history=100, encoder_layers=2, encoder_heads=4, ranker_hidden=(512, 256)
+    ),
+    "large": ModelConfig(
+        size="large",
+        dim=256,
+        max_history=200,
+        encoder_layers=4,
+        encoder_heads=8,
+        item_capacity=400_000,
+        embedding_fp16=True,
+        ranker_hidden=(1024, 512, 256),
+    ),
+}
 
 
 def model_config(size: str = "small", **overrides) -> ModelConfig:
@@ -96,7 +113,9 @@ def parse_overrides(pairs: list[str], config_class: type) -> dict:
         if not sep or not key:
             raise ValueError(f"expected KEY=VALUE, got {pair!r}")
         if key not in known:
-            raise ValueError(f"{config_class.__name__} has no field {key!r}; fields: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"{config_class.__name__} has no field {key!r}; fields: {', '.join(sorted(known))}"
+            )
         looks_json = value[:1].isdigit() or value[:1] in "-[{" or value in ("true", "false")
         out[key] = json.loads(value) if looks_json else value
     return out

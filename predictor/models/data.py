@@ -25,10 +25,24 @@ import torch
 from predictor.data.schema import Interactions
 from predictor.features.batch import ITEM_PROFILE, USER_PROFILE, compute_features, daily_snapshots
 
-USER_DENSE_COLUMNS = ["events_1d", "events_7d", "events_30d", "events_total", "seconds_since_last_event",
-                      "mean_rating", "rating_count"]  # fmt: skip
-ITEM_DENSE_COLUMNS = ["popularity_1d", "popularity_7d", "popularity_30d", "popularity_total", "mean_rating",
-                      "rating_count", "age_seconds"]  # fmt: skip
+USER_DENSE_COLUMNS = [
+    "events_1d",
+    "events_7d",
+    "events_30d",
+    "events_total",
+    "seconds_since_last_event",
+    "mean_rating",
+    "rating_count",
+]
+ITEM_DENSE_COLUMNS = [
+    "popularity_1d",
+    "popularity_7d",
+    "popularity_30d",
+    "popularity_total",
+    "mean_rating",
+    "rating_count",
+    "age_seconds",
+]
 
 
 def user_dense_matrix(frame: pd.DataFrame, n_categories: int) -> np.ndarray:
@@ -68,9 +82,13 @@ def _scale_user_columns(cols: np.ndarray) -> np.ndarray:
 
 def _fill_affinity(x: np.ndarray, affinity, n_categories: int) -> None:
     """Category affinity into the last ``n_categories`` columns, where a row has a vector of that width."""
-    filled = [row for row, a in enumerate(affinity) if isinstance(a, (list, np.ndarray)) and len(a) == n_categories]
+    filled = [
+        row for row, a in enumerate(affinity) if isinstance(a, (list, np.ndarray)) and len(a) == n_categories
+    ]
     if filled:  # one assignment for all rows: this runs over every training label's features
-        x[filled, len(USER_DENSE_COLUMNS) :] = np.stack([np.asarray(affinity[row], np.float32) for row in filled])
+        x[filled, len(USER_DENSE_COLUMNS) :] = np.stack(
+            [np.asarray(affinity[row], np.float32) for row in filled]
+        )
 
 
 def item_dense_matrix(frame: pd.DataFrame) -> np.ndarray:
@@ -211,7 +229,9 @@ def build_split(
     if protocol not in ("temporal", "random"):
         raise ValueError(f"protocol must be 'temporal' or 'random', got {protocol!r}")
     if protocol == "random" and holdout == 2:
-        raise ValueError("a random split holds out validation targets only (holdout 0 or 1): the test comes from elsewhere")
+        raise ValueError(
+            "a random split holds out validation targets only (holdout 0 or 1): the test comes from elsewhere"
+        )
     if not 0 < validation_share < 1:
         raise ValueError(f"validation_share must be in (0, 1), got {validation_share}")
     ev = data.events
@@ -269,8 +289,21 @@ def build_split(
             item_cats[r, cats] = 1.0
     item_dense[0] = 0
     item_cats[0] = 0
-    return SplitData(users, items, sequences, timestamps, lengths, train_len, has_holdout, item_dense, item_cats,
-                     popularity, len(vocabulary), validation_len, protocol)  # fmt: skip
+    return SplitData(
+        users,
+        items,
+        sequences,
+        timestamps,
+        lengths,
+        train_len,
+        has_holdout,
+        item_dense,
+        item_cats,
+        popularity,
+        len(vocabulary),
+        validation_len,
+        protocol,
+    )
 
 
 def user_feature_snapshots(
@@ -299,7 +332,11 @@ class UserFeatureIndex:
 
     def __init__(self, user_profile: pd.DataFrame, n_categories: int):
         self.width = len(USER_DENSE_COLUMNS) + n_categories
-        times = pd.to_datetime(user_profile["event_timestamp"], utc=True).to_numpy("datetime64[ns]").astype(np.int64)
+        times = (
+            pd.to_datetime(user_profile["event_timestamp"], utc=True)
+            .to_numpy("datetime64[ns]")
+            .astype(np.int64)
+        )
         users = user_profile["user_id"].to_numpy(np.int64)
         order = np.lexsort((times, users))
         self.users = users[order]  # int64 [R], sorted
@@ -308,8 +345,9 @@ class UserFeatureIndex:
         # T distinct snapshot times, so that all users' blocks are searched together
         self._distinct_users = np.unique(self.users)
         self._distinct_times = np.unique(times)
-        self._key = (np.searchsorted(self._distinct_users, self.users) * (len(self._distinct_times) + 1)
-                     + np.searchsorted(self._distinct_times, times[order]))  # fmt: skip
+        self._key = np.searchsorted(self._distinct_users, self.users) * (
+            len(self._distinct_times) + 1
+        ) + np.searchsorted(self._distinct_times, times[order])
 
     def at(self, user_ids: np.ndarray, label_times: np.ndarray) -> np.ndarray:
         """``[N, F_u]`` float32: for each (user, label time in ns) the newest row strictly before it."""
@@ -318,8 +356,9 @@ class UserFeatureIndex:
         if not len(self.users) or not len(user_ids):
             return out
         # the last row before the (user, label time) key; it is the user's own row or none is
-        query = (np.searchsorted(self._distinct_users, user_ids) * (len(self._distinct_times) + 1)
-                 + np.searchsorted(self._distinct_times, label_times, side="left"))  # fmt: skip
+        query = np.searchsorted(self._distinct_users, user_ids) * (
+            len(self._distinct_times) + 1
+        ) + np.searchsorted(self._distinct_times, label_times, side="left")
         row = np.searchsorted(self._key, query, side="left") - 1
         found = (row >= 0) & (self.users[row.clip(min=0)] == user_ids)
         out[found] = self.dense[row[found]]

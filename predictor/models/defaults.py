@@ -26,9 +26,13 @@ SMALL_CATALOG_SETTINGS = {  # the latest-small validation sweep's choice (docs/m
 }
 
 
-def choose(n_items: int, size: str = "small", model_options: dict | None = None,
-           train_options: dict | None = None, protocol: str = "temporal",
-           ) -> tuple[ModelConfig, TrainConfig, dict[str, str]]:  # fmt: skip
+def choose(
+    n_items: int,
+    size: str = "small",
+    model_options: dict | None = None,
+    train_options: dict | None = None,
+    protocol: str = "temporal",
+) -> tuple[ModelConfig, TrainConfig, dict[str, str]]:
     """(model config, train config, {field: why}) for a catalog of ``n_items`` and a split ``protocol``
     ("temporal", or "random" for a random published split); ``model_options`` / ``train_options`` are
     the user's settings, applied over the rules (their fields are reported as "set by the user"). The
@@ -39,8 +43,10 @@ def choose(n_items: int, size: str = "small", model_options: dict | None = None,
     if protocol == "random":
         why = "random split: held-out items are any of the user's"
         train_rules["objective"] = ("all_items", why + ", so each state learns all the items it has not read")
-        train_rules["batch_size"] = (RANDOM_SPLIT_BATCH, why + f"; {RANDOM_SPLIT_BATCH} windows a step, measured "
-                                     "with that objective (docs/models.md)")  # fmt: skip
+        train_rules["batch_size"] = (
+            RANDOM_SPLIT_BATCH,
+            why + f"; {RANDOM_SPLIT_BATCH} windows a step, measured with that objective (docs/models.md)",
+        )
     if size == "small" and 0 < n_items <= FULL_SOFTMAX_MAX_ITEMS:
         why = f"{n_items:,} items ≤ {FULL_SOFTMAX_MAX_ITEMS:,}: exact softmax over the whole catalog"
         model_rules["full_softmax_items"] = (FULL_SOFTMAX_MAX_ITEMS, why)
@@ -62,8 +68,10 @@ def choose(n_items: int, size: str = "small", model_options: dict | None = None,
 
 def explained(config: ModelConfig, train: TrainConfig, reasons: dict[str, str]) -> dict[str, dict]:
     """``{setting: {"value", "why"}}`` for the settings ``reasons`` names, from whichever config has each."""
-    return {key: {"value": getattr(config, key) if hasattr(config, key) else getattr(train, key), "why": why}
-            for key, why in reasons.items()}  # fmt: skip
+    return {
+        key: {"value": getattr(config, key) if hasattr(config, key) else getattr(train, key), "why": why}
+        for key, why in reasons.items()
+    }
 
 
 def describe(config: ModelConfig, train: TrainConfig, reasons: dict[str, str]) -> str:

@@ -72,16 +72,23 @@ def _gains(top: np.ndarray, padded: np.ndarray, k: int) -> tuple[np.ndarray, np.
     sizes = (padded > 0).sum(axis=1)
     ideal = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(sizes, k)]
     dcg = (hit * discounts[: head.shape[1]]).sum(axis=1)
-    return hit.sum(axis=1) / np.maximum(sizes, 1), np.where(ideal > 0, dcg / np.where(ideal > 0, ideal, 1), 0.0)
+    return hit.sum(axis=1) / np.maximum(sizes, 1), np.where(
+        ideal > 0, dcg / np.where(ideal > 0, ideal, 1), 0.0
+    )
 
 
 def _tops(rank_fn: RankFn, users: np.ndarray, end: np.ndarray, k: int, batch_size: int) -> np.ndarray:
     """``rank_fn`` over ``users`` in batches → ``[U, k]``."""
-    tops = [rank_fn(users[s : s + batch_size], end[s : s + batch_size], k) for s in range(0, len(users), batch_size)]
+    tops = [
+        rank_fn(users[s : s + batch_size], end[s : s + batch_size], k)
+        for s in range(0, len(users), batch_size)
+    ]
     return np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
 
 
-def evaluate_targets(rank_fn: RankFn, split: SplitData, targets: dict[int, np.ndarray], batch_size: int = 512) -> dict:
+def evaluate_targets(
+    rank_fn: RankFn, split: SplitData, targets: dict[int, np.ndarray], batch_size: int = 512
+) -> dict:
     """Evaluate against external targets (user index → item indexes), history = everything in ``split``."""
     users = np.array(sorted(u for u, t in targets.items() if u > 0 and len(t)), dtype=np.int64)
     top = _tops(rank_fn, users, split.lengths[users], max(KS), batch_size)
@@ -113,8 +120,9 @@ def validation_metric(split: SplitData) -> str:
     return "recall@20" if split.protocol == "random" else "ndcg@10"
 
 
-def per_user_scores(rank_fn: RankFn, split: SplitData, stage: str, metric: str | None = None,
-                    batch_size: int = 512) -> np.ndarray:  # fmt: skip
+def per_user_scores(
+    rank_fn: RankFn, split: SplitData, stage: str, metric: str | None = None, batch_size: int = 512
+) -> np.ndarray:
     """Each ``stage`` user's ``metric`` (default :func:`validation_metric`), ``[U]`` in :func:`holdout`'s
     order (its mean is :func:`evaluate`'s figure)."""
     metric = metric or validation_metric(split)
@@ -133,7 +141,9 @@ def beats_by_more_than_noise(gain: np.ndarray) -> tuple[bool, dict[str, float]]:
     return bool(mean > error), {"mean": mean, "standard_error": error}
 
 
-def evaluate(rank_fn: RankFn, split: SplitData, stage: str = "test", batch_size: int = 512) -> dict[str, float]:
+def evaluate(
+    rank_fn: RankFn, split: SplitData, stage: str = "test", batch_size: int = 512
+) -> dict[str, float]:
     users, end, targets = holdout(split, stage)
     top = _tops(rank_fn, users, end, max(KS), batch_size)
     return {**ranking_metrics(top, targets, split.n_items), "users": len(users)}
@@ -152,7 +162,9 @@ def mask_seen_(scores: torch.Tensor, split: SplitData, users: np.ndarray, end: n
     return scores
 
 
-def top_k_excluding_seen(scores: torch.Tensor, split: SplitData, users: np.ndarray, end: np.ndarray, k: int) -> np.ndarray:
+def top_k_excluding_seen(
+    scores: torch.Tensor, split: SplitData, users: np.ndarray, end: np.ndarray, k: int
+) -> np.ndarray:
     """scores ``[B, n_items + 1]`` (column 0 = padding; left unchanged) → ``[B, min(k, n_items)]`` best
     unseen item indexes."""
     k = min(k, scores.shape[1] - 1)
@@ -227,17 +239,31 @@ class ImplicitModel:
 
     def rank(self, split: SplitData) -> RankFn:
         def rank_fn(users, end, k):
-            scores = mask_seen_(self.user_factors[torch.from_numpy(users)] @ self.item_factors.T, split, users, end)
+            scores = mask_seen_(
+                self.user_factors[torch.from_numpy(users)] @ self.item_factors.T, split, users, end
+            )
             return torch.topk(scores, min(k, scores.shape[1] - 1), dim=1).indices.numpy()
 
         return rank_fn
 
 
-ALS_GRID = {"factors": [64, 128], "regularization": [0.01, 0.1, 1.0], "alpha": [1.0, 10.0, 40.0], "iterations": [15]}
-BPR_GRID = {"factors": [64, 128], "learning_rate": [0.01, 0.05], "regularization": [0.001, 0.01], "iterations": [100]}
+ALS_GRID = {
+    "factors": [64, 128],
+    "regularization": [0.01, 0.1, 1.0],
+    "alpha": [1.0, 10.0, 40.0],
+    "iterations": [15],
+}
+BPR_GRID = {
+    "factors": [64, 128],
+    "learning_rate": [0.01, 0.05],
+    "regularization": [0.001, 0.01],
+    "iterations": [100],
+}
 
 
-def tune_implicit(kind: str, split: SplitData, grid: dict[str, list] | None = None, seed: int = 0) -> tuple[ImplicitModel, dict, list]:
+def tune_implicit(
+    kind: str, split: SplitData, grid: dict[str, list] | None = None, seed: int = 0
+) -> tuple[ImplicitModel, dict, list]:
     """Grid search on the split's validation metric (:func:`validation_metric`); refit the best on train
     + validation for the test stage.
 

@@ -131,8 +131,9 @@ def seen_mask(candidates: np.ndarray, seen: np.ndarray, seen_offsets: np.ndarray
     return np.isin(keys, row * n_rows + seen)
 
 
-def batch_from_split(split, users: np.ndarray, end: np.ndarray, max_history: int,
-                     user_dense: np.ndarray) -> UserBatch:  # fmt: skip
+def batch_from_split(
+    split, users: np.ndarray, end: np.ndarray, max_history: int, user_dense: np.ndarray
+) -> UserBatch:
     """Evaluation inputs: each user's items before position ``end`` of ``split.sequences`` (a
     ``SplitData``) as history and as the seen items to exclude — the rule serving applies to the online
     seen set."""
@@ -168,7 +169,9 @@ class ItemTables:
     item_cats: torch.Tensor  # [R, C]
     item_dense: torch.Tensor  # [R, F_i]
     embeddings: torch.Tensor  # [N + 1 + pad, D] retrieval item vectors, row 0 and padding rows = 0
-    history: torch.Tensor  # [N + 1, D] the user tower's history inputs (rows of reserved capacity hold no item)
+    history: (
+        torch.Tensor
+    )  # [N + 1, D] the user tower's history inputs (rows of reserved capacity hold no item)
     index: faiss.Index | None  # HNSW over rows 1..N, or None for exact search
     ef_search: int = 0
     recall: float = 1.0
@@ -189,11 +192,25 @@ class TwoStageInference:
     more than the epoch), "hnsw" serves the CPU index whatever it measured.
     """
 
-    def __init__(self, retrieval, ranker, item_cats: torch.Tensor, item_dense: torch.Tensor, n_items: int,
-                 n_categories: int, max_history: int, ranker_history_size: int, candidates: int,
-                 use_ranker: bool, search: str = "auto", hnsw_threshold: int = HNSW_THRESHOLD,
-                 precision: str = "fp32", graph: faiss.Index | None = None,
-                 popularity: np.ndarray | None = None, reduced_candidates: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        retrieval,
+        ranker,
+        item_cats: torch.Tensor,
+        item_dense: torch.Tensor,
+        n_items: int,
+        n_categories: int,
+        max_history: int,
+        ranker_history_size: int,
+        candidates: int,
+        use_ranker: bool,
+        search: str = "auto",
+        hnsw_threshold: int = HNSW_THRESHOLD,
+        precision: str = "fp32",
+        graph: faiss.Index | None = None,
+        popularity: np.ndarray | None = None,
+        reduced_candidates: int | None = None,
+    ):
         if search not in SEARCH_FORMS:
             raise ValueError(f"search must be one of {', '.join(SEARCH_FORMS)}, not {search!r}")
         if search == "hnsw" and item_cats.device.type != "cpu":
@@ -232,13 +249,17 @@ class TwoStageInference:
             n = self.n_items
             # rows 0..n only (reserved capacity rows hold no item yet), in chunks: the towers' activations
             # over a whole catalog at once would be several times the tables themselves
-            embeddings = by_rows(lambda rows: self.retrieval.item_embedding(rows, item_cats[rows], item_dense[rows]),
-                                 n + 1, self.device)  # fmt: skip
+            embeddings = by_rows(
+                lambda rows: self.retrieval.item_embedding(rows, item_cats[rows], item_dense[rows]),
+                n + 1,
+                self.device,
+            )
             embeddings[0] = 0
             # zero rows up to a multiple of TOP_K_CHUNK, masked at search: the two-pass top-k needs no copy
             embeddings = torch.nn.functional.pad(embeddings, (0, 0, 0, (-(n + 1)) % TOP_K_CHUNK))
-            history = by_rows(lambda rows: self.retrieval.history_table(item_cats, item_dense, rows), n + 1,
-                              self.device)  # fmt: skip
+            history = by_rows(
+                lambda rows: self.retrieval.history_table(item_cats, item_dense, rows), n + 1, self.device
+            )
         tables = ItemTables(item_cats, item_dense, embeddings.to(self.table_dtype), history, None)
         if self.try_scan:
             self._select_scan(tables)
@@ -248,12 +269,25 @@ class TwoStageInference:
             index_ms, exact_ms = self._search_times(index, ef, tables)
             if self.forced or (recall >= MIN_RECALL and index_ms < exact_ms):
                 tables.index, tables.ef_search, tables.recall = index, ef, recall
-            tables.selection.update({"served": "hnsw" if tables.index is not None else "exact",
-                                     "hnsw_recall@100": recall, "hnsw_ef_search": ef,
-                                     "hnsw_ms_per_16_users": index_ms, "exact_ms_per_16_users": exact_ms})  # fmt: skip
-            log.info("retrieval over %d items: %s (HNSW recall@100 %.3f at efSearch %d, %.2f ms per 16 users; "
-                     "exact %.2f ms)", self.n_items, "HNSW" if tables.index is not None else "exact", recall, ef,
-                     index_ms, exact_ms)  # fmt: skip
+            tables.selection.update(
+                {
+                    "served": "hnsw" if tables.index is not None else "exact",
+                    "hnsw_recall@100": recall,
+                    "hnsw_ef_search": ef,
+                    "hnsw_ms_per_16_users": index_ms,
+                    "exact_ms_per_16_users": exact_ms,
+                }
+            )
+            log.info(
+                "retrieval over %d items: %s (HNSW recall@100 %.3f at efSearch %d, %.2f ms per 16 users; "
+                "exact %.2f ms)",
+                self.n_items,
+                "HNSW" if tables.index is not None else "exact",
+                recall,
+                ef,
+                index_ms,
+                exact_ms,
+            )
         log.debug("item tables for %d items built in %.2f s", self.n_items, time.perf_counter() - started)
         return tables
 
@@ -262,8 +296,11 @@ class TwoStageInference:
         histories (item vectors themselves sit in clusters that users' vectors do not)."""
         rng = np.random.default_rng(0)
         lengths = rng.integers(1, self.max_history + 1, users)
-        window = np.where(np.arange(self.max_history)[None, :] < lengths[:, None],
-                          rng.integers(1, self.n_items + 1, (users, self.max_history)), 0)  # fmt: skip
+        window = np.where(
+            np.arange(self.max_history)[None, :] < lengths[:, None],
+            rng.integers(1, self.n_items + 1, (users, self.max_history)),
+            0,
+        )
         dense = np.zeros((users, len(USER_DENSE_COLUMNS) + self.n_categories), np.float32)
         batch = UserBatch(window, lengths, dense, np.zeros(0, np.int64), np.zeros(users + 1, np.int64))
         with torch.no_grad(), self._autocast():
@@ -279,17 +316,29 @@ class TwoStageInference:
         timed = {}
         for users in (1, 16):
             probe, empty = self._probe(tables, users)
-            timed[users] = tuple(_best_ms(partial(self._retrieve_exact, probe, empty, k, t))
-                                 for t in (tables, scan_tables))  # fmt: skip
+            timed[users] = tuple(
+                _best_ms(partial(self._retrieve_exact, probe, empty, k, t)) for t in (tables, scan_tables)
+            )
         faster = all(scan < fp32 for fp32, scan in timed.values())
         if faster:
             tables.scan, tables.scan_error = scan_tables.scan, scan_tables.scan_error
-        tables.selection.update({"scan": "bf16 certified" if faster else "fp32",
-                                 "fp32_scan_ms_per_1_16_users": [timed[1][0], timed[16][0]],
-                                 "bf16_scan_ms_per_1_16_users": [timed[1][1], timed[16][1]]})  # fmt: skip
-        log.info("exact scan over %d items: %s (fp32 %.2f / %.2f ms, certified bf16 %.2f / %.2f ms for 1 / 16 "
-                 "users)", self.n_items, "certified bf16" if faster else "fp32", timed[1][0], timed[16][0],
-                 timed[1][1], timed[16][1])  # fmt: skip
+        tables.selection.update(
+            {
+                "scan": "bf16 certified" if faster else "fp32",
+                "fp32_scan_ms_per_1_16_users": [timed[1][0], timed[16][0]],
+                "bf16_scan_ms_per_1_16_users": [timed[1][1], timed[16][1]],
+            }
+        )
+        log.info(
+            "exact scan over %d items: %s (fp32 %.2f / %.2f ms, certified bf16 %.2f / %.2f ms for 1 / 16 "
+            "users)",
+            self.n_items,
+            "certified bf16" if faster else "fp32",
+            timed[1][0],
+            timed[16][0],
+            timed[1][1],
+            timed[16][1],
+        )
 
     def _search_times(self, index: faiss.Index, ef: int, tables: ItemTables) -> tuple[float, float]:
         """Milliseconds per 16-user search, HNSW (at ``ef``) against exact: the index serves only where
@@ -321,9 +370,11 @@ class TwoStageInference:
             return self.retrieval.user_embedding(window, lengths, udense, self.tables.history)
 
     def tensors(self, batch: UserBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (torch.from_numpy(np.ascontiguousarray(batch.window)).to(self.device),
-                torch.from_numpy(np.ascontiguousarray(batch.lengths)).to(self.device),
-                torch.from_numpy(np.ascontiguousarray(batch.user_dense, np.float32)).to(self.device))  # fmt: skip
+        return (
+            torch.from_numpy(np.ascontiguousarray(batch.window)).to(self.device),
+            torch.from_numpy(np.ascontiguousarray(batch.lengths)).to(self.device),
+            torch.from_numpy(np.ascontiguousarray(batch.user_dense, np.float32)).to(self.device),
+        )
 
     # --- retrieval -----------------------------------------------------------------------------------
     def retrieve(self, user: torch.Tensor, batch: UserBatch, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -409,7 +460,9 @@ class TwoStageInference:
         cand = np.broadcast_to(self.popular_index[:depth], (len(batch), depth))
         masked = seen_mask(cand, batch.seen, batch.seen_offsets, self.n_items + 1)
         index, _ = first_unmasked(cand, masked, k, 0)
-        values, _ = first_unmasked(np.broadcast_to(self.popular_scores[:depth], cand.shape), masked, k, -np.inf)
+        values, _ = first_unmasked(
+            np.broadcast_to(self.popular_scores[:depth], cand.shape), masked, k, -np.inf
+        )
         return index, values
 
     def rank(self, user: torch.Tensor, window, lengths, udense, cand: np.ndarray, k: int):
@@ -419,16 +472,32 @@ class TwoStageInference:
             cand_t = torch.from_numpy(cand).to(self.device)
             hist = ranker_history(window, lengths, self.ranker_history_size)
             items = tables.embeddings
-            scores = self.ranker(*ranker_inputs(items, tables.item_cats, tables.item_dense, self.n_categories,
-                                                hist, udense, user.to(items.dtype), cand_t))  # fmt: skip
+            scores = self.ranker(
+                *ranker_inputs(
+                    items,
+                    tables.item_cats,
+                    tables.item_dense,
+                    self.n_categories,
+                    hist,
+                    udense,
+                    user.to(items.dtype),
+                    cand_t,
+                )
+            )
             scores = scores.float().masked_fill(cand_t == 0, float("-inf"))
             top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
         order, values = top.indices.cpu().numpy(), top.values.cpu().numpy()
         chosen = np.take_along_axis(cand, order, axis=1)
         return np.where(np.isfinite(values), chosen, 0), values.astype(np.float32)
 
-    def recommend(self, batch: UserBatch, k: int, timings: dict | None = None,
-                  user: torch.Tensor | None = None, level: str | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    def recommend(
+        self,
+        batch: UserBatch,
+        k: int,
+        timings: dict | None = None,
+        user: torch.Tensor | None = None,
+        level: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` unseen items per user at ``level`` (default: the best of :attr:`levels`): indexes
         ``[B, k']`` int64 (0-padded where fewer exist) and scores ``[B, k']`` float32 (-inf-padded),
         ``k' = min(k, n_items)``. ``user``: the users' vectors ``[B, D]`` if already known (a cache), else
@@ -460,7 +529,9 @@ class TwoStageInference:
 def by_rows(fn, n_rows: int, device: torch.device, chunk: int = ITEM_CHUNK) -> torch.Tensor:
     """``fn(rows)`` (a ``[len(rows), D]`` tensor) over item rows ``0..n_rows-1`` in chunks of ``chunk``,
     concatenated as fp32 ``[n_rows, D]``."""
-    parts = [fn(torch.arange(s, min(s + chunk, n_rows), device=device)).float() for s in range(0, n_rows, chunk)]
+    parts = [
+        fn(torch.arange(s, min(s + chunk, n_rows), device=device)).float() for s in range(0, n_rows, chunk)
+    ]
     return torch.cat(parts)
 
 
@@ -505,8 +576,14 @@ def top_k(scores: torch.Tensor, k: int, chunk: int = TOP_K_CHUNK) -> tuple[torch
     return top.values, columns.gather(1, top.indices)
 
 
-def build_hnsw(embeddings: np.ndarray, m: int = 32, min_recall: float = MIN_RECALL, probes: int = 256,
-               seed: int = 0, graph: faiss.Index | None = None) -> tuple[faiss.Index, int, float]:  # fmt: skip
+def build_hnsw(
+    embeddings: np.ndarray,
+    m: int = 32,
+    min_recall: float = MIN_RECALL,
+    probes: int = 256,
+    seed: int = 0,
+    graph: faiss.Index | None = None,
+) -> tuple[faiss.Index, int, float]:
     """HNSW inner-product index over rows 1.. of ``embeddings`` (faiss id = item index - 1), with the
     smallest ``efSearch`` (doubling from 64) whose recall@100 against exact search reaches ``min_recall``
     on probe queries near the items (what user vectors look like), up to 1024. Returns (index, efSearch,
@@ -542,8 +619,14 @@ def build_hnsw(embeddings: np.ndarray, m: int = 32, min_recall: float = MIN_RECA
             break
         ef *= 2
     index.hnsw.efSearch = ef
-    log.info("HNSW index over %d items (%s): efSearch %d, recall@%d %.3f against exact search", n,
-             "graph reused, new vectors" if reused else "graph built", ef, k, recall)  # fmt: skip
+    log.info(
+        "HNSW index over %d items (%s): efSearch %d, recall@%d %.3f against exact search",
+        n,
+        "graph reused, new vectors" if reused else "graph built",
+        ef,
+        k,
+        recall,
+    )
     return index, ef, recall
 
 

@@ -139,8 +139,9 @@ def retrain(
     fresh[split.users.index(changed)] = True
 
     candidate = copy.deepcopy(base)
-    candidate.train_config = TrainConfig(**{**base.train_config.__dict__, "epochs": epochs, "seed": seed,
-                                            "patience": max(2, epochs // 3)})  # fmt: skip
+    candidate.train_config = TrainConfig(
+        **{**base.train_config.__dict__, "epochs": epochs, "seed": seed, "patience": max(2, epochs // 3)}
+    )
     candidate.fit(split, user_profile, progress=progress)
 
     holdout_split = copy.copy(split)
@@ -150,9 +151,13 @@ def retrain(
     prod_metrics = evaluate(base.rank(holdout_split), holdout_split, "test")
     new_cutoff = data.events["timestamp"].max().to_pydatetime()
     uri = save_model(candidate, artifact_uri(artifacts, MODEL_NAME), {"metrics": cand_metrics})
-    version = registry.register(MODEL_NAME, uri, new_cutoff,
-                                {"fresh_holdout": cand_metrics, "production_on_fresh_holdout": prod_metrics},
-                                parent_version=production.version)  # fmt: skip
+    version = registry.register(
+        MODEL_NAME,
+        uri,
+        new_cutoff,
+        {"fresh_holdout": cand_metrics, "production_on_fresh_holdout": prod_metrics},
+        parent_version=production.version,
+    )
     c, p = cand_metrics["ndcg@10"], prod_metrics["ndcg@10"]
     if c < p - tolerance:
         reason = f"candidate NDCG@10 {c:.4f} is worse than production's {p:.4f} by more than {tolerance}"
@@ -162,17 +167,31 @@ def retrain(
     except PromotionConflict as exc:
         reason = f"production changed while retraining ({exc})"
         return RetrainResult(registry.reject(version.id, reason), production, False, c, p, reason)
-    return RetrainResult(promoted, production, True, c, p,
-                         f"candidate NDCG@10 {c:.4f} vs production {p:.4f} (tolerance {tolerance})")  # fmt: skip
+    return RetrainResult(
+        promoted,
+        production,
+        True,
+        c,
+        p,
+        f"candidate NDCG@10 {c:.4f} vs production {p:.4f} (tolerance {tolerance})",
+    )
 
 
-def select_retraining_data(data: Interactions, cutoff: pd.Timestamp, replay_users: float, seed: int) -> Interactions:
+def select_retraining_data(
+    data: Interactions, cutoff: pd.Timestamp, replay_users: float, seed: int
+) -> Interactions:
     """Users with events after ``cutoff`` (whole histories) plus a ``replay_users`` share of the others."""
     ev = data.events
     changed = np.unique(ev.loc[ev["timestamp"] > cutoff, "user_id"].to_numpy())
     others = np.setdiff1d(ev["user_id"].unique(), changed)
     rng = np.random.default_rng(seed)
-    replay = rng.choice(others, size=int(round(len(others) * replay_users)), replace=False) if len(others) else others
+    replay = (
+        rng.choice(others, size=round(len(others) * replay_users), replace=False) if len(others) else others
+    )
     keep = ev["user_id"].isin(np.concatenate([changed, replay]))
-    return Interactions(ev[keep.to_numpy()].reset_index(drop=True), data.items, f"{data.name} since {cutoff}",
-                        meta={"changed_users": changed, "replay_users": replay})  # fmt: skip
+    return Interactions(
+        ev[keep.to_numpy()].reset_index(drop=True),
+        data.items,
+        f"{data.name} since {cutoff}",
+        meta={"changed_users": changed, "replay_users": replay},
+    )

@@ -64,8 +64,14 @@ def _linear_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 class Ranker(nn.Module):
-    def __init__(self, config: ModelConfig, n_item_rows: int, n_categories: int, user_dense_dim: int,
-                 item_dense_dim: int):  # fmt: skip
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_item_rows: int,
+        n_categories: int,
+        user_dense_dim: int,
+        item_dense_dim: int,
+    ):
         super().__init__()
         d = config.dim
         self.config = config
@@ -118,8 +124,17 @@ class Ranker(nn.Module):
         per_user = F.linear(user, w[:, 2 * D : 3 * D]) + F.linear(
             user_dense, w[:, 4 * D : 4 * D + F_u], first.bias
         )
-        pair = torch.cat([candidates, interest, self.item_id(candidate_index), candidate_dense,
-                          retrieval.unsqueeze(-1), category_match.unsqueeze(-1)], dim=-1)  # fmt: skip
+        pair = torch.cat(
+            [
+                candidates,
+                interest,
+                self.item_id(candidate_index),
+                candidate_dense,
+                retrieval.unsqueeze(-1),
+                category_match.unsqueeze(-1),
+            ],
+            dim=-1,
+        )
         w_pair = torch.cat([w[:, : 2 * D], w[:, 3 * D : 4 * D], w[:, 4 * D + F_u :]], dim=1)
         hidden = F.linear(pair, w_pair) + per_user[:, None, :]
         return self.mlp[1:](hidden).squeeze(-1) + self.retrieval_weight * retrieval

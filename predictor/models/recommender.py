@@ -187,8 +187,9 @@ class TwoStageRecommender:
 
         users, positions = training_examples(split)
         self.offsets = np.concatenate([[0], np.cumsum(split.lengths)[:-1]])
-        self.dense_flat = np.zeros((int(split.lengths.sum()) + 1, len(USER_DENSE_COLUMNS) + split.n_categories),
-                                   np.float32)  # fmt: skip
+        self.dense_flat = np.zeros(
+            (int(split.lengths.sum()) + 1, len(USER_DENSE_COLUMNS) + split.n_categories), np.float32
+        )
         self.dense_flat[self.offsets[users] + positions] = self._user_dense(split, users, positions)
         ckpt = Path(checkpoint_dir) if checkpoint_dir else None
         self._fit_retrieval(split, world, ckpt, resume, progress)
@@ -226,15 +227,23 @@ class TwoStageRecommender:
         targets = np.where(valid, split.sequences[users[:, None], target_pos], 0)
         flat = np.where(valid, self.offsets[users][:, None] + target_pos, len(self.dense_flat) - 1)
         dense = self.dense_flat[flat]
-        return (to_tensor(inputs, self.device), to_tensor(targets, self.device), to_tensor(dense, self.device),
-                int((targets > 0).sum()))  # fmt: skip
+        return (
+            to_tensor(inputs, self.device),
+            to_tensor(targets, self.device),
+            to_tensor(dense, self.device),
+            int((targets > 0).sum()),
+        )
 
     def _example_batch(self, split: SplitData, users: np.ndarray, positions: np.ndarray):
         """Single-label examples (ranker): window before ``positions``, lengths, target, user features."""
         window, lengths = split.window(users, positions, self.config.max_history)
         dense = self.dense_flat[self.offsets[users] + positions]
-        return (to_tensor(window, self.device), to_tensor(lengths, self.device),
-                to_tensor(split.sequences[users, positions], self.device), to_tensor(dense, self.device))  # fmt: skip
+        return (
+            to_tensor(window, self.device),
+            to_tensor(lengths, self.device),
+            to_tensor(split.sequences[users, positions], self.device),
+            to_tensor(dense, self.device),
+        )
 
     def _fit_retrieval(self, split, world, ckpt, resume, progress):
         cfg = self.train_config
@@ -254,9 +263,7 @@ class TwoStageRecommender:
             best_state = state["best_model"]
             rng.bit_generator.state = state["rng"]
             self.history.retrieval = list(state["history"])
-            log.info(
-                "resumed retrieval training at epoch %d (best validation score %.4f)", start_epoch, best
-            )
+            log.info("resumed retrieval training at epoch %d (best validation score %.4f)", start_epoch, best)
 
         local_batch = max(cfg.batch_size // world.size, 2)
         rows_user, rows_end = training_windows(split, self.config.max_history)
@@ -280,12 +287,18 @@ class TwoStageRecommender:
             order = order[world.rank :: world.size]
             steps = len(order) // local_batch
             loss_sum, labels = torch.zeros((), device=self.device), 0
-            bar = tqdm(range(steps), desc=f"retrieval epoch {epoch + 1}", disable=not (progress and world.is_main),
-                       leave=False)  # fmt: skip
+            bar = tqdm(
+                range(steps),
+                desc=f"retrieval epoch {epoch + 1}",
+                disable=not (progress and world.is_main),
+                leave=False,
+            )
             forward = ddp or model
             for step in bar:
                 rows = order[step * local_batch : (step + 1) * local_batch]
-                window, targets, udense, n_labels = self._window_batch(epoch_split, rows_user[rows], rows_end[rows])
+                window, targets, udense, n_labels = self._window_batch(
+                    epoch_split, rows_user[rows], rows_end[rows]
+                )
                 later = self._later_items(epoch_split, rows_user[rows], window) if all_items else None
                 loss = self._retrieval_loss(forward, window, targets, udense, p_item, later)
                 labels += n_labels
@@ -296,17 +309,28 @@ class TwoStageRecommender:
                 if step % 50 == 49:  # the one host sync, for the progress bar
                     bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}")
             seconds = time.perf_counter() - started
-            score = evaluate(self.rank(split, "retrieval", search="exact"), split, "validation")[metric] \
-                if world.is_main and validates else float(epoch)  # fmt: skip
+            score = (
+                evaluate(self.rank(split, "retrieval", search="exact"), split, "validation")[metric]
+                if world.is_main and validates
+                else float(epoch)
+            )
             score = world.broadcast(score)
-            self.history.retrieval.append({"epoch": epoch + 1, "loss": loss_sum.item() / steps if steps else float("nan"),
-                                           f"validation_{metric}": score if validates else None, "seconds": seconds,
-                                           "examples": labels * world.size})  # fmt: skip
+            self.history.retrieval.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": loss_sum.item() / steps if steps else float("nan"),
+                    f"validation_{metric}": score if validates else None,
+                    "seconds": seconds,
+                    "examples": labels * world.size,
+                }
+            )
             self.history.examples_per_second = labels * world.size / max(seconds, 1e-9)
             if world.is_main and progress:
-                tqdm.write(f"retrieval epoch {epoch + 1}: loss {self.history.retrieval[-1]['loss']:.4f}, "
-                           + (f"validation {metric} {score:.4f}" if validates else "no validation (final fit)")
-                           + f" ({seconds:.1f} s)")  # fmt: skip
+                tqdm.write(
+                    f"retrieval epoch {epoch + 1}: loss {self.history.retrieval[-1]['loss']:.4f}, "
+                    + (f"validation {metric} {score:.4f}" if validates else "no validation (final fit)")
+                    + f" ({seconds:.1f} s)"
+                )
             if score > best:
                 best, stale, best_epoch = score, 0, epoch + 1
                 best_state = copy.deepcopy(model.state_dict())
@@ -314,10 +338,20 @@ class TwoStageRecommender:
                 stale += 1
             if ckpt and world.is_main:
                 ckpt.mkdir(parents=True, exist_ok=True)
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "best": best, "stale": stale, "best_epoch": best_epoch, "best_model": best_state,
-                            "rng": rng.bit_generator.state, "history": self.history.retrieval},
-                           ckpt / "retrieval.pt.tmp")  # fmt: skip
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "best": best,
+                        "stale": stale,
+                        "best_epoch": best_epoch,
+                        "best_model": best_state,
+                        "rng": rng.bit_generator.state,
+                        "history": self.history.retrieval,
+                    },
+                    ckpt / "retrieval.pt.tmp",
+                )
                 os.replace(ckpt / "retrieval.pt.tmp", ckpt / "retrieval.pt")
             if stale >= cfg.patience and epoch + 1 >= cfg.min_epochs:
                 break
@@ -333,7 +367,9 @@ class TwoStageRecommender:
         objective)."""
         L = window.shape[1]
         width = int(split.train_len[users].max()) if len(users) else 0
-        owned = np.where(np.arange(width)[None, :] < split.train_len[users][:, None], split.sequences[users, :width], 0)
+        owned = np.where(
+            np.arange(width)[None, :] < split.train_len[users][:, None], split.sequences[users, :width], 0
+        )
         position = torch.full((len(users), split.n_items + 1), -1, dtype=torch.long, device=self.device)
         position.scatter_(1, to_tensor(owned, self.device), L)
         steps = torch.arange(L, device=self.device).expand_as(window)
@@ -361,17 +397,33 @@ class TwoStageRecommender:
             if cfg.uniform_negatives:
                 extra = torch.randint(1, self.split.n_items + 1, (cfg.uniform_negatives,), device=self.device)
                 negatives = torch.cat([negatives, extra])
-                log_q = torch.cat([log_q, torch.full((len(extra),), math.log(cfg.uniform_negatives / self.split.n_items),
-                                                     device=self.device)])  # fmt: skip
+                log_q = torch.cat(
+                    [
+                        log_q,
+                        torch.full(
+                            (len(extra),),
+                            math.log(cfg.uniform_negatives / self.split.n_items),
+                            device=self.device,
+                        ),
+                    ]
+                )
         # one call through the (DDP-wrapped) module so gradients synchronise
         states, positive, neg = forward(window, udense, targets, negatives, self.item_cats, self.item_dense)
         if later is not None:
             # the state after window position t scores every candidate; its positives are the user's
             # items after t (in this epoch's order), the items up to t are left out of its softmax
             step = torch.arange(window.shape[1], device=self.device).expand_as(window)[valid]
-            where = later[torch.nonzero(valid)[:, 0]][:, negatives]  # [P, M] window position of each candidate
-            return all_items_softmax_loss(states[valid], neg, log_q, where > step[:, None],
-                                          (where >= 0) & (where <= step[:, None]), cfg.temperature)  # fmt: skip
+            where = later[torch.nonzero(valid)[:, 0]][
+                :, negatives
+            ]  # [P, M] window position of each candidate
+            return all_items_softmax_loss(
+                states[valid],
+                neg,
+                log_q,
+                where > step[:, None],
+                (where >= 0) & (where <= step[:, None]),
+                cfg.temperature,
+            )
         if exact:
             # the sampled loss with every item a negative and the label's own column masked and scored as
             # the positive is this cross-entropy over the catalog, without the [P, N] mask and copy
@@ -381,17 +433,36 @@ class TwoStageRecommender:
         )
 
     # --- inference ---------------------------------------------------------------------------------------
-    def inference(self, search: str = "auto", use_ranker: bool | None = None, candidates: int | None = None,
-                  precision: str = "fp32", hnsw_threshold: int = HNSW_THRESHOLD,
-                  reduced_candidates: int | None = None) -> TwoStageInference:  # fmt: skip
+    def inference(
+        self,
+        search: str = "auto",
+        use_ranker: bool | None = None,
+        candidates: int | None = None,
+        precision: str = "fp32",
+        hnsw_threshold: int = HNSW_THRESHOLD,
+        reduced_candidates: int | None = None,
+    ) -> TwoStageInference:
         """This model frozen for inference: the one path that evaluation and serving both run."""
         self.retrieval.eval()
         self.ranker.eval()
-        return TwoStageInference(self.retrieval, self.ranker, self.item_cats, self.item_dense, self.catalog.n_items,
-                                 self.catalog.n_categories, self.config.max_history, self.config.ranker_history,
-                                 candidates or self.candidates, self.use_ranker if use_ranker is None else use_ranker,
-                                 search, hnsw_threshold, precision, self.search_graph,
-                                 self.catalog.item_popularity, reduced_candidates)  # fmt: skip
+        return TwoStageInference(
+            self.retrieval,
+            self.ranker,
+            self.item_cats,
+            self.item_dense,
+            self.catalog.n_items,
+            self.catalog.n_categories,
+            self.config.max_history,
+            self.config.ranker_history,
+            candidates or self.candidates,
+            self.use_ranker if use_ranker is None else use_ranker,
+            search,
+            hnsw_threshold,
+            precision,
+            self.search_graph,
+            self.catalog.item_popularity,
+            reduced_candidates,
+        )
 
     def with_fp16_tables(self) -> TwoStageRecommender:
         """Store the id embedding tables (most of a large model's parameters) in float16, in place: half
@@ -408,8 +479,14 @@ class TwoStageRecommender:
             return self.user_features.at(split.users.raw(users), times)
         return np.zeros((len(users), len(USER_DENSE_COLUMNS) + split.n_categories), np.float32)
 
-    def rank(self, split: SplitData | None = None, stage: str = "two_stage", search: str = "auto",
-             inference: TwoStageInference | None = None, level: str | None = None) -> RankFn:  # fmt: skip
+    def rank(
+        self,
+        split: SplitData | None = None,
+        stage: str = "two_stage",
+        search: str = "auto",
+        inference: TwoStageInference | None = None,
+        level: str | None = None,
+    ) -> RankFn:
         """The evaluation question (see ``evaluate.RankFn``) answered by :meth:`inference`: ``stage`` is
         "two_stage" (the ranker where it serves) or "retrieval"; ``search`` as in :meth:`inference`.
         ``inference``: evaluate that one instead (a serving form of this model: int8 ranker, HNSW, ...).
@@ -457,7 +534,9 @@ class TwoStageRecommender:
             rows = sample[s : s + 1024]
             window, lengths, target, udense = self._example_batch(split, users[rows], positions[rows])
             user_vectors[s : s + len(rows)] = frozen.user_vectors(window, lengths, udense)
-            scores = mask_seen_(user_vectors[s : s + len(rows)] @ items.T, split, users[rows], positions[rows])
+            scores = mask_seen_(
+                user_vectors[s : s + len(rows)] @ items.T, split, users[rows], positions[rows]
+            )
             scores[torch.arange(len(rows)), target] = float("-inf")
             top = torch.topk(scores, min(pool, split.n_items), dim=1).indices.cpu().numpy()
             pick = np.argsort(rng.random(top.shape), axis=1)[:, :K]
@@ -467,8 +546,11 @@ class TwoStageRecommender:
         baseline = self.validation_retrieval if validates else -1.0
         best, best_state, stale = baseline, None, 0
         # per-user validation scores of retrieval alone, and of the best ranker epoch: the gate's pairs
-        retrieval_scores = per_user_scores(self.rank(split, "retrieval", search="exact"), split, "validation") \
-            if world.is_main and validates else None  # fmt: skip
+        retrieval_scores = (
+            per_user_scores(self.rank(split, "retrieval", search="exact"), split, "validation")
+            if world.is_main and validates
+            else None
+        )
         best_scores = None
         for epoch in range(cfg.ranker_epochs):
             started = time.perf_counter()
@@ -476,16 +558,30 @@ class TwoStageRecommender:
             order = rng.permutation(len(sample))[:per_epoch][world.rank :: world.size]
             local_batch = max(cfg.batch_size // world.size, 2)
             steps, loss_sum = len(order) // local_batch, torch.zeros((), device=self.device)
-            for step in tqdm(range(steps), desc=f"ranker epoch {epoch + 1}",
-                             disable=not (progress and world.is_main), leave=False):  # fmt: skip
+            for step in tqdm(
+                range(steps),
+                desc=f"ranker epoch {epoch + 1}",
+                disable=not (progress and world.is_main),
+                leave=False,
+            ):
                 idx = order[step * local_batch : (step + 1) * local_batch]
                 rows = sample[idx]
                 window, lengths, target, udense = self._example_batch(split, users[rows], positions[rows])
                 cand = torch.cat([target[:, None], to_tensor(negatives[idx], self.device)], dim=1)
                 user_vec = user_vectors[torch.from_numpy(idx).to(self.device)]
                 hist = ranker_history(window, lengths, self.config.ranker_history)
-                logits = model(*ranker_inputs(items, tables.item_cats, tables.item_dense, split.n_categories, hist,
-                                              udense, user_vec, cand))  # fmt: skip
+                logits = model(
+                    *ranker_inputs(
+                        items,
+                        tables.item_cats,
+                        tables.item_dense,
+                        split.n_categories,
+                        hist,
+                        udense,
+                        user_vec,
+                        cand,
+                    )
+                )
                 loss = F.cross_entropy(logits, torch.zeros(len(rows), dtype=torch.long, device=self.device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -497,15 +593,27 @@ class TwoStageRecommender:
                 optimizer.step()
                 loss_sum += loss.detach()
             self.use_ranker = True
-            scores = per_user_scores(self.rank(split, "two_stage", search="exact"), split, "validation") \
-                if world.is_main and validates else None  # fmt: skip
-            score = world.broadcast(float(scores.mean()) if scores is not None and len(scores) else float(epoch))
-            self.history.ranker.append({"epoch": epoch + 1, "loss": loss_sum.item() / steps if steps else float("nan"),
-                                        f"validation_{metric}": score if validates else None,
-                                        "seconds": time.perf_counter() - started})  # fmt: skip
+            scores = (
+                per_user_scores(self.rank(split, "two_stage", search="exact"), split, "validation")
+                if world.is_main and validates
+                else None
+            )
+            score = world.broadcast(
+                float(scores.mean()) if scores is not None and len(scores) else float(epoch)
+            )
+            self.history.ranker.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": loss_sum.item() / steps if steps else float("nan"),
+                    f"validation_{metric}": score if validates else None,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
             if world.is_main and progress and validates:
-                tqdm.write(f"ranker epoch {epoch + 1}: loss {self.history.ranker[-1]['loss']:.4f}, "
-                           f"two-stage validation {metric} {score:.4f} (retrieval alone {baseline:.4f})")  # fmt: skip
+                tqdm.write(
+                    f"ranker epoch {epoch + 1}: loss {self.history.ranker[-1]['loss']:.4f}, "
+                    f"two-stage validation {metric} {score:.4f} (retrieval alone {baseline:.4f})"
+                )
             if score > best:
                 best, stale, best_state, best_scores = score, 0, copy.deepcopy(model.state_dict()), scores
                 self.best_epochs["ranker"] = epoch + 1
@@ -531,8 +639,10 @@ class TwoStageRecommender:
         if world.is_main and progress and best_state is None:
             tqdm.write("ranker: no epoch beat retrieval alone on validation: not served")
         elif world.is_main and progress:
-            tqdm.write(f"ranker: validation {metric} gain {self.ranker_gain['mean']:+.4f} per user (standard error "
-                       f"{self.ranker_gain['standard_error']:.4f}): {'serves' if self.use_ranker else 'not served'}")  # fmt: skip
+            tqdm.write(
+                f"ranker: validation {metric} gain {self.ranker_gain['mean']:+.4f} per user (standard error "
+                f"{self.ranker_gain['standard_error']:.4f}): {'serves' if self.use_ranker else 'not served'}"
+            )
 
 
 def training_objective(train: TrainConfig, split: SplitData) -> str:
@@ -566,8 +676,11 @@ def shuffled_training_items(split: SplitData, rng: np.random.Generator) -> Split
     # sort keys: a random draw in [0, 1) for training positions, the position itself (>= 1) after them
     keys = np.where(columns < split.train_len[:, None], rng.random((n_rows, width)), columns + 1.0)
     order = np.argsort(keys, axis=1, kind="stable")
-    return dataclasses.replace(split, sequences=np.take_along_axis(split.sequences, order, axis=1),
-                               timestamps=np.take_along_axis(split.timestamps, order, axis=1))  # fmt: skip
+    return dataclasses.replace(
+        split,
+        sequences=np.take_along_axis(split.sequences, order, axis=1),
+        timestamps=np.take_along_axis(split.timestamps, order, axis=1),
+    )
 
 
 def training_windows(
@@ -596,8 +709,10 @@ def training_windows(
 def evaluate_model(
     model: TwoStageRecommender, split: SplitData, stage: str = "test"
 ) -> dict[str, dict[str, float]]:
-    return {"two_stage": evaluate(model.rank(split, "two_stage"), split, stage),
-            "retrieval": evaluate(model.rank(split, "retrieval"), split, stage)}  # fmt: skip
+    return {
+        "two_stage": evaluate(model.rank(split, "two_stage"), split, stage),
+        "retrieval": evaluate(model.rank(split, "retrieval"), split, stage),
+    }
 
 
 # --- persistence -----------------------------------------------------------------------------------------
@@ -614,8 +729,14 @@ def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
 
     split = model.catalog  # the split trained on, or a loaded model's SplitCatalog: the same fields
     catalog = io.BytesIO()
-    np.savez(catalog, user_ids=split.users.ids, item_ids=split.items.ids, item_dense=split.item_dense,
-             item_categories=split.item_categories, item_popularity=split.item_popularity)  # fmt: skip
+    np.savez(
+        catalog,
+        user_ids=split.users.ids,
+        item_ids=split.items.ids,
+        item_dense=split.item_dense,
+        item_categories=split.item_categories,
+        item_popularity=split.item_popularity,
+    )
     meta = {
         "model_config": model.config.to_dict(),
         "train_config": dict(model.train_config.__dict__),
@@ -628,8 +749,12 @@ def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
         "item_rows": model.retrieval.items.id_embedding.rows,
         "history": {"retrieval": model.history.retrieval, "ranker": model.history.ranker},
     }
-    files = {"retrieval.pt": tensors(model.retrieval), "ranker.pt": tensors(model.ranker),
-             "catalog.npz": catalog.getvalue(), "model.json": json.dumps(meta).encode()}  # fmt: skip
+    files = {
+        "retrieval.pt": tensors(model.retrieval),
+        "ranker.pt": tensors(model.ranker),
+        "catalog.npz": catalog.getvalue(),
+        "model.json": json.dumps(meta).encode(),
+    }
     if split.n_items > HNSW_THRESHOLD:  # built once here, not on every replica start
         if model.search_graph is None:
             vectors = model.inference(search="exact").tables.embeddings[1 : split.n_items + 1]
@@ -651,8 +776,9 @@ def model_from_files(files: dict[str, bytes | Path], device: str | None = None) 
 
     raw_meta = files["model.json"]
     meta = json.loads(raw_meta.read_bytes() if isinstance(raw_meta, Path) else raw_meta)
-    model = TwoStageRecommender(ModelConfig.from_dict(meta["model_config"]),
-                                TrainConfig(**meta["train_config"]), device)  # fmt: skip
+    model = TwoStageRecommender(
+        ModelConfig.from_dict(meta["model_config"]), TrainConfig(**meta["train_config"]), device
+    )
     cat = np.load(source("catalog.npz"), allow_pickle=False)
     users, items = make_index(cat["user_ids"]), make_index(cat["item_ids"])
     n_cat = int(meta["n_categories"])
@@ -676,8 +802,11 @@ def model_from_files(files: dict[str, bytes | Path], device: str | None = None) 
     model.item_cats, model.item_dense = model._item_tables(model.catalog)
     if SEARCH_GRAPH in files:
         graph = files[SEARCH_GRAPH]
-        model.search_graph = (faiss.read_index(str(graph)) if isinstance(graph, Path)
-                              else faiss.deserialize_index(np.frombuffer(graph, np.uint8)))  # fmt: skip
+        model.search_graph = (
+            faiss.read_index(str(graph))
+            if isinstance(graph, Path)
+            else faiss.deserialize_index(np.frombuffer(graph, np.uint8))
+        )
     return model
 
 

@@ -105,8 +105,14 @@ class ModelRegistry:
             values[key] = _utc(values[key])
         return ModelVersion(**values)
 
-    def register(self, name: str, artifact_uri: str, data_cutoff: datetime | None, metrics: dict,
-                 parent_version: int | None = None) -> ModelVersion:  # fmt: skip
+    def register(
+        self,
+        name: str,
+        artifact_uri: str,
+        data_cutoff: datetime | None,
+        metrics: dict,
+        parent_version: int | None = None,
+    ) -> ModelVersion:
         """A new ``candidate`` version numbered one above the highest so far (retried on a race)."""
         for _ in range(5):
             try:
@@ -117,10 +123,16 @@ class ModelRegistry:
                     now = _now()
                     new_id = conn.execute(
                         versions_table.insert().values(
-                            name=name, version=(top or 0) + 1, artifact_uri=artifact_uri, data_cutoff=data_cutoff,
-                            metrics=metrics, status="candidate", parent_version=parent_version,
-                            created_at=now, updated_at=now,
-                        )  # fmt: skip
+                            name=name,
+                            version=(top or 0) + 1,
+                            artifact_uri=artifact_uri,
+                            data_cutoff=data_cutoff,
+                            metrics=metrics,
+                            status="candidate",
+                            parent_version=parent_version,
+                            created_at=now,
+                            updated_at=now,
+                        )
                     ).inserted_primary_key[0]
                 return self.get(new_id)
             except sa.exc.IntegrityError:
@@ -137,7 +149,9 @@ class ModelRegistry:
     def versions(self, name: str) -> list[ModelVersion]:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(versions_table).where(versions_table.c.name == name).order_by(versions_table.c.version)
+                sa.select(versions_table)
+                .where(versions_table.c.name == name)
+                .order_by(versions_table.c.version)
             ).all()
         return [self._row(r) for r in rows]
 
@@ -155,14 +169,19 @@ class ModelRegistry:
         """
         candidate = self.get(version_id)
         if candidate.status != "candidate":
-            raise ValueError(f"version {candidate.version} of {candidate.name} is {candidate.status}, not a candidate")
+            raise ValueError(
+                f"version {candidate.version} of {candidate.name} is {candidate.status}, not a candidate"
+            )
         now = _now()
         with self.engine.begin() as conn:
             if expected_production is None:
                 try:
                     with conn.begin_nested():
-                        conn.execute(pointers_table.insert().values(name=candidate.name, production_version=version_id,
-                                                                    updated_at=now))  # fmt: skip
+                        conn.execute(
+                            pointers_table.insert().values(
+                                name=candidate.name, production_version=version_id, updated_at=now
+                            )
+                        )
                 except sa.exc.IntegrityError as exc:
                     raise PromotionConflict(f"{candidate.name} already has a production version") from exc
             else:
@@ -176,18 +195,27 @@ class ModelRegistry:
                     raise PromotionConflict(
                         f"production of {candidate.name} is no longer version id {expected_production}"
                     )
-                conn.execute(versions_table.update().where(versions_table.c.id == expected_production)
-                             .values(status="retired", updated_at=now))  # fmt: skip
-            conn.execute(versions_table.update().where(versions_table.c.id == version_id)
-                         .values(status="production", promoted_at=now, updated_at=now))  # fmt: skip
+                conn.execute(
+                    versions_table.update()
+                    .where(versions_table.c.id == expected_production)
+                    .values(status="retired", updated_at=now)
+                )
+            conn.execute(
+                versions_table.update()
+                .where(versions_table.c.id == version_id)
+                .values(status="production", promoted_at=now, updated_at=now)
+            )
         log.info("promoted %s version %d to production", candidate.name, candidate.version)
         return self.get(version_id)
 
     def reject(self, version_id: int, reason: str) -> ModelVersion:
         with self.engine.begin() as conn:
-            conn.execute(versions_table.update().where(versions_table.c.id == version_id)
-                         .where(versions_table.c.status == "candidate")
-                         .values(status="rejected", reason=reason, updated_at=_now()))  # fmt: skip
+            conn.execute(
+                versions_table.update()
+                .where(versions_table.c.id == version_id)
+                .where(versions_table.c.status == "candidate")
+                .values(status="rejected", reason=reason, updated_at=_now())
+            )
         return self.get(version_id)
 
 

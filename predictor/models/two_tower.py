@@ -81,9 +81,14 @@ class UserEncoder(nn.Module):
         super().__init__()
         self.position = nn.Embedding(config.max_history, config.dim)
         layer = nn.TransformerEncoderLayer(
-            config.dim, config.encoder_heads, dim_feedforward=4 * config.dim, dropout=config.dropout,
-            batch_first=True, norm_first=True, activation="gelu",
-        )  # fmt: skip
+            config.dim,
+            config.encoder_heads,
+            dim_feedforward=4 * config.dim,
+            dropout=config.dropout,
+            batch_first=True,
+            norm_first=True,
+            activation="gelu",
+        )
         self.encoder = nn.TransformerEncoder(layer, config.encoder_layers, enable_nested_tensor=False)
         for encoder_layer in self.encoder.layers:
             for name in ("dropout", "dropout1", "dropout2"):
@@ -109,8 +114,14 @@ class UserEncoder(nn.Module):
 class TwoTower(nn.Module):
     """Retrieval model. ``user_embedding`` and ``item_embedding`` return L2-normalised ``[*, D]``."""
 
-    def __init__(self, config: ModelConfig, n_item_rows: int, n_categories: int, user_dense_dim: int,
-                 item_dense_dim: int):  # fmt: skip
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_item_rows: int,
+        n_categories: int,
+        user_dense_dim: int,
+        item_dense_dim: int,
+    ):
         super().__init__()
         self.config = config
         self.items = ItemEncoder(config, n_item_rows, n_categories, item_dense_dim)
@@ -162,12 +173,16 @@ class TwoTower(nn.Module):
         overlap: the targets are the history shifted by one), and each use gathers from it. One module
         call, so DistributedDataParallel sees every parameter used in the step.
         """
-        ids, inverse = torch.unique(torch.cat([window.flatten(), targets.flatten(), negatives]), return_inverse=True)
+        ids, inverse = torch.unique(
+            torch.cat([window.flatten(), targets.flatten(), negatives]), return_inverse=True
+        )
         encoded = self.items(ids, item_categories[ids], item_dense[ids])  # [U, D]
         n_window, n_targets = window.numel(), targets.numel()
         history = self.history_proj(encoded[inverse[:n_window]].view(*window.shape, -1))
         states = F.normalize(self.user(history, user_dense), dim=-1)
-        positive = F.normalize(encoded[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1), dim=-1)
+        positive = F.normalize(
+            encoded[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1), dim=-1
+        )
         neg = F.normalize(encoded[inverse[n_window + n_targets :]], dim=-1)
         return states, positive, neg
 
@@ -266,8 +281,15 @@ def sampled_softmax_loss(
     scaled = user / temperature
     own = (scaled * positive).sum(-1)
     target = torch.full((len(user),), -1, dtype=torch.long, device=user.device)
-    return softmax_cross_entropy(scaled, negatives, target, bias=-negative_log_q, extra=own,
-                                 excluded=negative_index, own=positive_index)  # fmt: skip
+    return softmax_cross_entropy(
+        scaled,
+        negatives,
+        target,
+        bias=-negative_log_q,
+        extra=own,
+        excluded=negative_index,
+        own=positive_index,
+    )
 
 
 def exact_softmax_loss(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor, temperature: float):

@@ -69,10 +69,14 @@ class OnlineUsers:
         def offsets(name):
             return offsets_from_counts(np.concatenate([np.diff(getattr(p, name)) for p in parts]))
 
-        return OnlineUsers(np.concatenate([p.history for p in parts]), offsets("history_offsets"),
-                           np.concatenate([p.seen for p in parts]), offsets("seen_offsets"),
-                           np.concatenate([p.user_dense for p in parts]),
-                           np.concatenate([p.exclude_seen for p in parts]))  # fmt: skip
+        return OnlineUsers(
+            np.concatenate([p.history for p in parts]),
+            offsets("history_offsets"),
+            np.concatenate([p.seen for p in parts]),
+            offsets("seen_offsets"),
+            np.concatenate([p.user_dense for p in parts]),
+            np.concatenate([p.exclude_seen for p in parts]),
+        )
 
 
 @dataclass
@@ -86,8 +90,9 @@ class Recommendations:
     cold: np.ndarray
 
     def rows(self, start: int, stop: int) -> Recommendations:
-        return Recommendations(self.item_ids[start:stop], self.scores[start:stop], self.counts[start:stop],
-                               self.cold[start:stop])  # fmt: skip
+        return Recommendations(
+            self.item_ids[start:stop], self.scores[start:stop], self.counts[start:stop], self.cold[start:stop]
+        )
 
 
 class UserVectorCache:
@@ -103,8 +108,10 @@ class UserVectorCache:
 
     def vectors(self, inference, batch: UserBatch) -> torch.Tensor:
         """``[B, D]`` vectors: cached ones where the key is known, the tower over the rest."""
-        keys = [hashlib.blake2b(w.tobytes() + d.tobytes(), digest_size=16).digest()
-                for w, d in zip(batch.window, np.ascontiguousarray(batch.user_dense, np.float32))]  # fmt: skip
+        keys = [
+            hashlib.blake2b(w.tobytes() + d.tobytes(), digest_size=16).digest()
+            for w, d in zip(batch.window, np.ascontiguousarray(batch.user_dense, np.float32))
+        ]
         with self._lock:
             if self._tables is not inference.tables:
                 self._entries.clear()
@@ -187,10 +194,14 @@ class ServingEngine:
         model.item_cats, model.item_dense = model.item_cats.to(self.device), model.item_dense.to(self.device)
         if item_features is not None:  # the online features, before the item side is built (once)
             model.item_dense, _ = self._dense_with(model.item_dense, *item_features)
-        self.inference = model.inference(use_ranker=use_ranker, candidates=candidates,
-                                         precision="fp16" if precision == "fp16" else "fp32",
-                                         hnsw_threshold=hnsw_threshold, search=search,
-                                         reduced_candidates=reduced_candidates)  # fmt: skip
+        self.inference = model.inference(
+            use_ranker=use_ranker,
+            candidates=candidates,
+            precision="fp16" if precision == "fp16" else "fp32",
+            hnsw_threshold=hnsw_threshold,
+            search=search,
+            reduced_candidates=reduced_candidates,
+        )
         self._lock = threading.Lock()
         self.user_cache = UserVectorCache(user_cache_size)
         self.item_features_as_of = (
@@ -247,8 +258,9 @@ class ServingEngine:
     # --- inference ----------------------------------------------------------------------------------
     def batch(self, users: OnlineUsers) -> UserBatch:
         """Online raw ids → model inputs: one id lookup for all histories and one for all seen sets."""
-        window, lengths = windows_from_ragged(self.item_index(users.history), users.history_offsets,
-                                              self.max_history)  # fmt: skip
+        window, lengths = windows_from_ragged(
+            self.item_index(users.history), users.history_offsets, self.max_history
+        )
         seen, offsets = self.item_index(users.seen), users.seen_offsets
         if not users.exclude_seen.all():
             keep = np.repeat(users.exclude_seen, np.diff(offsets))
@@ -279,8 +291,9 @@ class ServingEngine:
         rng = np.random.default_rng(seed)
         history = self.item_ids[rng.integers(0, self.n_items, n * self.max_history)]
         offsets = np.arange(n + 1, dtype=np.int64) * self.max_history
-        return OnlineUsers(history, offsets, history, offsets, np.zeros((n, self.n_user_dense), np.float32),
-                           np.ones(n, bool))  # fmt: skip
+        return OnlineUsers(
+            history, offsets, history, offsets, np.zeros((n, self.n_user_dense), np.float32), np.ones(n, bool)
+        )
 
     def time_level(self, level: str, users: int, k: int = 10) -> float:
         """Seconds of one ``recommend`` of ``users`` probe users at ``level`` (the ladder's calibration)."""
@@ -289,8 +302,9 @@ class ServingEngine:
         self.recommend(probe, k, level=level)
         return time.perf_counter() - started
 
-    def recommend(self, users: OnlineUsers, k: int, timings: dict | None = None,
-                  level: str | None = None) -> Recommendations:  # fmt: skip
+    def recommend(
+        self, users: OnlineUsers, k: int, timings: dict | None = None, level: str | None = None
+    ) -> Recommendations:
         """Top-``k`` for B users at ``level`` (default: the best of :attr:`levels`). Users whose history
         holds no item the model knows get the popularity order instead (their embedding carries no
         signal), flagged ``cold``; seen items are excluded from both where ``exclude_seen``. ``timings``, if
@@ -320,8 +334,12 @@ class ServingEngine:
         k = min(k, self.n_items)
         index = np.broadcast_to(self.inference.popular_index[:k], (n_users, k))
         scores = self.inference.popular_scores[:k]
-        return Recommendations(self.item_ids[index - 1], np.broadcast_to(scores, (n_users, k)),
-                               np.full(n_users, k), np.ones(n_users, bool))  # fmt: skip
+        return Recommendations(
+            self.item_ids[index - 1],
+            np.broadcast_to(scores, (n_users, k)),
+            np.full(n_users, k),
+            np.ones(n_users, bool),
+        )
 
     def self_check(self) -> None:
         """Run a small batch end to end; raise :class:`ModelValidationError` if the output is unusable.
@@ -330,8 +348,14 @@ class ServingEngine:
             raise ModelValidationError("the model's catalog is empty")
         probe = self.item_ids[self.inference.popular_index[: min(5, self.n_items)] - 1]
         k = min(10, self.n_items)
-        users = OnlineUsers(probe, np.array([0, len(probe)]), probe[:0], np.array([0, 0]),
-                            np.zeros((1, self.n_user_dense), np.float32), np.array([False]))  # fmt: skip
+        users = OnlineUsers(
+            probe,
+            np.array([0, len(probe)]),
+            probe[:0],
+            np.array([0, 0]),
+            np.zeros((1, self.n_user_dense), np.float32),
+            np.array([False]),
+        )
         recs = self.recommend(users, k)
         ids, scores = recs.item_ids[0, : recs.counts[0]], recs.scores[0, : recs.counts[0]]
         if recs.cold[0] or len(ids) == 0 or not np.isfinite(scores).all():

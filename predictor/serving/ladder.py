@@ -43,8 +43,10 @@ class LadderPolicy:
         if not 0 < self.up_at < self.down_at <= 1:
             raise ValueError(f"need 0 < up_at < down_at <= 1, got up_at={self.up_at}, down_at={self.down_at}")
         if self.hold_s < 0 or not 0 <= self.allowance < 1 or self.memory < 1:
-            raise ValueError(f"need hold_s >= 0, 0 <= allowance < 1 and memory >= 1, got {self.hold_s}, "
-                             f"{self.allowance}, {self.memory}")
+            raise ValueError(
+                f"need hold_s >= 0, 0 <= allowance < 1 and memory >= 1, got {self.hold_s}, "
+                f"{self.allowance}, {self.memory}"
+            )
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ class LadderState:
     miss_rate: float = 0.0  # running share of forecasts past down_at × target at the level served
 
 
-def next_level(state: LadderState, predicted_s: Sequence[float], now: float, policy: LadderPolicy) -> LadderState:
+def next_level(
+    state: LadderState, predicted_s: Sequence[float], now: float, policy: LadderPolicy
+) -> LadderState:
     """The state after one decision. ``predicted_s[l]``: seconds the newest queued request would take if
     the queue were served at level ``l`` (best first, one entry per level of the ladder)."""
     current = min(state.level, len(predicted_s) - 1)
@@ -73,7 +77,9 @@ def next_level(state: LadderState, predicted_s: Sequence[float], now: float, pol
     if now - state.since < policy.hold_s:
         return LadderState(current, state.since, decisions, over, miss_rate)
     if over <= policy.allowance * decisions:
-        return LadderState(current - 1, now, miss_rate=miss_rate)  # one level up; the next needs its own window
+        return LadderState(
+            current - 1, now, miss_rate=miss_rate
+        )  # one level up; the next needs its own window
     return LadderState(current, now, miss_rate=miss_rate)  # not calm enough: a new window
 
 
@@ -101,7 +107,9 @@ class LevelCosts:
             self.speed += self.smoothing * (ratio - self.speed)
 
     @classmethod
-    def calibrate(cls, run: Callable[[int, int], float], levels: int, small: int = 1, large: int = 16) -> LevelCosts:
+    def calibrate(
+        cls, run: Callable[[int, int], float], levels: int, small: int = 1, large: int = 16
+    ) -> LevelCosts:
         """``run(level, users)`` → seconds of one batch; each level timed at ``small`` and ``large``
         users, best of three, and fitted by the line through both."""
         fixed, per_user = [], []
@@ -118,8 +126,15 @@ class QualityLadder:
     """One replica's ladder: ``choose`` before a batch, ``observe`` after it. Thread-safe (the event loop
     chooses, the model thread observes). ``pinned`` serves one level always (no control)."""
 
-    def __init__(self, levels: Sequence[str], costs: LevelCosts, policy: LadderPolicy | None,
-                 max_batch: int, overhead_s: float = 0.0, pinned: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        levels: Sequence[str],
+        costs: LevelCosts,
+        policy: LadderPolicy | None,
+        max_batch: int,
+        overhead_s: float = 0.0,
+        pinned: str | None = None,
+    ):
         self.levels, self.costs, self.policy, self.max_batch = tuple(levels), costs, policy, max_batch
         self.overhead_s = overhead_s  # latency outside the model queue (online read, parsing): a running mean
         self.pinned = None if pinned is None else self.levels.index(pinned)
@@ -127,8 +142,10 @@ class QualityLadder:
         self._lock = threading.Lock()
 
     def predicted(self, queued_users: int, head_wait_s: float) -> list[float]:
-        return [self.overhead_s + head_wait_s + self.costs.drain_s(lv, queued_users, self.max_batch)
-                for lv in range(len(self.levels))]  # fmt: skip
+        return [
+            self.overhead_s + head_wait_s + self.costs.drain_s(lv, queued_users, self.max_batch)
+            for lv in range(len(self.levels))
+        ]
 
     def choose(self, queued_users: int, head_wait_s: float, now: float) -> str:
         """The level of the batch about to start, with ``queued_users`` waiting (that batch included) and

@@ -10,9 +10,32 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008, 0.010, 0.0125, 0.015, 0.02,
-    0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0015,
+    0.002,
+    0.0025,
+    0.003,
+    0.004,
+    0.005,
+    0.006,
+    0.008,
+    0.010,
+    0.0125,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 
 STAGE_SECONDS = Histogram(
     "recsys_stage_seconds",
@@ -21,8 +44,11 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
-BATCH_SIZE = Histogram("recsys_batch_users", "Users per model invocation (micro-batching merges requests)",
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
+BATCH_SIZE = Histogram(
+    "recsys_batch_users",
+    "Users per model invocation (micro-batching merges requests)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 FALLBACKS = Counter("recsys_fallbacks_total", "Users answered by a fallback instead of the model", ["reason"])
 ERRORS = Counter(
     "recsys_errors_total", "Errors by kind (bad_request, online_store, model, model_load)", ["kind"]
@@ -33,8 +59,9 @@ CLIENT_ERRORS = Counter(
     "validation (the V2 schema), body_too_large, not_found (model or route), http (any other 4xx)",
     ["reason"],
 )
-USER_CACHE = Counter("recsys_user_cache_total", "User-vector cache lookups (RECSYS_SERVE_USER_CACHE_SIZE > 0)",
-                     ["result"])  # fmt: skip
+USER_CACHE = Counter(
+    "recsys_user_cache_total", "User-vector cache lookups (RECSYS_SERVE_USER_CACHE_SIZE > 0)", ["result"]
+)
 ONLINE_STORE_LOST = Gauge(
     "recsys_online_store_lost",
     "1 while the online store lacks a feature view the registry says was materialized (wiped: see "
@@ -65,8 +92,11 @@ class LevelCostCollector:
         self.source = None
 
     def collect(self):
-        family = GaugeMetricFamily("recsys_level_cost_seconds", "Predicted model seconds of one lone request at "
-                                   "each level of the serving model's quality ladder", labels=["level"])  # fmt: skip
+        family = GaugeMetricFamily(
+            "recsys_level_cost_seconds",
+            "Predicted model seconds of one lone request at each level of the serving model's quality ladder",
+            labels=["level"],
+        )
         ladder = self.source
         if ladder is not None:
             for i, level in enumerate(ladder.levels):
@@ -77,14 +107,27 @@ class LevelCostCollector:
 LEVEL_COSTS = LevelCostCollector()
 REGISTRY.register(LEVEL_COSTS)
 MODEL_SWAPS = Counter("recsys_model_swaps_total", "Hot swaps to a newly promoted model")
-ITEM_FEATURE_REFRESHES = Counter("recsys_item_feature_refreshes_total",
-                                 "Item-feature cache refreshes after materialization advanced")  # fmt: skip
+ITEM_FEATURE_REFRESHES = Counter(
+    "recsys_item_feature_refreshes_total", "Item-feature cache refreshes after materialization advanced"
+)
 
 STAGES = ("features", "retrieval", "ranking", "total")
-CLIENT_ERROR_REASONS = ("bad_json", "bad_field", "too_many_users", "validation", "body_too_large", "not_found",
-                        "http")  # fmt: skip
-FALLBACK_REASONS = ("cold_start", "online_store_unavailable", "online_store_timeout", "online_store_lost",
-                    "model_error")
+CLIENT_ERROR_REASONS = (
+    "bad_json",
+    "bad_field",
+    "too_many_users",
+    "validation",
+    "body_too_large",
+    "not_found",
+    "http",
+)
+FALLBACK_REASONS = (
+    "cold_start",
+    "online_store_unavailable",
+    "online_store_timeout",
+    "online_store_lost",
+    "model_error",
+)
 for _stage in STAGES:
     STAGE_SECONDS.labels(stage=_stage)
 for _reason in FALLBACK_REASONS:

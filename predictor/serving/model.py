@@ -92,7 +92,9 @@ class ServeSettings(BaseSettings):
     batch_wait_ms: float = Field(default=0.0, ge=0, description="extra wait for more requests when idle")
     model_poll_seconds: float = Field(default=10.0, ge=0, description="registry poll period (0: no hot swap)")
     online_check_seconds: float = Field(
-        default=15.0, ge=0, description="how often the online store's materialization markers are checked (0: never)"
+        default=15.0,
+        ge=0,
+        description="how often the online store's materialization markers are checked (0: never)",
     )
     item_refresh_seconds: float = Field(
         default=30.0, ge=0, description="materialization check period (0: off)"
@@ -115,16 +117,17 @@ class ServeSettings(BaseSettings):
         description="auto: as validation decided at training; on/off: force",
     )
     p99_target_ms: float = Field(
-        default=50.0, gt=0,
+        default=50.0,
+        gt=0,
         description="this replica's p99 target: the quality ladder steps down before its queue would pass it "
         "(the chart sets it from the LatencyAutoscaler's p99TargetMs)",
-    )  # fmt: skip
+    )
     level: str = Field(
         default="auto",
         pattern=f"^(auto|best|{'|'.join(LEVELS)})$",
         description="auto: the quality ladder picks each batch's level from queue and latency; best: never "
         "degrade; or pin one level (the nearest the model has, not better)",
-    )  # fmt: skip
+    )
     reduced_candidates: int | None = Field(
         default=None, ge=1, le=4096, description="candidates ranked at the reduced level (default: a quarter)"
     )
@@ -158,8 +161,13 @@ class MicroBatcher:
     ``run``'s second argument (the quality-ladder level).
     """
 
-    def __init__(self, run: Callable[[list, object], list], max_batch: int, max_wait: float,
-                 choose: Callable[[list, list, float], object] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run: Callable[[list, object], list],
+        max_batch: int,
+        max_wait: float,
+        choose: Callable[[list, list, float], object] | None = None,
+    ):
         self.run, self.max_batch, self.max_wait, self.choose = run, max_batch, max_wait, choose
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-model")
         self._pending: list[tuple[list, asyncio.Future, float]] = []
@@ -192,8 +200,11 @@ class MicroBatcher:
         choice = None
         if self.choose is not None:
             head_wait = time.perf_counter() - batch[0][2]
-            choice = self.choose([i for items, _, _ in batch for i in items],
-                                 [i for items, _, _ in self._pending for i in items], head_wait)  # fmt: skip
+            choice = self.choose(
+                [i for items, _, _ in batch for i in items],
+                [i for items, _, _ in self._pending for i in items],
+                head_wait,
+            )
         self._busy = True
         asyncio.get_running_loop().create_task(self._run(batch, choice))
 
@@ -244,7 +255,9 @@ class RecommenderModel(Model):
         self.marker: MaterializationMarker | None = None
         self.online_lost: list[str] = []
         self._tasks: list[asyncio.Task] = []
-        self.batcher = MicroBatcher(self._run_engine, serve.max_batch, serve.batch_wait_ms / 1000, self._choose_level)
+        self.batcher = MicroBatcher(
+            self._run_engine, serve.max_batch, serve.batch_wait_ms / 1000, self._choose_level
+        )
         for level in LEVELS:  # every level's series exists from the start, so a window's increase is defined
             metrics.SERVED_LEVEL.labels(level=level)
 
@@ -273,9 +286,16 @@ class RecommenderModel(Model):
         self.ready = True
         metrics.LEVEL_COSTS.source = self.current.ladder
         engine = self.current.engine
-        log.info("model %s ready (%d items, device %s, precision %s, retrieval %s, ranker %s, levels %s)",
-                 self.current.version, engine.n_items, engine.device, engine.precision,
-                 engine.inference.retrieval_form, "on" if engine.use_ranker else "off", self._ladder_text())  # fmt: skip
+        log.info(
+            "model %s ready (%d items, device %s, precision %s, retrieval %s, ranker %s, levels %s)",
+            self.current.version,
+            engine.n_items,
+            engine.device,
+            engine.precision,
+            engine.inference.retrieval_form,
+            "on" if engine.use_ranker else "off",
+            self._ladder_text(),
+        )
         return self.ready
 
     def _load_model(self, skip: set[int] = frozenset()) -> LoadedModel | None:
@@ -291,8 +311,12 @@ class RecommenderModel(Model):
             production = self.registry.production(MODEL_NAME)
             if production is None or production.id in skip:
                 return None
-            uri, version_id, version, number = production.artifact_uri, production.id, str(production.version), \
-                production.version  # fmt: skip
+            uri, version_id, version, number = (
+                production.artifact_uri,
+                production.id,
+                str(production.version),
+                production.version,
+            )
         timings: dict[str, float] = {}
         with timed(timings, "artifact"):
             model = load_model(uri, self.serve.device)
@@ -307,22 +331,39 @@ class RecommenderModel(Model):
         with timed(timings, "item_features"):
             online_items = self._online_item_features(model.catalog.items.ids, as_of=None)
         with timed(timings, "item_side"):
-            engine = ServingEngine(model, version, self.serve.device, self.serve.precision, self.serve.candidates,
-                                   self.serve.hnsw_threshold, self.serve.search, use_ranker,
-                                   self.serve.user_cache_size, online_items[1:] if online_items else None,
-                                   self.serve.reduced_candidates)  # fmt: skip
+            engine = ServingEngine(
+                model,
+                version,
+                self.serve.device,
+                self.serve.precision,
+                self.serve.candidates,
+                self.serve.hnsw_threshold,
+                self.serve.search,
+                use_ranker,
+                self.serve.user_cache_size,
+                online_items[1:] if online_items else None,
+                self.serve.reduced_candidates,
+            )
         if online_items:
             engine.item_features_as_of = online_items[0]
-            log.info("model %s: online item features of %d items (materialized until %s)", version,
-                     len(online_items[1]), online_items[0])  # fmt: skip
+            log.info(
+                "model %s: online item features of %d items (materialized until %s)",
+                version,
+                len(online_items[1]),
+                online_items[0],
+            )
         with timed(timings, "self_check"):
             engine.self_check()
         with timed(timings, "ladder"):
             ladder = self._ladder(engine)
         for stage, seconds in timings.items():
             metrics.MODEL_LOAD_SECONDS.labels(stage=stage).set(seconds)
-        log.info("model %s loaded in %.2f s (%s)", version, sum(timings.values()),
-                 ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in timings.items()))  # fmt: skip
+        log.info(
+            "model %s loaded in %.2f s (%s)",
+            version,
+            sum(timings.values()),
+            ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in timings.items()),
+        )
         metrics.MODEL_VERSION.set(number)
         return LoadedModel(engine, version_id, version, ladder)
 
@@ -333,16 +374,24 @@ class RecommenderModel(Model):
             pinned = engine.levels[0]
         elif self.serve.level != "auto":
             pinned = engine.nearest_level(self.serve.level)
-        costs = LevelCosts.calibrate(lambda level, users: engine.time_level(engine.levels[level], users),
-                                     len(engine.levels), large=min(16, self.serve.max_batch))  # fmt: skip
+        costs = LevelCosts.calibrate(
+            lambda level, users: engine.time_level(engine.levels[level], users),
+            len(engine.levels),
+            large=min(16, self.serve.max_batch),
+        )
         policy = LadderPolicy(self.serve.p99_target_ms / 1000, hold_s=self.serve.ladder_hold_seconds)
         return QualityLadder(engine.levels, costs, policy, self.serve.max_batch, pinned=pinned)
 
     def _ladder_text(self) -> str:
         ladder = self.current.ladder
-        costs = ", ".join(f"{lv} {1000 * ladder.costs.batch_s(i, 1):.2f} ms" for i, lv in enumerate(ladder.levels))
-        mode = f"pinned at {ladder.levels[ladder.pinned]}" if ladder.pinned is not None else \
-            f"target p99 {self.serve.p99_target_ms:g} ms"  # fmt: skip
+        costs = ", ".join(
+            f"{lv} {1000 * ladder.costs.batch_s(i, 1):.2f} ms" for i, lv in enumerate(ladder.levels)
+        )
+        mode = (
+            f"pinned at {ladder.levels[ladder.pinned]}"
+            if ladder.pinned is not None
+            else f"target p99 {self.serve.p99_target_ms:g} ms"
+        )
         return f"{costs}; {mode}"
 
     # --- background tasks ------------------------------------------------------------------------------
@@ -399,8 +448,12 @@ class RecommenderModel(Model):
         except Exception as exc:  # noqa: BLE001 - any failure to load means: keep serving the old model
             self._failed_versions.add(production.id)
             metrics.ERRORS.labels(kind="model_load").inc()
-            log.error("model version %s failed to load or validate; version %s keeps serving: %s",
-                      production.version, self.current.version, exc)  # fmt: skip
+            log.error(
+                "model version %s failed to load or validate; version %s keeps serving: %s",
+                production.version,
+                self.current.version,
+                exc,
+            )
             return False
         previous, self.current = self.current, loaded  # in-flight requests keep their own reference
         metrics.LEVEL_COSTS.source = loaded.ladder  # a model without a ranker has no full / reduced
@@ -421,8 +474,11 @@ class RecommenderModel(Model):
             return
         if lost != self.online_lost:
             if lost:
-                log.warning("the online store lost %s (registry says materialized, marker gone); answering with "
-                            "fallbacks until `recsys features materialize` reloads it", ", ".join(lost))  # fmt: skip
+                log.warning(
+                    "the online store lost %s (registry says materialized, marker gone); answering with "
+                    "fallbacks until `recsys features materialize` reloads it",
+                    ", ".join(lost),
+                )
             else:
                 log.warning("the online store holds every materialized view again")
         self.online_lost = lost
@@ -548,8 +604,11 @@ class RecommenderModel(Model):
         history_lengths = np.fromiter((len(u.history) for u in rows), np.int64, len(rows))
         seen_lengths = np.fromiter((len(u.seen) for u in rows), np.int64, len(rows))
         # a model trained without user features ignores them: skip the conversion on the event loop
-        dense = (user_dense_rows([u.values for u in rows], engine.catalog.n_categories) if engine.uses_user_features
-                 else np.zeros((len(rows), engine.n_user_dense), np.float32))  # fmt: skip
+        dense = (
+            user_dense_rows([u.values for u in rows], engine.catalog.n_categories)
+            if engine.uses_user_features
+            else np.zeros((len(rows), engine.n_user_dense), np.float32)
+        )
         return OnlineUsers(
             np.concatenate([u.history for u in rows]).astype(np.int64),
             offsets_from_counts(history_lengths),
@@ -588,7 +647,9 @@ class RecommenderModel(Model):
         if fallbacks:
             metrics.FALLBACKS.labels(reason=reason).inc(fallbacks)
         metrics.STAGE_SECONDS.labels(stage="total").observe(time.perf_counter() - started)
-        loaded.ladder.observe_overhead(feature_s)  # the latency the model queue adds to, in the ladder's forecast
+        loaded.ladder.observe_overhead(
+            feature_s
+        )  # the latency the model queue adds to, in the ladder's forecast
         return parsed, Answer(recs, reason, loaded.version, level)
 
     async def postprocess(self, result, headers: dict[str, str] | None = None, response_headers=None):

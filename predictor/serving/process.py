@@ -34,9 +34,16 @@ class ServerProcess:
     it and waits for ``ready_path`` (default ``/v2/models/<model>/ready``) to answer 200, leaving stops it.
     ``log`` holds its output."""
 
-    def __init__(self, settings: Settings, env: dict | None = None, command: list[str] | None = None,
-                 log_path: Path | None = None, model: str = "recsys", timeout: float = 180.0,
-                 ready_path: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        env: dict | None = None,
+        command: list[str] | None = None,
+        log_path: Path | None = None,
+        model: str = "recsys",
+        timeout: float = 180.0,
+        ready_path: str | None = None,
+    ):
         self.settings, self.command, self.model, self.timeout = (
             settings,
             command or recsys_command(),
@@ -54,13 +61,16 @@ class ServerProcess:
         environ = {**os.environ, **self.settings.feast_environment(), **self.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "w+")  # closed in __exit__
-        self.proc = subprocess.Popen([*self.command, "--port", str(self.port)], env=environ, stdout=self.log,
-                                     stderr=subprocess.STDOUT)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [*self.command, "--port", str(self.port)], env=environ, stdout=self.log, stderr=subprocess.STDOUT
+        )
         self.client = httpx.Client(base_url=self.url, timeout=10)
         while True:
             if self.proc.poll() is not None:
                 self.__exit__()
-                raise RuntimeError(f"{self.command} exited ({self.proc.returncode}):\n{self.output()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.command} exited ({self.proc.returncode}):\n{self.output()[-3000:]}"
+                )
             try:
                 if self.client.get(self.ready_path).status_code == 200:
                     break

@@ -196,8 +196,10 @@ def parse_v2(request: InferRequest, limits: Limits) -> ParsedRequest:
         raise InvalidInput(
             f"input 'exclude_seen' has {len(excl)} values for {len(users)} users: send 1 or one per user"
         )
-    requests = [RecRequest(_integer(u, "input 'user_id'", -INT64_MAX - 1, INT64_MAX), k, bool(e))
-                for u, e in zip(users.tolist(), excl.tolist())]  # fmt: skip
+    requests = [
+        RecRequest(_integer(u, "input 'user_id'", -INT64_MAX - 1, INT64_MAX), k, bool(e))
+        for u, e in zip(users.tolist(), excl.tolist())
+    ]
     return ParsedRequest(requests, "v2", request.id, k)
 
 
@@ -206,11 +208,19 @@ def v1_response(answer: Answer, parsed: ParsedRequest) -> dict:
     ks = np.fromiter((r.k for r in parsed.requests), np.int64, len(parsed.requests))
     counts = np.minimum(recs.counts, ks).tolist()
     ids, scores = recs.item_ids.tolist(), np.round(recs.scores.astype(np.float64), 6).tolist()
-    return {"predictions": [
-        {"user_id": r.user_id, "item_ids": i[:n], "scores": s[:n], "model_version": answer.model_version,
-         "fallback": f, "level": answer.level}
-        for r, i, s, n, f in zip(parsed.requests, ids, scores, counts, answer.fallbacks())
-    ]}  # fmt: skip
+    return {
+        "predictions": [
+            {
+                "user_id": r.user_id,
+                "item_ids": i[:n],
+                "scores": s[:n],
+                "model_version": answer.model_version,
+                "fallback": f,
+                "level": answer.level,
+            }
+            for r, i, s, n, f in zip(parsed.requests, ids, scores, counts, answer.fallbacks())
+        ]
+    }
 
 
 def v2_response(answer: Answer, parsed: ParsedRequest, model_name: str) -> InferResponse:

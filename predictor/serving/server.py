@@ -67,8 +67,14 @@ def _short(text: str) -> str:
 def client_error(request, status: int, reason: str, message: str) -> None:
     """What a 4xx costs the server: one INFO line, no traceback, and ``recsys_client_errors_total``."""
     metrics.CLIENT_ERRORS.labels(reason=reason).inc()
-    log.info("client error %d (%s) on %s %s: %s", status, reason, request.method, _short(request.url.path),
-             _short(message))  # fmt: skip
+    log.info(
+        "client error %d (%s) on %s %s: %s",
+        status,
+        reason,
+        request.method,
+        _short(request.url.path),
+        _short(message),
+    )
 
 
 def invalid_input_reason(exc: Exception) -> str:
@@ -114,8 +120,12 @@ def client_error_handlers() -> dict:
             client_error(request, exc.status_code, reason, str(exc.detail))
         return await http_exception_handler(request, exc)
 
-    return {InvalidInput: invalid_input, ModelNotFound: model_not_found,
-            RequestValidationError: validation_error, HTTPException: http_error}  # fmt: skip
+    return {
+        InvalidInput: invalid_input,
+        ModelNotFound: model_not_found,
+        RequestValidationError: validation_error,
+        HTTPException: http_error,
+    }
 
 
 def prepare_app(model: RecommenderModel, serve: ServeSettings):
@@ -176,6 +186,11 @@ def serve(settings: Settings, serve: ServeSettings, log_level: str = "INFO") -> 
         asyncio.set_event_loop(asyncio.new_event_loop())
     except ImportError:
         log.info("uvloop not installed: running on the standard asyncio loop")
-    server = ModelServer(http_port=serve.http_port, enable_grpc=False, enable_docs_url=False,
-                         enable_latency_logging=False, workers=1)  # fmt: skip
+    server = ModelServer(
+        http_port=serve.http_port,
+        enable_grpc=False,
+        enable_docs_url=False,
+        enable_latency_logging=False,
+        workers=1,
+    )
     server.start([model])

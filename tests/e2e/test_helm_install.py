@@ -35,11 +35,15 @@ from tests.k8s_tools import ROOT, ensure_tools
 
 pytestmark = pytest.mark.e2e
 
-for variable, why in (("KUBECONFIG", "a cluster with KServe"),
-                      ("RECSYS_E2E_IMAGE", "the predictor image (repository:tag) the cluster can pull"),
-                      ("RECSYS_E2E_OPERATOR_IMAGE", "the operator image (repository:tag) the cluster can pull")):  # fmt: skip
+for variable, why in (
+    ("KUBECONFIG", "a cluster with KServe"),
+    ("RECSYS_E2E_IMAGE", "the predictor image (repository:tag) the cluster can pull"),
+    ("RECSYS_E2E_OPERATOR_IMAGE", "the operator image (repository:tag) the cluster can pull"),
+):
     if not os.environ.get(variable):
-        pytest.skip(f"set {variable} ({why}) to run the helm install end-to-end test", allow_module_level=True)
+        pytest.skip(
+            f"set {variable} ({why}) to run the helm install end-to-end test", allow_module_level=True
+        )
 
 RELEASE = "recsys"
 
@@ -59,8 +63,12 @@ def split_image(ref: str) -> tuple[str, str]:
 @contextmanager
 def port_forward(kubectl, namespace: str, target: str, port: int):
     """``kubectl port-forward`` to a random local port; yields the local base URL."""
-    proc = subprocess.Popen([str(kubectl), "-n", namespace, "port-forward", target, f":{port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(kubectl), "-n", namespace, "port-forward", target, f":{port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         match = re.search(r"127\.0\.0\.1:(\d+)", line)
@@ -86,33 +94,87 @@ def test_helm_install_serves_pushes_and_autoscales():
     op_repo, op_tag = split_image(os.environ["RECSYS_E2E_OPERATOR_IMAGE"])
     sh(kubectl, "create", "namespace", namespace)
     try:
-        sh(kubectl, "-n", namespace, "create", "secret", "generic", "recsys-postgres",
-           "--from-literal=username=recsys", f"--from-literal=password={uuid.uuid4().hex}")  # fmt: skip
-        sh(helm, "install", RELEASE, ROOT / "charts" / "recsys", "-n", namespace, "--wait", "--timeout", "20m",
-           "--set", f"image.repository={image_repo}", "--set", f"image.tag={image_tag}",
-           "--set", f"operator.image.repository={op_repo}", "--set", f"operator.image.tag={op_tag}",
-           "--set", f"postgres.host={RELEASE}-postgresql", "--set", f"redis.host={RELEASE}-redis",
-           "--set", "bundled.postgres.enabled=true", "--set", "bundled.redis.enabled=true",
-           "--set", "bootstrap.enabled=true", "--set", "bootstrap.size=tiny",
-           timeout=1500)  # fmt: skip
-        sh(kubectl, "-n", namespace, "wait", "--for=condition=Ready", f"inferenceservice/{RELEASE}",
-           "--timeout=600s", timeout=660)  # fmt: skip
+        sh(
+            kubectl,
+            "-n",
+            namespace,
+            "create",
+            "secret",
+            "generic",
+            "recsys-postgres",
+            "--from-literal=username=recsys",
+            f"--from-literal=password={uuid.uuid4().hex}",
+        )
+        sh(
+            helm,
+            "install",
+            RELEASE,
+            ROOT / "charts" / "recsys",
+            "-n",
+            namespace,
+            "--wait",
+            "--timeout",
+            "20m",
+            "--set",
+            f"image.repository={image_repo}",
+            "--set",
+            f"image.tag={image_tag}",
+            "--set",
+            f"operator.image.repository={op_repo}",
+            "--set",
+            f"operator.image.tag={op_tag}",
+            "--set",
+            f"postgres.host={RELEASE}-postgresql",
+            "--set",
+            f"redis.host={RELEASE}-redis",
+            "--set",
+            "bundled.postgres.enabled=true",
+            "--set",
+            "bundled.redis.enabled=true",
+            "--set",
+            "bootstrap.enabled=true",
+            "--set",
+            "bootstrap.size=tiny",
+            timeout=1500,
+        )
+        sh(
+            kubectl,
+            "-n",
+            namespace,
+            "wait",
+            "--for=condition=Ready",
+            f"inferenceservice/{RELEASE}",
+            "--timeout=600s",
+            timeout=660,
+        )
 
         user = 1
         with port_forward(kubectl, namespace, f"svc/{RELEASE}-predictor", 80) as url:
             v1 = post(f"{url}/v1/models/{RELEASE}:predict", {"instances": [{"user_id": user, "k": 10}]})
             assert len(v1["predictions"][0]["item_ids"]) == 10
-            v2 = post(f"{url}/v2/models/{RELEASE}/infer", {"inputs": [
-                {"name": "user_id", "shape": [1], "datatype": "INT64", "data": [user]}]})  # fmt: skip
+            v2 = post(
+                f"{url}/v2/models/{RELEASE}/infer",
+                {"inputs": [{"name": "user_id", "shape": [1], "datatype": "INT64", "data": [user]}]},
+            )
             outputs = {o["name"]: o for o in v2["outputs"]}
             assert outputs["item_ids"]["shape"][0] == 1 and len(outputs["item_ids"]["data"]) >= 1
 
             with port_forward(kubectl, namespace, f"svc/{RELEASE}-feature-server", 6566) as feast:
                 now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                post(f"{feast}/push", {"push_source_name": "user_recent_items_push", "to": "online",
-                                       "df": {"user_id": [user], "recent_items": [v1["predictions"][0]["item_ids"][:3]],
-                                              "seen_items": [sorted(v1["predictions"][0]["item_ids"][:3])],
-                                              "event_timestamp": [now], "created": [now]}})  # fmt: skip
+                post(
+                    f"{feast}/push",
+                    {
+                        "push_source_name": "user_recent_items_push",
+                        "to": "online",
+                        "df": {
+                            "user_id": [user],
+                            "recent_items": [v1["predictions"][0]["item_ids"][:3]],
+                            "seen_items": [sorted(v1["predictions"][0]["item_ids"][:3])],
+                            "event_timestamp": [now],
+                            "created": [now],
+                        },
+                    },
+                )
             after = post(f"{url}/v1/models/{RELEASE}:predict", {"instances": [{"user_id": user, "k": 10}]})
             assert not after["predictions"][0].get("fallback"), after
 

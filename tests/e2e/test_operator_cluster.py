@@ -61,15 +61,29 @@ http.server.HTTPServer(("", 8080), H).serve_forever()
 
 def deployment(name: str, latency_ms: float, replicas: int) -> dict:
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name, "pool": "e2e"}},
-                              "spec": {"readinessGates": [{"conditionType": GATE}],
-                                       "containers": [{"name": "fake", "image": "python:3.11-slim",
-                                                       "command": ["python", "-c", SERVER],
-                                                       "env": [{"name": "LATENCY_MS", "value": str(latency_ms)}],
-                                                       "ports": [{"containerPort": 8080}]}]}}},
-    }  # fmt: skip
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name, "pool": "e2e"}},
+                "spec": {
+                    "readinessGates": [{"conditionType": GATE}],
+                    "containers": [
+                        {
+                            "name": "fake",
+                            "image": "python:3.11-slim",
+                            "command": ["python", "-c", SERVER],
+                            "env": [{"name": "LATENCY_MS", "value": str(latency_ms)}],
+                            "ports": [{"containerPort": 8080}],
+                        }
+                    ],
+                },
+            },
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +106,13 @@ def wait_running(core, namespace, selector, count, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         pods = core.list_namespaced_pod(namespace, label_selector=selector).items
-        running = [p for p in pods if p.status.phase == "Running" and p.status.pod_ip
-                   and all(s.ready for s in (p.status.container_statuses or []))]  # fmt: skip
+        running = [
+            p
+            for p in pods
+            if p.status.phase == "Running"
+            and p.status.pod_ip
+            and all(s.ready for s in (p.status.container_statuses or []))
+        ]
         if len(running) >= count:
             return running
         time.sleep(2)
