@@ -94,8 +94,8 @@ def startup(size: str) -> tuple[tuple[float, float], str]:
         ]
         if starts:
             return (min(starts), max(starts)), (
-                f"{path.name}: {size}'s time to ready over {len(starts)} replica starts (process start to ready; "
-                "pod scheduling and image pull not included)"
+                f"{path.name}: {size}'s time to ready over {len(starts)} replica starts "
+                "(process start to ready; pod scheduling and image pull not included)"
             )
     return SimConfig.startup_s, "assumed 20–60 s (no measured time to ready: run bench/frontier.py)"
 
@@ -188,7 +188,8 @@ def plot_series(runs: dict, names: list[str], config: SimConfig, path: Path) -> 
     axes[2, 0].set_ylabel("ours_ladder: % of requests degraded")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(
-        "Simulated replica pool at each policy's default setpoint: p99 (target dashed), replicas, degraded share"
+        "Simulated replica pool at each policy's default setpoint: "
+        "p99 (target dashed), replicas, degraded share"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -420,7 +421,8 @@ def main() -> None:
             *(
                 f"{default(trace, p).slo_attainment:.0%} / {default(trace, p).replica_seconds:,.0f}"
                 + (
-                    f"\n{default(trace, p).degraded_share:.1%} degr., NDCG −{100 * default(trace, p).ndcg_loss:.2f} %"
+                    f"\n{default(trace, p).degraded_share:.1%} degr., "
+                    f"NDCG −{100 * default(trace, p).ndcg_loss:.2f} %"
                     if p == "ours_ladder"
                     else ""
                 )

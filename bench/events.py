@@ -264,8 +264,8 @@ def render(results: dict) -> str:
         f"Measured {results['measured_at']} with `{results['command']}` (2 cores, load generator included).",
         "",
         (
-            f"Freshness, {f['events']} single events at {f['rate_per_s']:g}/s: from the POST until the predictor's "
-            "next response reflects the event (ms)"
+            f"Freshness, {f['events']} single events at {f['rate_per_s']:g}/s: "
+            "from the POST until the predictor's next response reflects the event (ms)"
         ),
         "",
         "| path | p50 | p99 | p99 / floor |",
@@ -290,7 +290,8 @@ def render(results: dict) -> str:
     for t in results["throughput"]:
         lines.append(
             f"| {t['events_per_request']} | {t['concurrency']} | {t['ingest_events_per_s']:,.0f} | "
-            f"{t['applied_events_per_s']:,.0f} | {t['request']['p50_ms']:.1f} / {t['request']['p99_ms']:.1f} | "
+            f"{t['applied_events_per_s']:,.0f} | "
+            f"{t['request']['p50_ms']:.1f} / {t['request']['p99_ms']:.1f} | "
             f"{t['errors']} |"
         )
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The latency-vs-model-size frontier: what each size costs a replica, and what each remedy buys back, at what quality.
+"""The latency-vs-model-size frontier: what each size costs a replica, what each remedy buys back, in quality.
 
 For ``tiny``, ``small``, ``base`` and ``large`` and each remedy (fp32 baseline; fp16 id tables; int8 ranker;
 HNSW instead of the exact scan; micro-batching off; user-vector cache on; all of them together), measured
@@ -20,7 +20,7 @@ one configuration at a time on the same cores:
 Where CUDA is present a GPU row per size is added (fp16 towers, item table and top-N on the GPU); otherwise
 the GPU column says "not measured".
 
-    python bench/frontier.py            # bench/results/frontier.json, docs/img/frontier-*.png (~1 h on 2 cores)
+    python bench/frontier.py    # bench/results/frontier.json, docs/img/frontier-*.png (~1 h on 2 cores)
     python bench/frontier.py --quick    # tiny + small, 10k items, short runs (a few minutes)
     python bench/frontier.py --reuse    # keep the previous run's log and features (same --items)
 """
@@ -309,7 +309,7 @@ def serving_study(settings, models, users, c1, c16, remedies: dict) -> dict:
 
 # --- quality ------------------------------------------------------------------------------------------------
 def quality_study(sizes: list[str], epochs: int, data_dir: str | None, seed: int) -> dict:
-    """Per size: one model trained on MovieLens latest-small, NDCG@10 of each remedy of it against its fp32."""
+    """Per size: one model trained on MovieLens latest-small; NDCG@10 of each remedy of it against fp32."""
     data = load_dataset("ml-latest-small", data_dir)
     split = build_split(data)
     profile = user_feature_snapshots(data)
@@ -537,7 +537,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| platform floor | KServe, fixed answer | — | — | {floor['time_to_ready_s']:.1f} | "
             f"{floor['rss_mb']:,.0f} / {floor['peak_rss_mb']:,.0f} | {floor['c1']['p50_ms']:.2f} / "
-            f"{floor['c1']['p99_ms']:.2f} | {floor['c16']['rps']:,.0f} ({floor['c16']['p99_ms']:.0f}) | — | — |"
+            f"{floor['c1']['p99_ms']:.2f} | {floor['c16']['rps']:,.0f} ({floor['c16']['p99_ms']:.0f}) "
+            "| — | — |"
         )
     for size, per in report["serving"].items():
         m = report["models"][size]
@@ -690,8 +691,8 @@ def main() -> None:
         "catalog_items": items,
         "users": users,
         "events": events,
-        "baseline": "fp32 id tables, exact search (certified bf16 scan where faster), micro-batching (32), no "
-        "user cache, ranker over 100 candidates, 1 torch thread",
+        "baseline": "fp32 id tables, exact search (certified bf16 scan where faster), micro-batching (32), "
+        "no user cache, ranker over 100 candidates, 1 torch thread",
         "remedies": {name: {"tables": t, "env": env} for name, (t, env) in REMEDIES.items()},
         "requests": {"c1": c1, "c16": c16},
         "gpu": "measured" if torch.cuda.is_available() else "not measured",

@@ -4,14 +4,15 @@
     python bench/levels.py --datasets ml-100k --seeds 0
 
 Per dataset and seed: the temporal leave-last-out split, the two-stage model fitted with the settings
-``choose`` picks from the data and 60 epochs at most (what ``recsys train`` does with no options), then the test split ranked
-at every level of the ladder (``predictor.models.inference.LEVELS``) through the one inference path that
-serves: "full" (ranker over the model's candidates), "reduced" (ranker over a quarter of them),
-"retrieval" (retrieval order), "popularity" (training popularity, seen items excluded). "full" and
-"reduced" run the trained ranker whether or not validation chose it; the report says which level the
-model's own ladder starts at. Writes ``bench/results/levels.json`` (a run of some datasets keeps the others'): {"datasets": {NAME: {"command", "levels": {LEVEL:
-{"ndcg@10": {"mean", "sd"}, "recall@10": ...}}, "drop_vs_top": {LEVEL: mean relative NDCG@10 loss against
-the model's top level}, "runs": [...]}}} and the table in ``docs/serving.md`` between its markers.
+``choose`` picks from the data and 60 epochs at most (what ``recsys train`` does with no options), then the
+test split ranked at every level of the ladder (``predictor.models.inference.LEVELS``) through the one
+inference path that serves: "full" (ranker over the model's candidates), "reduced" (ranker over a quarter of
+them), "retrieval" (retrieval order), "popularity" (training popularity, seen items excluded). "full" and
+"reduced" run the trained ranker whether or not validation chose it; the report says which level the model's
+own ladder starts at. Writes ``bench/results/levels.json`` (a run of some datasets keeps the others'):
+{"datasets": {NAME: {"command", "levels": {LEVEL: {"ndcg@10": {"mean", "sd"}, "recall@10": ...}},
+"drop_vs_top": {LEVEL: mean relative NDCG@10 loss against the model's top level}, "runs": [...]}}} and the
+table in ``docs/serving.md`` between its markers.
 """
 
 from __future__ import annotations

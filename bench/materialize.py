@@ -175,7 +175,8 @@ def main() -> None:
 def render(results: dict) -> str:
     lines = [
         (
-            f"Measured {results['measured_at']} with `{results['command']}` on 2 cores: {results['rows']:,} rows "
+            f"Measured {results['measured_at']} with `{results['command']}` on 2 cores: "
+            f"{results['rows']:,} rows "
             f"({', '.join(f'{k} {v:,}' for k, v in results['rows_by_view'].items())}), median of "
             f"{results['reps']}, into an emptied Redis database."
         ),

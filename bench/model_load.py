@@ -1,10 +1,10 @@
-"""What loading a model artifact costs a replica, in a fresh interpreter: ``python bench/model_load.py URI...``.
+"""What loading a model artifact costs a replica, in a fresh interpreter: ``bench/model_load.py URI...``.
 
 For each artifact, in its own child process (so memory figures are that load's alone): seconds for
-``load_model`` (read, verify, build the modules) and for the serving engine's item side (exact search, or
-with ``--hnsw`` the HNSW index too; fp32, 1 torch thread), RSS after each and peak RSS (MiB; the keys say ``mb``). Prints one JSON object per artifact. To compare two trees, run
-the same command with ``PYTHONPATH`` pointing at the other tree's checkout: the child imports ``predictor``
-from there.
+``load_model`` (read, verify, build the modules) and for the serving engine's item side (exact search, or with
+``--hnsw`` the HNSW index too; fp32, 1 torch thread), RSS after each and peak RSS (MiB; the keys say ``mb``).
+Prints one JSON object per artifact. To compare two trees, run the same command with ``PYTHONPATH`` pointing
+at the other tree's checkout: the child imports ``predictor`` from there.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""How long a replica's read of the whole catalog's online item features takes: ``python bench/online_items.py``.
+"""How long a replica's read of the whole catalog's online item features takes (``bench/online_items.py``).
 
 Reads ``item_profile`` for every item of an artifact's catalog from the Redis online store that
 ``bench/frontier.py`` set up (``RedisOnlineFeatures.items_sync``, what a replica runs at start-up and on each

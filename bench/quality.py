@@ -1,6 +1,6 @@
 """Quality comparison on MovieLens: the two-stage model vs popularity and tuned implicit ALS / BPR.
 
-    python bench/quality.py --dataset ml-100k                 # or ml-latest-small; --data-dir for another place
+    python bench/quality.py --dataset ml-100k       # or ml-latest-small; --data-dir for another place
     python bench/quality.py --dataset ml-100k --split random  # a random 80/20 one-line-per-user split
     python bench/quality.py --train train.txt --test test.txt # a published split
 

@@ -194,7 +194,8 @@ def main() -> None:
             print(
                 f"[{len(trials)}/{len(jobs)} {time.perf_counter() - started:.0f}s] {name} seed {seed}: "
                 f"val {t['validation_ndcg@10']:.4f} test {t['test']['ndcg@10']:.4f} "
-                f"(best epoch {t['best_epoch']}/{t['epochs']}, ranker {t['uses_ranker']}, {t['seconds']:.0f}s, "
+                f"(best epoch {t['best_epoch']}/{t['epochs']}, ranker {t['uses_ranker']}, "
+                f"{t['seconds']:.0f}s, "
                 f"{t['median_epoch_seconds']:.1f}s/epoch)",
                 flush=True,
             )

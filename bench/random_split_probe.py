@@ -1,4 +1,4 @@
-"""One retrieval fit on a random split's validation, for choosing random-split settings: best validation Recall@20.
+"""One retrieval fit on a random split, for choosing random-split settings: its best validation Recall@20.
 
     python bench/quality.py --dataset ml-100k --split random --seeds 0   # writes the split files first
     python bench/random_split_probe.py ml-100k-random80 --train-option batch_size=128 --train-option epochs=40

@@ -406,7 +406,8 @@ def main() -> None:
         floor["this_tree_share_of_ceiling"] = measured / floor["labels_per_s_ceiling"]
         console.print(
             f"ml-100k small: {floor['matmul_flops_per_label'] / 1e6:.2f} MFLOP (matmul) per label, best "
-            f"matmul {floor['best_matmul_gflops']:.0f} GFLOP/s → ceiling {floor['labels_per_s_ceiling']:,.0f} "
+            f"matmul {floor['best_matmul_gflops']:.0f} GFLOP/s → "
+            f"ceiling {floor['labels_per_s_ceiling']:,.0f} "
             f"labels/s; this tree {measured:,.0f} = {floor['this_tree_share_of_ceiling']:.0%} of it"
         )
     report = {

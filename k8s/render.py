@@ -5,8 +5,8 @@ The chart is the one source: ``helm template`` with the chart's defaults (releas
 hook becomes a plain Job that runs on every apply), one file per object, and a kustomization.yaml listing
 them. The overlays (``k8s/overlays/cpu`` and ``k8s/overlays/gpu``) are hand-written patches on that base.
 
-    python k8s/render.py                  # rewrite k8s/base with the helm on PATH
-    python k8s/render.py --helm PATH      # ... or that helm (`make test` caches one in .recsys-tools/helm/helm)
+    python k8s/render.py               # rewrite k8s/base with the helm on PATH
+    python k8s/render.py --helm PATH   # ... or that helm (`make test` caches one in .recsys-tools/helm/)
 
 tests/test_kustomize.py fails when k8s/base is stale.
 """

@@ -176,7 +176,8 @@ async def control_step(cluster: KubernetesCluster, body: dict, memory: Memory, n
     # one line per decision with everything it was made from, so any scale or ejection can be replayed
     log.info(
         "decision %s/%s: p99 %s ms over %d requests (target %g ms) from %d of %d pods; replicas %d, "
-        "wanted %d, stabilised %d, new %d; degraded share %s, full-quality demand %.2f; ejected %s; per-pod p99 %s",
+        "wanted %d, stabilised %d, new %d; degraded share %s, full-quality demand %.2f; ejected %s; "
+        "per-pod p99 %s",
         namespace,
         meta["name"],
         f"{observed_ms:.1f}" if observed_ms is not None else "none",

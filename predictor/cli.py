@@ -245,7 +245,8 @@ def _offline_user_profile(settings: Settings):
         profile = read_offline(USER_PROFILE, settings)
     except Exception as exc:  # missing file or table: say what to run
         raise typer.BadParameter(
-            f"no offline user_profile table ({exc.__class__.__name__}); run `recsys features build --snapshot-every 1D`"
+            f"no offline user_profile table ({exc.__class__.__name__}); "
+            "run `recsys features build --snapshot-every 1D`"
         ) from exc
     if profile["event_timestamp"].nunique() < 2:
         console.print(
@@ -506,7 +507,8 @@ def operator_run(
     ] = "http://0.0.0.0:8080/healthz",
 ) -> None:
     """Run the LatencyAutoscaler operator (kopf) until stopped: scales the predictor on p99 latency and takes
-    slow replicas out of rotation. Needs the CRDs (charts/recsys/crds/) and in-cluster or kubeconfig access."""
+    slow replicas out of rotation. Needs the CRDs (charts/recsys/crds/) and in-cluster or kubeconfig
+    access."""
     from operators.run import run
 
     run(

@@ -156,7 +156,8 @@ def run_demo(
     console.print(
         "Next: `recsys serve` keeps the predictor running (V1: POST /v1/models/recsys:predict, V2: POST "
         "/v2/models/recsys/infer); `recsys events push FILE` feeds it events; `recsys retrain` makes a new "
-        "version that the running predictor hot-swaps. `--profile production` does the same on PostgreSQL + Redis."
+        "version that the running predictor hot-swaps. `--profile production` does the same on "
+        "PostgreSQL + Redis."
     )
 
 

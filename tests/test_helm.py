@@ -190,8 +190,8 @@ def test_rendered_objects_validate_against_their_schemas(helm, name):
 
 
 def assert_kserve_model(obj: dict) -> None:
-    """Every field is one the kserve SDK's models know (V1beta1InferenceService, ...Spec, ...PredictorSpec), and
-    the pod part of the predictor (containers, volumes, security, scheduling, readiness gates) is a valid
+    """Every field is one the kserve SDK's models know (V1beta1InferenceService, ...Spec, ...PredictorSpec),
+    and the pod part of the predictor (containers, volumes, security, scheduling, readiness gates) is a valid
     core/v1 PodSpec for the pinned Kubernetes version."""
     from kserve.models import (
         V1beta1InferenceService,
@@ -282,7 +282,7 @@ def test_operator_toggle_sets_external_autoscaler_and_readiness_gate(helm):
 
 
 def test_predictor_and_autoscaler_aim_at_the_same_p99_target(helm):
-    """The predictor's quality ladder and the LatencyAutoscaler get the one p99 target and the ladder setting."""
+    """The predictor's quality ladder and the LatencyAutoscaler get one p99 target and the ladder setting."""
     objects = render(
         helm, {"operator.p99TargetMs": "80", "operator.maxDegradedShare": "1"}
     )  # --set: no floats
@@ -456,8 +456,8 @@ def test_events_service_and_consumers_reach_jetstream_with_credentials_from_secr
     ids=["plain", "auth", "cluster-tls", "sentinel"],
 )
 def test_chart_redis_connection_is_the_one_recsys_builds(helm, values):
-    """Feast CLI pods (feast serve, apply) read RECSYS_REDIS_CONNECTION from the chart; recsys commands build it
-    from RECSYS_REDIS_*: both must be the same string for the same values."""
+    """Feast CLI pods (feast serve, apply) read RECSYS_REDIS_CONNECTION from the chart; recsys commands
+    build it from RECSYS_REDIS_*: both must be the same string for the same values."""
     from predictor.config import Settings
 
     objects = render(helm, values)

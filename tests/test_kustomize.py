@@ -1,5 +1,5 @@
-"""The kustomize install path (`kubectl apply -k k8s/overlays/{cpu,gpu}`): built with the real kubectl, validated
-like the chart, and kept equal to the chart (k8s/base is generated from it by k8s/render.py)."""
+"""The kustomize install path (`kubectl apply -k k8s/overlays/{cpu,gpu}`): built with the real kubectl,
+validated like the chart, and kept equal to the chart (k8s/base is generated from it by k8s/render.py)."""
 
 from __future__ import annotations
 

@@ -144,7 +144,8 @@ def test_quality_ladder_degrades_under_a_queue_and_pins_when_asked():
     costs = LevelCosts([0.004, 0.002, 0.001, 0.0001], [0.003, 0.001, 0.0002, 0.00001])
     ladder = QualityLadder(LEVELS, costs, POLICY, max_batch=32)
     assert ladder.choose(1, 0.0, now=0.0) == "full"
-    # 50 users in batches of 32 + 18: full 0.158 s, reduced 0.054 s > 0.045 (down_at × target), retrieval 0.012;
+    # 50 users in batches of 32 + 18: full 0.158 s, reduced 0.054 s > 0.045 (down_at × target),
+    # retrieval 0.012;
     # a sustained queue: the miss rate passes the allowance after a few decisions
     chosen = [ladder.choose(50, 0.0, now=0.1 + 0.001 * i) for i in range(10)]
     assert chosen[0] == "full" and chosen[-1] == "retrieval"

@@ -1,6 +1,7 @@
-"""Managed Redis, against real servers the tests start on loopback: a password (AUTH), TLS with a CA made here,
-a three-node Redis Cluster, and Sentinel. On each, Feast materializes, our raw readers (blocking and async)
-must return exactly what ``get_online_features`` returns, and the events path writes what Feast reads."""
+"""Managed Redis, against real servers the tests start on loopback: a password (AUTH), TLS with a CA made
+here, a three-node Redis Cluster, and Sentinel. On each, Feast materializes, our raw readers (blocking and
+async) must return exactly what ``get_online_features`` returns, and the events path writes what Feast
+reads."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ class RedisServers:
         else:
             command = ["redis-server", "--port", str(port), *args]
         command += ["--save", "", "--appendonly", "no", "--dir", str(workdir), "--bind", "127.0.0.1"]
-        log = open(workdir / "redis.log", "w")  # noqa: SIM115 - lives as long as the server; closed in close()
+        log = open(workdir / "redis.log", "w")  # noqa: SIM115 - open as long as the server; close() closes it
         self.procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
         return port
 

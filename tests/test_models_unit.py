@@ -364,7 +364,8 @@ def test_checkpoint_resume_continues_where_it_stopped(small_data, tmp_path):
 
 def test_full_softmax_is_exact_cross_entropy_over_the_catalog():
     """With every item as a negative and log q = 0 (``full_softmax_items``), the sampled-softmax loss is the
-    exact cross entropy over the whole catalog: the label's own column is masked and scored as the positive."""
+    exact cross entropy over the whole catalog: the label's own column is masked and scored as the
+    positive."""
     import torch.nn.functional as F
 
     from predictor.models.two_tower import sampled_softmax_loss

@@ -1,4 +1,4 @@
-"""Container images: every Dockerfile lints clean with hadolint (installed by the test extra, so CI has it)."""
+"""What ships: Dockerfiles lint clean with hadolint (from the test extra), and the packages' import bounds."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def test_random_protocol_split_holds_out_a_random_sample_for_validation():
 
 
 def _one_user_random_split(n_events: int, n_items: int, validation_share: float):
-    """User 1 reads items 1 .. ``n_events`` on consecutive days, of a catalog of ``n_items``; a random split."""
+    """User 1 reads items 1 .. ``n_events`` on consecutive days, of ``n_items`` items; a random split."""
     rows = [(1, item, f"2026-01-{item:02d}") for item in range(1, n_events + 1)]
     events, _ = validate_events(events_frame(rows), "x")
     data = Interactions(events, validate_items(pd.DataFrame({"item_id": range(1, n_items + 1)}), "i"))

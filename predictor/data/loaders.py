@@ -1,6 +1,7 @@
 """Loaders from common formats into the canonical :class:`Interactions`.
 
-* :func:`load_movielens_100k` — ``u.data`` (tab separated, no header) and ``u.item`` (``|`` separated, latin-1)
+* :func:`load_movielens_100k` — ``u.data`` (tab separated, no header) and ``u.item`` (``|`` separated,
+  latin-1)
 * :func:`load_movielens_latest` — ``ratings.csv`` and ``movies.csv`` (MovieLens latest / latest-small)
 * :func:`load_table` — any CSV or Parquet file with the canonical column names (or a mapping to them)
 * :func:`load_sql` — a SQL event-log table through SQLAlchemy (PostgreSQL, SQLite, ...)
@@ -67,7 +68,7 @@ def _read_csv_strict(path: Path, **kwargs) -> pd.DataFrame:
 
 
 def load_movielens_100k(directory: str | Path) -> Interactions:
-    """MovieLens-100K: ``u.data`` (user, item, rating, unix time) and ``u.item`` (title and 19 genre flags)."""
+    """MovieLens-100K: ``u.data`` (user, item, rating, unix time), ``u.item`` (title, 19 genre flags)."""
     directory = Path(directory)
     data_path = _require_file(directory / "u.data")
     raw = _read_csv_strict(
@@ -217,7 +218,8 @@ DATASETS = ("synthetic", "ml-100k", "ml-latest-small", "ml-latest")
 
 
 def default_data_dir() -> Path:
-    """``$RECSYS_DATA_DIR``, else ``../shared/data`` next to the checkout (where MovieLens lies on the team's machines)."""
+    """``$RECSYS_DATA_DIR``, else ``../shared/data`` next to the checkout (where MovieLens lies on the
+    team's machines)."""
     if os.environ.get("RECSYS_DATA_DIR"):
         return Path(os.environ["RECSYS_DATA_DIR"])
     return Path(__file__).resolve().parents[3] / "shared" / "data"

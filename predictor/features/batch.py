@@ -209,7 +209,8 @@ class _FirstSeen:
         items = events["item_id"].to_numpy(np.int64)
         # nanoseconds since the epoch, UTC
         times = events["timestamp"].dt.tz_convert("UTC").astype("datetime64[ns, UTC]").array.asi8
-        # stable, and the log is in time order (compute_features relies on it): a pair's first row is its earliest
+        # stable, and the log is in time order (compute_features relies on it): a pair's first row is its
+        # earliest
         order = np.lexsort((items, users))
         users, items = users[order], items[order]
         first = np.r_[True, (users[1:] != users[:-1]) | (items[1:] != items[:-1])]

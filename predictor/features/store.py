@@ -57,7 +57,7 @@ def open_store(settings: Settings) -> FeatureStore:
 
 
 def load_definitions(settings: Settings) -> list:
-    """Import ``feature_definitions.py`` afresh (it reads the profile at import) and list its Feast objects."""
+    """Import ``feature_definitions.py`` afresh (it reads the profile at import); list its Feast objects."""
     settings.export_feast_environment()
     path = settings.feature_repo / f"{DEFINITIONS_MODULE}.py"
     spec = importlib.util.spec_from_file_location(f"_recsys_{DEFINITIONS_MODULE}", path)

@@ -104,8 +104,9 @@ class TrainConfig:
 
 
 def parse_overrides(pairs: list[str], config_class: type) -> dict:
-    """``["dropout=0.3", "window_jitter=true"]`` → ``{"dropout": 0.3, "window_jitter": True}``, checked against
-    the fields of ``config_class`` (ModelConfig or TrainConfig); numbers, booleans and lists are JSON."""
+    """``["dropout=0.3", "window_jitter=true"]`` → ``{"dropout": 0.3, "window_jitter": True}``, checked
+    against the fields of ``config_class`` (ModelConfig or TrainConfig); numbers, booleans and lists are
+    JSON."""
     known = {f.name for f in fields(config_class)}
     out: dict = {}
     for pair in pairs:

@@ -1,4 +1,4 @@
-"""Training settings chosen from the data when the user sets none: what `recsys train` and `bench/quality.py` run.
+"""Training settings chosen from the data where the user sets none (`recsys train`, `bench/quality.py`).
 
 The rules come from measurements (``docs/models.md``, "Defaults"): the MovieLens latest-small validation
 sweep, and single-seed CPU fits of candidate settings on both MovieLens datasets. Every field the user

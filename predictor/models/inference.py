@@ -183,13 +183,13 @@ class ItemTables:
 class TwoStageInference:
     """The frozen two-stage model for inference: ``recommend(batch, k, level=...)`` → item indexes and scores.
 
-    ``level`` is a rung of the quality ladder (:data:`LEVELS`): "full" ranks ``candidates`` retrieved
-    items, "reduced" ranks ``reduced_candidates``, "retrieval" serves retrieval order, "popularity" the
-    training popularity order (``popularity [n_items + 1]``, event counts); seen items are excluded at
-    every level. A model whose ranker does not serve (``use_ranker`` False) has the ladder
-    ("retrieval", "popularity"): :attr:`levels` lists this model's, best first. ``search`` is one of :data:`SEARCH_FORMS`:
-    "exact" forces exact retrieval (training-time validation uses it, since an index per epoch would cost
-    more than the epoch), "hnsw" serves the CPU index whatever it measured.
+    ``level`` is a rung of the quality ladder (:data:`LEVELS`): "full" ranks ``candidates`` retrieved items,
+    "reduced" ranks ``reduced_candidates``, "retrieval" serves retrieval order, "popularity" the training
+    popularity order (``popularity [n_items + 1]``, event counts); seen items are excluded at every level. A
+    model whose ranker does not serve (``use_ranker`` False) has the ladder ("retrieval", "popularity"):
+    :attr:`levels` lists this model's, best first. ``search`` is one of :data:`SEARCH_FORMS`: "exact" forces
+    exact retrieval (training-time validation uses it, since an index per epoch would cost more than the
+    epoch), "hnsw" serves the CPU index whatever it measured.
     """
 
     def __init__(

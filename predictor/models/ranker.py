@@ -34,7 +34,7 @@ class TargetAttention(nn.Module):
         self.out = nn.Sequential(nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """history ``[B, L, D]``, mask ``[B, L]`` (True = real item), candidates ``[B, K, D]`` → ``[B, K, D]``."""
+        """history ``[B, L, D]``, mask ``[B, L]`` (True: item), candidates ``[B, K, D]`` → ``[B, K, D]``."""
         B, L, D = history.shape
         K = candidates.shape[1]
         w_product, _ = _linear_params(self.product)

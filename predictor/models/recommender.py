@@ -149,7 +149,7 @@ class TwoStageRecommender:
         return bool(getattr(self, "_trained_with_features", False))
 
     def prepare(self, split: SplitData, user_profile: pd.DataFrame | None) -> TwoStageRecommender:
-        """Point a trained model at ``split`` (built with this model's indexes) for ranking, without training."""
+        """Point a trained model at ``split`` (built with this model's indexes) for ranking; no training."""
         self.split, self.catalog = split, split
         self.user_features = _feature_index(user_profile, split)
         self._grow(split)

@@ -132,9 +132,9 @@ class TwoTower(nn.Module):
         return F.normalize(self.items(index, categories, dense), dim=-1)
 
     def user_states(self, window, user_dense, item_categories, item_dense) -> torch.Tensor:
-        """window ``[B, L]`` left-aligned oldest-first item indexes, user_dense ``[B, L, F_u]`` → ``[B, L, D]``
-        normalised user embeddings after each position. item_categories ``[N, C]`` and item_dense
-        ``[N, F_i]`` are the catalog tables."""
+        """window ``[B, L]`` left-aligned oldest-first item indexes, user_dense ``[B, L, F_u]`` → ``[B, L,
+        D]`` normalised user embeddings after each position. item_categories ``[N, C]`` and item_dense ``[N,
+        F_i]`` are the catalog tables."""
         hist_emb = self.history_proj(self.items(window, item_categories[window], item_dense[window]))
         return F.normalize(self.user(hist_emb, user_dense), dim=-1)
 

@@ -2,15 +2,16 @@
 
 No I/O and no event loop here: :class:`ServingEngine` maps raw ids to the model's indexes, runs the one
 inference path (``predictor.models.inference.TwoStageInference``, the one evaluation runs) and maps the
-answer back to raw ids and scores, so tests drive it directly and the KServe model (``predictor.serving.model``) only
-gathers features and calls it from a worker thread.
+answer back to raw ids and scores, so tests drive it directly and the KServe model
+(``predictor.serving.model``) only gathers features and calls it from a worker thread.
 
 Shapes: B = users in the batch, L = ``max_history``, D = embedding width, N = catalog items, K = candidates.
 
 Devices and precision:
 
 * CUDA: towers and ranker under fp16 autocast (``precision="fp16"``), the item embedding table in fp16 on
-  the GPU, exact top-N by one matrix product (on a GPU a ``[B, D] × [D, N]`` product beats an approximate index up to millions of items).
+  the GPU, exact top-N by one matrix product (on a GPU a ``[B, D] × [D, N]`` product beats an approximate
+  index up to millions of items).
 * CPU: fp32 towers; exact retrieval up to ``hnsw_threshold`` items, a calibrated faiss HNSW index beyond
   (``predictor.models.inference``); optionally the dynamically int8-quantised ranker (``precision="int8"``).
 """

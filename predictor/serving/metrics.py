@@ -65,7 +65,8 @@ USER_CACHE = Counter(
 ONLINE_STORE_LOST = Gauge(
     "recsys_online_store_lost",
     "1 while the online store lacks a feature view the registry says was materialized (wiped: see "
-    "predictor/features/marker.py); users get flagged online_store_lost fallbacks until `recsys features materialize`",
+    "predictor/features/marker.py); users get flagged online_store_lost fallbacks until "
+    "`recsys features materialize`",
 )
 MODEL_VERSION = Gauge("recsys_model_version", "Registry version number of the model serving now (0: a path)")
 MODEL_LOAD_SECONDS = Gauge(

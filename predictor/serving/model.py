@@ -108,7 +108,8 @@ class ServeSettings(BaseSettings):
     search: str = Field(
         default="auto",
         pattern=f"^({'|'.join(SEARCH_FORMS)})$",
-        description="retrieval search: auto (HNSW above hnsw_threshold where it measures faster), exact, hnsw",
+        description="retrieval search: auto (HNSW above hnsw_threshold where it measures faster), "
+        "exact, hnsw",
     )
     user_cache_size: int = Field(default=0, ge=0, description="user vectors cached (LRU; 0: off)")
     ranker: str = Field(
@@ -280,8 +281,8 @@ class RecommenderModel(Model):
         self.current = self._load_model()
         if self.current is None:
             raise RuntimeError(
-                f"no production model in the registry at {self.settings.database_url}: run `recsys train` first "
-                "or pass --model-uri"
+                f"no production model in the registry at {self.settings.database_url}: "
+                "run `recsys train` first or pass --model-uri"
             )
         self.ready = True
         metrics.LEVEL_COSTS.source = self.current.ladder
@@ -323,9 +324,9 @@ class RecommenderModel(Model):
         if model.config.max_history > self.settings.recent_items:
             raise ValueError(
                 f"model {version} reads max_history={model.config.max_history} items of each user's history, "
-                f"but the online store keeps RECSYS_RECENT_ITEMS={self.settings.recent_items}: serving would cut "
-                "every history the model was trained on; raise RECSYS_RECENT_ITEMS (and re-materialize) or "
-                "train with a smaller max_history"
+                f"but the online store keeps RECSYS_RECENT_ITEMS={self.settings.recent_items}: "
+                "serving would cut every history the model was trained on; raise RECSYS_RECENT_ITEMS "
+                "(and re-materialize) or train with a smaller max_history"
             )
         use_ranker = None if self.serve.ranker == "auto" else self.serve.ranker == "on"
         with timed(timings, "item_features"):

@@ -3,8 +3,8 @@
 Two clients with one interface:
 
 * :class:`RedisOnlineFeatures` (production): Feast's Redis layout read with ``redis.asyncio``. Feast keeps
-  every view of an entity in one hash, so a user's profile, recent and seen items are one HMGET, and a batch of
-  users is one pipeline. ``bench/features.py`` measured this at 3.3× faster than ``get_online_features``
+  every view of an entity in one hash, so a user's profile, recent and seen items are one HMGET, and a batch
+  of users is one pipeline. ``bench/features.py`` measured this at 3.3× faster than ``get_online_features``
   (p50, same run) and ``tests/test_serving.py`` proves it returns what ``get_online_features`` returns.
 * :class:`FeastOnlineFeatures` (any online store, the embedded SQLite one included):
   ``FeatureStore.get_online_features`` in a worker thread.
@@ -66,7 +66,7 @@ class OnlineFeatures:
         raise NotImplementedError
 
     def items_sync(self, item_ids: np.ndarray) -> pd.DataFrame:
-        """Blocking: item_profile rows for ``item_ids``, in order (the item cache refresh, run in a thread)."""
+        """Blocking: item_profile rows for ``item_ids``, in order (the item cache refresh, in a thread)."""
         raise NotImplementedError
 
     async def close(self) -> None:

@@ -147,7 +147,7 @@ def prepare_app(model: RecommenderModel, serve: ServeSettings):
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        """Liveness with details (the model version, a lost online store); KServe's /v2/health/* stay the probes."""
+        """Liveness with details (model version, lost online store); the probes are KServe's /v2/health/*."""
         return model.health()
 
     @contextlib.asynccontextmanager

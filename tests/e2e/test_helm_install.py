@@ -2,9 +2,9 @@
 
 Preconditions (the test is skipped, saying which one is missing, when they do not hold):
 - ``KUBECONFIG`` names a cluster with KServe (Standard deployment mode) and cert-manager installed;
-- ``RECSYS_E2E_IMAGE`` and ``RECSYS_E2E_OPERATOR_IMAGE`` name images built from ``docker/predictor.Dockerfile``
-  and ``docker/operator.Dockerfile`` that the cluster can pull (on kind: ``kind load docker-image ...``), as
-  ``repository:tag``.
+- ``RECSYS_E2E_IMAGE`` and ``RECSYS_E2E_OPERATOR_IMAGE`` name images built from
+  ``docker/predictor.Dockerfile`` and ``docker/operator.Dockerfile`` that the cluster can pull (on kind:
+  ``kind load docker-image ...``), as ``repository:tag``.
 
 What it does, in a throw-away namespace, with the chart as a user would install it for a trial:
 1. creates the PostgreSQL Secret, then ``helm install --wait`` with the bundled stores, the bootstrap Job

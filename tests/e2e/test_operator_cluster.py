@@ -54,7 +54,8 @@ class H(http.server.BaseHTTPRequestHandler):
             lines.append(f'recsys_stage_seconds_bucket{{stage="total",le="{le}"}} {counts.get(b, 0)}')
         lines.append(f'recsys_stage_seconds_count{{stage="total"}} {total[0]}')
         body = ("\\n".join(lines) + "\\n").encode()
-        self.send_response(200); self.send_header("Content-Type", "text/plain"); self.end_headers(); self.wfile.write(body)
+        self.send_response(200); self.send_header("Content-Type", "text/plain"); self.end_headers()
+        self.wfile.write(body)
 http.server.HTTPServer(("", 8080), H).serve_forever()
 """
 
