@@ -305,8 +305,9 @@ def in_process_child(spec_path: Path) -> None:
 
     from kserve.logging import configure_logging
 
-    from predictor.serving.model import RecommenderModel, ServeSettings
+    from predictor.serving.model import RecommenderModel
     from predictor.serving.server import logging_config
+    from predictor.serving.settings import ServeSettings
 
     spec = json.loads(spec_path.read_text())
     users = np.load(spec["users"])

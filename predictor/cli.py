@@ -472,8 +472,8 @@ def serve(
 ) -> None:
     """Run the KServe predictor (V1 and V2 REST) until stopped. Other settings: RECSYS_SERVE_* variables
     (see predictor/serving/model.py: ServeSettings)."""
-    from predictor.serving.model import ServeSettings
     from predictor.serving.server import serve as run_server
+    from predictor.serving.settings import ServeSettings
 
     options = ServeSettings(
         http_port=port,

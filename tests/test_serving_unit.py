@@ -16,8 +16,8 @@ from predictor.data.synthetic import generate
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.data import ITEM_DENSE_COLUMNS, build_split, user_dense_matrix, user_dense_rows
 from predictor.models.recommender import TwoStageRecommender, model_files, model_from_files
+from predictor.serving.batcher import MicroBatcher
 from predictor.serving.engine import ModelValidationError, OnlineUsers, ServingEngine
-from predictor.serving.model import MicroBatcher
 from predictor.serving.requests import Limits, parse_v1, parse_v2
 
 
@@ -452,7 +452,7 @@ def test_fp16_tables_halve_the_id_tables_and_survive_save_and_load(trained):
 def test_an_unknown_search_form_is_refused_by_name(trained):
     from pydantic import ValidationError
 
-    from predictor.serving.model import ServeSettings
+    from predictor.serving.settings import ServeSettings
 
     with pytest.raises(ValueError, match="search must be one of"):
         engine_for(trained[1], search="ivf")

@@ -15,24 +15,23 @@ model work and registry/artifact I/O run in threads.
 
 Background tasks (started with the server, see ``server.py``):
 
-* model watcher: polls the registry; a newly promoted version is loaded and self-checked aside, then
-  swapped in with one reference assignment, so requests in flight finish on the old engine and no
-  request fails. A version that fails to load or validate is logged, counted, and the old one keeps serving.
-* item-feature refresher: when ``item_profile``'s materialization advances, re-reads the catalog's item
-  features from the online store and rebuilds the item table aside.
+* model watcher: polls the registry; a newly promoted version is loaded and self-checked aside
+  (``loading.py``), then swapped in with one reference assignment, so requests in flight finish on the old
+  engine and no request fails. A version that fails to load or validate is logged, counted, and the old
+  one keeps serving.
+* item-feature refresher (``item_refresh.py``): when ``item_profile``'s materialization advances, re-reads
+  the catalog's item features from the online store and rebuilds the item table aside.
+* online-store check: whether the online store lost a materialized view (``recsys_online_store_lost``).
+
+Settings are ``settings.py`` (``RECSYS_SERVE_*``), micro-batching ``batcher.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
 
 import faiss
 import numpy as np
@@ -41,204 +40,30 @@ import torch
 from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from predictor.config import Settings
 from predictor.features.marker import MaterializationMarker
 from predictor.features.store import open_store
 from predictor.models.data import user_dense_rows
-from predictor.models.inference import HNSW_THRESHOLD, LEVELS, SEARCH_FORMS, offsets_from_counts
-from predictor.models.lifecycle import MODEL_NAME, load_model
+from predictor.models.inference import LEVELS, offsets_from_counts
 from predictor.models.registry import ModelRegistry
 from predictor.serving import metrics
-from predictor.serving.engine import PRECISIONS, OnlineUsers, ServingEngine
-from predictor.serving.ladder import LadderPolicy, LevelCosts, QualityLadder
+from predictor.serving.batcher import MicroBatcher
+from predictor.serving.engine import OnlineUsers, ServingEngine
+from predictor.serving.item_refresh import ItemFeatureRefresher
+from predictor.serving.loading import LoadedModel, ModelLoader
 from predictor.serving.online import OnlineFeatures, UserOnline, online_features
 from predictor.serving.requests import (
     Answer,
-    Limits,
     ParsedRequest,
     parse_v1,
     parse_v2,
     v1_response,
     v2_response,
 )
+from predictor.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
-
-
-class ServeSettings(BaseSettings):
-    """Predictor settings; every field is also an environment variable ``RECSYS_SERVE_<FIELD>``."""
-
-    model_config = SettingsConfigDict(env_prefix="RECSYS_SERVE_", extra="ignore")
-
-    model_name: str = Field(default="recsys", pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
-    http_port: int = Field(default=8080, ge=1, le=65535)
-    model_uri: str | None = Field(
-        default=None, description="serve this artifact instead of registry production"
-    )
-    device: str | None = Field(default=None, description="cpu, cuda, cuda:1 ...; default: CUDA when present")
-    precision: str = Field(default="auto", description=f"one of {', '.join(PRECISIONS)}")
-    candidates: int | None = Field(
-        default=None, ge=1, le=4096, description="ranker candidates (default: model's)"
-    )
-    max_k: int = Field(default=100, ge=1, le=1000)
-    default_k: int = Field(default=10, ge=1)
-    max_instances: int = Field(default=64, ge=1, le=4096)
-    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
-    feature_timeout_ms: float = Field(default=50.0, gt=0, description="online store deadline before fallback")
-    max_batch: int = Field(default=32, ge=1, description="users per model call (1: no micro-batching)")
-    batch_wait_ms: float = Field(default=0.0, ge=0, description="extra wait for more requests when idle")
-    model_poll_seconds: float = Field(default=10.0, ge=0, description="registry poll period (0: no hot swap)")
-    online_check_seconds: float = Field(
-        default=15.0,
-        ge=0,
-        description="how often the online store's materialization markers are checked (0: never)",
-    )
-    item_refresh_seconds: float = Field(
-        default=30.0, ge=0, description="materialization check period (0: off)"
-    )
-    # torch's default is one thread per core of the *node*, not of the pod's CPU limit: oversubscribed in a
-    # container, and the event loop needs a core too. One thread per replica; scale with replicas.
-    torch_threads: int = Field(default=1, ge=0, description="intra-op threads (0: torch's default)")
-    hnsw_threshold: int = Field(
-        default=HNSW_THRESHOLD, ge=0, description="CPU catalogs above this many items search an HNSW index"
-    )
-    search: str = Field(
-        default="auto",
-        pattern=f"^({'|'.join(SEARCH_FORMS)})$",
-        description="retrieval search: auto (HNSW above hnsw_threshold where it measures faster), "
-        "exact, hnsw",
-    )
-    user_cache_size: int = Field(default=0, ge=0, description="user vectors cached (LRU; 0: off)")
-    ranker: str = Field(
-        default="auto",
-        pattern="^(auto|on|off)$",
-        description="auto: as validation decided at training; on/off: force",
-    )
-    p99_target_ms: float = Field(
-        default=50.0,
-        gt=0,
-        description="this replica's p99 target: the quality ladder steps down before its queue would pass it "
-        "(the chart sets it from the LatencyAutoscaler's p99TargetMs)",
-    )
-    level: str = Field(
-        default="auto",
-        pattern=f"^(auto|best|{'|'.join(LEVELS)})$",
-        description="auto: the quality ladder picks each batch's level from queue and latency; best: never "
-        "degrade; or pin one level (the nearest the model has, not better)",
-    )
-    reduced_candidates: int | None = Field(
-        default=None, ge=1, le=4096, description="candidates ranked at the reduced level (default: a quarter)"
-    )
-    ladder_hold_seconds: float = Field(
-        default=5.0, ge=0, description="calm time before the ladder steps one level back up"
-    )
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(
-            max_k=self.max_k, default_k=min(self.default_k, self.max_k), max_instances=self.max_instances
-        )
-
-
-@dataclass
-class LoadedModel:
-    engine: ServingEngine
-    version_id: int | None  # registry row id (None: served from a path)
-    version: str  # what responses carry
-    ladder: QualityLadder
-
-
-class MicroBatcher:
-    """Merges concurrent calls into one ``run(items, choice)`` on a single worker thread.
-
-    When the worker is idle a call starts at once (after ``max_wait`` if set, to collect company); while
-    it is busy, calls queue and the next batch takes up to ``max_batch`` of them. So a lone request pays no
-    added latency and a burst is served in a few large, efficient batches. ``choose(batch, waiting,
-    head_wait_s)``, if given, is called on the event loop as each batch starts, with the batch's items, the
-    items still queued behind it and how long the oldest item of the batch has waited; what it returns is
-    ``run``'s second argument (the quality-ladder level).
-    """
-
-    def __init__(
-        self,
-        run: Callable[[list, object], list],
-        max_batch: int,
-        max_wait: float,
-        choose: Callable[[list, list, float], object] | None = None,
-    ):
-        self.run, self.max_batch, self.max_wait, self.choose = run, max_batch, max_wait, choose
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-model")
-        self._pending: list[tuple[list, asyncio.Future, float]] = []
-        self._busy = False
-        self._timer: asyncio.TimerHandle | None = None
-
-    async def submit(self, items: list) -> list:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append((items, future, time.perf_counter()))
-        if not self._busy:
-            if self.max_wait > 0 and sum(len(i) for i, _, _ in self._pending) < self.max_batch:
-                if self._timer is None:
-                    self._timer = loop.call_later(self.max_wait, self._start)
-            else:
-                self._start()
-        return await future
-
-    def _start(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._busy or not self._pending:
-            return
-        batch, size = [], 0
-        while self._pending and (not batch or size + len(self._pending[0][0]) <= self.max_batch):
-            entry = self._pending.pop(0)
-            batch.append(entry)
-            size += len(entry[0])
-        choice = None
-        if self.choose is not None:
-            head_wait = time.perf_counter() - batch[0][2]
-            choice = self.choose(
-                [i for items, _, _ in batch for i in items],
-                [i for items, _, _ in self._pending for i in items],
-                head_wait,
-            )
-        self._busy = True
-        asyncio.get_running_loop().create_task(self._run(batch, choice))
-
-    async def _run(self, batch: list[tuple[list, asyncio.Future, float]], choice) -> None:
-        flat = [item for items, _, _ in batch for item in items]
-        try:
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, flat, choice)
-            at = 0
-            for items, future, _ in batch:
-                if not future.done():
-                    future.set_result(results[at : at + len(items)])
-                at += len(items)
-        except Exception as exc:  # noqa: BLE001 - every waiter learns of the failure
-            for _, future, _ in batch:
-                if not future.done():
-                    future.set_exception(exc)
-        finally:
-            self._busy = False
-            if self._pending:
-                self._start()
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-@contextlib.contextmanager
-def timed(timings: dict[str, float], stage: str):
-    """Adds the seconds the block took to ``timings[stage]``."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
 
 
 class RecommenderModel(Model):
@@ -252,7 +77,8 @@ class RecommenderModel(Model):
         self.online: OnlineFeatures | None = None
         self.store = None
         self.registry: ModelRegistry | None = None
-        self._failed_versions: set[int] = set()
+        self.items: ItemFeatureRefresher | None = None
+        self.loader: ModelLoader | None = None
         self.marker: MaterializationMarker | None = None
         self.online_lost: list[str] = []
         self._tasks: list[asyncio.Task] = []
@@ -278,7 +104,9 @@ class RecommenderModel(Model):
         self.online = online_features(self.store, self.settings, timeout=self.serve.feature_timeout_ms / 1000)
         self.marker = MaterializationMarker(self.store, self.settings)
         self.check_online_store()
-        self.current = self._load_model()
+        self.items = ItemFeatureRefresher(self.store, self.online)
+        self.loader = ModelLoader(self.settings, self.serve, self.registry, self.items)
+        self.current = self.loader.load()
         if self.current is None:
             raise RuntimeError(
                 f"no production model in the registry at {self.settings.database_url}: "
@@ -298,90 +126,6 @@ class RecommenderModel(Model):
             self._ladder_text(),
         )
         return self.ready
-
-    def _load_model(self, skip: set[int] = frozenset()) -> LoadedModel | None:
-        """Blocking: read, verify and self-check the model to serve. None when the registry has none."""
-        if self.serve.model_uri is not None:
-            uri, version_id, version = (
-                self.serve.model_uri,
-                None,
-                self.serve.model_uri.rstrip("/").rsplit("/", 1)[-1],
-            )
-            number = 0
-        else:
-            production = self.registry.production(MODEL_NAME)
-            if production is None or production.id in skip:
-                return None
-            uri, version_id, version, number = (
-                production.artifact_uri,
-                production.id,
-                str(production.version),
-                production.version,
-            )
-        timings: dict[str, float] = {}
-        with timed(timings, "artifact"):
-            model = load_model(uri, self.serve.device)
-        if model.config.max_history > self.settings.recent_items:
-            raise ValueError(
-                f"model {version} reads max_history={model.config.max_history} items of each user's history, "
-                f"but the online store keeps RECSYS_RECENT_ITEMS={self.settings.recent_items}: "
-                "serving would cut every history the model was trained on; raise RECSYS_RECENT_ITEMS "
-                "(and re-materialize) or train with a smaller max_history"
-            )
-        use_ranker = None if self.serve.ranker == "auto" else self.serve.ranker == "on"
-        with timed(timings, "item_features"):
-            online_items = self._online_item_features(model.catalog.items.ids, as_of=None)
-        with timed(timings, "item_side"):
-            engine = ServingEngine(
-                model,
-                version,
-                self.serve.device,
-                self.serve.precision,
-                self.serve.candidates,
-                self.serve.hnsw_threshold,
-                self.serve.search,
-                use_ranker,
-                self.serve.user_cache_size,
-                online_items[1:] if online_items else None,
-                self.serve.reduced_candidates,
-            )
-        if online_items:
-            engine.item_features_as_of = online_items[0]
-            log.info(
-                "model %s: online item features of %d items (materialized until %s)",
-                version,
-                len(online_items[1]),
-                online_items[0],
-            )
-        with timed(timings, "self_check"):
-            engine.self_check()
-        with timed(timings, "ladder"):
-            ladder = self._ladder(engine)
-        for stage, seconds in timings.items():
-            metrics.MODEL_LOAD_SECONDS.labels(stage=stage).set(seconds)
-        log.info(
-            "model %s loaded in %.2f s (%s)",
-            version,
-            sum(timings.values()),
-            ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in timings.items()),
-        )
-        metrics.MODEL_VERSION.set(number)
-        return LoadedModel(engine, version_id, version, ladder)
-
-    def _ladder(self, engine: ServingEngine) -> QualityLadder:
-        """Blocking: the engine's quality ladder, its level costs timed on probe users."""
-        pinned = None
-        if self.serve.level == "best":
-            pinned = engine.levels[0]
-        elif self.serve.level != "auto":
-            pinned = engine.nearest_level(self.serve.level)
-        costs = LevelCosts.calibrate(
-            lambda level, users: engine.time_level(engine.levels[level], users),
-            len(engine.levels),
-            large=min(16, self.serve.max_batch),
-        )
-        policy = LadderPolicy(self.serve.p99_target_ms / 1000, hold_s=self.serve.ladder_hold_seconds)
-        return QualityLadder(engine.levels, costs, policy, self.serve.max_batch, pinned=pinned)
 
     def _ladder_text(self) -> str:
         ladder = self.current.ladder
@@ -433,28 +177,9 @@ class RecommenderModel(Model):
                 log.exception("background job %s failed", job.__name__)
 
     async def check_for_new_model(self) -> bool:
-        """Swap in a newly promoted model. Returns True when a swap happened."""
-        production = await asyncio.to_thread(self.registry.production, MODEL_NAME)
-        if (
-            production is None
-            or production.id == self.current.version_id
-            or production.id in self._failed_versions
-        ):
-            return False
-        log.info("registry production is now version %s; loading it", production.version)
-        try:
-            loaded = await asyncio.to_thread(self._load_model)
-            if loaded is None:
-                return False
-        except Exception as exc:  # noqa: BLE001 - any failure to load means: keep serving the old model
-            self._failed_versions.add(production.id)
-            metrics.ERRORS.labels(kind="model_load").inc()
-            log.error(
-                "model version %s failed to load or validate; version %s keeps serving: %s",
-                production.version,
-                self.current.version,
-                exc,
-            )
+        """Swap in a newly promoted model (loaded aside by the loader). Returns True when a swap happened."""
+        loaded = await self.loader.newer(self.current)
+        if loaded is None:
             return False
         previous, self.current = self.current, loaded  # in-flight requests keep their own reference
         metrics.LEVEL_COSTS.source = loaded.ladder  # a model without a ranker has no full / reduced
@@ -497,47 +222,8 @@ class RecommenderModel(Model):
             "online_store": {"lost": bool(self.online_lost), "lost_views": self.online_lost},
         }
 
-    def _item_profile_end(self) -> datetime | None:
-        self.store.refresh_registry()
-        return self.store.get_feature_view("item_profile").most_recent_end_time
-
-    def _online_item_features(self, item_ids: np.ndarray, as_of: datetime | None):
-        """Blocking: ``(materialized until, ids, item_profile rows)`` of the catalog items the online store
-        holds, if ``item_profile`` was materialized since ``as_of``; None otherwise, or when the store or
-        its registry cannot be read (the features in use keep serving)."""
-        try:
-            end = self._item_profile_end()
-        except Exception as exc:  # noqa: BLE001 - no registry yet / view not applied: keep training's features
-            log.warning(
-                "item features: cannot read materialization state (%s); keeping the model's snapshot", exc
-            )
-            return None
-        if end is None or as_of == end:
-            return None
-        try:
-            rows = self.online.items_sync(item_ids)
-        except Exception as exc:  # noqa: BLE001 - online store down: serve training's features, retry later
-            log.warning("item features: online store read failed (%s); keeping the current ones", exc)
-            metrics.ERRORS.labels(kind="online_store").inc()
-            return None
-        present = rows.notna().any(axis=1).to_numpy() if len(rows) else np.zeros(0, bool)
-        return end, np.asarray(item_ids)[present], rows[present].reset_index(drop=True)
-
-    def _refresh_item_features(self, engine: ServingEngine) -> bool:
-        """Blocking: if ``item_profile`` was materialized since the engine's features, load the catalog's
-        online item features into ``engine``."""
-        found = self._online_item_features(engine.item_ids, engine.item_features_as_of)
-        if found is None:
-            return False
-        end, ids, rows = found
-        updated = engine.set_item_features(ids, rows)
-        engine.item_features_as_of = end
-        metrics.ITEM_FEATURE_REFRESHES.inc()
-        log.info("item features refreshed for %d items (materialized until %s)", updated, end)
-        return True
-
     async def refresh_items(self) -> bool:
-        return await asyncio.to_thread(self._refresh_item_features, self.current.engine)
+        return await asyncio.to_thread(self.items.refresh, self.current.engine)
 
     # --- request path ----------------------------------------------------------------------------------
     def validate(self, payload):

@@ -18,7 +18,8 @@ import warnings
 
 from predictor.config import Settings
 from predictor.serving import metrics
-from predictor.serving.model import RecommenderModel, ServeSettings
+from predictor.serving.model import RecommenderModel
+from predictor.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 LOGGED_CHARS = 300  # of a client error's message and path: the response carries it whole
