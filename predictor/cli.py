@@ -471,7 +471,7 @@ def serve(
     ] = 32,
 ) -> None:
     """Run the KServe predictor (V1 and V2 REST) until stopped. Other settings: RECSYS_SERVE_* variables
-    (see predictor/serving/model.py: ServeSettings)."""
+    (see predictor/serving/settings.py: ServeSettings)."""
     from predictor.serving.server import serve as run_server
     from predictor.serving.settings import ServeSettings
 
