@@ -510,3 +510,28 @@ def test_defaults_follow_the_data_and_the_user_wins():
     mine, mine_train, why = choose(1_682, model_options={"dim": 32}, train_options={"window_jitter": False})
     assert mine.dim == 32 and not mine_train.window_jitter and mine.dropout == 0.3
     assert why["dim"] == why["window_jitter"] == "set by the user"
+
+
+def test_recommend_returns_raw_ids_and_scores_padded_and_equal_to_the_evaluated_ranking(small_data):
+    """The estimator contract: raw user ids in; raw item ids [U, k] int64 and scores [U, k] float32 out,
+    best first, seen items excluded, -1 / -inf past the catalog's unseen items; the same ranking the
+    evaluation path scores; unknown users are refused by name."""
+    split = build_split(small_data)
+    model = TwoStageRecommender(model_config("tiny"), TrainConfig(epochs=1, ranker_epochs=1, seed=0))
+    model.fit(split, progress=False)
+    raw_users = split.users.raw(np.array([1, 2, 3]))
+    ids, scores = model.recommend(raw_users, k=10)
+    assert ids.shape == scores.shape == (3, 10) and ids.dtype == np.int64 and scores.dtype == np.float32
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    users = np.array([1, 2, 3])
+    ranked = model.rank(split)(users, split.lengths[users], 10)
+    assert np.array_equal(ids, split.items.raw(ranked))
+    for row, user in enumerate(users):
+        seen = set(split.items.raw(split.sequences[user, : split.lengths[user]]).tolist())
+        assert not seen & set(ids[row].tolist())
+    everything, tail = model.recommend(raw_users[:1], k=split.n_items + 5)
+    unseen = split.n_items - len(set(split.sequences[1, : split.lengths[1]].tolist()) - {0})
+    assert (everything[0] >= 0).sum() == unseen and np.all(everything[0, unseen:] == -1)
+    assert np.all(np.isneginf(tail[0, unseen:])) and np.all(np.isfinite(tail[0, :unseen]))
+    with pytest.raises(ValueError, match=r"user_ids not in the split: \[987654321\]"):
+        model.recommend([987_654_321], k=5)

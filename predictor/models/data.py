@@ -3,8 +3,9 @@
 Shapes and dtypes used throughout ``predictor.models``:
 
 * item and user *indexes* are int64, ``0`` is padding / unknown, real ones start at 1;
-* a *history* is ``[B, L]`` int64 of item indexes, newest first (like the online ``recent_items`` feature),
-  right-padded with 0;
+* a *history* (window) is ``[B, L]`` int64 of item indexes, oldest first and left-aligned: a user's items
+  fill positions ``0 .. length - 1`` in the order they were read and 0 pads the rest (the online
+  ``recent_items`` feature stores the list most recent first; the serving path reverses it);
 * ``user_dense`` is ``[B, F_u]`` float32, ``item_dense`` is ``[n_items + 1, F_i]`` float32, and
   ``item_categories`` is ``[n_items + 1, C]`` float32 multi-hot.
 

@@ -106,7 +106,19 @@ class TrainingHistory:
 
 
 class TwoStageRecommender:
-    """Retrieval (two-tower) + ranking (DIN) over one catalog index."""
+    """Retrieval (two-tower) + ranking (DIN) over one catalog index.
+
+    The contract (``implicit``'s ``RecommenderBase`` shape):
+
+    * ``fit(split, user_profile)`` trains on a :class:`~predictor.models.data.SplitData` (its sequences,
+      validation targets and item features) and the point-in-time ``user_profile`` snapshots (or None);
+    * ``recommend(user_ids, k)`` → raw item ids ``[U, k]`` int64, padded with -1, and scores ``[U, k]``
+      float32, padded with -inf, best first, seen items excluded: the one inference path
+      (:meth:`inference`, what evaluation and serving run);
+    * ``lifecycle.save_model(model, uri)`` / ``lifecycle.load_model(uri)`` persist it as a verified artifact
+      (:func:`model_files` / :func:`model_from_files`); a loaded model recommends from a split after
+      :meth:`prepare`.
+    """
 
     def __init__(self, config: ModelConfig, train: TrainConfig | None = None, device: str | None = None):
         self.config = config
@@ -504,6 +516,29 @@ class TwoStageRecommender:
             return inference.recommend(batch, k, level=level)[0]
 
         return rank_fn
+
+    def recommend(
+        self, user_ids: np.ndarray | list[int], k: int = 10, split: SplitData | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items for raw ``user_ids`` ``[U]`` from everything ``split`` (default: the split fitted
+        on or prepared with) holds of each user, at the model's best serving level, items the user read
+        excluded: raw item ids ``[U, k]`` int64 (-1 where fewer than ``k`` remain) and scores ``[U, k]``
+        float32 (-inf there). A user ``split`` does not know raises ValueError naming them."""
+        split = split or self.split
+        raw = np.asarray(user_ids, np.int64)
+        users = split.users.index(raw)
+        if (users == 0).any():
+            raise ValueError(f"user_ids not in the split: {raw[users == 0][:10].tolist()}")
+        end = split.lengths[users]
+        batch = batch_from_split(
+            split, users, end, self.config.max_history, self._user_dense_at(split, users, end)
+        )
+        found, found_scores = self.inference().recommend(batch, k)
+        ids = np.full((len(raw), k), -1, np.int64)
+        scores = np.full((len(raw), k), -np.inf, np.float32)
+        ids[:, : found.shape[1]] = split.items.raw(found)  # index 0 (padding) → -1
+        scores[:, : found.shape[1]] = np.where(found > 0, found_scores, -np.inf)
+        return ids, scores
 
     # --- ranker ----------------------------------------------------------------------------------------
     def _fit_ranker(self, split, users, positions, world, progress):
