@@ -46,10 +46,10 @@ from tqdm import tqdm
 from predictor.config import Profile, Settings
 from predictor.data.eventlog import EventLog, events_table
 from predictor.data.synthetic import generate
-from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
 from predictor.features.realtime import push_events
 from predictor.features.redis_reader import AsyncRawRedisReader
+from predictor.features.schema import USER_PROFILE
 from predictor.features.store import open_store
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import train_and_register

@@ -34,9 +34,8 @@ from predictor.features.batch import compute_features
 from predictor.features.offline import write_offline
 from predictor.features.realtime import push_events
 from predictor.features.redis_reader import RawRedisReader
+from predictor.features.schema import ITEM_FEATURES, USER_FEATURES
 from predictor.features.store import (
-    ITEM_FEATURES,
-    USER_FEATURES,
     apply,
     online_item_features,
     online_user_features,

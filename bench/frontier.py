@@ -53,8 +53,8 @@ from predictor.config import Profile, Settings
 from predictor.data.eventlog import EventLog
 from predictor.data.loaders import load_dataset
 from predictor.data.synthetic import generate
-from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
+from predictor.features.schema import USER_PROFILE
 from predictor.models.config import SIZES, TrainConfig, model_config
 from predictor.models.data import build_split, user_feature_snapshots
 from predictor.models.evaluate import evaluate, per_user_scores

@@ -13,8 +13,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from predictor.features.schema import USER_DENSE_COLUMNS
 from predictor.models.config import SIZES
-from predictor.models.data import USER_DENSE_COLUMNS
 from predictor.models.ranker import Ranker
 from predictor.models.two_tower import TwoTower
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from predictor.config import Settings
-from predictor.features.store import ITEM_FEATURES, USER_FEATURES, open_store
+from predictor.features.schema import ITEM_FEATURES, USER_FEATURES
+from predictor.features.store import open_store
 from predictor.models.data import item_dense_matrix, user_dense_matrix
 from predictor.models.inference import ranker_history, ranker_inputs
 from predictor.models.lifecycle import MODEL_NAME, load_model

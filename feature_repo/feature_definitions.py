@@ -13,6 +13,8 @@ from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source i
 from feast.types import Array, Float32, Int64
 from feast.value_type import ValueType
 
+from predictor.features.schema import VIEWS
+
 PROFILE = os.environ.get("RECSYS_PROFILE", "embedded")
 OFFLINE_DIR = os.path.join(os.path.abspath(os.environ.get("RECSYS_HOME", ".recsys")), "offline")
 
@@ -21,6 +23,14 @@ OFFLINE_DIR = os.path.join(os.path.abspath(os.environ.get("RECSYS_HOME", ".recsy
 # `materialize-incremental` at now - ttl (one year for ttl=0), which would skip replayed datasets
 # such as MovieLens (1990s). 50 years covers any log we load.
 TTL = timedelta(days=365 * 50)
+FEAST_TYPES = {"int64": Int64, "float32": Float32, "int64_list": Array(Int64), "float32_list": Array(Float32)}
+
+
+def fields(view: str) -> list[Field]:
+    """The Feast schema of ``view``, from the one feature schema (``predictor.features.schema``)."""
+    return [
+        Field(name=c.name, dtype=FEAST_TYPES[c.kind], description=c.description) for c in VIEWS[view].columns
+    ]
 
 
 def batch_source(table: str):
@@ -59,22 +69,7 @@ user_profile = FeatureView(
     name="user_profile",
     entities=[user],
     ttl=TTL,
-    schema=[
-        Field(name="events_1d", dtype=Int64, description="Events in the day before the snapshot"),
-        Field(name="events_7d", dtype=Int64, description="Events in the 7 days before the snapshot"),
-        Field(name="events_30d", dtype=Int64, description="Events in the 30 days before the snapshot"),
-        Field(name="events_total", dtype=Int64, description="All events up to the snapshot"),
-        Field(name="seconds_since_last_event", dtype=Float32, description="Recency at the snapshot"),
-        Field(
-            name="mean_rating", dtype=Float32, description="Mean explicit rating; 0 when rating_count is 0"
-        ),
-        Field(name="rating_count", dtype=Int64, description="Number of rated events"),
-        Field(
-            name="category_affinity",
-            dtype=Array(Float32),
-            description="Share of the user's event weight per category id (sums to 1)",
-        ),
-    ],
+    schema=fields("user_profile"),
     source=user_profile_source,
     online=True,
     tags={"team": "recsys"},
@@ -84,14 +79,7 @@ user_recent_items = FeatureView(
     name="user_recent_items",
     entities=[user],
     ttl=TTL,
-    schema=[
-        Field(name="recent_items", dtype=Array(Int64), description="Last N item ids, most recent first"),
-        Field(
-            name="seen_items",
-            dtype=Array(Int64),
-            description="Every distinct item id of the user, ascending: what recommendations exclude",
-        ),
-    ],
+    schema=fields("user_recent_items"),
     source=user_recent_items_push,
     online=True,
     tags={"team": "recsys"},
@@ -101,18 +89,7 @@ item_profile = FeatureView(
     name="item_profile",
     entities=[item],
     ttl=TTL,
-    schema=[
-        Field(name="popularity_1d", dtype=Int64, description="Events on the item in the last day"),
-        Field(name="popularity_7d", dtype=Int64, description="Events on the item in the last 7 days"),
-        Field(name="popularity_30d", dtype=Int64, description="Events on the item in the last 30 days"),
-        Field(name="popularity_total", dtype=Int64, description="All events on the item"),
-        Field(
-            name="mean_rating", dtype=Float32, description="Mean explicit rating; 0 when rating_count is 0"
-        ),
-        Field(name="rating_count", dtype=Int64, description="Number of rated events"),
-        Field(name="age_seconds", dtype=Float32, description="Time since the item's first event"),
-        Field(name="categories", dtype=Array(Int64), description="Category ids of the item"),
-    ],
+    schema=fields("item_profile"),
     source=item_profile_source,
     online=True,
     tags={"team": "recsys"},

@@ -238,8 +238,8 @@ def events_consume(
 
 # --- models -----------------------------------------------------------------------------------------
 def _offline_user_profile(settings: Settings):
-    from predictor.features.batch import USER_PROFILE
     from predictor.features.offline import read_offline
+    from predictor.features.schema import USER_PROFILE
 
     try:
         profile = read_offline(USER_PROFILE, settings)

@@ -18,10 +18,10 @@ from rich.table import Table
 from predictor.config import Settings
 from predictor.data.eventlog import EventLog
 from predictor.data.synthetic import generate
-from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
+from predictor.features.schema import USER_PROFILE
 from predictor.features.store import apply, materialize, online_user_features
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import train_and_register

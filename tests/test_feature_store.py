@@ -13,10 +13,10 @@ import pytest
 
 from predictor.config import Settings
 from predictor.data.eventlog import EventLog, UnknownItemError
-from predictor.features.batch import ITEM_PROFILE, USER_PROFILE, USER_RECENT_ITEMS
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
+from predictor.features.schema import ITEM_PROFILE, USER_PROFILE, USER_RECENT_ITEMS
 from predictor.features.store import (
     apply,
     materialize,
@@ -180,7 +180,7 @@ def test_plain_feast_cli_apply_and_materialize(profile_fixture, request, small_d
 @pytest.mark.integration
 def test_raw_redis_reader_returns_what_feast_returns(production_settings, small_data):
     from predictor.features.redis_reader import RawRedisReader
-    from predictor.features.store import ITEM_FEATURES, USER_FEATURES
+    from predictor.features.schema import ITEM_FEATURES, USER_FEATURES
 
     store, event_log = build_and_materialize(production_settings, small_data)
     users = [int(u) for u in small_data.events["user_id"].unique()[:10]] + [10_000_000]  # last one: unknown

@@ -23,9 +23,8 @@ from predictor.features.marker import MaterializationMarker
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
 from predictor.features.redis_reader import AsyncRawRedisReader, RawRedisReader, redis_client
+from predictor.features.schema import ITEM_FEATURES, USER_FEATURES
 from predictor.features.store import (
-    ITEM_FEATURES,
-    USER_FEATURES,
     apply,
     materialize,
     online_item_features,

@@ -17,10 +17,11 @@ import redis
 from predictor.config import Settings
 from predictor.data.eventlog import EventLog
 from predictor.data.schema import Interactions, items_from_events, validate_events
-from predictor.features.batch import USER_RECENT_ITEMS, compute_features, daily_snapshots
+from predictor.features.batch import compute_features, daily_snapshots
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
+from predictor.features.schema import USER_RECENT_ITEMS
 from predictor.features.store import apply, materialize, online_user_features
 from predictor.serving.online import FeastOnlineFeatures, RedisOnlineFeatures, UserOnline, _user_from_values
 from tests.conftest import events_frame

@@ -23,10 +23,10 @@ import torch
 from predictor.config import Profile, Settings
 from predictor.data.eventlog import EventLog
 from predictor.data.synthetic import generate
-from predictor.features.batch import USER_PROFILE
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events_with_settings
+from predictor.features.schema import USER_PROFILE
 from predictor.features.store import apply, materialize
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import MODEL_NAME, train_and_register

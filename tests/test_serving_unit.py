@@ -13,8 +13,9 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferRequest
 
 from predictor.data.synthetic import generate
+from predictor.features.schema import ITEM_DENSE_COLUMNS
 from predictor.models.config import TrainConfig, model_config
-from predictor.models.data import ITEM_DENSE_COLUMNS, build_split, user_dense_matrix, user_dense_rows
+from predictor.models.data import build_split, user_dense_matrix, user_dense_rows
 from predictor.models.recommender import TwoStageRecommender, model_files, model_from_files
 from predictor.serving.batcher import MicroBatcher
 from predictor.serving.engine import ModelValidationError, OnlineUsers, ServingEngine

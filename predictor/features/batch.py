@@ -5,19 +5,9 @@ with ``timestamp <= t``; so a point-in-time join on ``event_timestamp`` never se
 snapshot times give the history that training joins against; the default single snapshot at the last
 event time is what the online store serves.
 
-Tables (all keyed by an INT64 entity id, plus ``event_timestamp`` and ``created``):
-
-``user_profile``
-    events_1d, events_7d, events_30d, events_total (int64), seconds_since_last_event (float32),
-    mean_rating (float32, 0 when rating_count is 0), rating_count (int64),
-    category_affinity (list[float32], share of the user's event weight per category id)
-``user_recent_items``
-    recent_items (list[int64], the last N item ids, most recent first),
-    seen_items (list[int64], every distinct item id of the user up to the snapshot, ascending: what
-    serving excludes, the same set offline evaluation excludes)
-``item_profile``
-    popularity_1d, popularity_7d, popularity_30d, popularity_total (int64), mean_rating (float32),
-    rating_count (int64), age_seconds (float32, since the item's first event), categories (list[int64])
+Tables: one per feature view of ``predictor.features.schema`` (its columns, kinds and descriptions), each
+keyed by the view's INT64 entity id, plus ``event_timestamp`` and ``created``; ``compute_features`` checks
+that what it computed has exactly those columns.
 """
 
 from __future__ import annotations
@@ -30,6 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from predictor.data.schema import Interactions
+from predictor.features.schema import ITEM_PROFILE, USER_PROFILE, USER_RECENT_ITEMS, VIEWS
 
 WINDOWS: dict[str, pd.Timedelta] = {
     "1d": pd.Timedelta(days=1),
@@ -37,9 +28,6 @@ WINDOWS: dict[str, pd.Timedelta] = {
     "30d": pd.Timedelta(days=30),
 }
 
-USER_PROFILE = "user_profile"
-USER_RECENT_ITEMS = "user_recent_items"
-ITEM_PROFILE = "item_profile"
 FEATURE_TABLES = (USER_PROFILE, USER_RECENT_ITEMS, ITEM_PROFILE)
 
 
@@ -102,12 +90,20 @@ def compute_features(
     if not computed:
         raise ValueError(f"no events at or before the earliest snapshot {snapshots[0]}")
 
-    def finish(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    def finish(frames: list[pd.DataFrame], view: str) -> pd.DataFrame:
         out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         out["created"] = created
+        expected = [VIEWS[view].join_key, "event_timestamp", *VIEWS[view].column_names, "created"]
+        if frames and list(out.columns) != expected:
+            raise RuntimeError(f"{view}: computed columns {list(out.columns)}, the schema says {expected}")
         return out
 
-    return FeatureTables(finish(users), finish(recents), finish(items), vocabulary)
+    return FeatureTables(
+        finish(users, USER_PROFILE),
+        finish(recents, USER_RECENT_ITEMS),
+        finish(items, ITEM_PROFILE),
+        vocabulary,
+    )
 
 
 def daily_snapshots(data: Interactions, every: str = "1D") -> list[pd.Timestamp]:

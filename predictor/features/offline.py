@@ -15,45 +15,27 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from predictor.config import Profile, Settings
-from predictor.features.batch import ITEM_PROFILE, USER_PROFILE, USER_RECENT_ITEMS, FeatureTables
+from predictor.features.batch import FeatureTables
+from predictor.features.schema import VIEWS
 
 log = logging.getLogger(__name__)
 
 _TS = sa.DateTime(timezone=True)
+_SQL_TYPES = {
+    "int64": sa.BigInteger,
+    "float32": sa.REAL,
+    "int64_list": lambda: postgresql.ARRAY(sa.BigInteger()),
+    "float32_list": lambda: postgresql.ARRAY(sa.REAL()),
+}
+# each offline table: the view's join key, event_timestamp, the schema's columns, created
 _COLUMNS: dict[str, list[tuple[str, sa.types.TypeEngine]]] = {
-    USER_PROFILE: [
-        ("user_id", sa.BigInteger()),
+    name: [
+        (view.join_key, sa.BigInteger()),
         ("event_timestamp", _TS),
-        ("events_1d", sa.BigInteger()),
-        ("events_7d", sa.BigInteger()),
-        ("events_30d", sa.BigInteger()),
-        ("events_total", sa.BigInteger()),
-        ("seconds_since_last_event", sa.REAL()),
-        ("mean_rating", sa.REAL()),
-        ("rating_count", sa.BigInteger()),
-        ("category_affinity", postgresql.ARRAY(sa.REAL())),
+        *((c.name, _SQL_TYPES[c.kind]()) for c in view.columns),
         ("created", _TS),
-    ],
-    USER_RECENT_ITEMS: [
-        ("user_id", sa.BigInteger()),
-        ("event_timestamp", _TS),
-        ("recent_items", postgresql.ARRAY(sa.BigInteger())),
-        ("seen_items", postgresql.ARRAY(sa.BigInteger())),
-        ("created", _TS),
-    ],
-    ITEM_PROFILE: [
-        ("item_id", sa.BigInteger()),
-        ("event_timestamp", _TS),
-        ("popularity_1d", sa.BigInteger()),
-        ("popularity_7d", sa.BigInteger()),
-        ("popularity_30d", sa.BigInteger()),
-        ("popularity_total", sa.BigInteger()),
-        ("mean_rating", sa.REAL()),
-        ("rating_count", sa.BigInteger()),
-        ("age_seconds", sa.REAL()),
-        ("categories", postgresql.ARRAY(sa.BigInteger())),
-        ("created", _TS),
-    ],
+    ]
+    for name, view in VIEWS.items()
 }
 
 

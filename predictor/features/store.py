@@ -22,32 +22,11 @@ from predictor.config import Settings
 from predictor.data.eventlog import EventLog
 from predictor.features.marker import MaterializationMarker
 from predictor.features.realtime import rewrite_sequences
+from predictor.features.schema import ITEM_FEATURES, USER_FEATURES
 
 log = logging.getLogger(__name__)
 
 DEFINITIONS_MODULE = "feature_definitions"
-USER_FEATURES = [
-    "user_profile:events_1d",
-    "user_profile:events_7d",
-    "user_profile:events_30d",
-    "user_profile:events_total",
-    "user_profile:seconds_since_last_event",
-    "user_profile:mean_rating",
-    "user_profile:rating_count",
-    "user_profile:category_affinity",
-    "user_recent_items:recent_items",
-    "user_recent_items:seen_items",
-]
-ITEM_FEATURES = [
-    "item_profile:popularity_1d",
-    "item_profile:popularity_7d",
-    "item_profile:popularity_30d",
-    "item_profile:popularity_total",
-    "item_profile:mean_rating",
-    "item_profile:rating_count",
-    "item_profile:age_seconds",
-    "item_profile:categories",
-]
 
 
 def open_store(settings: Settings) -> FeatureStore:

@@ -24,26 +24,8 @@ import pandas as pd
 import torch
 
 from predictor.data.schema import Interactions
-from predictor.features.batch import ITEM_PROFILE, USER_PROFILE, compute_features, daily_snapshots
-
-USER_DENSE_COLUMNS = [
-    "events_1d",
-    "events_7d",
-    "events_30d",
-    "events_total",
-    "seconds_since_last_event",
-    "mean_rating",
-    "rating_count",
-]
-ITEM_DENSE_COLUMNS = [
-    "popularity_1d",
-    "popularity_7d",
-    "popularity_30d",
-    "popularity_total",
-    "mean_rating",
-    "rating_count",
-    "age_seconds",
-]
+from predictor.features.batch import compute_features, daily_snapshots
+from predictor.features.schema import ITEM_DENSE_COLUMNS, ITEM_PROFILE, USER_DENSE_COLUMNS, USER_PROFILE
 
 
 def user_dense_matrix(frame: pd.DataFrame, n_categories: int) -> np.ndarray:

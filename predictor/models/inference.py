@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 import torch
 
-from predictor.models.data import USER_DENSE_COLUMNS
+from predictor.features.schema import USER_DENSE_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from predictor.features.schema import USER_DENSE_COLUMNS
 from predictor.models.config import ModelConfig, TrainConfig
-from predictor.models.data import USER_DENSE_COLUMNS, SplitData, UserFeatureIndex, to_tensor
+from predictor.models.data import SplitData, UserFeatureIndex, to_tensor
 from predictor.models.evaluate import (
     RankFn,
     beats_by_more_than_noise,

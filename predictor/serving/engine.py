@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from predictor.models.data import USER_DENSE_COLUMNS, item_dense_matrix
+from predictor.features.schema import USER_DENSE_COLUMNS
+from predictor.models.data import item_dense_matrix
 from predictor.models.inference import (
     HNSW_THRESHOLD,
     LEVELS,

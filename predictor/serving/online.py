@@ -21,7 +21,7 @@ from feast import FeatureStore
 
 from predictor.config import Settings
 from predictor.features.redis_reader import AsyncRawRedisReader, RawRedisReader
-from predictor.features.store import ITEM_FEATURES, USER_FEATURES
+from predictor.features.schema import ITEM_FEATURES, USER_FEATURES
 
 RECENT_ITEMS = "recent_items"
 SEEN_ITEMS = "seen_items"
