@@ -159,20 +159,7 @@ def _user_profile(
 
     out = out.reset_index()
     out.insert(1, "event_timestamp", t)
-    return out[
-        [
-            "user_id",
-            "event_timestamp",
-            "events_1d",
-            "events_7d",
-            "events_30d",
-            "events_total",
-            "seconds_since_last_event",
-            "mean_rating",
-            "rating_count",
-            "category_affinity",
-        ]
-    ]
+    return out[[VIEWS[USER_PROFILE].join_key, "event_timestamp", *VIEWS[USER_PROFILE].column_names]]
 
 
 def _recent_items(events: pd.DataFrame, t: pd.Timestamp, n: int, first_seen: _FirstSeen) -> pd.DataFrame:
@@ -236,14 +223,4 @@ def _item_profile(
     out["categories"] = [list(map(int, c)) if isinstance(c, list) else [] for c in cats.reindex(out.index)]
     out = out.reset_index()
     out.insert(1, "event_timestamp", t)
-    return out[
-        [
-            "item_id",
-            "event_timestamp",
-            *count_cols,
-            "mean_rating",
-            "rating_count",
-            "age_seconds",
-            "categories",
-        ]
-    ]
+    return out[[VIEWS[ITEM_PROFILE].join_key, "event_timestamp", *VIEWS[ITEM_PROFILE].column_names]]

@@ -191,8 +191,8 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     """Mean softmax cross-entropy over ``user @ candidates.T`` without the autograd graph of a ``[P, M]``
     logits matrix: the logits are made, exponentiated and normalised in row blocks that stay in cache, the
     probabilities are kept for the backward, which turns them into the logits' gradient in place. On 2 CPU
-    cores that halves the loss's time at 5,699 labels × 9,742 items against ``F.cross_entropy`` on the
-    same logits (``bench/train.py``, ``loss_kernel``); the values and gradients are the same
+    cores it took 817 against 1,512 ms at 5,699 labels × 9,742 items against ``F.cross_entropy`` on the
+    same logits (``bench/train.py``'s ``kernels`` probe); the values and gradients are the same
     (``tests/test_models_unit.py``)."""
 
     BLOCK = 1024  # rows per block: a [1024, 10k] fp32 block is 40 MB, about the size of a server's L3
@@ -258,7 +258,7 @@ def softmax_cross_entropy(
     more logit per row, ``extra``. user ``[P, D]``, candidates ``[M, D]``, bias ``[M]``, extra ``[P]``;
     target ``[P]`` int64 is the label's candidate column, or -1 for the ``extra`` logit; a candidate whose
     ``excluded [M]`` index equals the row's ``own [P]`` index is left out of that row's softmax.
-    Equal to ``F.cross_entropy`` over the concatenated logits, in about half its time and memory traffic."""
+    Equal to ``F.cross_entropy`` over the concatenated logits (see :class:`_SoftmaxCrossEntropy`)."""
     return _SoftmaxCrossEntropy.apply(user, candidates, bias, extra, target, excluded, own)
 
 
