@@ -13,7 +13,7 @@ from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source i
 from feast.types import Array, Float32, Int64
 from feast.value_type import ValueType
 
-from predictor.features.schema import VIEWS
+from predictor.features.schema import ITEM_SERVICE, SERVICES, USER_SERVICE, VIEWS
 
 PROFILE = os.environ.get("RECSYS_PROFILE", "embedded")
 OFFLINE_DIR = os.path.join(os.path.abspath(os.environ.get("RECSYS_HOME", ".recsys")), "offline")
@@ -95,15 +95,17 @@ item_profile = FeatureView(
     tags={"team": "recsys"},
 )
 
-# --- feature services, versioned with the model that reads them -------------------------------------
-retrieval_v1 = FeatureService(
-    name="retrieval_v1",
-    features=[user_profile, user_recent_items],
-    description="User-side features for the two-tower user encoder",
+# --- feature services: the predictor's online reads, their views named by the schema ------------------
+_views = {fv.name: fv for fv in (user_profile, user_recent_items, item_profile)}
+
+predictor_user_v1 = FeatureService(
+    name=USER_SERVICE,
+    features=[_views[name] for name in SERVICES[USER_SERVICE]],
+    description="What the predictor reads per user: the two-tower user encoder's and the ranker's inputs",
 )
 
-ranking_v1 = FeatureService(
-    name="ranking_v1",
-    features=[user_profile, user_recent_items, item_profile],
-    description="User and candidate-item features for the ranker",
+predictor_item_v1 = FeatureService(
+    name=ITEM_SERVICE,
+    features=[_views[name] for name in SERVICES[ITEM_SERVICE]],
+    description="What the predictor reads per candidate item: the ranker's item inputs",
 )

@@ -16,7 +16,13 @@ from predictor.data.eventlog import EventLog, UnknownItemError
 from predictor.features.offline import read_offline
 from predictor.features.pipeline import build_features
 from predictor.features.realtime import push_events
-from predictor.features.schema import ITEM_PROFILE, USER_PROFILE, USER_RECENT_ITEMS
+from predictor.features.schema import (
+    ITEM_FEATURES,
+    ITEM_PROFILE,
+    USER_FEATURES,
+    USER_PROFILE,
+    USER_RECENT_ITEMS,
+)
 from predictor.features.store import (
     apply,
     materialize,
@@ -142,6 +148,13 @@ def test_embedded_profile_without_servers(embedded_settings, small_data):
     assert store.config.online_store.type == "sqlite"
     assert settings.database_url.startswith("sqlite:///")
     assert (settings.offline_dir / "user_profile.parquet").is_file()
+    # the online reads go through the feature services, which hold exactly the schema's columns
+    user_id = int(small_data.events["user_id"].iloc[0])
+    columns = {f.split(":", 1)[1] for f in USER_FEATURES}
+    assert set(online_user_features(store, [user_id]).columns) == {"user_id"} | columns
+    item_columns = {f.split(":", 1)[1] for f in ITEM_FEATURES}
+    item_id = int(small_data.events["item_id"].iloc[0])
+    assert set(online_item_features(store, [item_id]).columns) == {"item_id"} | item_columns
     check_online_equals_offline(settings, store, np.random.default_rng(1))
     user, seq = check_push_is_visible(settings, store, event_log, small_data)
     check_unknown_item_rejected(settings, store, event_log, user, seq)

@@ -102,6 +102,12 @@ VIEWS: dict[str, View] = {
 # the models' dense inputs: every scalar column of the profile views, in schema order
 USER_DENSE_COLUMNS = [c.name for c in VIEWS[USER_PROFILE].columns if c.scalar]
 ITEM_DENSE_COLUMNS = [c.name for c in VIEWS[ITEM_PROFILE].columns if c.scalar]
-# what the predictor reads online per user and per item
-USER_FEATURES = VIEWS[USER_PROFILE].refs + VIEWS[USER_RECENT_ITEMS].refs
-ITEM_FEATURES = VIEWS[ITEM_PROFILE].refs
+# Feast feature services: what the predictor reads online per user and per item, versioned with the model
+# that reads them; ``get_online_features`` reads go through them, the raw Redis reader reads their refs
+USER_SERVICE, ITEM_SERVICE = "predictor_user_v1", "predictor_item_v1"
+SERVICES: dict[str, tuple[str, ...]] = {
+    USER_SERVICE: (USER_PROFILE, USER_RECENT_ITEMS),
+    ITEM_SERVICE: (ITEM_PROFILE,),
+}
+USER_FEATURES = [ref for view in SERVICES[USER_SERVICE] for ref in VIEWS[view].refs]
+ITEM_FEATURES = [ref for view in SERVICES[ITEM_SERVICE] for ref in VIEWS[view].refs]

@@ -22,7 +22,7 @@ from predictor.config import Settings
 from predictor.data.eventlog import EventLog
 from predictor.features.marker import MaterializationMarker
 from predictor.features.realtime import rewrite_sequences
-from predictor.features.schema import ITEM_FEATURES, USER_FEATURES
+from predictor.features.schema import ITEM_SERVICE, USER_SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,16 @@ def teardown(settings: Settings) -> None:
 
 
 def online_user_features(store: FeatureStore, user_ids: Sequence[int]) -> pd.DataFrame:
+    """The predictor's per-user features (feature service ``USER_SERVICE``), a row per user."""
     return store.get_online_features(
-        features=USER_FEATURES, entity_rows=[{"user_id": int(u)} for u in user_ids]
+        features=store.get_feature_service(USER_SERVICE, allow_cache=True),
+        entity_rows=[{"user_id": int(u)} for u in user_ids],
     ).to_df()
 
 
 def online_item_features(store: FeatureStore, item_ids: Sequence[int]) -> pd.DataFrame:
+    """The predictor's per-item features (feature service ``ITEM_SERVICE``), a row per item."""
     return store.get_online_features(
-        features=ITEM_FEATURES, entity_rows=[{"item_id": int(i)} for i in item_ids]
+        features=store.get_feature_service(ITEM_SERVICE, allow_cache=True),
+        entity_rows=[{"item_id": int(i)} for i in item_ids],
     ).to_df()

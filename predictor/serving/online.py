@@ -21,7 +21,7 @@ from feast import FeatureStore
 
 from predictor.config import Settings
 from predictor.features.redis_reader import AsyncRawRedisReader, RawRedisReader
-from predictor.features.schema import ITEM_FEATURES, USER_FEATURES
+from predictor.features.schema import ITEM_FEATURES, ITEM_SERVICE, USER_FEATURES, USER_SERVICE
 
 RECENT_ITEMS = "recent_items"
 SEEN_ITEMS = "seen_items"
@@ -98,17 +98,18 @@ class FeastOnlineFeatures(OnlineFeatures):
     def __init__(self, store: FeatureStore):
         self.store = store
 
-    def _read(self, features: list[str], key: str, ids) -> dict[str, list]:
+    def _read(self, service: str, key: str, ids) -> dict[str, list]:
+        features = self.store.get_feature_service(service, allow_cache=True)
         response = self.store.get_online_features(features=features, entity_rows=[{key: int(i)} for i in ids])
         return response.to_dict()
 
     async def users(self, user_ids: list[int]) -> list[UserOnline]:
-        columns = await asyncio.to_thread(self._read, USER_FEATURES, "user_id", user_ids)
+        columns = await asyncio.to_thread(self._read, USER_SERVICE, "user_id", user_ids)
         names = [f.split(":", 1)[1] for f in USER_FEATURES]
         return [_user_from_values(u, {n: columns[n][row] for n in names}) for row, u in enumerate(user_ids)]
 
     def items_sync(self, item_ids: np.ndarray) -> pd.DataFrame:
-        columns = self._read(ITEM_FEATURES, "item_id", item_ids)
+        columns = self._read(ITEM_SERVICE, "item_id", item_ids)
         return pd.DataFrame({f.split(":", 1)[1]: columns[f.split(":", 1)[1]] for f in ITEM_FEATURES})
 
 
