@@ -44,7 +44,7 @@ METRICS = ("ndcg@10", "recall@10")
 
 def one_run(dataset: str, seed: int, data_dir: str | None, epochs: int) -> dict:
     data = load_dataset(dataset, data_dir)
-    config, train, _ = choose(len(data.items))
+    config, train, _ = choose(len(data.items), len(data.events))
     train = replace(train, seed=seed, epochs=epochs)
     split = build_split(data)
     started = time.perf_counter()

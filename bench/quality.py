@@ -95,15 +95,16 @@ def main() -> None:
     protocol = "temporal"
     if train_path:
         given_train, given_test = load_any(train_path), load_any(test_path)
-        n_items, protocol = (
+        n_items, n_events, protocol = (
             len(complete_items(given_test.events, given_train.items)),
+            len(given_train.events),
             split_protocol(given_train, given_test),
         )
     else:
         data = load_dataset(args.dataset, args.data_dir)
         console.print(data.summary())
-        n_items = len(data.items)
-    config, train, chosen = choose(n_items, args.size, model_options, train_options, protocol)
+        n_items, n_events = len(data.items), len(data.events)
+    config, train, chosen = choose(n_items, n_events, args.size, model_options, train_options, protocol)
     console.print(describe(config, train, chosen))
     runs = []
     for seed in args.seeds:

@@ -40,6 +40,7 @@ def main() -> None:
     split = build_split(data, holdout=1, protocol="random", validation_share=share, seed=0)
     config, train_config, _ = choose(
         split.n_items,
+        len(train.events),
         "small",
         parse_overrides(args.model_option, ModelConfig),
         parse_overrides(args.train_option, TrainConfig),

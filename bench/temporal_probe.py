@@ -38,6 +38,7 @@ def main() -> None:
     split, profile = build_split(data), user_feature_snapshots(data)
     config, train, _ = choose(
         split.n_items,
+        len(data.events),
         "small",
         parse_overrides(args.model_option, ModelConfig),
         parse_overrides(args.train_option, TrainConfig),

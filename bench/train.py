@@ -69,7 +69,7 @@ def speed_probe(name: str) -> dict:
         TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=1, seed=0),
     )
     if name == "latest-small-exact":
-        from predictor.models.defaults import SMALL_CATALOG_SETTINGS as SWEEP
+        from predictor.models.defaults import EXACT_SOFTMAX_SETTINGS as SWEEP
 
         config = model_config("small", full_softmax_items=split.n_items, **SWEEP["model"])
         train = TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=0, seed=0, **SWEEP["train"])
@@ -256,7 +256,7 @@ def curve_and_wall(console) -> dict:
     from predictor.models.recommender import TwoStageRecommender
 
     def default_model(data) -> TwoStageRecommender:  # `recsys train` with no options: settings from the data
-        config, train, chosen = choose(len(data.items))
+        config, train, chosen = choose(len(data.items), len(data.events))
         model = TwoStageRecommender(config, replace(train, epochs=60, seed=0))
         model.settings_chosen = chosen
         return model

@@ -310,7 +310,9 @@ def train(
             console.print(f"version {production.version} is in production already: nothing to do")
             return
     data = EventLog(settings.database_url).read()
-    config, train_config, chosen = choose(len(data.items), size, model_overrides, train_overrides)
+    config, train_config, chosen = choose(
+        len(data.items), len(data.events), size, model_overrides, train_overrides
+    )
     train_config = dataclasses.replace(train_config, epochs=epochs, seed=seed)
     console.print(describe(config, train_config, chosen))
     profile = _offline_user_profile(settings) if features else None

@@ -491,10 +491,11 @@ def test_the_ranker_gate_needs_a_gain_above_one_standard_error():
 
 
 def test_defaults_follow_the_data_and_the_user_wins():
-    from predictor.models.defaults import FULL_SOFTMAX_MAX_ITEMS, choose
+    from predictor.models.defaults import EXACT_SOFTMAX_SCORES, choose
 
-    config, train, why = choose(1_682)
-    assert config.full_softmax_items >= 1_682 and train.window_jitter and config.dim == 128
+    config, train, why = choose(1_682, 100_000)
+    assert config.full_softmax_items == EXACT_SOFTMAX_SCORES // 100_000 and train.window_jitter
+    assert config.dim == 128 and train.batch_size == 64
     assert set(why) == {
         "full_softmax_items",
         "window_jitter",
@@ -503,11 +504,17 @@ def test_defaults_follow_the_data_and_the_user_wins():
         "temperature",
         "weight_decay",
         "lr",
+        "batch_size",
     }
-    big, big_train, why = choose(FULL_SOFTMAX_MAX_ITEMS + 1)
+    # the budget is catalog x events: the same catalog on a log 10 x longer trains with sampled softmax
+    big, big_train, why = choose(1_682, EXACT_SOFTMAX_SCORES // 1_682 + 1)
     assert big == model_config("small") and big_train == TrainConfig() and why == {}
-    assert choose(1_682, "tiny")[0] == model_config("tiny")  # measured on `small` only
-    mine, mine_train, why = choose(1_682, model_options={"dim": 32}, train_options={"window_jitter": False})
+    assert choose(EXACT_SOFTMAX_SCORES // 100_000, 100_000)[0].full_softmax_items > 0  # the cap is inclusive
+    assert choose(EXACT_SOFTMAX_SCORES // 100_000 + 1, 100_000)[0] == model_config("small")
+    assert choose(1_682, 100_000, "tiny")[0] == model_config("tiny")  # measured on `small` only
+    mine, mine_train, why = choose(
+        1_682, 100_000, model_options={"dim": 32}, train_options={"window_jitter": False}
+    )
     assert mine.dim == 32 and not mine_train.window_jitter and mine.dropout == 0.3
     assert why["dim"] == why["window_jitter"] == "set by the user"
 

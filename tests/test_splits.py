@@ -211,17 +211,21 @@ def test_later_items_mark_what_each_state_has_not_read(small_data):
 
 
 def test_random_splits_choose_their_objective_and_batch_and_the_user_wins(small_data):
-    from predictor.models.defaults import RANDOM_SPLIT_BATCH, choose
+    from predictor.models.defaults import EXACT_SOFTMAX_SETTINGS, RANDOM_SPLIT_BATCH, choose
     from predictor.models.recommender import training_objective
 
-    _, train, reasons = choose(1_682, protocol="random")
+    _, train, reasons = choose(1_682, 100_000, protocol="random")
     assert train.objective == "all_items" and train.batch_size == RANDOM_SPLIT_BATCH
     assert "random split" in reasons["objective"] and "random split" in reasons["batch_size"]
-    _, temporal, reasons = choose(1_682)
-    assert temporal.objective == "auto" and temporal.batch_size == TrainConfig().batch_size
-    assert "objective" not in reasons
-    _, mine, reasons = choose(1_682, train_options={"batch_size": 64}, protocol="random")
-    assert mine.batch_size == 64 and reasons["batch_size"] == "set by the user"
+    _, temporal, reasons = choose(1_682, 100_000)
+    assert (
+        temporal.objective == "auto" and temporal.batch_size == EXACT_SOFTMAX_SETTINGS["train"]["batch_size"]
+    )
+    assert "objective" not in reasons and "random split" not in reasons["batch_size"]
+    _, sampled, reasons = choose(50_000, 100_000)  # no exact softmax: the model's own batch
+    assert sampled.batch_size == TrainConfig().batch_size and "batch_size" not in reasons
+    _, mine, reasons = choose(1_682, 100_000, train_options={"batch_size": 16}, protocol="random")
+    assert mine.batch_size == 16 and reasons["batch_size"] == "set by the user"
 
     random_split = build_split(small_data, holdout=1, protocol="random")
     assert training_objective(TrainConfig(), random_split) == "all_items"

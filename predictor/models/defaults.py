@@ -9,31 +9,37 @@ from __future__ import annotations
 
 from predictor.models.config import ModelConfig, TrainConfig, model_config
 
-# The exact softmax scores every item for every label, so its cost grows with the catalog. Measured on 2 CPU
-# cores with the settings below (docs/models.md, "Defaults"): 1,682 items (MovieLens-100K) 6.6 s an
-# epoch, 436 s a fit, validation NDCG@10 +27 % over the model's own defaults; 9,742 items (MovieLens
-# latest-small) over 1,200 s a fit, above the training-time budget. The width, dropout and learning rate
-# belong with it: without the exact softmax they measured no gain (docs/models.md).
-FULL_SOFTMAX_MAX_ITEMS = 5_000
+# The exact softmax scores every catalog item for every label, so an epoch costs about (events x items)
+# scores. The budget is what MovieLens latest-small costs (100,836 events x 9,742 items, 1.0e9): 12 s an
+# epoch on 2 CPU cores with the settings below, inside the 600 s training budget (docs/models.md,
+# "Defaults"). A log allows the exact softmax up to EXACT_SOFTMAX_SCORES // events items; the model keeps
+# that cap, so a warm start on a few more items keeps its objective.
+EXACT_SOFTMAX_SCORES = 1_500_000_000
 # Random splits: the all-items objective with 32 windows a step (4 x the steps of 128: 60 an epoch on
 # MovieLens-100K) passed tuned ALS's validation Recall@20 at epoch 27; the next-item objective with 128 sat
 # at popularity's level for 12 epochs and stopped at 0.245, and at max_history 200 neither left it. The two
 # settings were measured together, not apart (docs/models.md, "Random and published splits").
 RANDOM_SPLIT_BATCH = 32
-SMALL_CATALOG_SETTINGS = {  # the latest-small validation sweep's choice (docs/models.md)
+# The latest-small validation sweep's choice (docs/models.md), and 64 windows a step: these logs have
+# ~2,300 windows, so 128 a step is 18 updates an epoch. On latest-small (one seed) 64 reached test NDCG@10
+# 0.046 in 30 epochs, where 128 had needed 2,443 s for 1.35 x ALS (docs/models.md). The width, dropout and
+# learning rate measured no gain without the exact softmax.
+EXACT_SOFTMAX_SETTINGS = {
     "model": {"dim": 128, "dropout": 0.3, "temperature": 0.1},
-    "train": {"window_jitter": True, "weight_decay": 1e-3, "lr": 3e-3},
+    "train": {"window_jitter": True, "weight_decay": 1e-3, "lr": 3e-3, "batch_size": 64},
 }
 
 
 def choose(
     n_items: int,
+    n_events: int,
     size: str = "small",
     model_options: dict | None = None,
     train_options: dict | None = None,
     protocol: str = "temporal",
 ) -> tuple[ModelConfig, TrainConfig, dict[str, str]]:
-    """(model config, train config, {field: why}) for a catalog of ``n_items`` and a split ``protocol``
+    """(model config, train config, {field: why}) for a catalog of ``n_items``, a training log of
+    ``n_events`` and a split ``protocol``
     ("temporal", or "random" for a random published split); ``model_options`` / ``train_options`` are
     the user's settings, applied over the rules (their fields are reported as "set by the user"). The
     rules were measured on the ``small`` size and apply to it only."""
@@ -47,13 +53,18 @@ def choose(
             RANDOM_SPLIT_BATCH,
             why + f"; {RANDOM_SPLIT_BATCH} windows a step, measured with that objective (docs/models.md)",
         )
-    if size == "small" and 0 < n_items <= FULL_SOFTMAX_MAX_ITEMS:
-        why = f"{n_items:,} items ≤ {FULL_SOFTMAX_MAX_ITEMS:,}: exact softmax over the whole catalog"
-        model_rules["full_softmax_items"] = (FULL_SOFTMAX_MAX_ITEMS, why)
-        for key, value in SMALL_CATALOG_SETTINGS["model"].items():
+    max_items = exact_softmax_max_items(n_events)
+    if size == "small" and 0 < n_items <= max_items:
+        why = (
+            f"{n_items:,} items ≤ {max_items:,} (what {n_events:,} events afford): exact softmax over the"
+            " whole catalog"
+        )
+        model_rules["full_softmax_items"] = (max_items, why)
+        for key, value in EXACT_SOFTMAX_SETTINGS["model"].items():
             model_rules[key] = (value, why + ", with its settings")
-        for key, value in SMALL_CATALOG_SETTINGS["train"].items():
-            train_rules[key] = (value, why + ", with its settings")
+        for key, value in EXACT_SOFTMAX_SETTINGS["train"].items():
+            if key not in train_rules:  # a random split's batch was measured with its objective
+                train_rules[key] = (value, why + ", with its settings")
     reasons: dict[str, str] = {}
     chosen_model = {k: v for k, (v, _) in model_rules.items() if k not in model_options}
     chosen_train = {k: v for k, (v, _) in train_rules.items() if k not in train_options}
@@ -64,6 +75,11 @@ def choose(
         reasons[key] = "set by the user"
     config = model_config(size, **{**chosen_model, **model_options})
     return config, TrainConfig(**{**chosen_train, **train_options}), reasons
+
+
+def exact_softmax_max_items(n_events: int) -> int:
+    """The largest catalog whose exact softmax a log of ``n_events`` affords (``EXACT_SOFTMAX_SCORES``)."""
+    return EXACT_SOFTMAX_SCORES // max(n_events, 1)
 
 
 def explained(config: ModelConfig, train: TrainConfig, reasons: dict[str, str]) -> dict[str, dict]:
