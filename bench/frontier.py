@@ -58,7 +58,6 @@ from predictor.features.schema import USER_PROFILE
 from predictor.models.config import SIZES, TrainConfig, model_config
 from predictor.models.data import build_split, user_feature_snapshots
 from predictor.models.evaluate import evaluate, per_user_scores
-from predictor.models.lifecycle import save_model
 from predictor.models.recommender import TwoStageRecommender
 from predictor.serving.engine import UserVectorCache, int8_ranker
 from predictor.serving.process import ServerProcess
@@ -172,7 +171,7 @@ def serving_models(settings: Settings, data, sizes: list[str], examples: int, re
             if tables == "fp16":
                 model.with_fp16_tables()
             uri = str(settings.home_dir / "models" / f"{size}-{tables}")
-            save_model(model, uri)
+            model.save(uri)
             info["artifacts"][tables] = uri
             info["artifact_mb"][tables] = sum(f.stat().st_size for f in Path(uri).iterdir()) / 1e6
         info["id_table_share"] = id_table_share(model)

@@ -27,7 +27,8 @@ from predictor.features.schema import ITEM_FEATURES, USER_FEATURES
 from predictor.features.store import open_store
 from predictor.models.data import item_dense_matrix, user_dense_matrix
 from predictor.models.inference import ranker_history, ranker_inputs
-from predictor.models.lifecycle import MODEL_NAME, load_model
+from predictor.models.lifecycle import MODEL_NAME
+from predictor.models.recommender import TwoStageRecommender
 from predictor.models.registry import ModelRegistry
 from predictor.serving.server import logging_config
 
@@ -41,7 +42,7 @@ class NaiveModel(kserve.Model):
 
     def load(self) -> bool:
         production = ModelRegistry(self.settings.database_url).production(MODEL_NAME)
-        self.model = load_model(production.artifact_uri, "cpu")
+        self.model = TwoStageRecommender.load(production.artifact_uri, "cpu")
         self.store = open_store(self.settings)
         self.inference = self.model.inference(search="exact")
         self.items = self.inference.tables.embeddings[: self.model.catalog.n_items + 1]

@@ -108,7 +108,8 @@ def compute_floor() -> dict:
     from predictor.data.loaders import load_dataset
     from predictor.models.config import TrainConfig, model_config
     from predictor.models.data import build_split
-    from predictor.models.recommender import TwoStageRecommender, training_windows
+    from predictor.models.recommender import TwoStageRecommender
+    from predictor.models.windows import training_windows
 
     torch.set_num_threads(os.cpu_count() or 1)
     split = build_split(load_dataset("ml-100k"))

@@ -338,7 +338,8 @@ def _model_on_event_log(settings: Settings, model: str | None):
     """(artifact URI, model, split): ``model`` or the production version, pointed at the event log's split."""
     from predictor.data.eventlog import EventLog
     from predictor.models.data import build_split
-    from predictor.models.lifecycle import MODEL_NAME, load_model
+    from predictor.models.lifecycle import MODEL_NAME
+    from predictor.models.recommender import TwoStageRecommender
     from predictor.models.registry import ModelRegistry
 
     if model is None:
@@ -346,7 +347,7 @@ def _model_on_event_log(settings: Settings, model: str | None):
         if production is None:
             raise typer.BadParameter("no production model: run `recsys train` or pass --model")
         model = production.artifact_uri
-    recommender = load_model(model)
+    recommender = TwoStageRecommender.load(model)
     split = build_split(
         EventLog(settings.database_url).read(),
         users=recommender.catalog.users,

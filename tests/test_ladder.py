@@ -14,7 +14,8 @@ from predictor.data.synthetic import generate
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.data import build_split
 from predictor.models.inference import LEVELS
-from predictor.models.recommender import TwoStageRecommender, model_files, model_from_files
+from predictor.models.persistence import model_files, model_from_files
+from predictor.models.recommender import TwoStageRecommender
 from predictor.serving.engine import OnlineUsers, ServingEngine
 from predictor.serving.ladder import LadderPolicy, LadderState, LevelCosts, QualityLadder, next_level
 

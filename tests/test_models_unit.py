@@ -10,8 +10,9 @@ from predictor.models.config import TrainConfig, model_config
 from predictor.models.data import UserFeatureIndex, build_split, make_index
 from predictor.models.evaluate import ranking_metrics, top_k_excluding_seen
 from predictor.models.ranker import Ranker
-from predictor.models.recommender import TwoStageRecommender, training_windows
+from predictor.models.recommender import TwoStageRecommender
 from predictor.models.two_tower import TwoTower, sampled_softmax_loss
+from predictor.models.windows import training_windows
 from tests.conftest import events_frame
 
 

@@ -31,6 +31,7 @@ from predictor.features.schema import USER_PROFILE
 from predictor.features.store import apply, materialize
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.lifecycle import MODEL_NAME, train_and_register
+from predictor.models.recommender import TwoStageRecommender
 from predictor.models.registry import ModelRegistry
 from predictor.serving.process import ServerProcess
 from tests.conftest import REDIS_DB, fresh_database
@@ -177,7 +178,6 @@ def test_http_top_k_equals_offline_top_k(server, stack):
     from predictor.features.store import open_store
     from predictor.models.data import build_split, item_dense_matrix, user_dense_rows
     from predictor.models.inference import batch_from_split
-    from predictor.models.lifecycle import load_model
     from predictor.serving.online import FeastOnlineFeatures
 
     settings, _, registry, _ = stack
@@ -193,7 +193,7 @@ def test_http_top_k_equals_offline_top_k(server, stack):
     served = response.json()["predictions"]
     assert all(p["fallback"] is None for p in served)
 
-    model = load_model(production.artifact_uri, "cpu")
+    model = TwoStageRecommender.load(production.artifact_uri, "cpu")
     split = build_split(data, model.catalog.users, model.catalog.items)
     reader = FeastOnlineFeatures(open_store(settings))
     online = asyncio.run(reader.users(users))

@@ -16,7 +16,8 @@ from predictor.data.synthetic import generate
 from predictor.features.schema import ITEM_DENSE_COLUMNS
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.data import build_split, user_dense_matrix, user_dense_rows
-from predictor.models.recommender import TwoStageRecommender, model_files, model_from_files
+from predictor.models.persistence import SEARCH_GRAPH, model_files, model_from_files
+from predictor.models.recommender import TwoStageRecommender
 from predictor.serving.batcher import MicroBatcher
 from predictor.serving.engine import ModelValidationError, OnlineUsers, ServingEngine
 from predictor.serving.requests import Limits, parse_v1, parse_v2
@@ -382,22 +383,21 @@ def test_an_artifact_carries_its_hnsw_graph_and_a_loading_replica_reuses_it(trai
     """Above HNSW_THRESHOLD the graph is built once when the model is saved; a replica that loads the
     artifact (memory-mapped from a local path) gives it the current item vectors and calibrates it, never
     building a graph itself, and answers like the exact scan."""
-    from predictor.models import inference, recommender
-    from predictor.models.lifecycle import load_model
+    from predictor.models import inference, persistence
     from predictor.models.registry import write_artifact
 
     data, files = trained
     model = model_from_files(files, "cpu")
-    monkeypatch.setattr(recommender, "HNSW_THRESHOLD", 50)
+    monkeypatch.setattr(persistence, "HNSW_THRESHOLD", 50)
     with_graph, _ = model_files(model)
-    assert recommender.SEARCH_GRAPH in with_graph and recommender.SEARCH_GRAPH not in files
+    assert SEARCH_GRAPH in with_graph and SEARCH_GRAPH not in files
     write_artifact(str(tmp_path / "m"), with_graph)
 
     def no_build(*args, **kwargs):
         raise AssertionError("a replica built an HNSW graph instead of reusing the artifact's")
 
     monkeypatch.setattr(inference, "hnsw_graph", no_build)
-    loaded = load_model(str(tmp_path / "m"), "cpu")
+    loaded = TwoStageRecommender.load(str(tmp_path / "m"), "cpu")
     assert loaded.search_graph is not None and loaded.search_graph.ntotal == loaded.catalog.n_items
     hnsw = ServingEngine(loaded, "1", device="cpu", search="hnsw")
     assert hnsw.inference.tables.index is not None and hnsw.index_recall >= 0.95
@@ -414,12 +414,11 @@ def test_an_artifact_carries_its_hnsw_graph_and_a_loading_replica_reuses_it(trai
 
 
 def test_a_local_artifact_loads_memory_mapped_and_answers_as_from_bytes(trained, tmp_path):
-    from predictor.models.lifecycle import load_model
     from predictor.models.registry import write_artifact
 
     data, files = trained
     write_artifact(str(tmp_path / "m"), files)
-    mapped, copied = load_model(str(tmp_path / "m"), "cpu"), model_from_files(files, "cpu")
+    mapped, copied = TwoStageRecommender.load(str(tmp_path / "m"), "cpu"), model_from_files(files, "cpu")
     for a, b in zip(mapped.retrieval.state_dict().values(), copied.retrieval.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not any(p.is_meta for m in (mapped.retrieval, mapped.ranker) for p in m.parameters())

@@ -13,7 +13,8 @@ from predictor.data.splits import random_user_split, split_protocol, write_user_
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.data import build_split
 from predictor.models.evaluate import holdout, interaction_matrix, per_user_scores, validation_metric
-from predictor.models.recommender import TwoStageRecommender, shuffled_training_items
+from predictor.models.recommender import TwoStageRecommender
+from predictor.models.windows import shuffled_training_items
 from tests.conftest import events_frame
 
 
@@ -212,7 +213,7 @@ def test_later_items_mark_what_each_state_has_not_read(small_data):
 
 def test_random_splits_choose_their_objective_and_batch_and_the_user_wins(small_data):
     from predictor.models.defaults import EXACT_SOFTMAX_SETTINGS, RANDOM_SPLIT_BATCH, choose
-    from predictor.models.recommender import training_objective
+    from predictor.models.windows import training_objective
 
     _, train, reasons = choose(1_682, 100_000, protocol="random")
     assert train.objective == "all_items" and train.batch_size == RANDOM_SPLIT_BATCH

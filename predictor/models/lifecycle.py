@@ -33,13 +33,12 @@ from predictor.data.schema import Interactions
 from predictor.models.config import ModelConfig, TrainConfig
 from predictor.models.data import build_split
 from predictor.models.evaluate import evaluate
-from predictor.models.recommender import TwoStageRecommender, model_files, model_from_files
+from predictor.models.persistence import load_model, save_model
+from predictor.models.recommender import TwoStageRecommender
 from predictor.models.registry import (
     ModelRegistry,
     ModelVersion,
     PromotionConflict,
-    open_artifact,
-    write_artifact,
 )
 
 log = logging.getLogger(__name__)
@@ -49,17 +48,6 @@ MODEL_NAME = "two_stage"
 def artifact_uri(root: str | Path, name: str) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return f"{str(root).rstrip('/')}/{name}/{stamp}-{uuid.uuid4().hex[:8]}"
-
-
-def save_model(model: TwoStageRecommender, uri: str, extra: dict | None = None) -> str:
-    files, meta = model_files(model)
-    return write_artifact(uri, files, {**meta, **(extra or {})})
-
-
-def load_model(uri: str, device: str | None = None) -> TwoStageRecommender:
-    """The verified model at ``uri``; a local artifact's weights are memory-mapped, not copied."""
-    files, _ = open_artifact(uri, local_paths=True)
-    return model_from_files(files, device)
 
 
 def train_and_register(

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
-import json
 import logging
 import math
 import os
@@ -36,6 +34,7 @@ from tqdm.auto import tqdm
 from predictor.features.schema import USER_DENSE_COLUMNS
 from predictor.models.config import ModelConfig, TrainConfig
 from predictor.models.data import SplitData, UserFeatureIndex, to_tensor
+from predictor.models.distributed import World, pick_device, seed_everything
 from predictor.models.evaluate import (
     RankFn,
     beats_by_more_than_noise,
@@ -49,7 +48,6 @@ from predictor.models.inference import (
     RANKED_LEVELS,
     TwoStageInference,
     batch_from_split,
-    hnsw_graph,
     ranker_history,
     ranker_inputs,
 )
@@ -60,43 +58,14 @@ from predictor.models.two_tower import (
     exact_softmax_loss,
     sampled_softmax_loss,
 )
+from predictor.models.windows import (
+    shuffled_training_items,
+    training_examples,
+    training_objective,
+    training_windows,
+)
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(preferred: str | None = None) -> torch.device:
-    if preferred:
-        return torch.device(preferred)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
-
-
-@dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device: torch.device) -> World:
-        size = int(os.environ.get("WORLD_SIZE", "1"))
-        if size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size()) if size > 1 else cls()
-
-    def broadcast(self, value: float) -> float:
-        if self.size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.broadcast(t, src=0)
-        return float(t.item())
 
 
 @dataclass
@@ -116,9 +85,11 @@ class TwoStageRecommender:
     * ``recommend(user_ids, k)`` → raw item ids ``[U, k]`` int64, padded with -1, and scores ``[U, k]``
       float32, padded with -inf, best first, seen items excluded: the one inference path
       (:meth:`inference`, what evaluation and serving run);
-    * ``lifecycle.save_model(model, uri)`` / ``lifecycle.load_model(uri)`` persist it as a verified artifact
-      (:func:`model_files` / :func:`model_from_files`); a loaded model recommends from a split after
-      :meth:`prepare`.
+    * ``save(uri)`` / ``TwoStageRecommender.load(uri)`` persist it as a verified artifact
+      (``predictor.models.persistence``); a loaded model recommends from a split after :meth:`prepare`.
+
+    Training windows live in ``predictor.models.windows``, the frozen inference path in
+    ``predictor.models.inference`` (which knows the model modules and the catalog, never this class).
     """
 
     def __init__(self, config: ModelConfig, train: TrainConfig | None = None, device: str | None = None):
@@ -140,6 +111,20 @@ class TwoStageRecommender:
         # the HNSW graph over this model's item vectors, for CPU catalogs above HNSW_THRESHOLD: built once
         # when the model is saved, stored in the artifact, and reused by every replica that loads it
         self.search_graph: faiss.Index | None = None
+
+    # --- persistence (``predictor.models.persistence`` imports this class, hence the imports inside) ------
+    def save(self, uri: str, extra: dict | None = None) -> str:
+        """Write the model as a verified artifact at ``uri``, ``extra`` added to its metadata."""
+        from predictor.models.persistence import save_model
+
+        return save_model(self, uri, extra)
+
+    @classmethod
+    def load(cls, uri: str, device: str | None = None) -> TwoStageRecommender:
+        """The verified model at ``uri`` (local weights memory-mapped); :meth:`prepare` it on a split."""
+        from predictor.models.persistence import load_model
+
+        return load_model(uri, device)
 
     # --- shapes of the catalog the model was built for ---------------------------------------------
     def _build(self, split: SplitData) -> None:
@@ -681,65 +666,8 @@ class TwoStageRecommender:
             )
 
 
-def training_objective(train: TrainConfig, split: SplitData) -> str:
-    """``train.objective``, with "auto" resolved from how the split's validation was drawn: "next_item"
-    (each state predicts the item that follows it) on temporal splits, "all_items" (each state predicts
-    every item of the user it has not read yet) on random ones, whose held-out items are any of the
-    user's, not the next ones."""
-    if train.objective != "auto":
-        return train.objective
-    return "all_items" if split.protocol == "random" else "next_item"
-
-
 def _feature_index(user_profile: pd.DataFrame | None, split: SplitData) -> UserFeatureIndex | None:
     return None if user_profile is None else UserFeatureIndex(user_profile, split.n_categories)
-
-
-def training_examples(split: SplitData) -> tuple[np.ndarray, np.ndarray]:
-    """(user index, position) of every training label that has at least one earlier item."""
-    counts = np.clip(split.train_len - 1, 0, None)
-    users = np.repeat(np.arange(len(counts)), counts)
-    starts = np.cumsum(counts) - counts
-    positions = np.arange(counts.sum()) - np.repeat(starts, counts) + 1
-    return users.astype(np.int64), positions.astype(np.int64)
-
-
-def shuffled_training_items(split: SplitData, rng: np.random.Generator) -> SplitData:
-    """A copy of ``split`` whose users' training items (positions ``< train_len``) are in a fresh random
-    order; held-out positions keep theirs. For random splits, where the order carries nothing."""
-    n_rows, width = split.sequences.shape
-    columns = np.arange(width)[None, :]
-    # sort keys: a random draw in [0, 1) for training positions, the position itself (>= 1) after them
-    keys = np.where(columns < split.train_len[:, None], rng.random((n_rows, width)), columns + 1.0)
-    order = np.argsort(keys, axis=1, kind="stable")
-    return dataclasses.replace(
-        split,
-        sequences=np.take_along_axis(split.sequences, order, axis=1),
-        timestamps=np.take_along_axis(split.timestamps, order, axis=1),
-    )
-
-
-def training_windows(
-    split: SplitData, max_len: int, rng: np.random.Generator | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(user index, end) of each training window: chunks of up to ``max_len`` labels cut from the end of
-    every user's training events; labels are positions ``[max(end - max_len, 1), end)``.
-
-    With ``rng``, the chunks below the newest one are cut at a random shift in ``[0, max_len)`` per user:
-    every label is still covered (the newest window overlaps the next one by the shift), but which
-    labels start a window, with no context, changes from epoch to epoch.
-    """
-    labels = np.clip(split.train_len - 1, 0, None)
-    shift = np.zeros_like(labels) if rng is None else rng.integers(0, max_len, len(labels))
-    # newest window ends at train_len; the rest tile the labels that remain below train_len - max_len + shift
-    rest = np.clip(labels - max_len + shift, 0, None) * (labels > max_len)
-    chunks = np.where(labels > 0, 1 + np.ceil(rest / max_len).astype(np.int64), 0)
-    users = np.repeat(np.arange(len(chunks)), chunks)
-    first = np.cumsum(chunks) - chunks
-    k = np.arange(chunks.sum()) - np.repeat(first, chunks)
-    top = split.train_len[users]
-    ends = np.where(k == 0, top, top - max_len + shift[users] - (k - 1) * max_len)
-    return users.astype(np.int64), ends.astype(np.int64)
 
 
 def evaluate_model(
@@ -749,114 +677,3 @@ def evaluate_model(
         "two_stage": evaluate(model.rank(split, "two_stage"), split, stage),
         "retrieval": evaluate(model.rank(split, "retrieval"), split, stage),
     }
-
-
-# --- persistence -----------------------------------------------------------------------------------------
-SEARCH_GRAPH = "hnsw.faiss"  # the artifact's HNSW graph, for catalogs above HNSW_THRESHOLD
-
-
-def model_files(model: TwoStageRecommender) -> tuple[dict[str, bytes], dict]:
-    """Everything needed to rebuild ``model``: weights (tensors only) and the catalog index, no pickles."""
-
-    def tensors(module: torch.nn.Module) -> bytes:
-        buf = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
-        return buf.getvalue()
-
-    split = model.catalog  # the split trained on, or a loaded model's SplitCatalog: the same fields
-    catalog = io.BytesIO()
-    np.savez(
-        catalog,
-        user_ids=split.users.ids,
-        item_ids=split.items.ids,
-        item_dense=split.item_dense,
-        item_categories=split.item_categories,
-        item_popularity=split.item_popularity,
-    )
-    meta = {
-        "model_config": model.config.to_dict(),
-        "train_config": dict(model.train_config.__dict__),
-        "use_ranker": model.use_ranker,
-        "ranker_validation_gain": model.ranker_gain,
-        "settings_chosen": model.settings_chosen,
-        "candidates": model.candidates,
-        "n_categories": split.n_categories,
-        "uses_user_features": model.uses_user_features,
-        "item_rows": model.retrieval.items.id_embedding.rows,
-        "history": {"retrieval": model.history.retrieval, "ranker": model.history.ranker},
-    }
-    files = {
-        "retrieval.pt": tensors(model.retrieval),
-        "ranker.pt": tensors(model.ranker),
-        "catalog.npz": catalog.getvalue(),
-        "model.json": json.dumps(meta).encode(),
-    }
-    if split.n_items > HNSW_THRESHOLD:  # built once here, not on every replica start
-        if model.search_graph is None:
-            vectors = model.inference(search="exact").tables.embeddings[1 : split.n_items + 1]
-            model.search_graph = hnsw_graph(np.ascontiguousarray(vectors.float().cpu().numpy()))
-        files[SEARCH_GRAPH] = faiss.serialize_index(model.search_graph).tobytes()
-    return files, meta
-
-
-def model_from_files(files: dict[str, bytes | Path], device: str | None = None) -> TwoStageRecommender:
-    """Inverse of :func:`model_files`: each file as bytes, or as a local path (then the weights are
-    memory-mapped, not copied: a replica pages in what it reads). Loads with ``weights_only=True`` and
-    ``allow_pickle=False``: an artifact cannot run code when it is opened. The modules are built on the
-    meta device and take the stored tensors as they are, so no random initialisation is spent on tables
-    that are overwritten at once."""
-    from predictor.models.data import make_index
-
-    def source(name: str):
-        return files[name] if isinstance(files[name], Path) else io.BytesIO(files[name])
-
-    raw_meta = files["model.json"]
-    meta = json.loads(raw_meta.read_bytes() if isinstance(raw_meta, Path) else raw_meta)
-    model = TwoStageRecommender(
-        ModelConfig.from_dict(meta["model_config"]), TrainConfig(**meta["train_config"]), device
-    )
-    cat = np.load(source("catalog.npz"), allow_pickle=False)
-    users, items = make_index(cat["user_ids"]), make_index(cat["item_ids"])
-    n_cat = int(meta["n_categories"])
-    user_dim = len(USER_DENSE_COLUMNS) + n_cat
-    item_dim = cat["item_dense"].shape[1]
-    with torch.device("meta"):
-        model.retrieval = TwoTower(model.config, meta["item_rows"], n_cat, user_dim, item_dim)
-        model.ranker = Ranker(model.config, meta["item_rows"], n_cat, user_dim, item_dim)
-    for module, name in ((model.retrieval, "retrieval.pt"), (model.ranker, "ranker.pt")):
-        mapped = isinstance(files[name], Path) and model.device.type == "cpu"
-        state = torch.load(source(name), map_location=model.device, weights_only=True, mmap=mapped)
-        module.load_state_dict(state, assign=True)
-        module.eval()
-    model.use_ranker = bool(meta["use_ranker"])
-    model.settings_chosen = dict(meta.get("settings_chosen", {}))
-    model._trained_with_features = bool(meta.get("uses_user_features", False))
-    model.candidates = int(meta["candidates"])
-    model.catalog = SplitCatalog(
-        users, items, cat["item_dense"], cat["item_categories"], cat["item_popularity"], n_cat
-    )
-    model.item_cats, model.item_dense = model._item_tables(model.catalog)
-    if SEARCH_GRAPH in files:
-        graph = files[SEARCH_GRAPH]
-        model.search_graph = (
-            faiss.read_index(str(graph))
-            if isinstance(graph, Path)
-            else faiss.deserialize_index(np.frombuffer(graph, np.uint8))
-        )
-    return model
-
-
-@dataclass
-class SplitCatalog:
-    """The part of a split a trained model keeps: id indexes and item tables."""
-
-    users: object
-    items: object
-    item_dense: np.ndarray
-    item_categories: np.ndarray
-    item_popularity: np.ndarray
-    n_categories: int
-
-    @property
-    def n_items(self) -> int:
-        return len(self.items)

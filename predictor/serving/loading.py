@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 
 from predictor.config import Settings
-from predictor.models.lifecycle import MODEL_NAME, load_model
+from predictor.models.lifecycle import MODEL_NAME
+from predictor.models.recommender import TwoStageRecommender
 from predictor.models.registry import ModelRegistry
 from predictor.serving import metrics
 from predictor.serving.engine import ServingEngine
@@ -71,7 +72,7 @@ class ModelLoader:
             version = str(production.version)
         timings: dict[str, float] = {}
         with timed(timings, "artifact"):
-            model = load_model(uri, self.serve.device)
+            model = TwoStageRecommender.load(uri, self.serve.device)
         if model.config.max_history > self.settings.recent_items:
             raise ValueError(
                 f"model {version} reads max_history={model.config.max_history} items of each user's history, "
