@@ -1,9 +1,10 @@
-"""Full-ranking evaluation on the temporal leave-last-out split, and the baselines it compares against.
+"""Full-ranking evaluation of a split's held-out items, and the baselines it compares against.
 
-Every model is asked the same question: for each user with a held-out target, rank *all* items except
-those the user already interacted with (no sampled negatives). Metrics for one target per user:
-``Recall@k`` = hit rate, ``NDCG@k`` = ``1 / log2(rank + 2)`` for a hit at 0-based ``rank``, and catalog
-coverage = share of items that appear in anyone's top 10.
+Every model is asked the same question: for each user with held-out targets (the last item on a temporal
+split, a random sample of the user's items on a random one), rank *all* items except those the user
+already interacted with (no sampled negatives). Metrics for one target per user: ``Recall@k`` = hit rate,
+``NDCG@k`` = ``1 / log2(rank + 2)`` for a hit at 0-based ``rank``; for several, the leaderboards'
+definitions (``ranking_metrics_multi``); catalog coverage = share of items in anyone's top 10.
 """
 
 from __future__ import annotations

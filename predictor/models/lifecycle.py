@@ -1,4 +1,4 @@
-"""Training, saving and retraining against the registry: what ``recsys train`` and ``recsys retrain`` run.
+"""Training, registering and retraining a model: what ``recsys train`` and ``recsys retrain`` run.
 
 Retraining (the CronJob):
 
