@@ -53,7 +53,9 @@ def main() -> None:
     )
     parser.add_argument("--data-dir", default=None, help="folder holding ml-100k/ and ml-latest-small/")
     parser.add_argument("--size", default="small", help="model size: tiny, small, base, large")
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="maximum retrieval epochs (default: chosen from the data)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full run per seed")
     parser.add_argument("--no-features", action="store_true", help="train without the user_profile features")
     parser.add_argument(
@@ -77,6 +79,8 @@ def main() -> None:
     try:
         model_options = parse_overrides(args.model_option, ModelConfig)
         train_options = parse_overrides(args.train_option, TrainConfig)
+        if args.epochs is not None:
+            train_options["epochs"] = args.epochs
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -108,7 +112,7 @@ def main() -> None:
     console.print(describe(config, train, chosen))
     runs = []
     for seed in args.seeds:
-        seeded = replace(train, epochs=args.epochs, seed=seed)
+        seeded = replace(train, seed=seed)
         if train_path:
             report, _, _ = compare_split_files(train_path, test_path, config, seeded)
         else:
@@ -120,7 +124,9 @@ def main() -> None:
         (f"python bench/quality.py --dataset {args.dataset}" if args.dataset else "python bench/quality.py")
         + (f" --split {args.split}" if args.split != "temporal" else "")
         + (f" --train {args.train} --test {args.test}" if args.train else "")
-        + f" --size {args.size} --epochs {args.epochs} --seeds {' '.join(map(str, args.seeds))}"
+        + f" --size {args.size}"
+        + (f" --epochs {args.epochs}" if args.epochs is not None else "")
+        + f" --seeds {' '.join(map(str, args.seeds))}"
         + (" --no-features" if args.no_features else "")
         + "".join(f" --model-option {o}" for o in args.model_option)
         + "".join(f" --train-option {o}" for o in args.train_option)

@@ -258,7 +258,7 @@ def curve_and_wall(console) -> dict:
 
     def default_model(data) -> TwoStageRecommender:  # `recsys train` with no options: settings from the data
         config, train, chosen = choose(len(data.items), len(data.events))
-        model = TwoStageRecommender(config, replace(train, epochs=60, seed=0))
+        model = TwoStageRecommender(config, replace(train, seed=0))
         model.settings_chosen = chosen
         return model
 

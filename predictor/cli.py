@@ -260,8 +260,12 @@ def _offline_user_profile(settings: Settings):
 def train(
     size: Annotated[str, typer.Option(help="Model size: tiny, small, base, large.")] = "small",
     epochs: Annotated[
-        int, typer.Option(help="Maximum retrieval epochs (early stopping on validation NDCG@10).")
-    ] = 60,
+        int | None,
+        typer.Option(
+            help="Maximum retrieval epochs (early stopping on validation NDCG@10); default chosen from the"
+            " data: 60, fewer where the exact softmax would exceed the training budget."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     features: Annotated[bool, typer.Option(help="Join the offline user features point-in-time.")] = True,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Write a checkpoint every epoch here.")] = None,
@@ -310,10 +314,12 @@ def train(
             console.print(f"version {production.version} is in production already: nothing to do")
             return
     data = EventLog(settings.database_url).read()
+    if epochs is not None:
+        train_overrides["epochs"] = epochs
     config, train_config, chosen = choose(
         len(data.items), len(data.events), size, model_overrides, train_overrides
     )
-    train_config = dataclasses.replace(train_config, epochs=epochs, seed=seed)
+    train_config = dataclasses.replace(train_config, seed=seed)
     console.print(describe(config, train_config, chosen))
     profile = _offline_user_profile(settings) if features else None
     version, metrics = train_and_register(

@@ -492,7 +492,7 @@ def test_the_ranker_gate_needs_a_gain_above_one_standard_error():
 
 
 def test_defaults_follow_the_data_and_the_user_wins():
-    from predictor.models.defaults import EXACT_SOFTMAX_SCORES, choose
+    from predictor.models.defaults import EXACT_SOFTMAX_FIT_SCORES, EXACT_SOFTMAX_SCORES, MAX_EPOCHS, choose
 
     config, train, why = choose(1_682, 100_000)
     assert config.full_softmax_items == EXACT_SOFTMAX_SCORES // 100_000 and train.window_jitter
@@ -509,7 +509,12 @@ def test_defaults_follow_the_data_and_the_user_wins():
     }
     # the budget is catalog x events: the same catalog on a log 10 x longer trains with sampled softmax
     big, big_train, why = choose(1_682, EXACT_SOFTMAX_SCORES // 1_682 + 1)
-    assert big == model_config("small") and big_train == TrainConfig() and why == {}
+    assert big == model_config("small") and big_train == TrainConfig(epochs=MAX_EPOCHS) and why == {}
+    # the exact softmax's epochs are capped by its cost; the user's epochs win
+    capped = EXACT_SOFTMAX_FIT_SCORES // (9_742 * 100_836)
+    assert 0 < capped < MAX_EPOCHS and choose(9_742, 100_836)[1].epochs == capped
+    assert "exceed" in choose(9_742, 100_836)[2]["epochs"] and train.epochs == MAX_EPOCHS
+    assert choose(9_742, 100_836, train_options={"epochs": 7})[1].epochs == 7
     assert choose(EXACT_SOFTMAX_SCORES // 100_000, 100_000)[0].full_softmax_items > 0  # the cap is inclusive
     assert choose(EXACT_SOFTMAX_SCORES // 100_000 + 1, 100_000)[0] == model_config("small")
     assert choose(1_682, 100_000, "tiny")[0] == model_config("tiny")  # measured on `small` only

@@ -15,6 +15,12 @@ from predictor.models.config import ModelConfig, TrainConfig, model_config
 # "Defaults"). A log allows the exact softmax up to EXACT_SOFTMAX_SCORES // events items; the model keeps
 # that cap, so a warm start on a few more items keeps its objective.
 EXACT_SOFTMAX_SCORES = 1_500_000_000
+# Early stopping decides within MAX_EPOCHS retrieval epochs. With the exact softmax a fit costs about
+# epochs x events x items scores, and its validation curve still rises at 60 epochs on latest-small, so
+# the epochs are capped to EXACT_SOFTMAX_FIT_SCORES: 40 latest-small epochs, ~540 s on 2 CPU cores, inside
+# the 600 s budget (docs/models.md); MovieLens-100K's catalog is 6 x smaller and keeps all 60.
+MAX_EPOCHS = 60
+EXACT_SOFTMAX_FIT_SCORES = 40_000_000_000
 # Random splits: the all-items objective with 32 windows a step (4 x the steps of 128: 60 an epoch on
 # MovieLens-100K) passed tuned ALS's validation Recall@20 at epoch 27; the next-item objective with 128 sat
 # at popularity's level for 12 epochs and stopped at 0.245, and at max_history 200 neither left it. The two
@@ -60,6 +66,13 @@ def choose(
             " whole catalog"
         )
         model_rules["full_softmax_items"] = (max_items, why)
+        affordable = EXACT_SOFTMAX_FIT_SCORES // max(n_events * n_items, 1)
+        if affordable < MAX_EPOCHS:
+            why_epochs = (
+                f"{MAX_EPOCHS} epochs of the exact softmax over {n_items:,} items x {n_events:,} events"
+                f" exceed the {EXACT_SOFTMAX_FIT_SCORES:.0e} scores a fit affords"
+            )
+            train_rules["epochs"] = (max(affordable, 1), why_epochs)
         for key, value in EXACT_SOFTMAX_SETTINGS["model"].items():
             model_rules[key] = (value, why + ", with its settings")
         for key, value in EXACT_SOFTMAX_SETTINGS["train"].items():
@@ -74,7 +87,8 @@ def choose(
     for key in (*model_options, *train_options):
         reasons[key] = "set by the user"
     config = model_config(size, **{**chosen_model, **model_options})
-    return config, TrainConfig(**{**chosen_train, **train_options}), reasons
+    train = TrainConfig(**{"epochs": MAX_EPOCHS, **chosen_train, **train_options})
+    return config, train, reasons
 
 
 def exact_softmax_max_items(n_events: int) -> int:
