@@ -14,7 +14,7 @@ from predictor.models import lifecycle
 from predictor.models.config import TrainConfig, model_config
 from predictor.models.data import build_split, user_feature_snapshots
 from predictor.models.evaluate import evaluate
-from predictor.models.lifecycle import MODEL_NAME, load_model, retrain, train_and_register
+from predictor.models.lifecycle import MODEL_NAME, retrain, train_and_register
 from predictor.models.recommender import TwoStageRecommender
 from predictor.models.registry import ModelRegistry
 
@@ -87,7 +87,7 @@ def test_train_register_and_reload_the_same_model(history, profiles, trained, re
     version, metrics = first_production(trained, registry)
     assert version.status == "production" and version.version == 1
     assert set(metrics) >= {"recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10"}
-    model = load_model(version.artifact_uri)
+    model = TwoStageRecommender.load(version.artifact_uri)
     split = build_split(old, users=model.catalog.users, items=model.catalog.items)
     model.prepare(split, profiles[0])
     again = evaluate(model.rank(split), split, "test")
@@ -138,7 +138,8 @@ def test_retrain_promotes_when_not_worse_and_grows_catalog(
     assert registry.production(MODEL_NAME).id == result.candidate.id
     assert registry.get(prod.id).status == "retired"
     assert result.candidate.parent_version == prod.version
-    old_model, new_model = load_model(prod.artifact_uri), load_model(result.candidate.artifact_uri)
+    old_model = TwoStageRecommender.load(prod.artifact_uri)
+    new_model = TwoStageRecommender.load(result.candidate.artifact_uri)
     assert new_model.catalog.n_items == 120 > old_model.catalog.n_items == 110
     # old items keep their index
     assert list(new_model.catalog.items.index(old_model.catalog.items.ids)) == list(range(1, 111))
