@@ -129,6 +129,27 @@ def test_per_user_scores_on_several_targets_by_hand():
     assert ndcg == pytest.approx([(1 + 1 / np.log2(7)) / (1 + 1 / np.log2(3) + 1 / np.log2(4))])
 
 
+def test_per_user_scores_of_some_rows_are_those_rows_of_all(small_data):
+    split = build_split(small_data)
+    rng = np.random.default_rng(0)
+
+    def rank_fn(users, end, k):  # any fixed answer per user
+        return np.stack([np.random.default_rng(int(u)).permutation(split.n_items)[:k] + 1 for u in users])
+
+    everyone = per_user_scores(rank_fn, split, "validation")
+    rows = np.sort(rng.permutation(len(everyone))[:7])
+    assert per_user_scores(rank_fn, split, "validation", rows=rows) == pytest.approx(everyone[rows])
+
+
+def test_the_ranker_validates_on_a_sample_of_users_or_all(small_data):
+    split = build_split(small_data)
+    validation_users = int((split.validation_len > 0).sum())
+    for sample, expected in ((7, 7), (0, validation_users)):
+        train = TrainConfig(epochs=1, min_epochs=1, ranker_epochs=1, seed=0, ranker_validation_users=sample)
+        model = TwoStageRecommender(model_config("tiny"), train).fit(split, progress=False)
+        assert model.history.ranker[0]["validation_users"] == expected
+
+
 def test_final_fit_without_validation_runs_every_epoch_and_keeps_the_last(small_data):
     train, _ = random_user_split(small_data, seed=0)
     full = build_split(train, holdout=0, protocol="random")

@@ -89,6 +89,10 @@ class TrainConfig:
     min_epochs: int = 20  # no early stopping before this: the loss often plateaus for a while first
     ranker_epochs: int = 4
     ranker_examples_per_epoch: int = 20_000
+    # the ranker's per-epoch validation and its gate score this many validation users (a seeded sample,
+    # the same users on both sides of the paired comparison; 0: all). Scoring all of a large log's users
+    # through the ranker cost 3 x its training epoch (200 candidates each against 31 per example)
+    ranker_validation_users: int = 2_000
     seed: int = 0
     max_examples_per_epoch: int = 0  # 0: all training positions
     # cut each user's history at a fresh random offset every epoch (the newest window always ends at the

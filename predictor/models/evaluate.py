@@ -122,13 +122,20 @@ def validation_metric(split: SplitData) -> str:
 
 
 def per_user_scores(
-    rank_fn: RankFn, split: SplitData, stage: str, metric: str | None = None, batch_size: int = 512
+    rank_fn: RankFn,
+    split: SplitData,
+    stage: str,
+    metric: str | None = None,
+    batch_size: int = 512,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Each ``stage`` user's ``metric`` (default :func:`validation_metric`), ``[U]`` in :func:`holdout`'s
-    order (its mean is :func:`evaluate`'s figure)."""
+    order (its mean is :func:`evaluate`'s figure); ``rows``: only those positions of that order."""
     metric = metric or validation_metric(split)
     name, k = metric.split("@")
     users, end, targets = holdout(split, stage)
+    if rows is not None:
+        users, end, targets = users[rows], end[rows], targets[rows]
     recall, ndcg = _gains(_tops(rank_fn, users, end, int(k), batch_size), targets, int(k))
     return recall if name == "recall" else ndcg
 

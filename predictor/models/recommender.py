@@ -564,14 +564,24 @@ class TwoStageRecommender:
             negatives[s : s + len(rows)] = np.take_along_axis(top, pick, axis=1)
         model = self.ranker
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        baseline = self.validation_retrieval if validates else -1.0
-        best, best_state, stale = baseline, None, 0
-        # per-user validation scores of retrieval alone, and of the best ranker epoch: the gate's pairs
+        # per-user validation scores of retrieval alone, and of the best ranker epoch: the gate's pairs, on
+        # the same (sampled) validation users
+        n_validation = int((split.validation_len > 0).sum())
+        gate_rows = None
+        if 0 < cfg.ranker_validation_users < n_validation:
+            gate_rows = np.sort(rng.permutation(n_validation)[: cfg.ranker_validation_users])
         retrieval_scores = (
-            per_user_scores(self.rank(split, "retrieval", search="exact"), split, "validation")
+            per_user_scores(
+                self.rank(split, "retrieval", search="exact"), split, "validation", rows=gate_rows
+            )
             if world.is_main and validates
             else None
         )
+        baseline = -1.0
+        if validates:  # rank 0 scores; every rank takes its figure
+            scored = retrieval_scores is not None and len(retrieval_scores) > 0
+            baseline = world.broadcast(float(retrieval_scores.mean()) if scored else -1.0)
+        best, best_state, stale = baseline, None, 0
         best_scores = None
         for epoch in range(cfg.ranker_epochs):
             started = time.perf_counter()
@@ -615,7 +625,9 @@ class TwoStageRecommender:
                 loss_sum += loss.detach()
             self.use_ranker = True
             scores = (
-                per_user_scores(self.rank(split, "two_stage", search="exact"), split, "validation")
+                per_user_scores(
+                    self.rank(split, "two_stage", search="exact"), split, "validation", rows=gate_rows
+                )
                 if world.is_main and validates
                 else None
             )
@@ -627,6 +639,7 @@ class TwoStageRecommender:
                     "epoch": epoch + 1,
                     "loss": loss_sum.item() / steps if steps else float("nan"),
                     f"validation_{metric}": score if validates else None,
+                    "validation_users": len(scores) if scores is not None else 0,
                     "seconds": time.perf_counter() - started,
                 }
             )
