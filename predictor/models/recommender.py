@@ -39,6 +39,7 @@ from predictor.models.evaluate import (
     RankFn,
     beats_by_more_than_noise,
     evaluate,
+    holdout,
     mask_seen_,
     per_user_scores,
     validation_metric,
@@ -566,7 +567,7 @@ class TwoStageRecommender:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # per-user validation scores of retrieval alone, and of the best ranker epoch: the gate's pairs, on
         # the same (sampled) validation users
-        n_validation = int((split.validation_len > 0).sum())
+        n_validation = len(holdout(split, "validation")[0])
         gate_rows = None
         if 0 < cfg.ranker_validation_users < n_validation:
             gate_rows = np.sort(rng.permutation(n_validation)[: cfg.ranker_validation_users])

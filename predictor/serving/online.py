@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from feast import FeatureStore
+from feast import FeatureService, FeatureStore
 
 from predictor.config import Settings
 from predictor.features.redis_reader import AsyncRawRedisReader, RawRedisReader
@@ -97,10 +97,14 @@ class RedisOnlineFeatures(OnlineFeatures):
 class FeastOnlineFeatures(OnlineFeatures):
     def __init__(self, store: FeatureStore):
         self.store = store
+        self.services: dict[str, FeatureService] = {}  # resolved once: a service's name is its version
 
     def _read(self, service: str, key: str, ids) -> dict[str, list]:
-        features = self.store.get_feature_service(service, allow_cache=True)
-        response = self.store.get_online_features(features=features, entity_rows=[{key: int(i)} for i in ids])
+        if service not in self.services:
+            self.services[service] = self.store.get_feature_service(service, allow_cache=True)
+        response = self.store.get_online_features(
+            features=self.services[service], entity_rows=[{key: int(i)} for i in ids]
+        )
         return response.to_dict()
 
     async def users(self, user_ids: list[int]) -> list[UserOnline]:
