@@ -193,10 +193,13 @@ def kernels() -> dict:
     written-out logits, forward and backward, at latest-small's exact-softmax shape (5,699 labels of a
     128-window batch × 9,742 items, dim 128); and ``MaskDropout`` against a ``torch.rand`` mask and
     torch's bernoulli kernel (``F.dropout``) on a ``[128, 50, 256]`` feed-forward activation, forward and
-    backward."""
+    backward; and one AdamW step over the default ranker's parameters at latest-small's catalog (9,742
+    items, dim 128), torch's per-tensor loop against its fused kernel (``recommender.adamw``)."""
     import torch
     import torch.nn.functional as F
 
+    from predictor.models.config import model_config
+    from predictor.models.ranker import Ranker
     from predictor.models.two_tower import MaskDropout, exact_softmax_loss
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -225,6 +228,13 @@ def kernels() -> dict:
     ours = median_ms(lambda: drop(x).backward(ones), 30)
     rand = median_ms(lambda: (x * (torch.rand_like(x) >= 0.2) * 1.25).backward(ones), 30)
     bernoulli = median_ms(lambda: F.dropout(x, 0.2, training=True).backward(ones), 30)
+    ranker = Ranker(model_config("small", dim=128), 9_743, 20, 8, 8)
+    for parameter in ranker.parameters():
+        parameter.grad = torch.randn(parameter.shape, generator=g)
+    optimizer_ms = {}
+    for name, options in (("per tensor", {"foreach": False}), ("fused", {"fused": True})):
+        optimizer = torch.optim.AdamW(ranker.parameters(), lr=1e-3, weight_decay=1e-3, **options)
+        optimizer_ms[name] = median_ms(optimizer.step, 30)
     return {
         "exact_loss_ms": {"F.cross_entropy": written_out, "blocked": blocked, "ratio": written_out / blocked},
         "dropout_ms": {
@@ -234,6 +244,7 @@ def kernels() -> dict:
             "rand_ratio": rand / ours,
             "bernoulli_ratio": bernoulli / ours,
         },
+        "adamw_step_ms": {**optimizer_ms, "ratio": optimizer_ms["per tensor"] / optimizer_ms["fused"]},
     }
 
 

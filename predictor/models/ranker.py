@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from predictor.models.config import ModelConfig
-from predictor.models.two_tower import IdEmbedding
+from predictor.models.two_tower import IdEmbedding, MaskDropout
 
 
 class TargetAttention(nn.Module):
@@ -80,7 +80,7 @@ class Ranker(nn.Module):
         width = 4 * d + user_dense_dim + item_dense_dim + 2
         layers: list[nn.Module] = []
         for hidden in config.ranker_hidden:
-            layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(config.dropout)]
+            layers += [nn.Linear(width, hidden), nn.GELU(), MaskDropout(config.dropout)]
             width = hidden
         self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
         # the retrieval score enters the output directly too, so the ranker starts as retrieval's order
