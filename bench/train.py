@@ -109,6 +109,7 @@ def compute_floor() -> dict:
     from predictor.models.config import TrainConfig, model_config
     from predictor.models.data import build_split
     from predictor.models.recommender import TwoStageRecommender
+    from predictor.models.training import TrainingBatches, retrieval_loss
     from predictor.models.windows import training_windows
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -120,12 +121,17 @@ def compute_floor() -> dict:
     model.fit(split, None, progress=False)  # builds the tables a step reads
     users, ends = training_windows(split, model.config.max_history)
     rows = np.random.default_rng(0).permutation(len(users))[: model.train_config.batch_size]
-    window, targets, udense, labels = model._window_batch(split, users[rows], ends[rows])
+    batches = TrainingBatches(split, model.config.max_history, None, model.device)
+    window, targets, udense, labels = batches.windows(split, users[rows], ends[rows])
     popularity = torch.as_tensor(split.item_popularity, dtype=torch.float32)
     p_item = (popularity + 1.0) / (popularity + 1.0).sum()
     model.retrieval.train()
     with FlopCounterMode(display=False) as counter:
-        model._retrieval_loss(model.retrieval, window, targets, udense, p_item).backward()
+        item_tables = (model.item_cats, model.item_dense)
+        loss = retrieval_loss(
+            model.config, split.n_items, model.retrieval, (window, targets, udense), item_tables, p_item
+        )
+        loss.backward()
     flops_per_label = counter.get_total_flops() / labels
 
     def best_gflops(m: int, k: int, n: int, repeats: int = 30) -> float:
@@ -194,7 +200,7 @@ def kernels() -> dict:
     128-window batch × 9,742 items, dim 128); and ``MaskDropout`` against a ``torch.rand`` mask and
     torch's bernoulli kernel (``F.dropout``) on a ``[128, 50, 256]`` feed-forward activation, forward and
     backward; and one AdamW step over the default ranker's parameters at latest-small's catalog (9,742
-    items, dim 128), torch's per-tensor loop against its fused kernel (``recommender.adamw``)."""
+    items, dim 128), torch's per-tensor loop against its fused kernel (``training.adamw``)."""
     import torch
     import torch.nn.functional as F
 

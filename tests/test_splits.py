@@ -14,6 +14,7 @@ from predictor.models.config import TrainConfig, model_config
 from predictor.models.data import build_split
 from predictor.models.evaluate import holdout, interaction_matrix, per_user_scores, validation_metric
 from predictor.models.recommender import TwoStageRecommender
+from predictor.models.training import later_items
 from predictor.models.windows import shuffled_training_items
 from tests.conftest import events_frame
 
@@ -217,10 +218,9 @@ def test_later_items_mark_what_each_state_has_not_read(small_data):
     import torch
 
     split = build_split(small_data, holdout=1, protocol="random", seed=0)
-    model = TwoStageRecommender(model_config("tiny"), TrainConfig())
     users = np.flatnonzero(split.train_len > 12)[:3]
     window, _ = split.window(users, split.train_len[users], 10)  # the newest 10 training items
-    position = model._later_items(split, users, torch.from_numpy(window))
+    position = later_items(split, users, torch.from_numpy(window))
     for row, u in enumerate(users):
         owned = set(split.sequences[u, : split.train_len[u]])
         assert set(np.flatnonzero(position[row].numpy() >= 0)) == owned  # the user's items, nothing else

@@ -188,15 +188,14 @@ class ServingEngine:
         self.n_user_dense = len(USER_DENSE_COLUMNS) + catalog.n_categories
         # a model trained without user features saw zeros there: serving real values would shift its inputs
         self.uses_user_features = bool(model.uses_user_features)
-        retrieval = model.retrieval.to(self.device).eval()
-        ranker: nn.Module = model.ranker.to(self.device).eval()
-        if precision == "int8":
-            ranker = int8_ranker(ranker)
-        model.retrieval, model.ranker = retrieval, ranker
-        model.item_cats, model.item_dense = model.item_cats.to(self.device), model.item_dense.to(self.device)
+        model.to(self.device)
+        ranker = int8_ranker(model.ranker.eval()) if precision == "int8" else None
+        item_dense = None
         if item_features is not None:  # the online features, before the item side is built (once)
-            model.item_dense, _ = self._dense_with(model.item_dense, *item_features)
+            item_dense, _ = self._dense_with(model.item_dense, *item_features)
         self.inference = model.inference(
+            ranker=ranker,
+            item_dense=item_dense,
             use_ranker=use_ranker,
             candidates=candidates,
             precision="fp16" if precision == "fp16" else "fp32",
