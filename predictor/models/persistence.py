@@ -100,12 +100,12 @@ def model_from_files(files: dict[str, bytes | Path], device: str | None = None) 
         module.eval()
     model.use_ranker = bool(meta["use_ranker"])
     model.settings_chosen = dict(meta.get("settings_chosen", {}))
-    model._trained_with_features = bool(meta.get("uses_user_features", False))
+    model.uses_user_features = bool(meta.get("uses_user_features", False))
     model.candidates = int(meta["candidates"])
     model.catalog = SplitCatalog(
         users, items, cat["item_dense"], cat["item_categories"], cat["item_popularity"], n_cat
     )
-    model.item_cats, model.item_dense = model._item_tables(model.catalog)
+    model.item_cats, model.item_dense = model.item_tables(model.catalog)
     if SEARCH_GRAPH in files:
         graph = files[SEARCH_GRAPH]
         model.search_graph = (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -27,6 +28,9 @@ from predictor.models.inference import (
 from predictor.models.ranker import Ranker
 from predictor.models.training import TrainingBatches, TrainingHistory, fit_ranker, fit_retrieval
 from predictor.models.two_tower import TwoTower
+
+if TYPE_CHECKING:
+    from predictor.models.persistence import SplitCatalog
 
 
 class TwoStageRecommender:
@@ -61,8 +65,14 @@ class TwoStageRecommender:
         self.validation_retrieval: float | None = None  # best validation score of retrieval alone
         self.validation_score: float | None = None  # ... and of what serves
         self.history = TrainingHistory()
-        self.catalog = None  # the split trained on, or a loaded model's SplitCatalog
+        self.catalog: SplitData | SplitCatalog | None = None  # the split trained on, or a loaded model's
+        self.split: SplitData | None = None  # what rank and recommend read: the split fitted or prepared on
+        # trained on user_profile features: whoever serves or evaluates it must feed them (else zeros)
+        self.uses_user_features = False
         self.user_features: UserFeatureIndex | None = None  # the point-in-time join, prepared once
+        # the catalog's item tables, rows as the id embeddings: categories [N, C], dense features [N, F_i]
+        self.item_cats: torch.Tensor | None = None
+        self.item_dense: torch.Tensor | None = None
         # the HNSW graph over this model's item vectors, for CPU catalogs above HNSW_THRESHOLD: built once
         # when the model is saved, stored in the artifact, and reused by every replica that loads it
         self.search_graph: faiss.Index | None = None
@@ -89,7 +99,9 @@ class TwoStageRecommender:
         self.retrieval = TwoTower(self.config, rows, split.n_categories, user_dim, item_dim).to(self.device)
         self.ranker = Ranker(self.config, rows, split.n_categories, user_dim, item_dim).to(self.device)
 
-    def _item_tables(self, split: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
+    def item_tables(self, split: SplitData | SplitCatalog) -> tuple[torch.Tensor, torch.Tensor]:
+        """The catalog's item categories ``[N, C]`` and dense features ``[N, F_i]`` float32 on the model's
+        device, ``N`` the id embeddings' rows (rows past the catalog: zeros)."""
         rows = self.retrieval.items.id_embedding.rows
         cats = np.zeros((rows, split.item_categories.shape[1]), np.float32)
         dense = np.zeros((rows, split.item_dense.shape[1]), np.float32)
@@ -97,16 +109,12 @@ class TwoStageRecommender:
         dense[: split.n_items + 1] = split.item_dense
         return to_tensor(cats, self.device), to_tensor(dense, self.device)
 
-    @property
-    def uses_user_features(self) -> bool:
-        return bool(getattr(self, "_trained_with_features", False))
-
     def prepare(self, split: SplitData, user_profile: pd.DataFrame | None) -> TwoStageRecommender:
         """Point a trained model at ``split`` (built with this model's indexes) for ranking; no training."""
         self.split, self.catalog = split, split
         self.user_features = _feature_index(user_profile, split)
         self._grow(split)
-        self.item_cats, self.item_dense = self._item_tables(split)
+        self.item_cats, self.item_dense = self.item_tables(split)
         return self
 
     # --- fit -------------------------------------------------------------------------------------------
@@ -131,12 +139,12 @@ class TwoStageRecommender:
         world = World.from_env(self.device)
         self.split, self.catalog = split, split
         self.user_features = _feature_index(user_profile, split)
-        self._trained_with_features = user_profile is not None
+        self.uses_user_features = user_profile is not None
         if self.retrieval is None:
             self._build(split)
         else:
             self._grow(split)
-        self.item_cats, self.item_dense = self._item_tables(split)
+        self.item_cats, self.item_dense = self.item_tables(split)
 
         batches = TrainingBatches(split, self.config.max_history, self.user_features, self.device)
         ckpt = Path(checkpoint_dir) if checkpoint_dir else None
