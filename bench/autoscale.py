@@ -75,11 +75,24 @@ def ladder_from_results() -> tuple[Ladder, str]:
     service = tuple(
         ServiceTime(measured[lv]["p50_ms"] / 1000, measured[lv]["p99_ms"] / 1000) for lv in levels
     )
+    # each further user of a batch: at concurrency 64 the worker is always busy with full batches, so
+    # fixed + max_batch × per_user = max_batch / throughput, and fixed + per_user = the lone mean
+    max_batch = int(serve.get("in_process_floor_serve_settings", {}).get("max_batch", 32))
+    loaded = {lv: serve["ladder"][lv].get("c64", {}).get("rps") for lv in levels}
+    per_user = None
+    if max_batch > 1 and all(loaded.values()):
+        per_user = tuple(
+            min(max((max_batch / loaded[lv] - s.mean_s) / (max_batch - 1), 0.0), s.mean_s)
+            for lv, s in zip(levels, service)
+        )
     source = (
-        f"{serve_path.name} ladder (pinned levels, concurrency 1) and {levels_path.name} "
+        f"{serve_path.name} ladder (pinned levels: concurrency 1 for a lone request, "
+        + ("concurrency 64 for batches" if per_user else "no concurrency-64 run: no batching gain")
+        + f") and {levels_path.name} "
         f"({'measured' if levels_path.is_file() else 'missing: no quality loss counted'})"
     )
-    return Ladder(levels, service, tuple(max(drops[lv], 0.0) for lv in levels)), source
+    drop = tuple(max(drops[lv], 0.0) for lv in levels)
+    return Ladder(levels, service, drop, per_user, max_batch), source
 
 
 def startup(size: str) -> tuple[tuple[float, float], str]:
@@ -382,8 +395,11 @@ def main() -> None:
     console.print(
         f"ladder from {ladder_source}: "
         + ", ".join(
-            f"{lv} p50 {s.p50_s * 1000:.2f} / p99 {s.p99_s * 1000:.2f} ms (NDCG@10 −{100 * d:.1f} %)"
-            for lv, s, d in zip(ladder.levels, ladder.service, ladder.drop)
+            f"{lv} p50 {s.p50_s * 1000:.2f} / p99 {s.p99_s * 1000:.2f} ms, batch {1000 * f:.1f} + "
+            f"{1000 * u:.2f} ms/user (NDCG@10 −{100 * d:.1f} %)"
+            for lv, s, d, f, u in zip(
+                ladder.levels, ladder.service, ladder.drop, ladder.costs().fixed, ladder.costs().per_user
+            )
         )
     )
     console.print(
@@ -526,6 +542,9 @@ def main() -> None:
             "levels": list(ladder.levels),
             "p50_ms": [s.p50_s * 1000 for s in ladder.service],
             "p99_ms": [s.p99_s * 1000 for s in ladder.service],
+            "batch_fixed_ms": [1000 * f for f in ladder.costs().fixed],
+            "batch_per_user_ms": [1000 * u for u in ladder.costs().per_user],
+            "max_batch": ladder.max_batch,
             "ndcg_drop": list(ladder.drop),
         },
         "startup": {"source": startup_source, "range_s": list(startup_s)},

@@ -4,15 +4,20 @@ Model (one run = one trace × one policy × one setpoint, seeded), advanced one 
 
 * requests arrive as a Poisson process whose rate follows the trace; the Service (kube-proxy) sends each
   to a uniformly random ready replica that is in rotation;
-* each replica is a FIFO server (the predictor's worker thread) whose service times are drawn from a
-  log-normal per quality-ladder level fitted to the predictor's own benchmark (``bench/results/
-  serve.json``: p50 and p99 at concurrency 1 with the level pinned), times a per-replica slowness factor
-  (a noisy neighbour makes one 3× slower); departures follow Lindley's recursion ``D_n = max(A_n, D_{n-1})
-  + S_n``, vectorised where the level cannot change;
-* with the ladder, each replica picks each request's level with the predictor's own control law
-  (``predictor.serving.ladder.next_level``) from the latency that request would see at each level (the
-  backlog ahead of it plus the level's mean service time: exact for a FIFO server); each level's price
-  in NDCG@10 (``bench/results/levels.json``) gives the expected quality loss of the requests it served;
+* each replica is the predictor's micro-batcher (one worker thread): when the worker is free it takes the
+  queued requests, up to ``max_batch``, as one model call, and a batch of ``b`` users takes ``fixed +
+  per_user × b`` seconds at its level, times a log-normal noise (each level's spread at concurrency 1),
+  times a per-replica slowness factor (a noisy neighbour makes one 3× slower). Both costs per level are
+  fitted to the predictor's own benchmark (``bench/results/serve.json``, its ``ladder`` section, each
+  level pinned): a lone request's mean at concurrency 1 is ``fixed + per_user``, and at concurrency 64
+  the worker, always busy, serves full batches, so ``max_batch`` users per ``fixed + per_user ×
+  max_batch``. A batch's members are the arrivals of the same second queued when it starts; one that
+  starts after its second leaves out the next second's arrivals, which only shrinks batches past a 1 s
+  backlog (far past any target);
+* with the ladder, each replica picks each batch's level with the predictor's own control law and cost
+  model (``predictor.serving.ladder``: ``next_level`` over the head-of-queue wait plus
+  ``LevelCosts.drain_s`` of the queue at each level); each level's price in NDCG@10
+  (``bench/results/levels.json``) gives the expected quality loss of the requests it served;
 * a new replica is ready ``startup_s`` (uniform over a range) after it is requested — ``bench/autoscale.py``
   sets the range from the measured time to ready of the model size; a removed one leaves at once;
 * each policy decides on its own period from what its real counterpart sees (per-pod latency histograms
@@ -22,7 +27,7 @@ Model (one run = one trace × one policy × one setpoint, seeded), advanced one 
 Policies (:data:`POLICIES`), each with one setpoint that :data:`SETPOINTS` sweeps:
 
 * ``ours_ladder``: ``operators/policy.py`` with the ladder in every replica and the ladder-aware scale-up
-  (``desired_with_ladder``); setpoint: headroom below the target (default 0.2);
+  (``desired_with_ladder``); setpoint: headroom below the target (default 0.35, the operator's);
 * ``ours``: the same operator, predictors pinned at full quality; setpoint: headroom;
 * ``static_min``, ``static_max``;
 * ``cpu_hpa``: HPA on CPU utilisation (setpoint: target utilisation, default 0.6), HPA default behaviour;
@@ -35,10 +40,11 @@ Policies (:data:`POLICIES`), each with one setpoint that :data:`SETPOINTS` sweep
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -55,12 +61,12 @@ from operators.policy import (
     quantile,
     read_ladder,
 )
-from predictor.serving.ladder import LadderPolicy, LadderState, next_level
+from predictor.serving.ladder import LadderPolicy, LadderState, LevelCosts, next_level
 from predictor.serving.metrics import LATENCY_BUCKETS
 
 BOUNDS = np.array([*LATENCY_BUCKETS, math.inf])
 POLICIES = ("ours_ladder", "ours", "static_min", "static_max", "cpu_hpa", "keda_p99", "kpa")
-DEFAULT_SETPOINT = {"ours_ladder": 0.2, "ours": 0.2, "cpu_hpa": 0.6, "keda_p99": 1.0, "kpa": 0.7}
+DEFAULT_SETPOINT = {"ours_ladder": 0.35, "ours": 0.35, "cpu_hpa": 0.6, "keda_p99": 1.0, "kpa": 0.7}
 SETPOINTS = {  # what each policy's own knob is swept over (keda_p99: threshold as a share of the target)
     "ours_ladder": (0.0, 0.2, 0.35, 0.5, 0.65),
     "ours": (0.0, 0.2, 0.35, 0.5, 0.65),
@@ -79,7 +85,7 @@ class ServiceTime:
 
     @property
     def sigma(self) -> float:
-        return max(math.log(self.p99_s / self.p50_s) / 2.326, 1e-6)
+        return max(math.log(self.p99_s / self.p50_s) / 2.326, 0.0)
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.lognormal(math.log(self.p50_s), self.sigma, n)
@@ -91,16 +97,30 @@ class ServiceTime:
 
 @dataclass(frozen=True)
 class Ladder:
-    """The predictor's quality ladder as the simulation sees it: per level, best first, its service time
-    and its relative NDCG@10 loss against the best level."""
+    """The predictor's quality ladder as the simulation sees it: per level, best first, a lone request's
+    service time, its relative NDCG@10 loss against the best level, and the seconds each further user
+    of a micro-batch adds (``per_user_s``; None: none measured, so requests are served one at a time, a
+    FIFO of lone requests)."""
 
     levels: tuple[str, ...]
     service: tuple[ServiceTime, ...]
     drop: tuple[float, ...]
+    per_user_s: tuple[float, ...] | None = None
+    max_batch: int = 32
 
     @classmethod
     def single(cls, service: ServiceTime) -> Ladder:
         return cls(("full",), (service,), (0.0,))
+
+    @property
+    def batch_limit(self) -> int:
+        return self.max_batch if self.per_user_s else 1
+
+    def costs(self) -> LevelCosts:
+        """Mean seconds of a batch per level, ``fixed + per_user × users``, as the predictor models them."""
+        per_user = self.per_user_s or tuple(s.mean_s for s in self.service)
+        fixed = [max(s.mean_s - u, 0.0) for s, u in zip(self.service, per_user)]
+        return LevelCosts(fixed, list(per_user))
 
 
 @dataclass
@@ -164,49 +184,59 @@ def histogram(latencies_s: np.ndarray) -> dict[float, float]:
 
 def pod_levels(rep: Replica, ladder: Ladder) -> tuple[dict[str, float], dict[str, float]]:
     """What a replica's metrics say of its ladder this period: users per level, and each level's cost
-    (its mean service time on this replica, which the predictor's calibrated costs track)."""
+    (``recsys_level_cost_seconds``: a lone request's predicted seconds on this replica)."""
     served = {lv: float(c) for lv, c in zip(ladder.levels, rep.served)}
     return served, {lv: s.mean_s * rep.slowness for lv, s in zip(ladder.levels, ladder.service)}
 
 
-def serve_fifo(
-    rep: Replica, arrivals: np.ndarray, ladder: Ladder, samples: list[np.ndarray], policy: LadderPolicy | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Serve ``arrivals`` (sorted) on ``rep``; returns latencies (s) and the level index of each request.
-    ``samples[l]``: one unit service time per arrival at level l. Without ``policy``: all at level 0."""
+def serve_batched(
+    rep: Replica, arrivals: np.ndarray, ladder: Ladder, rng: np.random.Generator, policy: LadderPolicy | None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Serve ``arrivals`` (sorted) on ``rep``'s micro-batcher; returns each request's latency (s), its
+    level index, and the worker's busy seconds. Without ``policy``: every batch at level 0."""
     n = len(arrivals)
-    start_free = max(rep.free_at, rep.ready_at)
-    s0 = samples[0] * rep.slowness
-    cum = np.cumsum(s0)
-    prev = np.concatenate([[0.0], cum[:-1]])
-    departures = np.maximum.accumulate(np.concatenate([[start_free], arrivals - prev]))[1:] + cum
-    levels = np.zeros(n, np.int64)
-    if policy is not None:
-        backlog = np.maximum(np.concatenate([[start_free], departures[:-1]]) - arrivals, 0.0)
-        ceiling = policy.down_at * policy.target_s
-        mean0 = ladder.service[0].mean_s * rep.slowness
-        if rep.ladder.level != 0 or (backlog + mean0 > ceiling).any():
-            departures, levels = _serve_with_ladder(rep, arrivals, ladder, samples, policy, start_free)
-        # else: at the best level, never predicted past the ceiling: the controller keeps the level
-    rep.free_at = float(departures[-1])
-    return departures - arrivals, levels
-
-
-def _serve_with_ladder(rep, arrivals, ladder, samples, policy, free) -> tuple[np.ndarray, np.ndarray]:
-    """Request by request: the controller picks each level from the backlog the request finds."""
-    means = [s.mean_s * rep.slowness for s in ladder.service]
-    units = [s.tolist() for s in samples]
+    costs = ladder.costs()
+    costs.speed = rep.slowness  # the predictor's running measured/predicted ratio, settled
+    sigma = [s.sigma for s in ladder.service]
+    free = max(rep.free_at, rep.ready_at)
     state = rep.ladder
-    departures = np.empty(len(arrivals))
-    levels = np.empty(len(arrivals), np.int64)
-    for i, a in enumerate(arrivals.tolist()):
-        backlog = free - a if free > a else 0.0
-        state = next_level(state, [backlog + m for m in means], a, policy)
-        level = state.level
-        free = (max(a, free)) + units[level][i] * rep.slowness
-        departures[i], levels[i] = free, level
-    rep.ladder = state
-    return departures, levels
+    if n and (policy is None or state.level == 0):
+        # the common case, vectorised: if no request waits, every batch is one request at level 0
+        lone = costs.batch_s(0, 1) * rng.lognormal(0.0, sigma[0], n)
+        cum = np.cumsum(lone)
+        prev = np.concatenate([[0.0], cum[:-1]])
+        departures = np.maximum.accumulate(np.concatenate([[free], arrivals - prev]))[1:] + cum
+        waited = np.concatenate([[free], departures[:-1]]) > arrivals
+        # a lone request's forecast is the level's mean cost; within the ceiling, no decision misses
+        calm = policy is None or costs.batch_s(0, 1) <= policy.down_at * policy.target_s
+        if not waited.any() and calm:
+            if policy is not None:  # n decisions without a miss at the best level: the miss rate decays
+                rep.ladder = replace(state, miss_rate=state.miss_rate * (1 - 1 / policy.memory) ** n)
+            rep.free_at = float(departures[-1])
+            return departures - arrivals, np.zeros(n, np.int64), float(lone.sum())
+    times = arrivals.tolist()
+    latencies = np.empty(n)
+    levels = np.zeros(n, np.int64)
+    noise = [rng.lognormal(0.0, sg, n).tolist() for sg in (sigma if policy is not None else sigma[:1])]
+    busy, i, batch = 0.0, 0, 0
+    while i < n:
+        start = max(free, times[i])
+        queued = bisect.bisect_right(times, start, i) - i  # this batch included
+        level = 0
+        if policy is not None:
+            predicted = [
+                start - times[i] + costs.drain_s(lv, queued, ladder.batch_limit) for lv in range(len(sigma))
+            ]
+            state = next_level(state, predicted, start, policy, min(queued, ladder.batch_limit))
+            level = state.level
+        size = min(queued, ladder.batch_limit)
+        seconds = costs.batch_s(level, size) * noise[level][batch]
+        free, busy, batch = start + seconds, busy + seconds, batch + 1
+        latencies[i : i + size] = free - arrivals[i : i + size]
+        levels[i : i + size] = level
+        i += size
+    rep.ladder, rep.free_at = state, free
+    return latencies, levels, busy
 
 
 def simulate(
@@ -276,13 +306,10 @@ def simulate(
             a = arrivals[target == k]
             if not len(a):
                 continue
-            samples = [s.sample(rng, len(a)) for s in (ladder.service if uses_ladder else ladder.service[:1])]
-            lat, levels = serve_fifo(rep, a, ladder, samples, ladder_policy)
+            lat, levels, busy = serve_batched(rep, a, ladder, rng, ladder_policy)
             counts = np.bincount(levels, minlength=n_levels)
             rep.latencies.append(lat)
-            rep.busy_s += (
-                float(sum(samples[lv][levels == lv].sum() for lv in range(len(samples)))) * rep.slowness
-            )
+            rep.busy_s += busy
             rep.served += counts
             second_lat.append(lat)
             in_flight += float(lat.sum())

@@ -65,7 +65,7 @@ def policies(spec: dict) -> tuple[ScalingPolicy, EjectionPolicy]:
         min_replicas=int(spec.get("minReplicas", 1)),
         max_replicas=int(spec.get("maxReplicas", 10)),
         tolerance=float(behavior.get("tolerance", 0.1)),
-        headroom=float(behavior.get("headroom", 0.2)),
+        headroom=float(behavior.get("headroom", ScalingPolicy.headroom)),
         max_step_up=int(behavior.get("scaleUp", {}).get("maxStep", 4)),
         max_step_up_percent=float(behavior.get("scaleUp", {}).get("maxStepPercent", 100)),
         max_step_down=int(behavior.get("scaleDown", {}).get("maxStep", 1)),

@@ -85,6 +85,31 @@ def test_overload_steps_down_within_a_handful_of_decisions_and_rare_misses_do_no
 
 
 @settings(max_examples=200, deadline=None)
+@given(predicted=predictions, users=st.integers(1, 64), rate=st.floats(0, 0.05))
+def test_a_batch_decision_counts_once_per_user(predicted, users, rate):
+    """A decision for a batch of ``users`` is ``users`` lone decisions with the same forecast, in the
+    miss rate and in the way back up."""
+    start = LadderState(len(predicted) - 1, 0.0, 3, 1, rate)
+    batched = next_level(start, predicted, 1.0, POLICY, users)
+    lone = start
+    for _ in range(users):
+        lone = next_level(lone, predicted, 1.0, POLICY)
+        if lone.level != start.level:
+            break
+    if lone.level == start.level:  # no step within the window: the same counts
+        assert batched.level == start.level
+        assert batched.miss_rate == pytest.approx(lone.miss_rate)
+        assert (batched.decisions, batched.over) == (lone.decisions, lone.over)
+
+
+def test_one_missed_batch_steps_down_where_one_missed_lone_request_does_not():
+    overload = [0.2, 0.1, 0.03, 0.001]
+    assert next_level(LadderState(), overload, 0.0, POLICY).level == 0  # 1 of 500: within the 1 %
+    assert next_level(LadderState(), overload, 0.0, POLICY, users=5).level == 0  # 0.996 %
+    assert next_level(LadderState(), overload, 0.0, POLICY, users=6).level == 2  # 1.2 %: down at once
+
+
+@settings(max_examples=200, deadline=None)
 @given(start=st.integers(1, 3), step=st.floats(0.01, 1.0), hold=st.floats(0.5, 20.0))
 def test_back_up_one_level_per_hold_time_once_calm(start, step, hold):
     policy = LadderPolicy(0.05, hold_s=hold)
@@ -147,9 +172,11 @@ def test_quality_ladder_degrades_under_a_queue_and_pins_when_asked():
     assert ladder.choose(1, 0.0, now=0.0) == "full"
     # 50 users in batches of 32 + 18: full 0.158 s, reduced 0.054 s > 0.045 (down_at × target),
     # retrieval 0.012;
-    # a sustained queue: the miss rate passes the allowance after a few decisions
-    chosen = [ladder.choose(50, 0.0, now=0.1 + 0.001 * i) for i in range(10)]
+    # a sustained queue served one user at a time: the miss rate passes the allowance after a few decisions
+    chosen = [ladder.choose(50, 0.0, now=0.1 + 0.001 * i, batch_users=1) for i in range(10)]
     assert chosen[0] == "full" and chosen[-1] == "retrieval"
+    # the batch the queue fills (32 of the 50 users) is 32 forecasts past the ceiling: down at once
+    assert QualityLadder(LEVELS, costs, POLICY, max_batch=32).choose(50, 0.0, now=0.1) == "retrieval"
     assert ladder.choose(50, 0.5, now=0.2) == "popularity"  # the head already waited past the target
     pinned = QualityLadder(LEVELS, costs, POLICY, max_batch=32, pinned="reduced")
     assert pinned.choose(10_000, 10.0, now=0.0) == "reduced"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
 import socket
 
 import pytest
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from operators.cluster import KubernetesCluster
 from operators.control import Memory, control_step
+from operators.policy import ScalingPolicy
 from predictor.serving.metrics import LATENCY_BUCKETS
 
 NS = "recsys"
@@ -225,7 +227,7 @@ def test_scale_up_on_p99_above_target_and_hold_without_data(stack):
     for pod in pods:
         pod.serve(100, 18.0)  # p99 ~18 ms against a 10 ms target
     second = run_step(loop, cluster, body, memory, now=15)
-    assert api.scale_patches == [8], second.status  # ceil(4 × ~1.8) = 8, within +4
+    assert api.scale_patches == [8], second.status  # ceil(4 × 18 / 6.5) = 12, at most +4 → 8
     assert 15 <= second.status["observedP99Ms"] <= 20
     assert any(e["reason"] == "Scaled" and "4 → 8" in e["message"] for e in api.events) or any(
         r == "Scaled" for _, r, _ in second.events
@@ -270,7 +272,8 @@ def test_inference_service_target_scales_through_min_replicas(stack):
         pod.serve(100, 25.0)
     run_step(loop, cluster, body, memory, now=15)
     predictor = api.isvc["spec"]["predictor"]
-    # p99 ≈ 25 ms against a setpoint of 8 (10 ms less 20 % headroom): ceil(2 × 3.1) = 7, at most +4 → 6;
+    # p99 ≈ 25 ms against a setpoint of 6.5 (10 ms less the default 35 % headroom): ceil(2 × 3.8) = 8, at
+    # most +4 → 6;
     # maxReplicas (4) grows with it so that KServe accepts the spec
     assert predictor["minReplicas"] == 6 and predictor["maxReplicas"] == 6
 
@@ -394,9 +397,12 @@ def test_each_decision_is_logged_with_its_inputs(stack, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decision ")]
     assert lines, "no decision was logged"
     assert all("target" in line and "replicas" in line and "per-pod p99" in line for line in lines)
-    # the scale-up: HPA rule with headroom wants 10, the step limit (+4) makes it 8
+    # the scale-up: the HPA rule aims at 10 ms less the default headroom (within maxReplicas, 12), the step
+    # limit (+4) makes it 8
+    wanted = min(12, math.ceil(4 * 20.0 / (10 * (1 - ScalingPolicy.headroom))))
     assert any(
-        "p99 20.0 ms over 400 requests" in line and "replicas 4, wanted 10, stabilised 10, new 8" in line
+        "p99 20.0 ms over 400 requests" in line
+        and f"replicas 4, wanted {wanted}, stabilised {wanted}, new 8" in line
         for line in lines
     ), lines
 

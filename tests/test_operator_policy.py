@@ -204,7 +204,9 @@ def test_degraded_share_and_full_quality_demand():
 def test_degradation_scales_up_with_p99_on_target_and_blocks_scale_down():
     from operators.policy import desired_with_ladder
 
-    policy = ScalingPolicy(target_p99_ms=50, min_replicas=2, max_replicas=30, max_degraded_share=0.05)
+    policy = ScalingPolicy(
+        target_p99_ms=50, min_replicas=2, max_replicas=30, max_degraded_share=0.05, headroom=0.2
+    )
     # p99 well under the setpoint (would scale down) but 30 % degraded, twice the work at full quality
     assert desired_replicas(10, 10.0, 1000, policy) < 10
     assert desired_with_ladder(10, 10.0, 1000, 0.3, 2.0, policy) == 20
@@ -212,7 +214,8 @@ def test_degradation_scales_up_with_p99_on_target_and_blocks_scale_down():
     assert desired_with_ladder(10, 10.0, 1000, 0.01, 1.01, policy) == 10
     # nothing degraded: the plain rule
     assert desired_with_ladder(10, 10.0, 1000, 0.0, 1.0, policy) == desired_replicas(10, 10.0, 1000, policy)
-    # no ladder data: the plain rule; over the threshold with demand ~1: still one more replica
+    # no ladder data: the plain rule; over the threshold with demand ~1 (p99 at the 40 ms setpoint): still
+    # one more replica
     assert desired_with_ladder(10, 10.0, 1000, None, 1.0, policy) == desired_replicas(10, 10.0, 1000, policy)
     assert desired_with_ladder(10, 40.0, 1000, 0.5, 1.0, policy) == 11
     # clamped at max

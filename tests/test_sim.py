@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.sim import Ladder, Replica, ServiceTime, SimConfig, Trace, frontier_gap, serve_fifo, simulate
+from bench.sim import Ladder, Replica, ServiceTime, SimConfig, Trace, frontier_gap, serve_batched, simulate
 from predictor.serving.ladder import LadderPolicy, LadderState, next_level
 
 FULL = ServiceTime(0.004, 0.007)
@@ -16,38 +16,81 @@ LADDER = Ladder(
     ("full", "reduced", "retrieval", "popularity"),
     (FULL, ServiceTime(0.003, 0.005), ServiceTime(0.002, 0.0035), ServiceTime(0.0008, 0.0014)),
     (0.0, 0.02, 0.08, 0.5),
+    per_user_s=(0.001, 0.0008, 0.0005, 0.0002),
+    max_batch=16,
 )
 CONFIG = SimConfig(target_p99_ms=50, min_replicas=2, max_replicas=30, startup_s=(15, 18), warmup_s=120)
 
 
-def test_fifo_with_the_ladder_is_the_control_law_request_by_request():
-    """The simulated replica picks each request's level with ``next_level`` from the backlog it finds."""
+def exact(ladder: Ladder) -> Ladder:
+    """``ladder`` without service-time noise, so a test can follow every batch by hand."""
+    return Ladder(
+        ladder.levels,
+        tuple(ServiceTime(s.mean_s, s.mean_s) for s in ladder.service),
+        ladder.drop,
+        ladder.per_user_s,
+        ladder.max_batch,
+    )
+
+
+def test_each_batch_takes_the_queue_up_to_max_batch_at_the_control_laws_level():
+    """The simulated replica is the predictor's batcher: when free, it takes what has queued (at most
+    ``max_batch``) as one call of ``fixed + per_user × b`` seconds, at the level ``next_level`` picks from
+    the head-of-queue wait plus the time to drain the queue at each level, counting the batch's users."""
+    ladder = exact(LADDER)
+    costs = ladder.costs()
     rng = np.random.default_rng(0)
-    arrivals = np.sort(rng.random(400)) * 0.5  # 800 req/s on one replica: far past full capacity
-    samples = [s.sample(rng, len(arrivals)) for s in LADDER.service]
+    arrivals = np.sort(rng.random(1500)) * 0.5  # 3,000 req/s on one replica: far past full capacity
     policy = LadderPolicy(0.05)
-    lat, levels = serve_fifo(Replica(ready_at=-math.inf), arrivals, LADDER, samples, policy)
-    state, free = LadderState(), -math.inf
-    for i, a in enumerate(arrivals):
-        backlog = max(free - a, 0.0)
-        state = next_level(state, [backlog + s.mean_s for s in LADDER.service], a, policy)
-        assert levels[i] == state.level
-        free = max(free, a) + samples[state.level][i]
-        assert lat[i] == pytest.approx(free - a)
-    assert levels.max() > 0 and lat.max() < 0.06  # degraded, and the queue held near the target
+    lat, levels, busy = serve_batched(Replica(ready_at=-math.inf), arrivals, ladder, rng, policy)
+    state, free, i, sizes, total = LadderState(), -math.inf, 0, [], 0.0
+    while i < len(arrivals):
+        start = max(free, arrivals[i])
+        queued = int(np.searchsorted(arrivals, start, side="right")) - i
+        predicted = [start - arrivals[i] + costs.drain_s(lv, queued, 16) for lv in range(4)]
+        state = next_level(state, predicted, start, policy, min(queued, 16))
+        size = min(queued, 16)
+        free = start + costs.batch_s(state.level, size)
+        total += costs.batch_s(state.level, size)
+        assert (levels[i : i + size] == state.level).all()
+        np.testing.assert_allclose(lat[i : i + size], free - arrivals[i : i + size], rtol=1e-9)
+        sizes.append(size)
+        i += size
+    assert busy == pytest.approx(total)
+    assert max(sizes) == 16 and levels.max() > 0  # batched and degraded under the overload ...
+    assert lat[len(lat) // 2 :].max() < 0.06  # ... and the queue held near the target once stepped down
 
 
-def test_without_a_ladder_every_request_is_full_and_lindley_holds():
+def test_batching_serves_what_a_lone_request_fifo_cannot():
+    """At 2.5x what lone requests can serve, the batcher keeps up: once a queue builds, each call takes
+    the users that queued during the last one, so batches grow until ``fixed + per_user × b`` is served
+    as fast as ``b`` users arrive. Without a batching gain (``per_user_s`` None) it is a FIFO of lone
+    requests, whose backlog grows without bound."""
     rng = np.random.default_rng(1)
-    arrivals = np.sort(rng.random(100))
-    samples = [FULL.sample(rng, 100)]
-    lat, levels = serve_fifo(Replica(ready_at=-math.inf), arrivals, LADDER, samples, None)
-    departures, free = [], -math.inf
-    for a, s in zip(arrivals, samples[0]):
-        free = max(free, a) + s
-        departures.append(free)
-    np.testing.assert_allclose(lat, np.array(departures) - arrivals)
+    arrivals = np.sort(rng.random(600))  # 600 req/s; a lone full-quality request takes 4.1 ms
+    lat, levels, busy = serve_batched(Replica(ready_at=-math.inf), arrivals, exact(LADDER), rng, None)
     assert (levels == 0).all()
+    assert busy < 1.05 and lat.max() < 0.03  # about 2 ms of work per user, batched: it keeps up
+    fifo = exact(Ladder(LADDER.levels, LADDER.service, LADDER.drop))
+    lone_lat, _, lone_busy = serve_batched(Replica(ready_at=-math.inf), arrivals, fifo, rng, None)
+    departures, free = [], -math.inf
+    for a in arrivals:
+        free = max(free, a) + FULL.mean_s
+        departures.append(free)
+    np.testing.assert_allclose(lone_lat, np.array(departures) - arrivals, rtol=1e-9)
+    assert lone_busy == pytest.approx(600 * FULL.mean_s)
+    assert lone_lat.max() > 1.0  # 2.5 s of work arrived in 1 s
+
+
+def test_a_lightly_loaded_replica_serves_lone_requests_at_full_quality():
+    """No request waits: every batch is one request at the best level, each taking the lone cost."""
+    rng = np.random.default_rng(2)
+    arrivals = np.arange(50) * 0.02  # one every 20 ms, each served in about 4 ms
+    rep = Replica(ready_at=-math.inf, ladder=LadderState(miss_rate=0.5))
+    lat, levels, _ = serve_batched(rep, arrivals, exact(LADDER), rng, LadderPolicy(0.05))
+    assert (levels == 0).all()
+    np.testing.assert_allclose(lat, FULL.mean_s, rtol=1e-9)
+    assert rep.ladder.level == 0 and rep.ladder.miss_rate == pytest.approx(0.5 * (1 - 1 / 500) ** 50)
 
 
 def test_the_ladder_holds_a_spike_that_replicas_alone_miss():

@@ -8,11 +8,13 @@ retrieval order, popularity), chosen here with no Kubernetes call on the request
   Its input is the latency the newest queued request would see at each level: the head of the queue's
   wait so far plus the time to drain the queue at that level (an upper bound on everyone's). A forecast
   past ``down_at × target`` is a *miss*; a p99 target allows 1 % of them, so the controller keeps a
-  running miss rate over about ``memory`` decisions. **Down fast**: at a miss while that rate is over
-  ``allowance``, go straight to the best level forecast within the ceiling (the cheapest when none is);
-  under overload every forecast misses and the rate passes 1 % within a handful of decisions.
+  running miss rate over about ``memory`` users, each decision counted once per user of its batch.
+  **Down fast**: at a miss while that rate is over ``allowance``, go straight to the best level
+  forecast within the ceiling (the cheapest when none is); under overload every forecast misses and
+  the rate passes 1 % within a handful of lone decisions, or (defaults) at the first missed batch of
+  6 users or more.
   **Up slowly**: one level up at the end of a ``hold_s`` window in which at most ``allowance`` of the
-  decisions forecast the better level above ``up_at × target`` (``up_at < down_at``: hysteresis); a
+  decisions' users forecast the better level above ``up_at × target`` (``up_at < down_at``: hysteresis); a
   window that fails starts the next one.
 * :class:`LevelCosts` predicts a batch's seconds at each level, ``a + b × users``, calibrated by timing
   the engine at load and scaled by a running ratio of measured to predicted times (a slower node, a
@@ -59,21 +61,24 @@ class LadderState:
 
 
 def next_level(
-    state: LadderState, predicted_s: Sequence[float], now: float, policy: LadderPolicy
+    state: LadderState, predicted_s: Sequence[float], now: float, policy: LadderPolicy, users: int = 1
 ) -> LadderState:
     """The state after one decision. ``predicted_s[l]``: seconds the newest queued request would take if
-    the queue were served at level ``l`` (best first, one entry per level of the ladder)."""
+    the queue were served at level ``l`` (best first, one entry per level of the ladder). ``users``: how
+    many users the decision serves (the batch's): a p99 allows 1 % of *requests* past the ceiling, so a
+    decision counts once per user, in the miss rate and in the hold window alike."""
     current = min(state.level, len(predicted_s) - 1)
     ceiling = policy.down_at * policy.target_s
     miss = predicted_s[current] > ceiling
-    miss_rate = state.miss_rate + (miss - state.miss_rate) / policy.memory
+    # ``users`` updates of the running mean with the same observation, in one step
+    miss_rate = miss + (state.miss_rate - miss) * (1 - 1 / policy.memory) ** max(users, 1)
     if miss and miss_rate > policy.allowance:  # down fast: straight to the best level that fits
         fits = [lv for lv in range(current + 1, len(predicted_s)) if predicted_s[lv] <= ceiling]
         return LadderState(fits[0] if fits else len(predicted_s) - 1, now, miss_rate=miss_rate)
     if current == 0:
         return LadderState(0, state.since, miss_rate=miss_rate)
-    decisions = state.decisions + 1
-    over = state.over + (predicted_s[current - 1] > policy.up_at * policy.target_s)
+    decisions = state.decisions + max(users, 1)
+    over = state.over + max(users, 1) * (predicted_s[current - 1] > policy.up_at * policy.target_s)
     if now - state.since < policy.hold_s:
         return LadderState(current, state.since, decisions, over, miss_rate)
     if over <= policy.allowance * decisions:
@@ -147,15 +152,20 @@ class QualityLadder:
             for lv in range(len(self.levels))
         ]
 
-    def choose(self, queued_users: int, head_wait_s: float, now: float) -> str:
-        """The level of the batch about to start, with ``queued_users`` waiting (that batch included) and
-        its oldest request queued ``head_wait_s`` ago."""
+    def choose(
+        self, queued_users: int, head_wait_s: float, now: float, batch_users: int | None = None
+    ) -> str:
+        """The level of the batch about to start, with ``queued_users`` waiting (that batch included), its
+        oldest request queued ``head_wait_s`` ago, and ``batch_users`` in it (default: as many as the queue
+        fills, up to ``max_batch``)."""
         if self.pinned is not None:
             return self.levels[self.pinned]
         if self.policy is None:
             return self.levels[0]
+        users = min(queued_users, self.max_batch) if batch_users is None else batch_users
         with self._lock:
-            self.state = next_level(self.state, self.predicted(queued_users, head_wait_s), now, self.policy)
+            predicted = self.predicted(queued_users, head_wait_s)
+            self.state = next_level(self.state, predicted, now, self.policy, users)
             return self.levels[self.state.level]
 
     def observe(self, level: str, users: int, seconds: float) -> None:

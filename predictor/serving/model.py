@@ -240,8 +240,9 @@ class RecommenderModel(Model):
 
     def _choose_level(self, batch: list, waiting: list, head_wait_s: float) -> str:
         """Event loop, as a batch starts: its level, from the users queued (it included) and its wait."""
-        users = sum(len(job[1]) for job in batch) + sum(len(job[1]) for job in waiting)
-        return self.current.ladder.choose(users, head_wait_s, time.perf_counter())
+        in_batch = sum(len(job[1]) for job in batch)
+        users = in_batch + sum(len(job[1]) for job in waiting)
+        return self.current.ladder.choose(users, head_wait_s, time.perf_counter(), in_batch)
 
     def _run_engine(self, jobs: list[tuple[ServingEngine, OnlineUsers, int]], level: str | None) -> list:
         """Worker thread: one engine call per distinct engine in the batch (two only during a swap), over
