@@ -4,6 +4,7 @@ through the serving engine."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -33,11 +34,13 @@ def run(state: LadderState, predicted, times) -> list[int]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(predicted=predictions, start=st.integers(0, 3), step=st.floats(0.001, 2.0))
+@given(predicted=predictions, start=st.integers(0, 3), step=st.floats(0.005, 2.0))
 def test_steady_load_never_oscillates(predicted, start, step):
     """Under a steady load the level moves one way only (down, or up) and then stays: no flapping."""
+    # long enough for every step up (one hold window each) and 50 decisions after the last
+    n = max(400, math.ceil(len(predicted) * POLICY.hold_s / step) + 50)
     levels = run(
-        LadderState(min(start, len(predicted) - 1), 0.0), predicted, [step * (i + 1) for i in range(400)]
+        LadderState(min(start, len(predicted) - 1), 0.0), predicted, [step * (i + 1) for i in range(n)]
     )
     changes = np.sign(np.diff([min(start, len(predicted) - 1), *levels]))
     moves = changes[changes != 0]
