@@ -27,6 +27,7 @@ import json
 import math
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -180,11 +181,14 @@ def run_one(job: tuple) -> tuple:
     return (trace_name, policy, setpoint), run
 
 
+def at_default(runs: dict, trace: str, policy: str):
+    """The run of ``policy`` at its default setpoint on ``trace``."""
+    return runs[(trace, policy, DEFAULT_SETPOINT.get(policy))]
+
+
 def targets(runs: dict, names: list[str], base: float, duration: int, config: SimConfig) -> tuple:
     """(sweep curves, frontier gaps, target checks) of one seed's runs, keyed (trace, policy, setpoint)."""
-
-    def default(trace, policy):
-        return runs[(trace, policy, DEFAULT_SETPOINT.get(policy))]
+    default = partial(at_default, runs)
 
     curves = {
         trace: {
@@ -251,7 +255,7 @@ def plot_series(runs: dict, names: list[str], config: SimConfig, path: Path) -> 
     fig, axes = plt.subplots(3, len(names), figsize=(4.2 * len(names), 8.5), sharex="col")
     for col, trace in enumerate(names):
         for policy in ("ours_ladder", "ours", "cpu_hpa", "keda_p99", "kpa", "static_max"):
-            w = runs[(trace, policy, DEFAULT_SETPOINT.get(policy))].windows
+            w = at_default(runs, trace, policy).windows
             t = [x["t"] / 60 for x in w]
             axes[0, col].plot(t, [max(x["p99_ms"], 0.1) for x in w], label=policy, lw=1)
             axes[1, col].step(t, [x["replicas"] for x in w], label=policy, lw=1, where="post")
@@ -507,9 +511,7 @@ def main() -> None:
         for job, (key, run) in zip(work, pool.map(run_one, work)):
             by_seed[job[-1]][key] = run
     runs = by_seed[args.seeds[0]]
-
-    def default(trace, policy):
-        return runs[(trace, policy, DEFAULT_SETPOINT.get(policy))]
+    default = partial(at_default, runs)
 
     table = Table("trace", *(f"{p}\nSLO / replica-s" for p in POLICIES))
     for trace in names:
@@ -578,7 +580,10 @@ def main() -> None:
         for trace in names
     }
     report["_meta"] = {
-        "command": "python bench/autoscale.py" + (" --quick" if args.quick else ""),
+        "command": "python bench/autoscale.py"
+        + (" --quick" if args.quick else "")
+        + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "")
+        + (f" --out {args.out}" if Path(args.out) != RESULTS / "autoscale.json" else ""),
         "seeds": args.seeds,
         "spike_served_by_level": {
             seed: by_seed[seed][("spike_x5", "ours_ladder", DEFAULT_SETPOINT["ours_ladder"])].served

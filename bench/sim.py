@@ -87,9 +87,6 @@ class ServiceTime:
     def sigma(self) -> float:
         return max(math.log(self.p99_s / self.p50_s) / 2.326, 0.0)
 
-    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return rng.lognormal(math.log(self.p50_s), self.sigma, n)
-
     @property
     def mean_s(self) -> float:
         return self.p50_s * math.exp(self.sigma**2 / 2)
@@ -116,11 +113,12 @@ class Ladder:
     def batch_limit(self) -> int:
         return self.max_batch if self.per_user_s else 1
 
-    def costs(self) -> LevelCosts:
-        """Mean seconds of a batch per level, ``fixed + per_user × users``, as the predictor models them."""
+    def costs(self, speed: float = 1.0) -> LevelCosts:
+        """Mean seconds of a batch per level, ``speed × (fixed + per_user × users)``, as the predictor
+        models them (``speed``: its running measured/predicted ratio, settled at a replica's slowness)."""
         per_user = self.per_user_s or tuple(s.mean_s for s in self.service)
         fixed = [max(s.mean_s - u, 0.0) for s, u in zip(self.service, per_user)]
-        return LevelCosts(fixed, list(per_user))
+        return LevelCosts(fixed, list(per_user), speed)
 
 
 @dataclass
@@ -195,8 +193,7 @@ def serve_batched(
     """Serve ``arrivals`` (sorted) on ``rep``'s micro-batcher; returns each request's latency (s), its
     level index, and the worker's busy seconds. Without ``policy``: every batch at level 0."""
     n = len(arrivals)
-    costs = ladder.costs()
-    costs.speed = rep.slowness  # the predictor's running measured/predicted ratio, settled
+    costs = ladder.costs(rep.slowness)
     sigma = [s.sigma for s in ladder.service]
     free = max(rep.free_at, rep.ready_at)
     state = rep.ladder

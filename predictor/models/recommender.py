@@ -186,7 +186,7 @@ class TwoStageRecommender:
         self.ranker.eval()
         return TwoStageInference(
             self.retrieval,
-            (ranker or self.ranker).eval(),
+            (self.ranker if ranker is None else ranker).eval(),
             self.item_cats,
             self.item_dense if item_dense is None else item_dense,
             self.catalog.n_items,
