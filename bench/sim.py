@@ -15,8 +15,8 @@ Model (one run = one trace × one policy × one setpoint, seeded), advanced one 
   starts after its second leaves out the next second's arrivals, which only shrinks batches past a 1 s
   backlog (far past any target);
 * with the ladder, each replica picks each batch's level with the predictor's own control law and cost
-  model (``predictor.serving.ladder``: ``next_level`` over the head-of-queue wait plus
-  ``LevelCosts.drain_s`` of the queue at each level); each level's price in NDCG@10
+  model (``predictor.serving.ladder``: ``next_level`` over ``LevelCosts.forecasts`` of the queue at
+  each level, at the arrival rate ``Arrivals`` measures from it); each level's price in NDCG@10
   (``bench/results/levels.json``) gives the expected quality loss of the requests it served;
 * a new replica is ready ``startup_s`` (uniform over a range) after it is requested — ``bench/autoscale.py``
   sets the range from the measured time to ready of the model size; a removed one leaves at once;
@@ -61,7 +61,7 @@ from operators.policy import (
     quantile,
     read_ladder,
 )
-from predictor.serving.ladder import LadderPolicy, LadderState, LevelCosts, next_level
+from predictor.serving.ladder import Arrivals, LadderPolicy, LadderState, LevelCosts, next_level
 from predictor.serving.metrics import LATENCY_BUCKETS
 
 BOUNDS = np.array([*LATENCY_BUCKETS, math.inf])
@@ -155,6 +155,7 @@ class Replica:
     ready_at: float = 0.0
     free_at: float = -math.inf  # when its queue empties
     ladder: LadderState = field(default_factory=LadderState)
+    arrivals: Arrivals = field(default_factory=Arrivals)
     # since the last decision of ours / the HPA: latencies (s), busy seconds, users per level
     latencies: list = field(default_factory=list)
     busy_s: float = 0.0
@@ -196,7 +197,7 @@ def serve_batched(
     costs = ladder.costs(rep.slowness)
     sigma = [s.sigma for s in ladder.service]
     free = max(rep.free_at, rep.ready_at)
-    state = rep.ladder
+    state, arrivals_seen = rep.ladder, rep.arrivals
     if n and (policy is None or state.level == 0):
         # the common case, vectorised: if no request waits, every batch is one request at level 0
         lone = costs.batch_s(0, 1) * rng.lognormal(0.0, sigma[0], n)
@@ -209,6 +210,10 @@ def serve_batched(
         if not waited.any() and calm:
             if policy is not None:  # n decisions without a miss at the best level: the miss rate decays
                 rep.ladder = replace(state, miss_rate=state.miss_rate * (1 - 1 / policy.memory) ** n)
+                # n lone decisions as one: n arrivals since the last, all served
+                everyone = arrivals_seen.left + n
+                tau = policy.rate_tau * policy.target_s
+                rep.arrivals = arrivals_seen.after(everyone, everyone, arrivals[-1], tau)
             rep.free_at = float(departures[-1])
             return departures - arrivals, np.zeros(n, np.int64), float(lone.sum())
     times = arrivals.tolist()
@@ -221,10 +226,12 @@ def serve_batched(
         queued = bisect.bisect_right(times, start, i) - i  # this batch included
         level = 0
         if policy is not None:
-            predicted = [
-                start - times[i] + costs.drain_s(lv, queued, ladder.batch_limit) for lv in range(len(sigma))
-            ]
-            state = next_level(state, predicted, start, policy, min(queued, ladder.batch_limit))
+            size = min(queued, ladder.batch_limit)
+            arrivals_seen = arrivals_seen.after(queued, size, start, policy.rate_tau * policy.target_s)
+            predicted, ahead = costs.forecasts(
+                queued, start - times[i], arrivals_seen.rate, ladder.batch_limit
+            )
+            state = next_level(state, predicted, start, policy, size, ahead)
             level = state.level
         size = min(queued, ladder.batch_limit)
         seconds = costs.batch_s(level, size) * noise[level][batch]
@@ -232,7 +239,7 @@ def serve_batched(
         latencies[i : i + size] = free - arrivals[i : i + size]
         levels[i : i + size] = level
         i += size
-    rep.ladder, rep.free_at = state, free
+    rep.ladder, rep.arrivals, rep.free_at = state, arrivals_seen, free
     return latencies, levels, busy
 
 

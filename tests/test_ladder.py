@@ -18,7 +18,14 @@ from predictor.models.inference import LEVELS
 from predictor.models.persistence import model_files, model_from_files
 from predictor.models.recommender import TwoStageRecommender
 from predictor.serving.engine import OnlineUsers, ServingEngine
-from predictor.serving.ladder import LadderPolicy, LadderState, LevelCosts, QualityLadder, next_level
+from predictor.serving.ladder import (
+    Arrivals,
+    LadderPolicy,
+    LadderState,
+    LevelCosts,
+    QualityLadder,
+    next_level,
+)
 
 POLICY = LadderPolicy(target_s=0.05, down_at=0.9, up_at=0.7, hold_s=5.0)
 # predicted seconds per level, best (dearest) first: what a queue costs at each rung
@@ -51,24 +58,39 @@ def test_steady_load_never_oscillates(predicted, start, step):
 @settings(max_examples=300, deadline=None)
 @given(
     predicted=predictions,
+    ahead_factor=st.lists(st.floats(0.0, 2.0), min_size=4, max_size=4),
     start=st.integers(0, 3),
     now=st.floats(0, 1e4),
     since=st.floats(-1e4, 1e4),
     rate=st.floats(0, 1),
 )
-def test_a_miss_past_the_allowance_steps_down_to_the_best_level_that_fits(predicted, start, now, since, rate):
+def test_a_miss_past_the_allowance_steps_down_to_the_best_level_that_keeps_up(
+    predicted, ahead_factor, start, now, since, rate
+):
+    """The miss is judged on the queue now; where to go, on what the requests still to come will see
+    (``ahead``, never above the level's ``now`` forecast in the predictor, but any vector here)."""
     current = min(start, len(predicted) - 1)
     ceiling = POLICY.down_at * POLICY.target_s
-    after = next_level(LadderState(current, since, 7, 3, rate), predicted, now, POLICY)
+    ahead = [p * f for p, f in zip(predicted, ahead_factor)]
+    after = next_level(LadderState(current, since, 7, 3, rate), predicted, now, POLICY, ahead_s=ahead)
     miss = predicted[current] > ceiling
     assert after.miss_rate == pytest.approx(rate + (miss - rate) / POLICY.memory)
     if miss and after.miss_rate > POLICY.allowance:
-        fits = [lv for lv in range(current + 1, len(predicted)) if predicted[lv] <= ceiling]
+        fits = [lv for lv in range(current, len(predicted)) if ahead[lv] <= ceiling]
         assert after.level == (fits[0] if fits else len(predicted) - 1)
-        assert after.level > current or current == len(predicted) - 1
+        assert after.level >= current  # never up on a miss
         assert (after.since, after.decisions, after.over) == (now, 0, 0)  # the way back up starts afresh
     else:
         assert after.level <= current  # no step down without a miss past the allowance
+
+
+def test_without_a_separate_ahead_forecast_a_miss_always_steps_down():
+    """``ahead`` defaults to the forecast itself: the current level missed, so it cannot be kept."""
+    overload = [0.2, 0.1, 0.03, 0.001]
+    assert next_level(LadderState(1, 0.0), overload, 1.0, POLICY, users=32).level == 2
+    # the head's wait is spent, but the queue drains within the ceiling at level 1: kept, window restarted
+    kept = next_level(LadderState(1, 0.0, 50, 0), overload, 1.0, POLICY, 32, [0.2, 0.04, 0.01, 0.001])
+    assert (kept.level, kept.since, kept.decisions) == (1, 1.0, 0)
 
 
 def test_overload_steps_down_within_a_handful_of_decisions_and_rare_misses_do_not():
@@ -169,6 +191,69 @@ def test_level_costs_fit_the_timings_and_follow_a_slower_machine():
     assert costs.batch_s(1, 1) == pytest.approx(2 * 0.0011, rel=1e-3)
 
 
+def batcher(costs: LevelCosts, rate: float, max_batch: int, seconds: float = 5.0) -> tuple[float, Arrivals]:
+    """A deterministic micro-batcher at level 0 fed ``rate`` evenly spaced users a second: the worst
+    latency over the second half, and the arrival rate its decisions measured there (``tau_s`` 0.1;
+    the last decisions, after the stream ends, left out)."""
+    times = np.arange(0.0, seconds, 1.0 / rate)
+    free, i, worst, seen, measured = 0.0, 0, 0.0, Arrivals(), Arrivals()
+    while i < len(times):
+        start = max(free, times[i])
+        queued = int(np.searchsorted(times, start, side="right")) - i
+        size = min(queued, max_batch)
+        seen = seen.after(queued, size, start, 0.1)
+        free = start + costs.batch_s(0, size)
+        if seconds / 2 < times[i] < seconds - 0.5:
+            worst, measured = max(worst, free - times[i]), seen
+        i += size
+    return worst, measured
+
+
+@pytest.mark.parametrize("rate", [250.0, 300.0, 400.0])
+def test_the_settled_latency_is_what_a_busy_batcher_settles_at(rate):
+    """``T = fixed + per_user × rate × T``, and the worst request waits one cycle and is served in the
+    next; the arrival rate is measured from the queue at each decision alone."""
+    costs = LevelCosts([0.01], [0.002])
+    worst, seen = batcher(costs, rate, max_batch=32)
+    assert seen.rate == pytest.approx(rate, rel=0.05)
+    assert costs.settled_s(0, rate, 32) == pytest.approx(worst, rel=0.12)
+
+
+def test_the_settled_latency_bounds_a_quiet_replica_and_is_infinite_where_a_level_cannot_keep_up():
+    costs = LevelCosts([0.01, 0.001], [0.002, 0.0001])
+    worst, _ = batcher(costs, 20.0, max_batch=32)  # a lone request each 50 ms: no one waits
+    assert worst == pytest.approx(0.012)
+    assert worst <= costs.settled_s(0, 20.0, 32) <= 1.3 * worst  # room for Poisson's chance of a wait
+    assert costs.settled_s(0, 500.0, 32) == math.inf  # per_user × rate = 1: no fixed point
+    assert costs.settled_s(0, 460.0, 32) == math.inf  # the fixed point's batch is 58 users, past 32 ...
+    short, _ = batcher(costs, 460.0, max_batch=32, seconds=5.0)
+    long, _ = batcher(costs, 460.0, max_batch=32, seconds=10.0)
+    assert long > 1.5 * short  # ... and indeed the queue grows without bound (32 per 74 ms: 432 a second)
+    assert costs.settled_s(1, 460.0, 32) < 0.01  # a cheaper level keeps up with the same rate
+
+
+def test_arrivals_count_each_user_once_even_when_decisions_share_an_instant():
+    tau = 0.1
+    one = Arrivals(at=0.9).after(6, 2, 1.0, tau).after(4 + 10, 3, 1.1, tau)
+    # the same arrivals, with a second decision at t = 1.0 that saw 4 more users arrive at that instant
+    two = Arrivals(at=0.9).after(6, 2, 1.0, tau).after(4 + 4, 3, 1.0, tau).after(5 + 10, 3, 1.1, tau)
+    assert two.rate == pytest.approx(
+        Arrivals(at=0.9).after(6, 2, 1.0, tau).after(4 + 4 + 10, 3, 1.1, tau).rate
+    )
+    assert two.rate > one.rate  # four more users arrived, and they counted
+    assert Arrivals().after(5, 2, 3.0, tau) == Arrivals(0.0, 3, 3.0)  # the first decision sets no rate
+
+
+def test_the_forecast_is_the_worse_of_the_head_and_the_newest_request():
+    costs = LevelCosts([0.002], [0.0005])
+    # 40 queued in batches of 16: the head leaves with the first batch, the newest after all three
+    assert costs.forecast_s(0, 40, 0.001, 16) == pytest.approx(costs.drain_s(0, 40, 16))
+    assert costs.forecast_s(0, 40, 0.5, 16) == pytest.approx(0.5 + costs.batch_s(0, 16))
+    now, ahead = costs.forecasts(40, 0.5, rate=100.0, max_batch=16)
+    assert now == [costs.forecast_s(0, 40, 0.5, 16)]
+    assert ahead == [max(costs.drain_s(0, 40, 16), costs.settled_s(0, 100.0, 16))]
+
+
 def test_quality_ladder_degrades_under_a_queue_and_pins_when_asked():
     costs = LevelCosts([0.004, 0.002, 0.001, 0.0001], [0.003, 0.001, 0.0002, 0.00001])
     ladder = QualityLadder(LEVELS, costs, POLICY, max_batch=32)
@@ -180,7 +265,10 @@ def test_quality_ladder_degrades_under_a_queue_and_pins_when_asked():
     assert chosen[0] == "full" and chosen[-1] == "retrieval"
     # the batch the queue fills (32 of the 50 users) is 32 forecasts past the ceiling: down at once
     assert QualityLadder(LEVELS, costs, POLICY, max_batch=32).choose(50, 0.0, now=0.1) == "retrieval"
-    assert ladder.choose(50, 0.5, now=0.2) == "popularity"  # the head already waited past the target
+    # the head already waited past the target: a miss at every level, but retrieval drains the rest in time
+    assert ladder.choose(50, 0.5, now=0.2) == "retrieval"
+    # a queue no level but popularity drains within the ceiling (800 users: retrieval 0.19 s)
+    assert ladder.choose(800, 0.5, now=0.3) == "popularity"
     pinned = QualityLadder(LEVELS, costs, POLICY, max_batch=32, pinned="reduced")
     assert pinned.choose(10_000, 10.0, now=0.0) == "reduced"
     assert QualityLadder(LEVELS, costs, None, max_batch=32).choose(10_000, 10.0, now=0.0) == "full"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench.sim import Ladder, Replica, ServiceTime, SimConfig, Trace, frontier_gap, serve_batched, simulate
-from predictor.serving.ladder import LadderPolicy, LadderState, next_level
+from predictor.serving.ladder import Arrivals, LadderPolicy, LadderState, next_level
 
 FULL = ServiceTime(0.004, 0.007)
 LADDER = Ladder(
@@ -36,20 +36,22 @@ def exact(ladder: Ladder) -> Ladder:
 def test_each_batch_takes_the_queue_up_to_max_batch_at_the_control_laws_level():
     """The simulated replica is the predictor's batcher: when free, it takes what has queued (at most
     ``max_batch``) as one call of ``fixed + per_user × b`` seconds, at the level ``next_level`` picks from
-    the head-of-queue wait plus the time to drain the queue at each level, counting the batch's users."""
+    the predictor's own forecasts (``LevelCosts.forecasts`` at the arrival rate ``Arrivals`` measures from
+    the queue), counting the batch's users."""
     ladder = exact(LADDER)
     costs = ladder.costs()
     rng = np.random.default_rng(0)
     arrivals = np.sort(rng.random(1500)) * 0.5  # 3,000 req/s on one replica: far past full capacity
     policy = LadderPolicy(0.05)
     lat, levels, busy = serve_batched(Replica(ready_at=-math.inf), arrivals, ladder, rng, policy)
-    state, free, i, sizes, total = LadderState(), -math.inf, 0, [], 0.0
+    state, seen, free, i, sizes, total = LadderState(), Arrivals(), -math.inf, 0, [], 0.0
     while i < len(arrivals):
         start = max(free, arrivals[i])
         queued = int(np.searchsorted(arrivals, start, side="right")) - i
-        predicted = [start - arrivals[i] + costs.drain_s(lv, queued, 16) for lv in range(4)]
-        state = next_level(state, predicted, start, policy, min(queued, 16))
         size = min(queued, 16)
+        seen = seen.after(queued, size, start, policy.rate_tau * policy.target_s)
+        predicted, ahead = costs.forecasts(queued, start - arrivals[i], seen.rate, 16)
+        state = next_level(state, predicted, start, policy, size, ahead)
         free = start + costs.batch_s(state.level, size)
         total += costs.batch_s(state.level, size)
         assert (levels[i : i + size] == state.level).all()
