@@ -19,15 +19,18 @@ from predictor.features.realtime import push_events
 from predictor.features.schema import (
     ITEM_FEATURES,
     ITEM_PROFILE,
+    ITEM_SERVICE,
     USER_FEATURES,
     USER_PROFILE,
     USER_RECENT_ITEMS,
+    USER_SERVICE,
 )
 from predictor.features.store import (
     apply,
     materialize,
     online_item_features,
     online_user_features,
+    service_features,
 )
 from tests.conftest import events_frame
 
@@ -149,6 +152,8 @@ def test_embedded_profile_without_servers(embedded_settings, small_data):
     assert settings.database_url.startswith("sqlite:///")
     assert (settings.offline_dir / "user_profile.parquet").is_file()
     # the online reads go through the feature services, which hold exactly the schema's columns
+    assert service_features(store, USER_SERVICE) == USER_FEATURES  # as the registry has the services
+    assert service_features(store, ITEM_SERVICE) == ITEM_FEATURES
     user_id = int(small_data.events["user_id"].iloc[0])
     columns = {f.split(":", 1)[1] for f in USER_FEATURES}
     assert set(online_user_features(store, [user_id]).columns) == {"user_id"} | columns

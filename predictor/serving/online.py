@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from feast import FeatureService, FeatureStore
+from feast import FeatureStore
 
 from predictor.config import Settings
 from predictor.features.redis_reader import AsyncRawRedisReader, RawRedisReader
 from predictor.features.schema import ITEM_FEATURES, ITEM_SERVICE, USER_FEATURES, USER_SERVICE
+from predictor.features.store import service_features
 
 RECENT_ITEMS = "recent_items"
 SEEN_ITEMS = "seen_items"
@@ -97,13 +98,11 @@ class RedisOnlineFeatures(OnlineFeatures):
 class FeastOnlineFeatures(OnlineFeatures):
     def __init__(self, store: FeatureStore):
         self.store = store
-        self.services: dict[str, FeatureService] = {}  # resolved once: a service's name is its version
 
     def _read(self, service: str, key: str, ids) -> dict[str, list]:
-        if service not in self.services:
-            self.services[service] = self.store.get_feature_service(service, allow_cache=True)
+        # the service's references, resolved once per store: a service's name is its version
         response = self.store.get_online_features(
-            features=self.services[service], entity_rows=[{key: int(i)} for i in ids]
+            features=service_features(self.store, service), entity_rows=[{key: int(i)} for i in ids]
         )
         return response.to_dict()
 
