@@ -64,15 +64,21 @@ def speed_probe(name: str) -> dict:
     split = build_split(data)
     profile = user_feature_snapshots(data)
     prepared = time.perf_counter() - started
+    # --precision reaches this tree's probes only (a baseline revision may predate the field)
+    precision = (
+        {"precision": os.environ["RECSYS_BENCH_PRECISION"]} if "RECSYS_BENCH_PRECISION" in os.environ else {}
+    )
     config, train = (
         model_config("small"),
-        TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=1, seed=0),
+        TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=1, seed=0, **precision),
     )
     if name == "latest-small-exact":
         from predictor.models.defaults import EXACT_SOFTMAX_SETTINGS as SWEEP
 
         config = model_config("small", full_softmax_items=split.n_items, **SWEEP["model"])
-        train = TrainConfig(epochs=epochs, min_epochs=epochs, ranker_epochs=0, seed=0, **SWEEP["train"])
+        train = TrainConfig(
+            epochs=epochs, min_epochs=epochs, ranker_epochs=0, seed=0, **SWEEP["train"], **precision
+        )
     model = TwoStageRecommender(config, train)
     started = time.perf_counter()
     model.fit(split, profile, progress=False)
@@ -93,6 +99,8 @@ def speed_probe(name: str) -> dict:
         "retrieval_seconds_per_epoch": seconds / epochs,
         "validation_ndcg@10": [e["validation_ndcg@10"] for e in history],
         "peak_rss_mb": peak_rss_mb(),
+        # revisions before TrainConfig.precision trained in fp32
+        "precision": getattr(model.history, "precision", "fp32"),
     }
 
 
@@ -158,9 +166,13 @@ def compute_floor() -> dict:
 PROBES = ("ml-100k", "synthetic-200k")
 
 
-def run_probes(package_root: Path, probes: tuple[str, ...] = PROBES) -> dict:
-    """Each of ``probes``, each in a fresh process importing ``predictor`` from ``package_root``."""
+def run_probes(package_root: Path, probes: tuple[str, ...] = PROBES, precision: str | None = None) -> dict:
+    """Each of ``probes``, each in a fresh process importing ``predictor`` from ``package_root``, training at
+    ``TrainConfig.precision`` = ``precision`` (None: that revision's default)."""
     env = {**os.environ, "PYTHONPATH": str(package_root), "RECSYS_DATA_DIR": str(data_dir())}
+    env.pop("RECSYS_BENCH_PRECISION", None)
+    if precision:
+        env["RECSYS_BENCH_PRECISION"] = precision
     out = {}
     for name in probes:
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
@@ -370,6 +382,12 @@ def main() -> None:
         default=1,
         help="run the probes this many times, alternating the trees; medians are reported",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "auto"),
+        help="TrainConfig.precision of this tree's speed probes (default: the tree's default); the "
+        "baseline always trains at its own default",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"), help="result file")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
@@ -398,7 +416,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             for label, root in trees.items():
                 with console.status(f"speed probes: {label}, round {round_ + 1} of {args.rounds}"):
-                    rounds[label].append(run_probes(root, tuple(args.probes)))
+                    precision = args.precision if root == ROOT else None
+                    rounds[label].append(run_probes(root, tuple(args.probes), precision))
         speed = {label: median_probes(runs) for label, runs in rounds.items()}
     finally:
         if worktree:

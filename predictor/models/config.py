@@ -77,6 +77,7 @@ def model_config(size: str = "small", **overrides) -> ModelConfig:
 
 
 OBJECTIVES = ("auto", "next_item", "all_items")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,19 @@ class TrainConfig:
     # what each user state learns to predict: "next_item" (the item after it), "all_items" (every item of
     # the user not yet read: random splits), or "auto" (chosen from the split's protocol)
     objective: str = "auto"
+    # the dtype the models' forward passes compute in while training: "fp32"; "bf16" (torch.autocast:
+    # losses, normalised embeddings, weights and optimiser state stay fp32); or "auto": bf16 where the
+    # device has bf16 matrix units (a CPU with AMX or AVX-512 BF16, a CUDA GPU of compute capability 8.0
+    # or later), else fp32. fp32 by default: bf16 bought 1.02-1.14x labels/s on the `small` model on an
+    # AMX CPU (docs/models.md, "Training precision") and its price in test quality over seeds is not
+    # measured yet. Evaluation and serving always run the fp32 inference path
+    precision: str = "fp32"
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def parse_overrides(pairs: list[str], config_class: type) -> dict:

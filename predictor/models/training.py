@@ -67,6 +67,7 @@ class TrainingHistory:
     retrieval: list[dict] = field(default_factory=list)  # per epoch: loss, validation metric, seconds
     ranker: list[dict] = field(default_factory=list)
     examples_per_second: float = 0.0
+    precision: str = "fp32"  # what the forward passes computed in (TrainConfig.precision, resolved)
 
 
 class TrainingBatches:
@@ -162,6 +163,10 @@ def fit_retrieval(
     all_items = training_objective(cfg, split) == "all_items"
     epoch_split = split
     item_tables = (model.item_cats, model.item_dense)
+    dtype = training_dtype(cfg, model.device)
+    model.history.precision = "bf16" if dtype is torch.bfloat16 else "fp32"
+    if world.is_main:
+        log.info("training precision: %s (TrainConfig.precision=%s)", model.history.precision, cfg.precision)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         retrieval.train()
@@ -190,7 +195,14 @@ def fit_retrieval(
             window, targets, udense, n_labels = batches.windows(epoch_split, rows_user[rows], rows_end[rows])
             later = later_items(epoch_split, rows_user[rows], window) if all_items else None
             loss = retrieval_loss(
-                model.config, split.n_items, forward, (window, targets, udense), item_tables, p_item, later
+                model.config,
+                split.n_items,
+                forward,
+                (window, targets, udense),
+                item_tables,
+                p_item,
+                later,
+                dtype,
             )
             labels += n_labels
             optimizer.zero_grad(set_to_none=True)
@@ -272,6 +284,32 @@ def later_items(split: SplitData, users: np.ndarray, window: torch.Tensor) -> to
     return position
 
 
+def has_bf16_units(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU of compute capability 8.0 or
+    later, a CPU with AMX tiles or AVX-512 BF16 (oneDNN's bf16 kernels; elsewhere bf16 is emulated and
+    slower than fp32). torch exposes the CPU's flags only under private names, hence the getattr."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type != "cpu":
+        return False
+    probes = (
+        getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    )
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def training_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training's forward passes (``TrainConfig.precision``); None: fp32."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and has_bf16_units(device)):
+        return torch.bfloat16
+    return None
+
+
+def forward_autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; a no-op context for None (fp32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def retrieval_loss(
     cfg: ModelConfig,
     n_items: int,
@@ -280,13 +318,15 @@ def retrieval_loss(
     item_tables: tuple[torch.Tensor, torch.Tensor],
     p_item: torch.Tensor,
     later: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The retrieval loss of one step: ``forward`` (the two-tower model, DDP-wrapped or not) over
     ``batch`` = (windows ``[B, L]``, targets ``[B, L]`` (0: no label), user features ``[B, L, F_u]``) with
     the catalog's ``item_tables`` (categories ``[N, C]``, dense ``[N, F_i]``): the exact softmax over all
     ``n_items`` up to ``cfg.full_softmax_items``, else the logQ-corrected sampled softmax (``p_item``
     ``[n_items + 1]``: the sampling probabilities); ``later`` (:func:`later_items`) switches to the
-    all-items objective."""
+    all-items objective. ``dtype`` (:func:`training_dtype`): the forward pass under autocast; the
+    normalised embeddings it returns and the loss over them are fp32 either way."""
     window, targets, udense = batch
     device = window.device
     valid = targets > 0
@@ -316,7 +356,8 @@ def retrieval_loss(
                 ]
             )
     # one call through the (DDP-wrapped) module so gradients synchronise
-    states, positive, neg = forward(window, udense, targets, negatives, *item_tables)
+    with forward_autocast(device, dtype):
+        states, positive, neg = forward(window, udense, targets, negatives, *item_tables)
     if later is not None:
         # the state after window position t scores every candidate; its positives are the user's
         # items after t (in this epoch's order), the items up to t are left out of its softmax
@@ -353,6 +394,7 @@ def fit_ranker(
         model.use_ranker = False
         model.validation_score = model.validation_retrieval
         return
+    dtype = training_dtype(cfg, model.device)
     metric = validation_metric(split)
     validates = split.validates
     model.best_epochs["ranker"] = 0
@@ -434,19 +476,21 @@ def fit_ranker(
             cand = torch.cat([target[:, None], to_tensor(negatives[idx], model.device)], dim=1)
             user_vec = user_vectors[torch.from_numpy(idx).to(model.device)]
             hist = ranker_history(window, lengths, model.config.ranker_history)
-            logits = ranker(
-                *ranker_inputs(
-                    items,
-                    tables.item_cats,
-                    tables.item_dense,
-                    split.n_categories,
-                    hist,
-                    udense,
-                    user_vec,
-                    cand,
+            with forward_autocast(model.device, dtype):
+                logits = ranker(
+                    *ranker_inputs(
+                        items,
+                        tables.item_cats,
+                        tables.item_dense,
+                        split.n_categories,
+                        hist,
+                        udense,
+                        user_vec,
+                        cand,
+                    )
                 )
-            )
-            loss = F.cross_entropy(logits, torch.zeros(len(rows), dtype=torch.long, device=model.device))
+            target = torch.zeros(len(rows), dtype=torch.long, device=model.device)
+            loss = F.cross_entropy(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if world.size > 1:

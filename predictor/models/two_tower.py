@@ -179,11 +179,12 @@ class TwoTower(nn.Module):
         encoded = self.items(ids, item_categories[ids], item_dense[ids])  # [U, D]
         n_window, n_targets = window.numel(), targets.numel()
         history = self.history_proj(encoded[inverse[:n_window]].view(*window.shape, -1))
-        states = F.normalize(self.user(history, user_dense), dim=-1)
+        # normalised in fp32 (a no-op cast without autocast): the loss divides these by the temperature
+        states = F.normalize(self.user(history, user_dense).float(), dim=-1)
         positive = F.normalize(
-            encoded[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1), dim=-1
+            encoded[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1).float(), dim=-1
         )
-        neg = F.normalize(encoded[inverse[n_window + n_targets :]], dim=-1)
+        neg = F.normalize(encoded[inverse[n_window + n_targets :]].float(), dim=-1)
         return states, positive, neg
 
 
