@@ -106,9 +106,10 @@ class TrainConfig:
     # the dtype the models' forward passes compute in while training: "fp32"; "bf16" (torch.autocast:
     # losses, normalised embeddings, weights and optimiser state stay fp32); or "auto": bf16 where the
     # device has bf16 matrix units (a CPU with AMX or AVX-512 BF16, a CUDA GPU of compute capability 8.0
-    # or later), else fp32. fp32 by default: bf16 bought 1.02-1.14x labels/s on the `small` model on an
-    # AMX CPU (docs/models.md, "Training precision") and its price in test quality over seeds is not
-    # measured yet. Evaluation and serving always run the fp32 inference path
+    # or later), else fp32. fp32 by default: on a 2-core AMX CPU bf16 bought the `small` model 1.02x
+    # labels/s and nothing on the 200k-event fit, for 18 % more peak memory (docs/models.md, "Training
+    # precision"), and its price in test quality is not measured. Evaluation and serving always run the
+    # fp32 inference path
     precision: str = "fp32"
 
     def __post_init__(self):
