@@ -148,8 +148,9 @@ class LevelCosts:
     def forecast_s(self, level: int, queued_users: int, head_wait_s: float, max_batch: int) -> float:
         """Seconds the worst-off of ``queued_users`` would see if the queue were served at ``level``: the
         head of the queue, ``head_wait_s`` in, leaves with the first batch; the newest, just in, leaves
-        once the whole queue is drained. Arrivals in between lie on the line between those two, so the
-        longer of the two is the forecast (their sum would count the queue's wait twice)."""
+        once the whole queue is drained. With arrivals spread evenly over the head's wait, the requests in
+        between see no more than the longer of the two, which is the forecast (their sum would count the
+        queue's wait twice)."""
         head = head_wait_s + self.batch_s(level, min(queued_users, max_batch))
         return max(head, self.drain_s(level, queued_users, max_batch))
 
