@@ -212,8 +212,7 @@ def serve_batched(
                 rep.ladder = replace(state, miss_rate=state.miss_rate * (1 - 1 / policy.memory) ** n)
                 # n lone decisions as one: n arrivals since the last, all served
                 everyone = arrivals_seen.left + n
-                tau = policy.rate_tau * policy.target_s
-                rep.arrivals = arrivals_seen.after(everyone, everyone, arrivals[-1], tau)
+                rep.arrivals = arrivals_seen.after(everyone, everyone, arrivals[-1], policy.rate_tau_s)
             rep.free_at = float(departures[-1])
             return departures - arrivals, np.zeros(n, np.int64), float(lone.sum())
     times = arrivals.tolist()
@@ -224,16 +223,14 @@ def serve_batched(
     while i < n:
         start = max(free, times[i])
         queued = bisect.bisect_right(times, start, i) - i  # this batch included
-        level = 0
+        size, level = min(queued, ladder.batch_limit), 0
         if policy is not None:
-            size = min(queued, ladder.batch_limit)
-            arrivals_seen = arrivals_seen.after(queued, size, start, policy.rate_tau * policy.target_s)
+            arrivals_seen = arrivals_seen.after(queued, size, start, policy.rate_tau_s)
             predicted, ahead = costs.forecasts(
                 queued, start - times[i], arrivals_seen.rate, ladder.batch_limit
             )
             state = next_level(state, predicted, start, policy, size, ahead)
             level = state.level
-        size = min(queued, ladder.batch_limit)
         seconds = costs.batch_s(level, size) * noise[level][batch]
         free, busy, batch = start + seconds, busy + seconds, batch + 1
         latencies[i : i + size] = free - arrivals[i : i + size]

@@ -49,7 +49,7 @@ def test_each_batch_takes_the_queue_up_to_max_batch_at_the_control_laws_level():
         start = max(free, arrivals[i])
         queued = int(np.searchsorted(arrivals, start, side="right")) - i
         size = min(queued, 16)
-        seen = seen.after(queued, size, start, policy.rate_tau * policy.target_s)
+        seen = seen.after(queued, size, start, policy.rate_tau_s)
         predicted, ahead = costs.forecasts(queued, start - arrivals[i], seen.rate, 16)
         state = next_level(state, predicted, start, policy, size, ahead)
         free = start + costs.batch_s(state.level, size)

@@ -59,6 +59,11 @@ class LadderPolicy:
                 f"{self.allowance}, {self.memory}, {self.rate_tau}"
             )
 
+    @property
+    def rate_tau_s(self) -> float:
+        """The arrival rate's averaging time in seconds (:meth:`Arrivals.after`'s ``tau_s``)."""
+        return self.rate_tau * self.target_s
+
 
 @dataclass(frozen=True)
 class LadderState:
@@ -241,9 +246,7 @@ class QualityLadder:
             return self.levels[0]
         users = min(queued_users, self.max_batch) if batch_users is None else batch_users
         with self._lock:
-            self.arrivals = self.arrivals.after(
-                queued_users, users, now, self.policy.rate_tau * self.policy.target_s
-            )
+            self.arrivals = self.arrivals.after(queued_users, users, now, self.policy.rate_tau_s)
             predicted, ahead = self.forecasts(queued_users, head_wait_s)
             self.state = next_level(self.state, predicted, now, self.policy, users, ahead)
             return self.levels[self.state.level]
