@@ -199,6 +199,89 @@ def test_compare_split_files_validates_like_the_test_and_fits_all_train_items(sm
         )
 
 
+def test_set_examples_hold_out_a_share_of_each_user_and_read_the_rest(small_data):
+    from predictor.models.training import TrainingBatches
+
+    split = build_split(small_data, holdout=1, protocol="random")
+    batches = TrainingBatches(split, max_history=12, user_features=None, device="cpu")
+    users = np.flatnonzero(split.train_len >= 2)
+    read, targets, dense, n_targets = batches.sets(split, users, share=0.25)
+    assert dense.shape == (len(users), batches.dense_flat.shape[1])
+    assert n_targets == int((targets > 0).sum())
+    for row, u in enumerate(users):
+        n = split.train_len[u]
+        held = targets[row][targets[row] > 0].tolist()
+        seen = read[row][read[row] > 0].tolist()
+        assert len(held) == min(max(round(0.25 * n), 1), n - 1)  # the share, at least one, never all
+        assert len(seen) == min(n - len(held), 12)  # the rest, up to max_history
+        order = split.sequences[u, :n].tolist()
+        # training positions only, in the epoch's order: the validation targets after them stay unseen
+        assert held == order[: len(held)] and seen == order[len(held) : len(held) + len(seen)]
+
+
+def test_the_set_encoder_reads_a_set_and_serves_what_it_trains():
+    import torch
+
+    from predictor.models.two_tower import TwoTower
+
+    torch.manual_seed(0)
+    config = model_config("tiny", user_encoder="set", max_history=6)
+    tower = TwoTower(config, n_item_rows=30, n_categories=3, user_dense_dim=4, item_dense_dim=2).eval()
+    cats, dense = torch.rand(30, 3), torch.rand(30, 2)
+    cats[0], dense[0] = 0, 0
+    window = torch.tensor([[5, 9, 2, 0, 0, 0], [7, 3, 11, 4, 8, 1]])
+    lengths = torch.tensor([3, 6])
+    udense = torch.rand(2, 4)
+    table = tower.history_table(cats, dense)
+    users = tower.user_embedding(window, lengths, udense, table)
+    assert users.shape == (2, config.dim)
+    torch.testing.assert_close(users.norm(dim=1), torch.ones(2))
+    # the order of the items does not matter, and neither does what follows the last real one
+    shuffled = torch.tensor([[2, 5, 9, 17, 23, 4], [1, 8, 4, 11, 3, 7]])
+    torch.testing.assert_close(tower.user_embedding(shuffled, lengths, udense, table), users)
+    # a different set does
+    other = tower.user_embedding(
+        torch.tensor([[5, 9, 3, 0, 0, 0], [7, 3, 11, 4, 8, 1]]), lengths, udense, table
+    )
+    assert not torch.allclose(other[0], users[0]) and torch.allclose(other[1], users[1])
+    # training's forward computes the same states the inference path serves
+    targets = torch.tensor([[6, 0], [12, 13]])
+    states, positive, negatives = tower(window, udense, targets, torch.arange(1, 30), cats, dense)
+    torch.testing.assert_close(states, users)
+    torch.testing.assert_close(positive[1, 1], tower.item_embedding(torch.tensor(13), cats[13], dense[13]))
+    assert negatives.shape == (29, config.dim)
+
+
+def test_the_set_encoder_learns_held_out_items_and_keeps_the_averaged_weights(small_data):
+    from predictor.models.evaluate import Popularity, evaluate
+
+    split = build_split(small_data, holdout=1, protocol="random")
+    config = model_config("tiny", user_encoder="set", max_history=100, full_softmax_items=1_000)
+    models = {}
+    for decay in (0.0, 0.9):
+        train = TrainConfig(
+            epochs=12, min_epochs=12, ranker_epochs=0, batch_size=16, lr=5e-3, ema_decay=decay, seed=3
+        )
+        models[decay] = TwoStageRecommender(config, train).fit(split, progress=False)
+    plain, averaged = models[0.0], models[0.9]
+    # the same raw trajectory (the average draws no random numbers), a different set of kept weights
+    assert [e["loss"] for e in plain.history.retrieval] == [e["loss"] for e in averaged.history.retrieval]
+    kept = [p.detach() for p in averaged.retrieval.parameters()]
+    assert any(not torch_equal(a, b) for a, b in zip(kept, plain.retrieval.parameters()))
+    for model in (plain, averaged):
+        # what was validated is what is kept: the best epoch's score, again, from the kept weights
+        again = evaluate(model.rank(split, "retrieval", search="exact"), split, "validation")["recall@20"]
+        assert again == pytest.approx(model.validation_retrieval, abs=1e-9)
+    popularity = evaluate(Popularity().fit(split, "validation").rank(split), split, "validation")["recall@20"]
+    assert averaged.validation_retrieval > popularity
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.detach(), b.detach())
+
+
 def test_all_items_loss_by_hand():
     import torch
 
@@ -232,22 +315,36 @@ def test_later_items_mark_what_each_state_has_not_read(small_data):
         assert all(position[row, i] == 10 for i in outside)  # outside the window: after every position
 
 
-def test_random_splits_choose_their_objective_and_batch_and_the_user_wins(small_data):
-    from predictor.models.defaults import EXACT_SOFTMAX_SETTINGS, RANDOM_SPLIT_BATCH, choose
+def test_random_splits_choose_the_set_encoder_and_the_user_wins(small_data):
+    from predictor.models.defaults import EXACT_SOFTMAX_SETTINGS, SET_ENCODER_SETTINGS, choose
     from predictor.models.windows import training_objective
 
-    _, train, reasons = choose(1_682, 100_000, protocol="random")
-    assert train.objective == "all_items" and train.batch_size == RANDOM_SPLIT_BATCH
-    assert "random split" in reasons["objective"] and "random split" in reasons["batch_size"]
-    _, temporal, reasons = choose(1_682, 100_000)
+    config, train, reasons = choose(1_682, 80_000, protocol="random")
+    assert config.user_encoder == "set" and config.max_history == SET_ENCODER_SETTINGS["model"]["max_history"]
     assert (
-        temporal.objective == "auto" and temporal.batch_size == EXACT_SOFTMAX_SETTINGS["train"]["batch_size"]
+        config.full_softmax_items >= 1_682 and train.ema_decay == SET_ENCODER_SETTINGS["train"]["ema_decay"]
     )
-    assert "objective" not in reasons and "random split" not in reasons["batch_size"]
+    assert train.batch_size == SET_ENCODER_SETTINGS["train"]["batch_size"]
+    assert "random split" in reasons["user_encoder"] and "random split" in reasons["batch_size"]
+    config, temporal, reasons = choose(1_682, 100_000)
+    assert config.user_encoder == "sequence" and temporal.ema_decay == 0 and "user_encoder" not in reasons
+    assert temporal.batch_size == EXACT_SOFTMAX_SETTINGS["train"]["batch_size"]
+    assert "random split" not in reasons["batch_size"]
     _, sampled, reasons = choose(50_000, 100_000)  # no exact softmax: the model's own batch
     assert sampled.batch_size == TrainConfig().batch_size and "batch_size" not in reasons
-    _, mine, reasons = choose(1_682, 100_000, train_options={"batch_size": 16}, protocol="random")
-    assert mine.batch_size == 16 and reasons["batch_size"] == "set by the user"
+    config, _, reasons = choose(50_000, 100_000, protocol="random")  # the set encoder, sampled
+    assert config.user_encoder == "set" and config.full_softmax_items == 0
+    config, mine, reasons = choose(
+        1_682,
+        80_000,
+        model_options={"user_encoder": "sequence"},
+        train_options={"batch_size": 16},
+        protocol="random",
+    )
+    assert config.user_encoder == "sequence" and mine.batch_size == 16
+    assert reasons["batch_size"] == reasons["user_encoder"] == "set by the user"
+    with pytest.raises(ValueError, match="user_encoder must be one of sequence, set, got 'bag'"):
+        model_config("tiny", user_encoder="bag")
 
     random_split = build_split(small_data, holdout=1, protocol="random")
     assert training_objective(TrainConfig(), random_split) == "all_items"
@@ -257,3 +354,7 @@ def test_random_splits_choose_their_objective_and_batch_and_the_user_wins(small_
         ValueError, match="objective must be one of auto, next_item, all_items, got 'everything'"
     ):
         TrainConfig(objective="everything")
+    with pytest.raises(ValueError, match="objective='next_item' needs user_encoder='sequence'"):
+        TwoStageRecommender(
+            model_config("tiny", user_encoder="set"), TrainConfig(objective="next_item", epochs=1)
+        ).fit(random_split, progress=False)

@@ -10,12 +10,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
+USER_ENCODERS = ("sequence", "set")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     size: str = "small"
     dim: int = 64  # embedding and tower output width
     max_history: int = 50  # items of the user's history the encoders read
+    # the user tower's encoder: "sequence" (causal self-attention over the history in its order, a state
+    # after every item: temporal logs) or "set" (an order-free pooling of the history: random splits,
+    # whose held-out items are any of the user's)
+    user_encoder: str = "sequence"
     encoder_layers: int = 2
     encoder_heads: int = 2
     dropout: float = 0.2
@@ -30,6 +36,12 @@ class ModelConfig:
     ranker_hidden: tuple[int, ...] = (256, 128)
     ranker_negatives: int = 30  # retrieval candidates per training example for the ranker
     ranker_history: int = 20  # newest history items the ranker's target attention reads
+
+    def __post_init__(self):
+        if self.user_encoder not in USER_ENCODERS:
+            raise ValueError(
+                f"user_encoder must be one of {', '.join(USER_ENCODERS)}, got {self.user_encoder!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,12 +123,23 @@ class TrainConfig:
     # precision"), and its price in test quality is not measured. Evaluation and serving always run the
     # fp32 inference path
     precision: str = "fp32"
+    # the set encoder's examples: each epoch, this share of each user's training items (at least one) is
+    # held out as the targets and the rest is read, as a random split holds out a share of the user's items
+    set_target_share: float = 0.2
+    # evaluate, keep and serve an exponential moving average of the retrieval weights, updated after every
+    # step with this decay (0: off, the raw weights). It smooths the step-to-step noise of small logs'
+    # few updates per epoch (docs/models.md, "Random and published splits")
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not 0 < self.set_target_share < 1:
+            raise ValueError(f"set_target_share must be in (0, 1), got {self.set_target_share}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 def parse_overrides(pairs: list[str], config_class: type) -> dict:

@@ -111,6 +111,30 @@ class TrainingBatches:
             int((targets > 0).sum()),
         )
 
+    def sets(self, split: SplitData, users: np.ndarray, share: float):
+        """The set encoder's examples (users with two or more training items): the first ``share`` of
+        each user's training items in ``split``'s order (at least one, never all) are the targets ``[B, T]``,
+        up to ``max_history`` of the rest are read ``[B, L]`` (both left-aligned, 0-padded); the user
+        features at the last training item ``[B, F_u]``, and the number of targets."""
+        n = split.train_len[users]
+        k = np.clip(np.round(share * n), 1, n - 1).astype(np.int64)
+        read = np.minimum(n - k, self.max_history)
+        T, L = int(k.max()), int(read.max())
+        columns = np.arange(max(T, L))[None, :]
+        width = split.sequences.shape[1] - 1
+        targets = np.where(
+            columns[:, :T] < k[:, None], split.sequences[users[:, None], np.minimum(columns[:, :T], width)], 0
+        )
+        at = np.minimum(k[:, None] + columns[:, :L], width)
+        inputs = np.where(columns[:, :L] < read[:, None], split.sequences[users[:, None], at], 0)
+        dense = self.dense_flat[self.offsets[users] + n - 1]
+        return (
+            to_tensor(inputs, self.device),
+            to_tensor(targets, self.device),
+            to_tensor(dense, self.device),
+            int(k.sum()),
+        )
+
     def examples(self, split: SplitData, users: np.ndarray, positions: np.ndarray):
         """Single-label examples (ranker): window before ``positions`` ``[B, L]``, lengths ``[B]``, target
         ``[B]``, user features ``[B, F_u]``."""
@@ -141,6 +165,17 @@ def fit_retrieval(
     retrieval = model.retrieval
     ddp = torch.nn.parallel.DistributedDataParallel(retrieval) if world.size > 1 else None
     optimizer = adamw(retrieval, cfg)
+    set_encoder = model.config.user_encoder == "set"
+    if set_encoder and cfg.objective == "next_item":
+        raise ValueError("objective='next_item' needs user_encoder='sequence': a set has no next item")
+    averaged = (
+        torch.optim.swa_utils.AveragedModel(
+            retrieval, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay)
+        )
+        if cfg.ema_decay
+        else None
+    )
+    evaluated = retrieval if averaged is None else averaged.module  # what is validated, kept and served
     popularity = torch.as_tensor(split.item_popularity, dtype=torch.float32, device=model.device)
     p_item = (popularity + 1.0) / (popularity + 1.0).sum()
     rng = np.random.default_rng(cfg.seed)
@@ -152,12 +187,17 @@ def fit_retrieval(
         start_epoch, best, stale = state["epoch"] + 1, state["best"], state["stale"]
         best_epoch = state.get("best_epoch", 0)
         best_state = state["best_model"]
+        if averaged is not None and "averaged" in state:
+            averaged.load_state_dict(state["averaged"])
         rng.bit_generator.state = state["rng"]
         model.history.retrieval = list(state["history"])
         log.info("resumed retrieval training at epoch %d (best validation score %.4f)", start_epoch, best)
 
     local_batch = max(cfg.batch_size // world.size, 2)
-    rows_user, rows_end = training_windows(split, model.config.max_history)
+    if set_encoder:  # one example per user with something to hold out, drawn afresh every epoch
+        rows_user, rows_end = np.flatnonzero(split.train_len >= 2), None
+    else:
+        rows_user, rows_end = training_windows(split, model.config.max_history)
     metric = validation_metric(split)
     validates = split.validates  # a final fit (nothing held out) runs every epoch
     all_items = training_objective(cfg, split) == "all_items"
@@ -170,7 +210,7 @@ def fit_retrieval(
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         retrieval.train()
-        if cfg.window_jitter:
+        if cfg.window_jitter and not set_encoder:
             rows_user, rows_end = training_windows(split, model.config.max_history, rng)
         if split.protocol == "random":
             # a random split's order means nothing: each epoch reads every user's training items in a
@@ -192,31 +232,51 @@ def fit_retrieval(
         forward = ddp or retrieval
         for step in bar:
             rows = order[step * local_batch : (step + 1) * local_batch]
-            window, targets, udense, n_labels = batches.windows(epoch_split, rows_user[rows], rows_end[rows])
-            later = later_items(epoch_split, rows_user[rows], window) if all_items else None
-            loss = retrieval_loss(
-                model.config,
-                split.n_items,
-                forward,
-                (window, targets, udense),
-                item_tables,
-                p_item,
-                later,
-                dtype,
-            )
+            if set_encoder:
+                window, targets, udense, n_labels = batches.sets(
+                    epoch_split, rows_user[rows], cfg.set_target_share
+                )
+                loss = set_retrieval_loss(
+                    model.config,
+                    split.n_items,
+                    forward,
+                    (window, targets, udense),
+                    item_tables,
+                    p_item,
+                    dtype,
+                )
+            else:
+                window, targets, udense, n_labels = batches.windows(
+                    epoch_split, rows_user[rows], rows_end[rows]
+                )
+                later = later_items(epoch_split, rows_user[rows], window) if all_items else None
+                loss = retrieval_loss(
+                    model.config,
+                    split.n_items,
+                    forward,
+                    (window, targets, udense),
+                    item_tables,
+                    p_item,
+                    later,
+                    dtype,
+                )
             labels += n_labels
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if averaged is not None:
+                averaged.update_parameters(retrieval)
             loss_sum += loss.detach()
             if step % 50 == 49:  # the one host sync, for the progress bar
                 bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}")
         seconds = time.perf_counter() - started
+        model.retrieval = evaluated  # validation ranks with the weights that would be kept
         score = (
             evaluate(model.rank(split, "retrieval", search="exact"), split, "validation")[metric]
             if world.is_main and validates
             else float(epoch)
         )
+        model.retrieval = retrieval
         score = world.broadcast(score)
         model.history.retrieval.append(
             {
@@ -236,7 +296,7 @@ def fit_retrieval(
             )
         if score > best:
             best, stale, best_epoch = score, 0, epoch + 1
-            best_state = copy.deepcopy(retrieval.state_dict())
+            best_state = copy.deepcopy(evaluated.state_dict())
         else:
             stale += 1
         if ckpt and world.is_main:
@@ -252,6 +312,7 @@ def fit_retrieval(
                     "best_model": best_state,
                     "rng": rng.bit_generator.state,
                     "history": model.history.retrieval,
+                    **({"averaged": averaged.state_dict()} if averaged is not None else {}),
                 },
                 ckpt / "retrieval.pt.tmp",
             )
@@ -310,6 +371,56 @@ def forward_autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
+def loss_candidates(
+    cfg: ModelConfig, n_items: int, labelled: torch.Tensor, p_item: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """A step's softmax candidates: (item indexes ``[M]``, their ``log q [M]``, whether exact). The exact
+    softmax (up to ``cfg.full_softmax_items`` items) scores every catalog item, sampled with certainty, so
+    log q = 0; otherwise the step's ``labelled`` items ``[P]`` (other labels of the batch, sampled ∝
+    popularity ``p_item [n_items + 1]``) plus optional uniform extras, with the chance of each draw."""
+    device = labelled.device
+    if 0 < n_items <= cfg.full_softmax_items:
+        return torch.arange(1, n_items + 1, device=device), torch.zeros(n_items, device=device), True
+    pick = torch.randperm(len(labelled), device=device)[: cfg.in_batch_negatives]
+    negatives = labelled[pick]
+    log_q = torch.log(p_item[negatives] * len(negatives))
+    if cfg.uniform_negatives:
+        extra = torch.randint(1, n_items + 1, (cfg.uniform_negatives,), device=device)
+        negatives = torch.cat([negatives, extra])
+        uniform_log_q = torch.full((len(extra),), math.log(cfg.uniform_negatives / n_items), device=device)
+        log_q = torch.cat([log_q, uniform_log_q])
+    return negatives, log_q, False
+
+
+def set_retrieval_loss(
+    cfg: ModelConfig,
+    n_items: int,
+    forward: torch.nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    item_tables: tuple[torch.Tensor, torch.Tensor],
+    p_item: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The set encoder's loss of one step: ``batch`` = (read items ``[B, L]``, held-out targets ``[B, T]``,
+    user features ``[B, F_u]``, from :meth:`TrainingBatches.sets`); each user's state learns all its
+    targets at once (:func:`all_items_softmax_loss`), the items it read left out of its softmax. Candidates
+    and ``dtype`` as in :func:`retrieval_loss`."""
+    window, targets, udense = batch
+    negatives, log_q, _ = loss_candidates(cfg, n_items, targets[targets > 0], p_item)
+    with forward_autocast(window.device, dtype):
+        states, _, neg = forward(window, udense, targets, negatives, *item_tables)
+    rows = item_tables[0].shape[0]
+
+    def marked(items: torch.Tensor) -> torch.Tensor:  # [B, M]: which candidates are among each row's items
+        mark = torch.zeros(len(items), rows, dtype=torch.bool, device=items.device).scatter_(1, items, True)
+        mark[:, 0] = False
+        return mark[:, negatives]
+
+    read = marked(window)
+    # an item both read and held out (a log with repeats) is seen, so not something to predict
+    return all_items_softmax_loss(states, neg, log_q, marked(targets) & ~read, read, cfg.temperature)
+
+
 def retrieval_loss(
     cfg: ModelConfig,
     n_items: int,
@@ -331,30 +442,7 @@ def retrieval_loss(
     device = window.device
     valid = targets > 0
     labelled = targets[valid]
-    exact = 0 < n_items <= cfg.full_softmax_items
-    if exact:
-        # exact softmax: every catalog item is a negative (the label itself is masked and scored as
-        # the positive), sampled with certainty, so log q = 0
-        negatives = torch.arange(1, n_items + 1, device=device)
-        log_q = torch.zeros(len(negatives), device=device)
-    else:
-        # other labels of the batch (sampled ∝ popularity) plus optional uniform extras
-        pick = torch.randperm(len(labelled), device=device)[: cfg.in_batch_negatives]
-        negatives = labelled[pick]
-        log_q = torch.log(p_item[negatives] * len(negatives))
-        if cfg.uniform_negatives:
-            extra = torch.randint(1, n_items + 1, (cfg.uniform_negatives,), device=device)
-            negatives = torch.cat([negatives, extra])
-            log_q = torch.cat(
-                [
-                    log_q,
-                    torch.full(
-                        (len(extra),),
-                        math.log(cfg.uniform_negatives / n_items),
-                        device=device,
-                    ),
-                ]
-            )
+    negatives, log_q, exact = loss_candidates(cfg, n_items, labelled, p_item)
     # one call through the (DDP-wrapped) module so gradients synchronise
     with forward_autocast(device, dtype):
         states, positive, neg = forward(window, udense, targets, negatives, *item_tables)

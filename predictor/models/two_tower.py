@@ -1,5 +1,6 @@
-"""Two-tower retrieval: a user encoder over the recent-item sequence and user features, an item encoder
-over item id and item features, L2-normalised embeddings, in-batch sampled softmax with logQ correction.
+"""Two-tower retrieval: a user encoder over the recent-item sequence (or the order-free item set) and user
+features, an item encoder over item id and item features, L2-normalised embeddings, in-batch sampled
+softmax with logQ correction.
 
 Shapes: B = batch, L = history length, D = ``config.dim``, F_u / F_i = dense feature widths,
 C = categories, N = items (+1 for the padding row 0).
@@ -111,6 +112,33 @@ class UserEncoder(nn.Module):
         return self.out(torch.cat([h, self.dense(user_dense)], dim=-1))
 
 
+class SetUserEncoder(nn.Module):
+    """Order-free pooling of the history plus the user's features: one state per user.
+
+    For random splits, whose held-out items are any of the user's: the sum of the read items' vectors over
+    the square root of their count (Mult-DAE's normalised multi-hot input; order, position and recency
+    carry nothing there), a residual MLP, and the same output head as :class:`UserEncoder`. Trained to
+    predict a held-out share of the user's items from the rest (``training.fit_retrieval``).
+    """
+
+    def __init__(self, config: ModelConfig, user_dense_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(config.dim, 4 * config.dim), nn.GELU(), nn.Linear(4 * config.dim, config.dim)
+        )
+        self.dense = nn.Sequential(nn.Linear(user_dense_dim, config.dim), nn.GELU())
+        self.out = nn.Sequential(nn.LayerNorm(2 * config.dim), nn.Linear(2 * config.dim, config.dim))
+        self.dropout = MaskDropout(config.dropout)
+
+    def forward(self, history_emb: torch.Tensor, read: torch.Tensor, user_dense: torch.Tensor):
+        """history_emb ``[B, L, D]``, read ``[B, L]`` bool (False: padding), user_dense ``[B, F_u]`` →
+        states ``[B, D]`` (not normalised); a user who read nothing gets the features' state alone."""
+        count = read.sum(dim=1, keepdim=True).clamp(min=1).to(history_emb.dtype)
+        pooled = (history_emb * read[..., None]).sum(dim=1) / count.sqrt()
+        h = pooled + self.mlp(self.dropout(pooled))
+        return self.out(torch.cat([h, self.dense(user_dense)], dim=-1))
+
+
 class TwoTower(nn.Module):
     """Retrieval model. ``user_embedding`` and ``item_embedding`` return L2-normalised ``[*, D]``."""
 
@@ -125,16 +153,17 @@ class TwoTower(nn.Module):
         super().__init__()
         self.config = config
         self.items = ItemEncoder(config, n_item_rows, n_categories, item_dense_dim)
-        self.user = UserEncoder(config, user_dense_dim)
+        encoder = SetUserEncoder if config.user_encoder == "set" else UserEncoder
+        self.user = encoder(config, user_dense_dim)
         self.history_proj = nn.Linear(config.dim, config.dim)
 
     def item_embedding(self, index, categories, dense) -> torch.Tensor:
         return F.normalize(self.items(index, categories, dense), dim=-1)
 
     def user_states(self, window, user_dense, item_categories, item_dense) -> torch.Tensor:
-        """window ``[B, L]`` left-aligned oldest-first item indexes, user_dense ``[B, L, F_u]`` → ``[B, L,
-        D]`` normalised user embeddings after each position. item_categories ``[N, C]`` and item_dense ``[N,
-        F_i]`` are the catalog tables."""
+        """The sequence encoder's states: window ``[B, L]`` left-aligned oldest-first item indexes,
+        user_dense ``[B, L, F_u]`` → ``[B, L, D]`` normalised user embeddings after each position.
+        item_categories ``[N, C]`` and item_dense ``[N, F_i]`` are the catalog tables."""
         hist_emb = self.history_proj(self.items(window, item_categories[window], item_dense[window]))
         return F.normalize(self.user(hist_emb, user_dense), dim=-1)
 
@@ -153,11 +182,15 @@ class TwoTower(nn.Module):
 
         Equal to the last real position of :meth:`user_states`, at a fraction of its cost: positions after
         the longest history in the batch are padding that the causal mask hides from every real
-        position, so they are cut; and the output head runs on the last position only.
+        position, so they are cut; and the output head runs on the last position only. The set encoder
+        (``config.user_encoder="set"``) pools the ``lengths`` real items, in any order.
         """
         if trim:  # data-dependent: ``trim=False`` keeps the graph static (torch.export)
             window = window[:, : max(int(lengths.max()), 1) if len(lengths) else 1]
         L = window.shape[1]
+        if self.config.user_encoder == "set":
+            read = torch.arange(L, device=window.device)[None, :] < lengths[:, None]
+            return F.normalize(self.user(history_table[window], read, user_dense), dim=-1)
         causal = torch.triu(torch.full((L, L), float("-inf"), device=window.device), diagonal=1)
         x = self.user.dropout(history_table[window] + self.user.position.weight[:L])
         h = self.user.encoder(x, mask=causal, is_causal=True)
@@ -168,6 +201,8 @@ class TwoTower(nn.Module):
 
     def forward(self, window, user_dense, targets, negatives, item_categories, item_dense):
         """Training step → (states ``[B, L, D]``, target embeddings ``[B, L, D]``, negatives ``[M, D]``).
+        The set encoder: window ``[B, L]`` the read items (0: padding), user_dense ``[B, F_u]``, targets
+        ``[B, T]`` the held-out items → states ``[B, D]``, target embeddings ``[B, T, D]``, negatives.
 
         The item encoder runs once over the distinct items of the step (history, targets and negatives
         overlap: the targets are the history shifted by one), and each use gathers from it. One module
@@ -180,7 +215,10 @@ class TwoTower(nn.Module):
         n_window, n_targets = window.numel(), targets.numel()
         history = self.history_proj(encoded[inverse[:n_window]].view(*window.shape, -1))
         # normalised in fp32 (a no-op cast without autocast): the loss divides these by the temperature
-        states = F.normalize(self.user(history, user_dense).float(), dim=-1)
+        if self.config.user_encoder == "set":
+            states = F.normalize(self.user(history, window > 0, user_dense).float(), dim=-1)
+        else:
+            states = F.normalize(self.user(history, user_dense).float(), dim=-1)
         positive = F.normalize(
             encoded[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1).float(), dim=-1
         )
