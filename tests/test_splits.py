@@ -252,7 +252,7 @@ def test_the_set_encoder_reads_a_set_and_serves_what_it_trains():
     assert negatives.shape == (29, config.dim)
 
 
-def test_the_set_encoder_learns_held_out_items_and_keeps_the_averaged_weights(small_data):
+def test_the_set_encoder_learns_held_out_items_and_keeps_the_averaged_weights(small_data, tmp_path):
     from predictor.models.evaluate import Popularity, evaluate
 
     split = build_split(small_data, holdout=1, protocol="random")
@@ -274,6 +274,13 @@ def test_the_set_encoder_learns_held_out_items_and_keeps_the_averaged_weights(sm
         assert again == pytest.approx(model.validation_retrieval, abs=1e-9)
     popularity = evaluate(Popularity().fit(split, "validation").rank(split), split, "validation")["recall@20"]
     assert averaged.validation_retrieval > popularity
+    # the artifact holds the set encoder and its own id table: the loaded model recommends the same
+    assert len(averaged.id_tables()) == 3
+    loaded = TwoStageRecommender.load(averaged.save(str(tmp_path / "set-model")))
+    assert loaded.config.user_encoder == "set"
+    users = split.users.raw(np.arange(1, 6))
+    for got, want in zip(loaded.recommend(users, 10, split), averaged.recommend(users, 10, split)):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def torch_equal(a, b) -> bool:

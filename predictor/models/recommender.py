@@ -27,7 +27,7 @@ from predictor.models.inference import (
 )
 from predictor.models.ranker import Ranker
 from predictor.models.training import TrainingBatches, TrainingHistory, fit_ranker, fit_retrieval
-from predictor.models.two_tower import TwoTower
+from predictor.models.two_tower import IdEmbedding, TwoTower
 
 if TYPE_CHECKING:
     from predictor.models.persistence import SplitCatalog
@@ -152,10 +152,17 @@ class TwoStageRecommender:
         fit_ranker(self, split, batches, world, progress)
         return self
 
+    def id_tables(self) -> list[IdEmbedding]:
+        """The item id tables, one row per item: the item tower's, the ranker's, and the set encoder's."""
+        tables = [self.retrieval.items.id_embedding, self.ranker.item_id]
+        if self.config.user_encoder == "set":
+            tables.append(self.retrieval.user.read)
+        return tables
+
     def _grow(self, split: SplitData) -> None:
         """Warm start on a bigger catalog: keep every learned row, add rows for new items."""
         needed = split.n_items + 1
-        for table in (self.retrieval.items.id_embedding, self.ranker.item_id):
+        for table in self.id_tables():
             if table.rows < needed:
                 extra = torch.randn(needed - table.rows, table.weight.shape[1], device=table.weight.device)
                 extra = (extra * table.weight.shape[1] ** -0.5).to(table.weight.dtype)
@@ -214,7 +221,7 @@ class TwoStageRecommender:
         """Store the id embedding tables (most of a large model's parameters) in float16, in place: half
         their memory and artifact bytes; lookups still return fp32 (``IdEmbedding``). The config records it,
         so a saved artifact loads with fp16 tables."""
-        for table in (self.retrieval.items.id_embedding, self.ranker.item_id):
+        for table in self.id_tables():
             table.weight.data = table.weight.data.half()
         self.config = dataclasses.replace(self.config, embedding_fp16=True)
         return self

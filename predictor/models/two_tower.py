@@ -117,17 +117,23 @@ class SetUserEncoder(nn.Module):
 
     For random splits, whose held-out items are any of the user's: the sum of the read items' vectors over
     the square root of their count (Mult-DAE's normalised multi-hot input; order, position and recency
-    carry nothing there), a residual MLP, and the same output head as :class:`UserEncoder`. Trained to
-    predict a held-out share of the user's items from the rest (``training.fit_retrieval``).
+    carry nothing there), a residual MLP, plus a linear map of the user's features. The read
+    items' vectors are the encoder's own id table (``read``; Mult-DAE's encoder weights), not the item
+    tower's: an item read and an item to predict play different roles (in a scratch comparison on
+    latest-small's random split, not in the repo, one shared table scored lower). Trained to predict a
+    held-out share of the user's items from the rest (``training.fit_retrieval``).
     """
 
-    def __init__(self, config: ModelConfig, user_dense_dim: int):
+    def __init__(self, config: ModelConfig, user_dense_dim: int, n_item_rows: int):
         super().__init__()
+        self.read = IdEmbedding(n_item_rows, config.dim, config.embedding_fp16)
         self.mlp = nn.Sequential(
             nn.Linear(config.dim, 4 * config.dim), nn.GELU(), nn.Linear(4 * config.dim, config.dim)
         )
-        self.dense = nn.Sequential(nn.Linear(user_dense_dim, config.dim), nn.GELU())
-        self.out = nn.Sequential(nn.LayerNorm(2 * config.dim), nn.Linear(2 * config.dim, config.dim))
+        # the user's features shift the state; zero at first, so a log without them starts from the items
+        self.dense = nn.Linear(user_dense_dim, config.dim)
+        nn.init.zeros_(self.dense.weight)
+        nn.init.zeros_(self.dense.bias)
         self.dropout = MaskDropout(config.dropout)
 
     def forward(self, history_emb: torch.Tensor, read: torch.Tensor, user_dense: torch.Tensor):
@@ -135,8 +141,7 @@ class SetUserEncoder(nn.Module):
         states ``[B, D]`` (not normalised); a user who read nothing gets the features' state alone."""
         count = read.sum(dim=1, keepdim=True).clamp(min=1).to(history_emb.dtype)
         pooled = (history_emb * read[..., None]).sum(dim=1) / count.sqrt()
-        h = pooled + self.mlp(self.dropout(pooled))
-        return self.out(torch.cat([h, self.dense(user_dense)], dim=-1))
+        return pooled + self.mlp(self.dropout(pooled)) + self.dense(user_dense)
 
 
 class TwoTower(nn.Module):
@@ -153,8 +158,10 @@ class TwoTower(nn.Module):
         super().__init__()
         self.config = config
         self.items = ItemEncoder(config, n_item_rows, n_categories, item_dense_dim)
-        encoder = SetUserEncoder if config.user_encoder == "set" else UserEncoder
-        self.user = encoder(config, user_dense_dim)
+        if config.user_encoder == "set":
+            self.user = SetUserEncoder(config, user_dense_dim, n_item_rows)
+        else:
+            self.user = UserEncoder(config, user_dense_dim)
         self.history_proj = nn.Linear(config.dim, config.dim)
 
     def item_embedding(self, index, categories, dense) -> torch.Tensor:
@@ -170,9 +177,11 @@ class TwoTower(nn.Module):
     def history_table(self, item_categories, item_dense, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The history encoder's input for item ``rows`` (default: every row of the catalog tables) →
         ``[len(rows), D]`` (row 0 = padding, as the per-window computation gives it): computed once per model
-        or item refresh, gathered per request."""
+        or item refresh, gathered per request. The set encoder reads its own id table (row 0: zeros)."""
         if rows is None:
             rows = torch.arange(item_categories.shape[0], device=item_categories.device)
+        if self.config.user_encoder == "set":
+            return self.user.read(rows)
         return self.history_proj(self.items(rows, item_categories[rows], item_dense[rows]))
 
     def user_embedding(self, window, lengths, user_dense, history_table, trim: bool = True) -> torch.Tensor:
@@ -208,16 +217,20 @@ class TwoTower(nn.Module):
         overlap: the targets are the history shifted by one), and each use gathers from it. One module
         call, so DistributedDataParallel sees every parameter used in the step.
         """
+        set_encoder = self.config.user_encoder == "set"  # it reads its own table, not the item tower
         ids, inverse = torch.unique(
-            torch.cat([window.flatten(), targets.flatten(), negatives]), return_inverse=True
+            torch.cat(
+                [window.new_empty(0) if set_encoder else window.flatten(), targets.flatten(), negatives]
+            ),
+            return_inverse=True,
         )
         encoded = self.items(ids, item_categories[ids], item_dense[ids])  # [U, D]
-        n_window, n_targets = window.numel(), targets.numel()
-        history = self.history_proj(encoded[inverse[:n_window]].view(*window.shape, -1))
+        n_window, n_targets = (0 if set_encoder else window.numel()), targets.numel()
         # normalised in fp32 (a no-op cast without autocast): the loss divides these by the temperature
-        if self.config.user_encoder == "set":
-            states = F.normalize(self.user(history, window > 0, user_dense).float(), dim=-1)
+        if set_encoder:
+            states = F.normalize(self.user(self.user.read(window), window > 0, user_dense).float(), dim=-1)
         else:
+            history = self.history_proj(encoded[inverse[:n_window]].view(*window.shape, -1))
             states = F.normalize(self.user(history, user_dense).float(), dim=-1)
         positive = F.normalize(
             encoded[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1).float(), dim=-1
