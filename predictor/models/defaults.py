@@ -36,8 +36,8 @@ SET_ENCODER_SETTINGS = {
         "user_encoder": "set",
         "max_history": SET_MAX_HISTORY,
         "dim": 128,
-        "dropout": 0.0,
-        "temperature": 0.1,
+        "dropout": 0.3,
+        "temperature": 0.2,
     },
     "train": {
         "batch_size": 64,
