@@ -8,10 +8,10 @@ Same split and full-ranking harness for every model (``predictor.models.compare`
 default: 0, 1, 2), every model re-tuned and retrained with each seed on the same split. The default split
 is temporal leave-last-out (bar: two-stage NDCG@10 mean ≥ 1.25 × tuned ALS's, mean − sd ≥ 1.1 ×). A given
 or ``--split random`` split is scored with the leaderboard metrics over all test items of each user (bar:
-two-stage Recall@20 mean ≥ tuned ALS's, and on every seed ≥ that seed's); ``--split random`` writes its files (seed 0, not in the repo:
-MovieLens may not be redistributed) under ``.recsys-bench/splits/``. Writes ``bench/results/
-quality-NAME.json``: {"dataset", "split", "seeds", "summary": {MODEL: {METRIC: {"mean", "sd"}}}, "ratios",
-"bar", "runs": [one report per seed]}.
+two-stage Recall@20 mean ≥ tuned ALS's, and on every seed ≥ that seed's); ``--split random`` writes its
+files (seed 0, not in the repo: MovieLens may not be redistributed) under ``.recsys-bench/splits/``.
+Writes ``bench/results/quality-NAME.json``: {"dataset", "split", "seeds", "summary": {MODEL: {METRIC:
+{"mean", "sd"}}}, "ratios", "bar", "runs": [one report per seed]}.
 """
 
 from __future__ import annotations
