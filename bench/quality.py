@@ -167,8 +167,8 @@ def summarise(runs: list[dict], metric: str = "ndcg@10") -> dict:
     """Mean and sample sd over seeds of every model's test metrics and seconds; the two-stage model against
     tuned ALS on ``metric`` (the bar: NDCG@10 on the temporal split, mean ≥ 1.25 × ALS's mean and mean − sd
     ≥ 1.1 × ALS's mean; Recall@20 on a given or random split, mean ≥ ALS's mean and every seed's fit ≥ that
-    seed's ALS); and per seed whether the
-    ranker served (it does only where it beat retrieval alone on validation)."""
+    seed's ALS); and per seed whether the ranker served (it does only where it beat retrieval alone on
+    validation)."""
 
     def stats(values: list[float]) -> dict:
         values = np.asarray(values, np.float64)

@@ -24,9 +24,9 @@ MAX_EPOCHS = 60
 EXACT_SOFTMAX_FIT_SCORES = 40_000_000_000
 # Random splits: the order-free set encoder, trained to predict a held-out share of each user's items from
 # the rest with the exact softmax, its weights averaged (EMA) over steps; one example per user an epoch, so
-# an epoch is cheap (users x items scores) and early stopping decides within SET_MAX_EPOCHS. It reads up
-# to SET_MAX_HISTORY items: 99 % of both MovieLens logs' users have fewer training items. Dropout 0.3 and
-# temperature 0.2 measured best validation Recall@20 on latest-small's random 80/20 split among the
+# an epoch is cheap (users x items scores) and early stopping decides within SET_MAX_EPOCHS. It pools up
+# to SET_MAX_HISTORY items (a user with more is read through a fresh random subset each epoch). Dropout
+# 0.3 and temperature 0.2 measured best validation Recall@20 on latest-small's random 80/20 split among the
 # variants tried (docs/models.md, "Random and published splits"), where the causal sequence encoder with
 # the all-items objective stayed level with tuned ALS or below it.
 SET_MAX_HISTORY = 1000
@@ -77,6 +77,10 @@ def choose(
     model_rules: dict[str, tuple[object, str]] = {}
     train_rules: dict[str, tuple[object, str]] = {}
     max_items = exact_softmax_max_items(n_events)
+    why_exact = (
+        f"{n_items:,} items ≤ {max_items:,} (what {n_events:,} events afford): exact softmax over the whole"
+        " catalog"
+    )
     if protocol == "random":
         why = "random split: held-out items are any of the user's, in no order"
         for key, value in SET_ENCODER_SETTINGS["model"].items():
@@ -85,16 +89,9 @@ def choose(
         for key, value in SET_ENCODER_SETTINGS["train"].items():
             train_rules[key] = (value, why + ": the set encoder, with its settings")
         if 0 < n_items <= max_items:
-            model_rules["full_softmax_items"] = (
-                max_items,
-                f"{n_items:,} items ≤ {max_items:,} (what {n_events:,} events afford): exact softmax",
-            )
+            model_rules["full_softmax_items"] = (max_items, why_exact)
     elif size == "small" and 0 < n_items <= max_items:
-        why = (
-            f"{n_items:,} items ≤ {max_items:,} (what {n_events:,} events afford): exact softmax over the"
-            " whole catalog"
-        )
-        model_rules["full_softmax_items"] = (max_items, why)
+        model_rules["full_softmax_items"] = (max_items, why_exact)
         affordable = EXACT_SOFTMAX_FIT_SCORES // max(n_events * n_items, 1)
         if affordable < MAX_EPOCHS:
             why_epochs = (
@@ -103,9 +100,9 @@ def choose(
             )
             train_rules["epochs"] = (max(affordable, 1), why_epochs)
         for key, value in EXACT_SOFTMAX_SETTINGS["model"].items():
-            model_rules[key] = (value, why + ", with its settings")
+            model_rules[key] = (value, why_exact + ", with its settings")
         for key, value in EXACT_SOFTMAX_SETTINGS["train"].items():
-            train_rules[key] = (value, why + ", with its settings")
+            train_rules[key] = (value, why_exact + ", with its settings")
     reasons: dict[str, str] = {}
     chosen_model = {k: v for k, (v, _) in model_rules.items() if k not in model_options}
     chosen_train = {k: v for k, (v, _) in train_rules.items() if k not in train_options}

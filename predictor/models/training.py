@@ -212,9 +212,10 @@ def fit_retrieval(
         retrieval.train()
         if cfg.window_jitter and not set_encoder:
             rows_user, rows_end = training_windows(split, model.config.max_history, rng)
-        if split.protocol == "random":
+        if split.protocol == "random" or set_encoder:
             # a random split's order means nothing: each epoch reads every user's training items in a
-            # fresh order, so the encoder learns to predict any item from any subset of the others
+            # fresh order, so the encoder learns to predict any item from any subset of the others (the
+            # set encoder holds out the first of them, so it needs the fresh order on any split)
             epoch_split = shuffled_training_items(split, rng)
         n_examples = len(rows_user)
         order = rng.permutation(n_examples)
@@ -236,30 +237,22 @@ def fit_retrieval(
                 window, targets, udense, n_labels = batches.sets(
                     epoch_split, rows_user[rows], cfg.set_target_share
                 )
-                loss = set_retrieval_loss(
-                    model.config,
-                    split.n_items,
-                    forward,
-                    (window, targets, udense),
-                    item_tables,
-                    p_item,
-                    dtype,
-                )
+                later = None
             else:
                 window, targets, udense, n_labels = batches.windows(
                     epoch_split, rows_user[rows], rows_end[rows]
                 )
                 later = later_items(epoch_split, rows_user[rows], window) if all_items else None
-                loss = retrieval_loss(
-                    model.config,
-                    split.n_items,
-                    forward,
-                    (window, targets, udense),
-                    item_tables,
-                    p_item,
-                    later,
-                    dtype,
-                )
+            loss = retrieval_loss(
+                model.config,
+                split.n_items,
+                forward,
+                (window, targets, udense),
+                item_tables,
+                p_item,
+                later,
+                dtype,
+            )
             labels += n_labels
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -271,12 +264,14 @@ def fit_retrieval(
                 bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}")
         seconds = time.perf_counter() - started
         model.retrieval = evaluated  # validation ranks with the weights that would be kept
-        score = (
-            evaluate(model.rank(split, "retrieval", search="exact"), split, "validation")[metric]
-            if world.is_main and validates
-            else float(epoch)
-        )
-        model.retrieval = retrieval
+        try:
+            score = (
+                evaluate(model.rank(split, "retrieval", search="exact"), split, "validation")[metric]
+                if world.is_main and validates
+                else float(epoch)
+            )
+        finally:
+            model.retrieval = retrieval
         score = world.broadcast(score)
         model.history.retrieval.append(
             {
@@ -392,35 +387,6 @@ def loss_candidates(
     return negatives, log_q, False
 
 
-def set_retrieval_loss(
-    cfg: ModelConfig,
-    n_items: int,
-    forward: torch.nn.Module,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    item_tables: tuple[torch.Tensor, torch.Tensor],
-    p_item: torch.Tensor,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The set encoder's loss of one step: ``batch`` = (read items ``[B, L]``, held-out targets ``[B, T]``,
-    user features ``[B, F_u]``, from :meth:`TrainingBatches.sets`); each user's state learns all its
-    targets at once (:func:`all_items_softmax_loss`), the items it read left out of its softmax. Candidates
-    and ``dtype`` as in :func:`retrieval_loss`."""
-    window, targets, udense = batch
-    negatives, log_q, _ = loss_candidates(cfg, n_items, targets[targets > 0], p_item)
-    with forward_autocast(window.device, dtype):
-        states, _, neg = forward(window, udense, targets, negatives, *item_tables)
-    rows = item_tables[0].shape[0]
-
-    def marked(items: torch.Tensor) -> torch.Tensor:  # [B, M]: which candidates are among each row's items
-        mark = torch.zeros(len(items), rows, dtype=torch.bool, device=items.device).scatter_(1, items, True)
-        mark[:, 0] = False
-        return mark[:, negatives]
-
-    read = marked(window)
-    # an item both read and held out (a log with repeats) is seen, so not something to predict
-    return all_items_softmax_loss(states, neg, log_q, marked(targets) & ~read, read, cfg.temperature)
-
-
 def retrieval_loss(
     cfg: ModelConfig,
     n_items: int,
@@ -432,12 +398,15 @@ def retrieval_loss(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The retrieval loss of one step: ``forward`` (the two-tower model, DDP-wrapped or not) over
-    ``batch`` = (windows ``[B, L]``, targets ``[B, L]`` (0: no label), user features ``[B, L, F_u]``) with
+    ``batch`` = (windows ``[B, L]``, targets ``[B, L]`` (0: no label), user features ``[B, L, F_u]``; the
+    set encoder's: read items ``[B, L]``, held-out targets ``[B, T]``, user features ``[B, F_u]``, from
+    :meth:`TrainingBatches.sets`) with
     the catalog's ``item_tables`` (categories ``[N, C]``, dense ``[N, F_i]``): the exact softmax over all
     ``n_items`` up to ``cfg.full_softmax_items``, else the logQ-corrected sampled softmax (``p_item``
     ``[n_items + 1]``: the sampling probabilities); ``later`` (:func:`later_items`) switches to the
-    all-items objective. ``dtype`` (:func:`training_dtype`): the forward pass under autocast; the
-    normalised embeddings it returns and the loss over them are fp32 either way."""
+    all-items objective; the set encoder's states each learn all their held-out targets at once, the items
+    they read left out of their softmax. ``dtype`` (:func:`training_dtype`): the forward pass under
+    autocast; the normalised embeddings it returns and the loss over them are fp32 either way."""
     window, targets, udense = batch
     device = window.device
     valid = targets > 0
@@ -446,6 +415,17 @@ def retrieval_loss(
     # one call through the (DDP-wrapped) module so gradients synchronise
     with forward_autocast(device, dtype):
         states, positive, neg = forward(window, udense, targets, negatives, *item_tables)
+    if cfg.user_encoder == "set":
+        rows = item_tables[0].shape[0]
+
+        def marked(items: torch.Tensor) -> torch.Tensor:  # [B, M]: which candidates are each row's items
+            mark = torch.zeros(len(items), rows, dtype=torch.bool, device=device).scatter_(1, items, True)
+            mark[:, 0] = False
+            return mark[:, negatives]
+
+        read = marked(window)
+        # an item both read and held out (a log with repeats) is seen, so not something to predict
+        return all_items_softmax_loss(states, neg, log_q, marked(targets) & ~read, read, cfg.temperature)
     if later is not None:
         # the state after window position t scores every candidate; its positives are the user's
         # items after t (in this epoch's order), the items up to t are left out of its softmax

@@ -217,15 +217,14 @@ class TwoTower(nn.Module):
         overlap: the targets are the history shifted by one), and each use gathers from it. One module
         call, so DistributedDataParallel sees every parameter used in the step.
         """
-        set_encoder = self.config.user_encoder == "set"  # it reads its own table, not the item tower
+        set_encoder = self.config.user_encoder == "set"
+        # the set encoder reads its own id table, so the item tower encodes no history items for it
+        history_ids = window.new_empty(0) if set_encoder else window.flatten()
         ids, inverse = torch.unique(
-            torch.cat(
-                [window.new_empty(0) if set_encoder else window.flatten(), targets.flatten(), negatives]
-            ),
-            return_inverse=True,
+            torch.cat([history_ids, targets.flatten(), negatives]), return_inverse=True
         )
         encoded = self.items(ids, item_categories[ids], item_dense[ids])  # [U, D]
-        n_window, n_targets = (0 if set_encoder else window.numel()), targets.numel()
+        n_window, n_targets = history_ids.numel(), targets.numel()
         # normalised in fp32 (a no-op cast without autocast): the loss divides these by the temperature
         if set_encoder:
             states = F.normalize(self.user(self.user.read(window), window > 0, user_dense).float(), dim=-1)
