@@ -130,14 +130,20 @@ def compute_floor() -> dict:
     users, ends = training_windows(split, model.config.max_history)
     rows = np.random.default_rng(0).permutation(len(users))[: model.train_config.batch_size]
     batches = TrainingBatches(split, model.config.max_history, None, model.device)
-    window, targets, udense, labels = batches.windows(split, users[rows], ends[rows])
+    window, targets, udense, layout, labels = batches.windows(split, users[rows], ends[rows])
     popularity = torch.as_tensor(split.item_popularity, dtype=torch.float32)
     p_item = (popularity + 1.0) / (popularity + 1.0).sum()
     model.retrieval.train()
     with FlopCounterMode(display=False) as counter:
         item_tables = (model.item_cats, model.item_dense)
         loss = retrieval_loss(
-            model.config, split.n_items, model.retrieval, (window, targets, udense), item_tables, p_item
+            model.config,
+            split.n_items,
+            model.retrieval,
+            (window, targets, udense),
+            item_tables,
+            p_item,
+            layout=layout,
         )
         loss.backward()
     flops_per_label = counter.get_total_flops() / labels
@@ -211,14 +217,17 @@ def kernels() -> dict:
     written-out logits, forward and backward, at latest-small's exact-softmax shape (5,699 labels of a
     128-window batch × 9,742 items, dim 128); and ``MaskDropout`` against a ``torch.rand`` mask and
     torch's bernoulli kernel (``F.dropout``) on a ``[128, 50, 256]`` feed-forward activation, forward and
-    backward; and one AdamW step over the default ranker's parameters at latest-small's catalog (9,742
-    items, dim 128), torch's per-tensor loop against its fused kernel (``training.adamw``)."""
+    backward; the ``small`` user encoder's self-attention (``[128, 50, 64]``, 2 heads, causal, dropout 0.2),
+    forward and backward, ``MaskDropoutAttention`` against ``nn.MultiheadAttention`` (the same weights; its
+    dropout is torch's bernoulli kernel inside ``scaled_dot_product_attention``); and one AdamW step over
+    the default ranker's parameters at latest-small's catalog (9,742 items, dim 128), torch's per-tensor
+    loop against its fused kernel (``training.adamw``)."""
     import torch
     import torch.nn.functional as F
 
     from predictor.models.config import model_config
     from predictor.models.ranker import Ranker
-    from predictor.models.two_tower import MaskDropout, exact_softmax_loss
+    from predictor.models.two_tower import MaskDropout, MaskDropoutAttention, exact_softmax_loss
 
     torch.set_num_threads(os.cpu_count() or 1)
     g = torch.Generator().manual_seed(0)
@@ -246,6 +255,20 @@ def kernels() -> dict:
     ours = median_ms(lambda: drop(x).backward(ones), 30)
     rand = median_ms(lambda: (x * (torch.rand_like(x) >= 0.2) * 1.25).backward(ones), 30)
     bernoulli = median_ms(lambda: F.dropout(x, 0.2, training=True).backward(ones), 30)
+    attention_ms = {}
+    for name, attention in (
+        ("nn.MultiheadAttention", torch.nn.MultiheadAttention(64, 2, dropout=0.2, batch_first=True)),
+        ("MaskDropoutAttention", MaskDropoutAttention(64, 2, 0.2)),
+    ):
+        h = torch.randn(128, 50, 64, generator=g, requires_grad=True)
+        causal = torch.triu(torch.full((50, 50), float("-inf")), diagonal=1)
+
+        def attend(attention=attention, h=h, causal=causal):
+            out = attention(h, h, h, need_weights=False, attn_mask=causal, is_causal=True)[0]
+            out.sum().backward()
+
+        attention.train()
+        attention_ms[name] = median_ms(attend, 30)
     ranker = Ranker(model_config("small", dim=128), 9_743, 20, 8, 8)
     for parameter in ranker.parameters():
         parameter.grad = torch.randn(parameter.shape, generator=g)
@@ -261,6 +284,10 @@ def kernels() -> dict:
             "MaskDropout": ours,
             "rand_ratio": rand / ours,
             "bernoulli_ratio": bernoulli / ours,
+        },
+        "attention_ms": {
+            **attention_ms,
+            "ratio": attention_ms["nn.MultiheadAttention"] / attention_ms["MaskDropoutAttention"],
         },
         "adamw_step_ms": {**optimizer_ms, "ratio": optimizer_ms["per tensor"] / optimizer_ms["fused"]},
     }

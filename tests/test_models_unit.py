@@ -135,6 +135,103 @@ def test_jittered_windows_cover_every_label_and_move_between_epochs():
     assert list(ends[users == 6]) == list(range(173, 2, -10))
 
 
+def test_packed_windows_share_rows_without_overlap_and_full_ones_keep_a_row_each():
+    from predictor.models.windows import pack_windows
+
+    # first-fit decreasing by hand: 50 | 30 + 20 | 25 + 25 | 10
+    row, offset, n_rows = pack_windows(np.array([25, 50, 10, 30, 25, 20]), 50)
+    assert n_rows == 4
+    assert {tuple(sorted(np.flatnonzero(row == r))) for r in range(4)} == {(1,), (3, 5), (0, 4), (2,)}
+    lengths = np.random.default_rng(0).integers(1, 51, 300)
+    row, offset, n_rows = pack_windows(lengths, 50)
+    assert n_rows < len(lengths) and n_rows >= -(-lengths.sum() // 50)
+    used = np.zeros((n_rows, 50), np.int64)
+    for r, o, n in zip(row, offset, lengths):
+        assert 0 <= o and o + n <= 50  # inside its row
+        used[r, o : o + n] += 1
+    assert used.max() == 1 and used.sum() == lengths.sum()  # no token slot shared, none lost
+    assert len(set(row[lengths == 50])) == (lengths == 50).sum()  # a full window has its row alone
+
+
+def test_training_windows_pack_into_rows_holding_each_window_whole(small_data):
+    """Each packed window's tokens are its unpacked window's inputs, targets and positions, in one row, in
+    order; the packed batch has fewer rows and the same labels."""
+    from predictor.models.training import TrainingBatches
+
+    split = build_split(small_data)
+    users, ends = training_windows(split, 8)
+    batches = TrainingBatches(split, 8, None, torch.device("cpu"))
+    inputs, targets, _, (positions, windows), labels = batches.windows(split, users, ends)
+    unpacked, lengths = split.window(users, ends - 1, 8)
+    assert len(inputs) < len(users) and labels == lengths.sum()
+    for w, n in enumerate(lengths):
+        r, c = np.nonzero(windows.numpy() == w)
+        assert len(set(r)) == 1 and (np.diff(c) == 1).all() and len(c) == n  # whole, in one row, in order
+        assert (positions.numpy()[r, c] == np.arange(n)).all()
+        assert (inputs.numpy()[r, c] == unpacked[w, :n]).all()
+        start = ends[w] - 1 - n
+        assert (targets.numpy()[r, c] == split.sequences[users[w], start + 1 : start + 1 + n]).all()
+    assert (targets.numpy()[windows.numpy() < 0] == 0).all()  # padding has no label
+
+
+@torch.no_grad()
+def test_packed_rows_give_each_window_the_states_it_gets_alone():
+    cfg = model_config("small")
+    N, C, Fu, Fi, L = 30, 3, 10, 7, 12
+    torch.manual_seed(4)
+    tower = TwoTower(cfg, N + 1, C, Fu, Fi).eval()
+    cats, dense = torch.rand(N + 1, C), torch.rand(N + 1, Fi)
+    lengths = [5, 7, 12, 3, 4]  # packed: [7 + 5 | 12 | 3 + 4, padding]
+    alone = [torch.randint(1, N + 1, (n,)) for n in lengths]
+    features = [torch.rand(n, Fu) for n in lengths]
+    rows = [(1, 0), (2,), (3, 4)]
+    window = torch.zeros(3, L, dtype=torch.long)
+    udense = torch.zeros(3, L, Fu)
+    positions = torch.zeros(3, L, dtype=torch.long)
+    windows = torch.full((3, L), -1)
+    for r, members in enumerate(rows):
+        at = 0
+        for w in members:
+            n = lengths[w]
+            window[r, at : at + n], udense[r, at : at + n] = alone[w], features[w]
+            positions[r, at : at + n], windows[r, at : at + n] = torch.arange(n), w
+            at += n
+    packed = tower.user(
+        tower.history_proj(tower.items(window, cats[window], dense[window])), udense, (positions, windows)
+    )
+    for r, members in enumerate(rows):
+        at = 0
+        for w in members:
+            n = lengths[w]
+            own = tower.user_states(alone[w][None], features[w][None], cats, dense)[0]
+            torch.testing.assert_close(
+                torch.nn.functional.normalize(packed[r, at : at + n], dim=-1), own, atol=1e-5, rtol=1e-5
+            )
+            at += n
+
+
+def test_mask_dropout_attention_is_the_parent_attention_with_its_own_probability_dropout():
+    """In training the attention runs its own path (the dropout between softmax and the value product);
+    with that dropout's mask keeping everything it equals nn.MultiheadAttention, and at rate p it drops."""
+    from predictor.models.two_tower import MaskDropoutAttention
+
+    torch.manual_seed(1)
+    attention = MaskDropoutAttention(16, 2, 0.3)
+    x = torch.randn(4, 9, 16)
+    for mask in (
+        torch.triu(torch.full((9, 9), float("-inf")), diagonal=1),  # causal, as the encoder passes it
+        torch.zeros(8, 9, 9)
+        .masked_fill_(torch.rand(8, 9, 9) < 0.3, float("-inf"))
+        .diagonal_scatter(torch.zeros(8, 9), dim1=1, dim2=2),  # one per sample and head: packed rows
+    ):
+        expected = attention.eval()(x, x, x, need_weights=False, attn_mask=mask)[0]
+        attention.train()
+        attention.probability_dropout.p = 0.0  # its own path, nothing dropped
+        torch.testing.assert_close(attention(x, x, x, need_weights=False, attn_mask=mask)[0], expected)
+        attention.probability_dropout.p = 0.3
+        assert not torch.allclose(attention(x, x, x, need_weights=False, attn_mask=mask)[0], expected)
+
+
 def test_index_extension_keeps_old_rows():
     idx = make_index([10, 20, 30])
     bigger = idx.extended(np.array([25, 10, 5]))
@@ -576,7 +673,7 @@ def test_a_bf16_training_step_is_the_fp32_step_within_bf16_rounding(softmax_item
     model = TwoStageRecommender(config, train).fit(split, progress=False)  # weights past the initial ones
     batches = TrainingBatches(split, config.max_history, model.user_features, model.device)
     users, ends = training_windows(split, config.max_history)
-    window, targets, udense, _ = batches.windows(split, users[:32], ends[:32])
+    window, targets, udense, layout, _ = batches.windows(split, users[:32], ends[:32])
     popularity = torch.as_tensor(split.item_popularity, dtype=torch.float32)
     p_item = (popularity + 1.0) / (popularity + 1.0).sum()
 
@@ -591,6 +688,7 @@ def test_a_bf16_training_step_is_the_fp32_step_within_bf16_rounding(softmax_item
             model.item_tables(split),
             p_item,
             dtype=dtype,
+            layout=layout,
         )
         loss.backward()
         grads = [p.grad.flatten() for p in model.retrieval.parameters() if p.grad is not None]

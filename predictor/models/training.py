@@ -50,6 +50,7 @@ from predictor.models.evaluate import (
 from predictor.models.inference import ranker_history, ranker_inputs
 from predictor.models.two_tower import all_items_softmax_loss, exact_softmax_loss, sampled_softmax_loss
 from predictor.models.windows import (
+    pack_windows,
     shuffled_training_items,
     training_examples,
     training_objective,
@@ -94,20 +95,32 @@ class TrainingBatches:
             )
 
     def windows(self, split: SplitData, users: np.ndarray, ends: np.ndarray):
-        """Training windows: inputs ``[B, L]``, targets ``[B, L]`` (0 = no label), user features
-        ``[B, L, F_u]``, and the number of labels (counted on the host, before the copy)."""
-        L = self.max_history
-        inputs, n = split.window(users, ends - 1, L)
-        target_pos = (ends - n)[:, None] + np.arange(L)[None, :]
-        valid = np.arange(L)[None, :] < n[:, None]
-        target_pos = np.where(valid, target_pos, 0)
-        targets = np.where(valid, split.sequences[users[:, None], target_pos], 0)
-        flat = np.where(valid, self.offsets[users][:, None] + target_pos, len(self.dense_flat) - 1)
-        dense = self.dense_flat[flat]
+        """Training windows packed into rows (:func:`pack_windows`: the short windows, each user's oldest,
+        share rows instead of padding one each): inputs ``[R, W]``, targets ``[R, W]`` (0 = no label),
+        user features ``[R, W, F_u]``, the layout (each token's position in its window ``[R, W]``, and
+        its window ``[R, W]``, an index into ``users``, -1 for padding), and the number of labels."""
+        lengths = np.minimum(ends - 1, self.max_history)  # labels of each window: positions [end - n, end)
+        row, offset, n_rows = pack_windows(lengths, self.max_history)
+        window = np.repeat(np.arange(len(users)), lengths)  # each token's window
+        position = np.arange(len(window)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        r, c = row[window], offset[window] + position
+        width = int(c.max()) + 1 if len(c) else 1
+        user, at = users[window], (ends - 1 - lengths)[window] + position  # the input's position
+        inputs = np.zeros((n_rows, width), np.int64)
+        targets = np.zeros((n_rows, width), np.int64)
+        positions = np.zeros((n_rows, width), np.int64)
+        segments = np.full((n_rows, width), -1, np.int64)
+        flat = np.full((n_rows, width), len(self.dense_flat) - 1)  # the zero row: padding
+        inputs[r, c] = split.sequences[user, at]
+        targets[r, c] = split.sequences[user, at + 1]
+        positions[r, c], segments[r, c] = position, window
+        flat[r, c] = self.offsets[user] + at + 1
+        layout = (to_tensor(positions, self.device), to_tensor(segments, self.device))
         return (
             to_tensor(inputs, self.device),
             to_tensor(targets, self.device),
-            to_tensor(dense, self.device),
+            to_tensor(self.dense_flat[flat], self.device),
+            layout,
             int((targets > 0).sum()),
         )
 
@@ -233,16 +246,17 @@ def fit_retrieval(
         forward = ddp or retrieval
         for step in bar:
             rows = order[step * local_batch : (step + 1) * local_batch]
+            later, layout = None, None
             if set_encoder:
                 window, targets, udense, n_labels = batches.sets(
                     epoch_split, rows_user[rows], cfg.set_target_share
                 )
-                later = None
             else:
-                window, targets, udense, n_labels = batches.windows(
-                    epoch_split, rows_user[rows], rows_end[rows]
-                )
-                later = later_items(epoch_split, rows_user[rows], window) if all_items else None
+                users, ends = rows_user[rows], rows_end[rows]
+                window, targets, udense, layout, n_labels = batches.windows(epoch_split, users, ends)
+                if all_items:  # per window, unpacked: the window position of each of its user's items
+                    unpacked, _ = epoch_split.window(users, ends - 1, model.config.max_history)
+                    later = later_items(epoch_split, users, to_tensor(unpacked, model.device))
             loss = retrieval_loss(
                 model.config,
                 split.n_items,
@@ -252,6 +266,7 @@ def fit_retrieval(
                 p_item,
                 later,
                 dtype,
+                layout,
             )
             labels += n_labels
             optimizer.zero_grad(set_to_none=True)
@@ -396,17 +411,19 @@ def retrieval_loss(
     p_item: torch.Tensor,
     later: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    layout: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The retrieval loss of one step: ``forward`` (the two-tower model, DDP-wrapped or not) over
-    ``batch`` = (windows ``[B, L]``, targets ``[B, L]`` (0: no label), user features ``[B, L, F_u]``; the
-    set encoder's: read items ``[B, L]``, held-out targets ``[B, T]``, user features ``[B, F_u]``, from
-    :meth:`TrainingBatches.sets`) with
-    the catalog's ``item_tables`` (categories ``[N, C]``, dense ``[N, F_i]``): the exact softmax over all
-    ``n_items`` up to ``cfg.full_softmax_items``, else the logQ-corrected sampled softmax (``p_item``
-    ``[n_items + 1]``: the sampling probabilities); ``later`` (:func:`later_items`) switches to the
-    all-items objective; the set encoder's states each learn all their held-out targets at once, the items
-    they read left out of their softmax. ``dtype`` (:func:`training_dtype`): the forward pass under
-    autocast; the normalised embeddings it returns and the loss over them are fp32 either way."""
+    """The retrieval loss of one step: ``forward`` (the two-tower model, DDP-wrapped or not) over ``batch`` =
+    (windows ``[B, L]``, targets ``[B, L]`` (0: no label), user features ``[B, L, F_u]``; the set
+    encoder's: read items ``[B, L]``, held-out targets ``[B, T]``, user features ``[B, F_u]``, from
+    :meth:`TrainingBatches.sets`), ``layout`` the packed windows' (positions, windows) ``[B, L]`` each
+    from :meth:`TrainingBatches.windows` (None: one window a row, from position 0), with the catalog's
+    ``item_tables`` (categories ``[N, C]``, dense ``[N, F_i]``): the exact softmax over all ``n_items`` up
+    to ``cfg.full_softmax_items``, else the logQ-corrected sampled softmax (``p_item`` ``[n_items + 1]``:
+    the sampling probabilities); ``later`` (:func:`later_items`) switches to the all-items objective; the
+    set encoder's states each learn all their held-out targets at once, the items they read left out of
+    their softmax. ``dtype`` (:func:`training_dtype`): the forward pass under autocast; the normalised
+    embeddings it returns and the loss over them are fp32 either way."""
     window, targets, udense = batch
     device = window.device
     valid = targets > 0
@@ -414,7 +431,7 @@ def retrieval_loss(
     negatives, log_q, exact = loss_candidates(cfg, n_items, labelled, p_item)
     # one call through the (DDP-wrapped) module so gradients synchronise
     with forward_autocast(device, dtype):
-        states, positive, neg = forward(window, udense, targets, negatives, *item_tables)
+        states, positive, neg = forward(window, udense, targets, negatives, *item_tables, layout)
     if cfg.user_encoder == "set":
         rows = item_tables[0].shape[0]
 
@@ -429,8 +446,12 @@ def retrieval_loss(
     if later is not None:
         # the state after window position t scores every candidate; its positives are the user's
         # items after t (in this epoch's order), the items up to t are left out of its softmax
-        step = torch.arange(window.shape[1], device=device).expand_as(window)[valid]
-        where = later[torch.nonzero(valid)[:, 0]][:, negatives]  # [P, M] window position of each candidate
+        if layout is None:
+            step = torch.arange(window.shape[1], device=device).expand_as(window)[valid]
+            owner = torch.nonzero(valid)[:, 0]
+        else:
+            step, owner = layout[0][valid], layout[1][valid]
+        where = later[owner][:, negatives]  # [P, M] window position of each candidate
         return all_items_softmax_loss(
             states[valid],
             neg,

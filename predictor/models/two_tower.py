@@ -51,6 +51,40 @@ class MaskDropout(nn.Dropout):
         return x * ((draws >= threshold - 32768) * (65536 / (65536 - threshold)))
 
 
+class MaskDropoutAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose training-time dropout of the attention probabilities draws its mask
+    with :class:`MaskDropout`. Inside ``scaled_dot_product_attention`` that dropout is torch's CPU
+    bernoulli kernel, the largest single kernel of a ``small`` training step after the matmuls
+    (``bench/train.py``, ``kernels``); here the same attention is computed with the dropout between
+    softmax and the value product. Evaluation, serving and a dropout of 0 run the parent's path (SDPA,
+    its flash kernel or the encoder's fused fast path), with the same weights."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__(dim, heads, dropout=dropout, batch_first=True)
+        self.probability_dropout = MaskDropout(dropout)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
+        own_path = (
+            self.training
+            and self.dropout > 0
+            and query is key is value
+            and attn_mask is not None
+            and key_padding_mask is None
+        )
+        if not own_path or need_weights:
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask, **kwargs)
+        B, L, D = query.shape
+        H = self.num_heads
+        # [3, B * H, L, D / H]: the packed input projection split into query, key and value per head
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, H, D // H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, B * H, L, D // H)
+        # attn_mask: additive, [L, L] or [B * H, L, L], as nn.TransformerEncoder passes it on
+        scores = torch.baddbmm(attn_mask, q, k.transpose(1, 2), alpha=(D // H) ** -0.5)
+        out = torch.bmm(self.probability_dropout(scores.softmax(dim=-1)), v)
+        out = out.view(B, H, L, D // H).transpose(1, 2).reshape(B, L, D)
+        return self.out_proj(out), None
+
+
 class ItemEncoder(nn.Module):
     """Item id embedding + category embedding + dense item features → ``[*, D]`` (not normalised)."""
 
@@ -90,25 +124,40 @@ class UserEncoder(nn.Module):
             norm_first=True,
             activation="gelu",
         )
+        for name in ("dropout", "dropout1", "dropout2"):
+            setattr(layer, name, MaskDropout(config.dropout))
+        layer.self_attn = MaskDropoutAttention(config.dim, config.encoder_heads, config.dropout)
         self.encoder = nn.TransformerEncoder(layer, config.encoder_layers, enable_nested_tensor=False)
-        for encoder_layer in self.encoder.layers:
-            for name in ("dropout", "dropout1", "dropout2"):
-                setattr(encoder_layer, name, MaskDropout(config.dropout))
         self.dense = nn.Sequential(nn.Linear(user_dense_dim, config.dim), nn.GELU())
         self.out = nn.Sequential(nn.LayerNorm(2 * config.dim), nn.Linear(2 * config.dim, config.dim))
         self.dropout = MaskDropout(config.dropout)
 
-    def forward(self, history_emb: torch.Tensor, user_dense: torch.Tensor) -> torch.Tensor:
+    def forward(self, history_emb: torch.Tensor, user_dense: torch.Tensor, layout=None) -> torch.Tensor:
         """history_emb ``[B, L, D]`` left-aligned oldest first (padding after the last item),
         user_dense ``[B, L, F_u]`` (features at each position) → states ``[B, L, D]``.
 
         Only a causal mask: a real position never sees the padding that follows it, so no key-padding
         mask is needed (and no all-masked rows that would turn into NaNs).
+
+        ``layout`` = (positions, windows) ``[B, L]`` int64 for rows that pack several windows
+        (``TrainingBatches.windows``): each token's position in its window and its window's index (-1:
+        padding). A token attends causally within its own window only, so each window's states are the
+        ones it would get in a row of its own; padding attends to padding, so no row is all masked.
         """
         L = history_emb.shape[1]
-        causal = torch.triu(torch.full((L, L), float("-inf"), device=history_emb.device), diagonal=1)
-        x = self.dropout(history_emb + self.position.weight[:L])
-        h = self.encoder(x, mask=causal, is_causal=True)
+        if layout is None:
+            causal = torch.triu(torch.full((L, L), float("-inf"), device=history_emb.device), diagonal=1)
+            x = self.dropout(history_emb + self.position.weight[:L])
+            h = self.encoder(x, mask=causal, is_causal=True)
+        else:
+            positions, windows = layout
+            earlier = torch.ones(L, L, dtype=torch.bool, device=windows.device).tril()
+            allowed = (windows[:, :, None] == windows[:, None, :]) & earlier
+            # [B * heads, L, L], the per-sample mask nn.MultiheadAttention takes
+            mask = torch.zeros(allowed.shape, device=windows.device).masked_fill_(~allowed, float("-inf"))
+            mask = mask.repeat_interleave(self.encoder.layers[0].self_attn.num_heads, dim=0)
+            x = self.dropout(history_emb + self.position(positions))
+            h = self.encoder(x, mask=mask)
         return self.out(torch.cat([h, self.dense(user_dense)], dim=-1))
 
 
@@ -208,8 +257,9 @@ class TwoTower(nn.Module):
         out = self.user.out(torch.cat([h_last, self.user.dense(user_dense)], dim=-1))
         return F.normalize(out, dim=-1)
 
-    def forward(self, window, user_dense, targets, negatives, item_categories, item_dense):
-        """Training step → (states ``[B, L, D]``, target embeddings ``[B, L, D]``, negatives ``[M, D]``).
+    def forward(self, window, user_dense, targets, negatives, item_categories, item_dense, layout=None):
+        """Training step → (states ``[B, L, D]``, target embeddings ``[B, L, D]``, negatives ``[M, D]``);
+        ``layout``: packed windows' positions and windows (:meth:`UserEncoder.forward`).
         The set encoder: window ``[B, L]`` the read items (0: padding), user_dense ``[B, F_u]``, targets
         ``[B, T]`` the held-out items → states ``[B, D]``, target embeddings ``[B, T, D]``, negatives.
 
@@ -230,7 +280,7 @@ class TwoTower(nn.Module):
             states = F.normalize(self.user(self.user.read(window), window > 0, user_dense).float(), dim=-1)
         else:
             history = self.history_proj(encoded[inverse[:n_window]].view(*window.shape, -1))
-            states = F.normalize(self.user(history, user_dense).float(), dim=-1)
+            states = F.normalize(self.user(history, user_dense, layout).float(), dim=-1)
         positive = F.normalize(
             encoded[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1).float(), dim=-1
         )

@@ -69,3 +69,29 @@ def training_windows(
     top = split.train_len[users]
     ends = np.where(k == 0, top, top - max_len + shift[users] - (k - 1) * max_len)
     return users.astype(np.int64), ends.astype(np.int64)
+
+
+def pack_windows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows for a step's windows of ``lengths`` ``[B]`` tokens each (1 to ``capacity``), several short
+    windows to a row of ``capacity`` tokens, so the encoder computes on labels instead of padding:
+    (row ``[B]``, offset of the window's first token in its row ``[B]``, number of rows).
+
+    First-fit decreasing (the bin-packing heuristic): the longest windows are placed first, each in the
+    first row with room for it. A full window takes a row of its own; only rows with room are scanned.
+    """
+    row = np.empty(len(lengths), np.int64)
+    offset = np.empty(len(lengths), np.int64)
+    n_rows = 0
+    open_rows: list[list[int]] = []  # [row, free tokens] of the rows with room left
+    for w in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[w])
+        slot = next((s for s in open_rows if s[1] >= n), None)
+        if slot is None:
+            slot = [n_rows, capacity]
+            n_rows += 1
+            open_rows.append(slot)
+        row[w], offset[w] = slot[0], capacity - slot[1]
+        slot[1] -= n
+        if slot[1] == 0:
+            open_rows.remove(slot)
+    return row, offset, n_rows
