@@ -263,28 +263,31 @@ class TwoTower(nn.Module):
         The set encoder: window ``[B, L]`` the read items (0: padding), user_dense ``[B, F_u]``, targets
         ``[B, T]`` the held-out items → states ``[B, D]``, target embeddings ``[B, T, D]``, negatives.
 
-        The item encoder runs once over the distinct items of the step (history, targets and negatives
-        overlap: the targets are the history shifted by one), and each use gathers from it. One module
-        call, so DistributedDataParallel sees every parameter used in the step.
+        The item encoder, the history projection and the normalisation each run once over the distinct
+        items of the step (history, targets and negatives overlap: the targets are the history shifted
+        by one), and each use gathers from them. One module call, so DistributedDataParallel sees every
+        parameter used in the step.
         """
         set_encoder = self.config.user_encoder == "set"
         # the set encoder reads its own id table, so the item tower encodes no history items for it
         history_ids = window.new_empty(0) if set_encoder else window.flatten()
-        ids, inverse = torch.unique(
-            torch.cat([history_ids, targets.flatten(), negatives]), return_inverse=True
-        )
+        uses = torch.cat([history_ids, targets.flatten(), negatives])
+        # the distinct ids and where each use finds its row, by counting: the ids index the catalog
+        present = torch.zeros(item_categories.shape[0], dtype=torch.bool, device=uses.device)
+        present[uses] = True
+        ids = torch.nonzero(present).squeeze(1)
+        inverse = (torch.cumsum(present, 0) - 1)[uses]
         encoded = self.items(ids, item_categories[ids], item_dense[ids])  # [U, D]
         n_window, n_targets = history_ids.numel(), targets.numel()
         # normalised in fp32 (a no-op cast without autocast): the loss divides these by the temperature
         if set_encoder:
             states = F.normalize(self.user(self.user.read(window), window > 0, user_dense).float(), dim=-1)
         else:
-            history = self.history_proj(encoded[inverse[:n_window]].view(*window.shape, -1))
+            history = self.history_proj(encoded)[inverse[:n_window]].view(*window.shape, -1)
             states = F.normalize(self.user(history, user_dense, layout).float(), dim=-1)
-        positive = F.normalize(
-            encoded[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1).float(), dim=-1
-        )
-        neg = F.normalize(encoded[inverse[n_window + n_targets :]].float(), dim=-1)
+        normalised = F.normalize(encoded.float(), dim=-1)
+        positive = normalised[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1)
+        neg = normalised[inverse[n_window + n_targets :]]
         return states, positive, neg
 
 
