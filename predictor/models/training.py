@@ -443,6 +443,9 @@ def retrieval_loss(
         read = marked(window)
         # an item both read and held out (a log with repeats) is seen, so not something to predict
         return all_items_softmax_loss(states, neg, log_q, marked(targets) & ~read, read, cfg.temperature)
+    # the labelled positions' states and targets: index_select, whose backward is cheaper than a mask's
+    labelled_at = torch.nonzero(valid.flatten()).squeeze(1)
+    states = states.flatten(0, -2).index_select(0, labelled_at)
     if later is not None:
         # the state after window position t scores every candidate; its positives are the user's
         # items after t (in this epoch's order), the items up to t are left out of its softmax
@@ -453,7 +456,7 @@ def retrieval_loss(
             step, owner = layout[0][valid], layout[1][valid]
         where = later[owner][:, negatives]  # [P, M] window position of each candidate
         return all_items_softmax_loss(
-            states[valid],
+            states,
             neg,
             log_q,
             where > step[:, None],
@@ -463,10 +466,9 @@ def retrieval_loss(
     if exact:
         # the sampled loss with every item a negative and the label's own column masked and scored as
         # the positive is this cross-entropy over the catalog, without the [P, N] mask and copy
-        return exact_softmax_loss(states[valid], neg, labelled - 1, cfg.temperature)
-    return sampled_softmax_loss(
-        states[valid], positive[valid], labelled, neg, negatives, log_q, cfg.temperature
-    )
+        return exact_softmax_loss(states, neg, labelled - 1, cfg.temperature)
+    positive = positive.flatten(0, -2).index_select(0, labelled_at)
+    return sampled_softmax_loss(states, positive, labelled, neg, negatives, log_q, cfg.temperature)
 
 
 def fit_ranker(

@@ -283,11 +283,15 @@ class TwoTower(nn.Module):
         if set_encoder:
             states = F.normalize(self.user(self.user.read(window), window > 0, user_dense).float(), dim=-1)
         else:
-            history = self.history_proj(encoded)[inverse[:n_window]].view(*window.shape, -1)
+            # index_select, not advanced indexing: its backward is an index_add, 4-5x cheaper on CPU than
+            # the accumulating index_put (a scratch timing, fwd + bwd of 5,300 rows of 64)
+            history = self.history_proj(encoded).index_select(0, inverse[:n_window]).view(*window.shape, -1)
             states = F.normalize(self.user(history, user_dense, layout).float(), dim=-1)
         normalised = F.normalize(encoded.float(), dim=-1)
-        positive = normalised[inverse[n_window : n_window + n_targets]].view(*targets.shape, -1)
-        neg = normalised[inverse[n_window + n_targets :]]
+        positive = normalised.index_select(0, inverse[n_window : n_window + n_targets]).view(
+            *targets.shape, -1
+        )
+        neg = normalised.index_select(0, inverse[n_window + n_targets :])
         return states, positive, neg
 
 
