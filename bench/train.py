@@ -147,6 +147,7 @@ def compute_floor() -> dict:
         )
         loss.backward()
     flops_per_label = counter.get_total_flops() / labels
+    packing = {"windows": len(rows), "rows": len(window), "max_history": model.config.max_history}
 
     def best_gflops(m: int, k: int, n: int, repeats: int = 30) -> float:
         a, b = torch.randn(m, k), torch.randn(k, n)
@@ -162,6 +163,8 @@ def compute_floor() -> dict:
     return {
         "matmul_flops_per_label": flops_per_label,
         "labels_per_step": labels,
+        # the step's windows packed into rows (TrainingBatches.windows): rows x max_history token slots
+        "packed": packing,
         "best_matmul_gflops": peak,
         "labels_per_s_ceiling": peak * 1e9 / flops_per_label,
     }
@@ -219,15 +222,20 @@ def kernels() -> dict:
     torch's bernoulli kernel (``F.dropout``) on a ``[128, 50, 256]`` feed-forward activation, forward and
     backward; the ``small`` user encoder's self-attention (``[128, 50, 64]``, 2 heads, causal, dropout 0.2),
     forward and backward, ``MaskDropoutAttention`` against ``nn.MultiheadAttention`` (the same weights; its
-    dropout is torch's bernoulli kernel inside ``scaled_dot_product_attention``); and one AdamW step over
+    dropout is torch's bernoulli kernel inside ``scaled_dot_product_attention``); the sampled loss's
+    accidental hits excluded from a MovieLens-100K step's logits (5,245 labels × 1,024 in-batch negatives,
+    the labels drawn from its item popularity), a comparison and fill per 1,024-row block against
+    ``two_tower.equal_pairs`` and a fill of the pairs; and one AdamW step over
     the default ranker's parameters at latest-small's catalog (9,742 items, dim 128), torch's per-tensor
     loop against its fused kernel (``training.adamw``)."""
     import torch
     import torch.nn.functional as F
 
+    from predictor.data.loaders import load_dataset
     from predictor.models.config import model_config
+    from predictor.models.data import build_split
     from predictor.models.ranker import Ranker
-    from predictor.models.two_tower import MaskDropout, MaskDropoutAttention, exact_softmax_loss
+    from predictor.models.two_tower import MaskDropout, MaskDropoutAttention, equal_pairs, exact_softmax_loss
 
     torch.set_num_threads(os.cpu_count() or 1)
     g = torch.Generator().manual_seed(0)
@@ -269,6 +277,20 @@ def kernels() -> dict:
 
         attention.train()
         attention_ms[name] = median_ms(attend, 30)
+    popularity = torch.as_tensor(build_split(load_dataset("ml-100k")).item_popularity, dtype=torch.float)
+    own = torch.multinomial(popularity + 1e-9, 5_245, replacement=True, generator=g)
+    excluded = own[torch.randperm(len(own), generator=g)[:1_024]]
+    logits = torch.randn(len(own), len(excluded), generator=g)
+
+    def dense_mask():
+        for s in range(0, len(own), 1_024):
+            logits[s : s + 1_024].masked_fill_(excluded[None, :] == own[s : s + 1_024, None], float("-inf"))
+
+    def pairs_mask():
+        rows, columns = equal_pairs(own, excluded)
+        logits[rows, columns] = float("-inf")
+
+    excluded_ms = {"compare and fill": median_ms(dense_mask, 30), "equal_pairs": median_ms(pairs_mask, 30)}
     ranker = Ranker(model_config("small", dim=128), 9_743, 20, 8, 8)
     for parameter in ranker.parameters():
         parameter.grad = torch.randn(parameter.shape, generator=g)
@@ -288,6 +310,10 @@ def kernels() -> dict:
         "attention_ms": {
             **attention_ms,
             "ratio": attention_ms["nn.MultiheadAttention"] / attention_ms["MaskDropoutAttention"],
+        },
+        "excluded_mask_ms": {
+            **excluded_ms,
+            "ratio": excluded_ms["compare and fill"] / excluded_ms["equal_pairs"],
         },
         "adamw_step_ms": {**optimizer_ms, "ratio": optimizer_ms["per tensor"] / optimizer_ms["fused"]},
     }
@@ -478,7 +504,9 @@ def main() -> None:
         f"exact softmax loss, forward + backward: F.cross_entropy {loss['F.cross_entropy']:.0f} ms, blocked "
         f"{loss['blocked']:.0f} ms ({loss['ratio']:.2f} ×); dropout mask: torch.rand "
         f"{dropout['torch.rand']:.2f} ms, bernoulli {dropout['bernoulli (F.dropout)']:.2f} ms, MaskDropout "
-        f"{dropout['MaskDropout']:.2f} ms"
+        f"{dropout['MaskDropout']:.2f} ms; self-attention with dropout: nn.MultiheadAttention "
+        f"{kernel['attention_ms']['nn.MultiheadAttention']:.2f} ms, MaskDropoutAttention "
+        f"{kernel['attention_ms']['MaskDropoutAttention']:.2f} ms"
     )
     if "ml-100k" not in speed["this tree"]:
         floor["this_tree_share_of_ceiling"] = None

@@ -485,7 +485,7 @@ def test_blocked_softmax_losses_equal_cross_entropy_over_the_logits_in_value_and
     with duplicates and accidental hits, log q, the label scored as its own column)."""
     import torch.nn.functional as F
 
-    from predictor.models.two_tower import _SoftmaxCrossEntropy, exact_softmax_loss
+    from predictor.models.two_tower import _SoftmaxCrossEntropy, equal_pairs, exact_softmax_loss
 
     assert rows < _SoftmaxCrossEntropy.BLOCK or rows % _SoftmaxCrossEntropy.BLOCK
     g = torch.Generator().manual_seed(0)
@@ -515,6 +515,9 @@ def test_blocked_softmax_losses_equal_cross_entropy_over_the_logits_in_value_and
         ),
     ]
     assert bool((negatives == labels[:, None]).any())  # accidental hits are exercised
+    pair_rows, pair_columns = equal_pairs(labels, negatives)  # the sampled loss's hits on CPU, as pairs
+    expected = torch.nonzero(negatives[None, :] == labels[:, None])
+    assert torch.equal(torch.stack([pair_rows, pair_columns], 1), expected)
     for blocked, reference in cases:
         got, want = blocked(), reference()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -48,7 +48,7 @@ class MaskDropout(nn.Dropout):
         draws = words.view(torch.int16)[: x.numel()].view(x.shape)
         # int16 draws are uniform over [-32768, 32767]; one float mask holding 0 or the scale, so the forward
         # and the backward are one multiply each
-        return x * ((draws >= threshold - 32768) * (65536 / (65536 - threshold)))
+        return x * (draws >= threshold - 32768).to(x.dtype).mul_(65536 / (65536 - threshold))
 
 
 class MaskDropoutAttention(nn.MultiheadAttention):
@@ -156,7 +156,9 @@ class UserEncoder(nn.Module):
             # [B * heads, L, L], the per-sample mask nn.MultiheadAttention takes
             mask = torch.zeros(allowed.shape, device=windows.device).masked_fill_(~allowed, float("-inf"))
             mask = mask.repeat_interleave(self.encoder.layers[0].self_attn.num_heads, dim=0)
-            x = self.dropout(history_emb + self.position(positions))
+            # index_select rather than the embedding call: a cheaper backward (TwoTower.forward)
+            at = self.position.weight.index_select(0, positions.flatten()).view(*positions.shape, -1)
+            x = self.dropout(history_emb + at)
             h = self.encoder(x, mask=mask)
         return self.out(torch.cat([h, self.dense(user_dense)], dim=-1))
 
@@ -308,17 +310,28 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, user, candidates, bias, extra, target, excluded, own):
         P, M = user.shape[0], candidates.shape[0]
+        BLOCK = _SoftmaxCrossEntropy.BLOCK
         probs = torch.empty(P, M, dtype=user.dtype, device=user.device)
         lse = torch.empty(P, dtype=user.dtype, device=user.device)
         picked = torch.empty(P, dtype=user.dtype, device=user.device)
         p_extra = torch.zeros(P, dtype=user.dtype, device=user.device)
-        for s in range(0, P, _SoftmaxCrossEntropy.BLOCK):
-            rows = slice(s, s + _SoftmaxCrossEntropy.BLOCK)
+        # the excluded candidates: on CPU the few (row, column) pairs, found once, against a comparison
+        # and a fill over every block element (``bench/train.py``, ``kernels``: ``excluded_mask_ms``); on
+        # an accelerator the dense mask, which needs no host sync for the pairs' count
+        sparse = excluded is not None and user.device.type == "cpu"
+        if sparse:
+            pair_rows, pair_columns = equal_pairs(own, excluded)
+            bounds = torch.searchsorted(pair_rows, torch.arange(0, P + BLOCK, BLOCK)).tolist()
+        for b, s in enumerate(range(0, P, BLOCK)):
+            rows = slice(s, s + BLOCK)
             block = probs[rows]
             torch.mm(user[rows], candidates.T, out=block)
             if bias is not None:
                 block.add_(bias)
-            if excluded is not None:
+            if sparse:
+                pairs = slice(bounds[b], bounds[b + 1])
+                block[pair_rows[pairs] - s, pair_columns[pairs]] = float("-inf")
+            elif excluded is not None:
                 block.masked_fill_(excluded[None, :] == own[rows, None], float("-inf"))
             t = target[rows]
             column = block.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
@@ -351,6 +364,20 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         g_candidates = torch.mm(probs.T, user).mul_(coef)
         g_extra = (p_extra - (~hit).to(p_extra.dtype)) * coef if ctx.has_extra else None
         return g_user, g_candidates, None, g_extra, None, None, None
+
+
+def equal_pairs(own: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every ``excluded[column] == own[row]``, in row then column order: own ``[P]``,
+    excluded ``[M]`` int64 → two ``[H]`` int64. The columns are sorted once and each row's equal run found
+    by binary search, so the cost follows P log M and the H pairs, not P × M."""
+    order = torch.argsort(excluded, stable=True)  # stable: each row's columns in ascending order
+    ordered = excluded[order]
+    first = torch.searchsorted(ordered, own)
+    counts = torch.searchsorted(ordered, own, right=True) - first
+    rows = torch.repeat_interleave(torch.arange(len(own), device=own.device), counts)
+    # the k-th pair of a row is its run's k-th column: run start + (pair index - the row's first pair)
+    start = torch.repeat_interleave(first - (torch.cumsum(counts, 0) - counts), counts)
+    return rows, order[torch.arange(len(rows), device=own.device) + start]
 
 
 def softmax_cross_entropy(
