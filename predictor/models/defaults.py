@@ -18,7 +18,7 @@ EXACT_SOFTMAX_SCORES = 1_500_000_000
 # Early stopping decides within MAX_EPOCHS retrieval epochs. With the exact softmax a fit costs about
 # epochs x events x items scores, and its validation curve still rises at 60 epochs on latest-small, so
 # the epochs are capped to EXACT_SOFTMAX_FIT_SCORES: 40 latest-small epochs, for the 600 s training budget
-# (the whole default train measured 482 s on 2 CPU cores: docs/models.md, "Training speed");
+# (the whole default train measured 480 s on 2 CPU cores: docs/models.md, "Training speed");
 # MovieLens-100K's catalog is 6 x smaller and keeps all 60.
 MAX_EPOCHS = 60
 EXACT_SOFTMAX_FIT_SCORES = 40_000_000_000
