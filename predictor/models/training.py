@@ -427,7 +427,9 @@ def retrieval_loss(
     window, targets, udense = batch
     device = window.device
     valid = targets > 0
-    labelled = targets[valid]
+    # the labelled positions, flat: index_select gathers them, its backward cheaper than a mask's
+    labelled_at = torch.nonzero(valid.flatten()).squeeze(1)
+    labelled = targets.flatten().index_select(0, labelled_at)
     negatives, log_q, exact = loss_candidates(cfg, n_items, labelled, p_item)
     # one call through the (DDP-wrapped) module so gradients synchronise
     with forward_autocast(device, dtype):
@@ -443,8 +445,6 @@ def retrieval_loss(
         read = marked(window)
         # an item both read and held out (a log with repeats) is seen, so not something to predict
         return all_items_softmax_loss(states, neg, log_q, marked(targets) & ~read, read, cfg.temperature)
-    # the labelled positions' states and targets: index_select, whose backward is cheaper than a mask's
-    labelled_at = torch.nonzero(valid.flatten()).squeeze(1)
     states = states.flatten(0, -2).index_select(0, labelled_at)
     if later is not None:
         # the state after window position t scores every candidate; its positives are the user's

@@ -54,10 +54,10 @@ class MaskDropout(nn.Dropout):
 class MaskDropoutAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose training-time dropout of the attention probabilities draws its mask
     with :class:`MaskDropout`. Inside ``scaled_dot_product_attention`` that dropout is torch's CPU
-    bernoulli kernel, the largest single kernel of a ``small`` training step after the matmuls
-    (``bench/train.py``, ``kernels``); here the same attention is computed with the dropout between
-    softmax and the value product. Evaluation, serving and a dropout of 0 run the parent's path (SDPA,
-    its flash kernel or the encoder's fused fast path), with the same weights."""
+    bernoulli kernel (``bench/train.py``, ``kernels``: ``attention_ms`` times this class against the
+    parent); here the same attention is computed with the dropout between softmax and the value product.
+    Evaluation, serving and a dropout of 0 run the parent's path (SDPA, its flash kernel or the encoder's
+    fused fast path), with the same weights."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__(dim, heads, dropout=dropout, batch_first=True)
@@ -285,8 +285,8 @@ class TwoTower(nn.Module):
         if set_encoder:
             states = F.normalize(self.user(self.user.read(window), window > 0, user_dense).float(), dim=-1)
         else:
-            # index_select, not advanced indexing: its backward is an index_add, 4-5x cheaper on CPU than
-            # the accumulating index_put (a scratch timing, fwd + bwd of 5,300 rows of 64)
+            # index_select, not advanced indexing: its backward is an index_add, not the accumulating
+            # index_put that advanced indexing's backward runs
             history = self.history_proj(encoded).index_select(0, inverse[:n_window]).view(*window.shape, -1)
             states = F.normalize(self.user(history, user_dense, layout).float(), dim=-1)
         normalised = F.normalize(encoded.float(), dim=-1)
